@@ -1,0 +1,119 @@
+"""`scalelab <verb>`: the command-line entry point.
+
+Each verb lives in its own module under `scalelab.cli` and exposes `register(subparsers)`,
+which adds its parser(s) and sets `func` to a `run(args) -> int | None` function. Verb modules
+import nothing heavy at module level (no torch, no matplotlib): `scalelab count --help` must
+start instantly. They parse, call the library, and print; the logic lives in the library.
+
+Conventions (../shared/DESIGN.md): human tables on stdout, progress/logs on stderr, `--json`
+for one machine-readable object on stdout, `--set KEY=VALUE` overrides. Exit codes: 0 success,
+2 bad input (one line, no traceback), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from typing import Any, Sequence
+
+from scalelab.errors import UserError
+
+# Verb modules, in the order `scalelab --help` lists them.
+VERB_MODULES = [
+    "count",
+    "plan",
+    "fit",
+    "tokenizer",
+    "prepare",
+    "train",
+    "sample",
+    "plot",
+    "hf",
+    "demo",
+]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def add_common_flags(parser: argparse.ArgumentParser, *, json_flag: bool = True, set_flag: bool = True) -> None:
+    """The flags every verb shares: `--json` and repeatable `--set KEY=VALUE`."""
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if set_flag:
+        parser.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config field (repeatable; dotted keys for sections, e.g. train.lr=3e-4)",
+        )
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays, dataclasses and paths into plain JSON values."""
+    import dataclasses
+    from pathlib import PurePath
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy scalar or array
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    json.dump(_jsonable(obj), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="scalelab",
+        description="Plan, build and train LLaMA-family language models at compute-optimal scale.",
+        formatter_class=HelpFormatter,
+        epilog="Example: scalelab count llama3.1-8b --seq-len 8192 --gpus 8 --gpu-type H100 --tokens 15e12",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for name in VERB_MODULES:
+        try:
+            module = importlib.import_module(f"scalelab.cli.{name}")
+        except ModuleNotFoundError as e:  # a verb still being written; skip it
+            if e.name == f"scalelab.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except UserError as e:
+        print(f"scalelab {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scalelab {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return int(rc or 0)

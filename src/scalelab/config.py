@@ -1,0 +1,355 @@
+"""ModelConfig: the one pure-Python description of a transformer architecture.
+
+Everything scalelab says about a model (parameters, FLOPs, memory, time, predicted loss) and
+the torch model itself are derived from this dataclass. No torch here: `scalelab count` and
+`scalelab plan` import this module and must start instantly.
+
+Field names follow the original system (and DESIGN.md): n_layer, n_head, n_embd,
+num_key_value_heads, d_ff / ffn_expansion_ratio, ... MHA is num_key_value_heads == n_head,
+MQA is 1, GQA anything in between that divides n_head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from scalelab.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+NORMALIZATIONS = ("layernorm", "rmsnorm")
+POSITION_ENCODINGS = ("learned", "rope")
+FFN_TYPES = ("gelu", "swiglu")
+NORM_POSITIONS = ("pre", "post")
+ROPE_SCALING_TYPES = ("linear", "llama3", "yarn")
+
+# Keys each rope_scaling type accepts (Hugging Face names), with defaults where HF has them.
+ROPE_SCALING_KEYS: dict[str, dict[str, Any]] = {
+    "linear": {"factor": None},
+    "llama3": {"factor": None, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": None},
+    "yarn": {"factor": None, "original_max_position_embeddings": None,
+             "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer. Sizes are validated on construction.
+
+    d_ff: the FFN hidden width. If unset it is derived from ffn_expansion_ratio (default 4
+    for GELU, 8/3 for SwiGLU) as LLaMA does: int(ratio * n_embd) rounded up to a multiple of
+    `multiple_of`. Setting both is allowed only when they agree.
+    """
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int
+    block_size: int = 2048
+    num_key_value_heads: int | None = None
+    d_ff: int | None = None
+    ffn_expansion_ratio: float | None = None
+    multiple_of: int = 1
+    normalization: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    position_encoding: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    ffn_type: str = "swiglu"
+    norm_position: str = "pre"
+    bias: bool = False
+    tie_embeddings: bool = False
+    family: str = "custom"  # name prefix only: 'gpt2', 'llama2', 'llama3', 'mistral', ...
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.n_head)
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
+        validate(self)
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the K (and of the V) projection: num_key_value_heads * head_dim."""
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The FFN hidden width actually used (explicit d_ff wins, else derived)."""
+        if self.d_ff is not None:
+            return self.d_ff
+        return derive_d_ff(self.n_embd, self.effective_ffn_ratio, self.multiple_of)
+
+    @property
+    def effective_ffn_ratio(self) -> float:
+        if self.ffn_expansion_ratio is not None:
+            return self.ffn_expansion_ratio
+        if self.d_ff is not None:
+            return self.d_ff / self.n_embd
+        return 4.0 if self.ffn_type == "gelu" else 8.0 / 3.0
+
+    @property
+    def attention_type(self) -> str:
+        """'MHA', 'MQA' or 'GQA<k>' (k = number of KV heads)."""
+        if self.num_key_value_heads == self.n_head:
+            return "MHA"
+        if self.num_key_value_heads == 1:
+            return "MQA"
+        return f"GQA{self.num_key_value_heads}"
+
+    def name(self) -> str:
+        """e.g. 'llama3-32L-4096H-32A-GQA8' (layers, hidden, attention heads, attention type)."""
+        return f"{self.family}-{self.n_layer}L-{self.n_embd}H-{self.n_head}A-{self.attention_type}"
+
+    def summary(self) -> list[tuple[str, str]]:
+        """Rows for a human-readable table."""
+        kv = self.num_key_value_heads
+        attn = {"MHA": "MHA (multi-head)", "MQA": "MQA (multi-query, 1 KV head)"}.get(
+            self.attention_type, f"GQA ({kv} KV heads, {self.n_head // kv}:1 Q:KV)")
+        rows = [
+            ("Name", self.name()),
+            ("Layers", str(self.n_layer)),
+            ("Hidden size", str(self.n_embd)),
+            ("Attention heads", str(self.n_head)),
+            ("KV heads", str(kv)),
+            ("Attention Type", attn),
+            ("Head dim", str(self.head_dim)),
+            ("FFN", f"{self.ffn_type}, d_ff {self.ffn_hidden} ({self.ffn_hidden / self.n_embd:.3g}x)"),
+            ("Vocabulary", str(self.vocab_size)),
+            ("Context (block_size)", str(self.block_size)),
+            ("Normalization", f"{self.normalization} ({self.norm_position}-norm, eps {self.norm_eps:g})"),
+        ]
+        if self.position_encoding == "rope":
+            scaling = "" if not self.rope_scaling else f", scaling {self.rope_scaling}"
+            rows.append(("Positions", f"RoPE (theta {self.rope_theta:g}{scaling})"))
+        else:
+            rows.append(("Positions", "learned"))
+        rows += [("Bias", str(self.bias)), ("Tied embeddings", str(self.tie_embeddings))]
+        return rows
+
+    # ---- (de)serialisation -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Fields with non-None values (TOML has no null)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "model config") -> "ModelConfig":
+        return cls(**check_fields(data, where=where))
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "ModelConfig":
+        data = load_toml(path)
+        if "model" in data and isinstance(data["model"], dict):  # a training config
+            from scalelab.presets import resolve_model_section
+
+            return resolve_model_section(data["model"], where=f"{path} [model]")
+        return cls.from_dict(data, where=str(path))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with fields changed. Setting d_ff clears ffn_expansion_ratio and vice
+        versa (the explicit one wins); changing n_head of an MHA model keeps it MHA."""
+        changes = check_fields(changes, where="override", partial=True)
+        if "d_ff" in changes and "ffn_expansion_ratio" not in changes:
+            changes["ffn_expansion_ratio"] = None
+        if "ffn_expansion_ratio" in changes and "d_ff" not in changes:
+            changes["d_ff"] = None
+        if ("n_head" in changes and "num_key_value_heads" not in changes
+                and self.num_key_value_heads == self.n_head):
+            changes["num_key_value_heads"] = None
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: Iterable[str]) -> "ModelConfig":
+        """Apply `--set FIELD=VALUE` strings (a leading 'model.' is accepted)."""
+        changes = {}
+        for item in overrides:
+            key, value = parse_override(item)
+            changes[key.removeprefix("model.")] = value
+        return self.replace(**changes) if changes else self
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+def derive_d_ff(n_embd: int, ratio: float, multiple_of: int = 1) -> int:
+    """LLaMA's rule: int(ratio * n_embd), rounded up to a multiple of `multiple_of`."""
+    hidden = int(ratio * n_embd)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+_INT_FIELDS = {"n_layer", "n_head", "n_embd", "vocab_size", "block_size", "num_key_value_heads",
+               "d_ff", "multiple_of"}
+_FLOAT_FIELDS = {"ffn_expansion_ratio", "norm_eps", "rope_theta"}
+_BOOL_FIELDS = {"bias", "tie_embeddings"}
+_STR_FIELDS = {"normalization", "position_encoding", "ffn_type", "norm_position", "family"}
+
+
+def closest(name: str, options: Iterable[str]) -> str:
+    """' (did you mean X?)' or '' — for error messages."""
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def check_fields(data: Mapping[str, Any], *, where: str, partial: bool = False) -> dict[str, Any]:
+    """Check names and types of ModelConfig fields; return a clean dict (ints as int...)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _FIELDS:
+            raise UserError(f"{where}: unknown field '{key}'{closest(key, _FIELDS)}")
+        if value is None:
+            out[key] = None
+            continue
+        if key in _INT_FIELDS:
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{where}: {key} must be an integer, got {value!r}")
+        elif key in _FLOAT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"{where}: {key} must be a number, got {value!r}")
+            value = float(value)
+        elif key in _BOOL_FIELDS:
+            if not isinstance(value, bool):
+                raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+        elif key in _STR_FIELDS:
+            if not isinstance(value, str):
+                raise UserError(f"{where}: {key} must be a string, got {value!r}")
+        elif key == "rope_scaling":
+            if isinstance(value, str) and value.lower() in ("none", ""):
+                value = None
+            elif not isinstance(value, Mapping):
+                raise UserError(f"{where}: rope_scaling must be a table such as "
+                                "{type = \"linear\", factor = 8.0}, or none")
+        out[key] = value
+    if not partial:
+        missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in out]
+        if missing:
+            raise UserError(f"{where}: missing required field(s) {', '.join(missing)}")
+    return out
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Raise UserError naming the first problem found, and how to fix it."""
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "num_key_value_heads",
+                 "multiple_of"):
+        value = getattr(cfg, name)
+        if value <= 0:
+            raise UserError(f"{name} must be a positive integer, got {value}")
+    if cfg.d_ff is not None and cfg.d_ff <= 0:
+        raise UserError(f"d_ff must be a positive integer, got {cfg.d_ff}")
+    if cfg.ffn_expansion_ratio is not None and not cfg.ffn_expansion_ratio > 0:
+        raise UserError(f"ffn_expansion_ratio must be positive, got {cfg.ffn_expansion_ratio}")
+    if not cfg.norm_eps > 0:
+        raise UserError(f"norm_eps must be positive, got {cfg.norm_eps}")
+    if not cfg.rope_theta > 0:
+        raise UserError(f"rope_theta must be positive, got {cfg.rope_theta}")
+    for name, allowed in (("normalization", NORMALIZATIONS), ("position_encoding", POSITION_ENCODINGS),
+                          ("ffn_type", FFN_TYPES), ("norm_position", NORM_POSITIONS)):
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}); "
+                        f"head_dim would be {cfg.n_embd / cfg.n_head:g}")
+    if cfg.n_head % cfg.num_key_value_heads:
+        raise UserError(f"n_head ({cfg.n_head}) must be divisible by num_key_value_heads "
+                        f"({cfg.num_key_value_heads}); choose a divisor of {cfg.n_head}")
+    if cfg.position_encoding == "rope" and cfg.head_dim % 2:
+        raise UserError(f"RoPE needs an even head_dim, got {cfg.head_dim} (n_embd / n_head)")
+    if cfg.d_ff is not None and cfg.ffn_expansion_ratio is not None:
+        derived = derive_d_ff(cfg.n_embd, cfg.ffn_expansion_ratio, cfg.multiple_of)
+        if derived != cfg.d_ff:
+            raise UserError(f"d_ff={cfg.d_ff} conflicts with ffn_expansion_ratio="
+                            f"{cfg.ffn_expansion_ratio:g} (which gives {derived}); set only one")
+    if cfg.rope_scaling is not None:
+        validate_rope_scaling(cfg.rope_scaling)
+
+
+def validate_rope_scaling(scaling: Mapping[str, Any]) -> None:
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind not in ROPE_SCALING_TYPES:
+        raise UserError(f"rope_scaling.type must be one of {', '.join(ROPE_SCALING_TYPES)}; got {kind!r}")
+    allowed = ROPE_SCALING_KEYS[kind]
+    for key, value in scaling.items():
+        if key in ("type", "rope_type"):
+            continue
+        if key not in allowed:
+            raise UserError(f"rope_scaling ({kind}): unknown key '{key}'{closest(key, allowed)}; "
+                            f"allowed: {', '.join(allowed)}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise UserError(f"rope_scaling.{key} must be a positive number, got {value!r}")
+    for key, default in allowed.items():
+        if default is None and key != "attention_factor" and key not in scaling:
+            if kind == "yarn" and key == "original_max_position_embeddings":
+                continue
+            raise UserError(f"rope_scaling ({kind}) needs '{key}'")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: malformed TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML would read it: 4096 -> int, 1e-5 -> float, true -> bool,
+    {type="linear", factor=8} -> dict; anything else is a string."""
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'KEY=VALUE' -> (KEY, parsed VALUE)."""
+    if "=" not in item:
+        raise UserError(f"--set expects KEY=VALUE, got '{item}'")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set expects KEY=VALUE, got '{item}'")
+    return key, parse_value(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply dotted `--set a.b=value` strings to a nested dict (in place) and return it."""
+    for item in overrides:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data

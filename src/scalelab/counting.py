@@ -1,0 +1,267 @@
+"""Exact parameters and FLOPs, and estimated memory and time, for a ModelConfig.
+
+Pure Python/numpy: no torch. The `*_arrays` functions take shapes as numbers *or numpy
+arrays* (broadcasting), so the planner can evaluate a million shapes in one call; the
+ModelConfig wrappers call them with scalars.
+
+FLOPs convention (DESIGN.md): 2·m·n·k per matmul, exactly. Forward FLOPs for a sequence of S
+tokens = 2·S·(weights of every matmul: Q, K, V, O, FFN, lm_head — not the embedding lookup)
++ per layer 4·S²·n_embd for QKᵀ and AV at the query-head count, with no causal discount.
+Training = 3 × forward. This is what torch.utils.flop_counter.FlopCounterMode reports for the
+model with explicit attention (tests/test_model.py proves it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from scalelab.config import ModelConfig
+from scalelab.hardware import Accelerator
+
+# ---- parameters -----------------------------------------------------------------------------
+
+
+def param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *,
+                           ffn_type: str = "swiglu", normalization: str = "rmsnorm", bias: bool = False,
+                           tie_embeddings: bool = False, learned_positions: int = 0,
+                           final_norm: bool = True) -> dict[str, Any]:
+    """Parameter counts by component. Shapes may be numpy arrays (int64 arithmetic)."""
+    n_layer, n_embd, n_head, kv, d_ff, vocab = (np.asarray(x, dtype=np.int64) for x in
+                                                (n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size))
+    kv_dim = kv * (n_embd // n_head)
+    b = 1 if bias else 0
+    # Q and O are n_embd x n_embd; K and V are n_embd x kv_dim (GQA/MQA shrink only these).
+    attention = 2 * n_embd * n_embd + 2 * n_embd * kv_dim + b * (2 * n_embd + 2 * kv_dim)
+    n_in = 2 if ffn_type == "swiglu" else 1  # SwiGLU has gate and up projections
+    ffn = (n_in + 1) * n_embd * d_ff + b * (n_in * d_ff + n_embd)
+    norm = n_embd * (2 if (normalization == "layernorm" and bias) else 1)
+    norms = n_layer * 2 * norm + (norm if final_norm else 0)
+    token_embedding = vocab * n_embd
+    position_embedding = np.int64(learned_positions) * n_embd
+    lm_head = np.int64(0) if tie_embeddings else vocab * n_embd
+    out = {
+        "attention": n_layer * attention,
+        "ffn": n_layer * ffn,
+        "norms": norms,
+        "token_embedding": token_embedding,
+        "position_embedding": position_embedding,
+        "lm_head": lm_head,
+    }
+    out["embedding"] = token_embedding + position_embedding + lm_head
+    out["non_embedding"] = out["attention"] + out["ffn"] + norms
+    out["total"] = out["embedding"] + out["non_embedding"]
+    out["per_layer"] = attention + ffn + 2 * norm
+    return out
+
+
+def _shape_args(cfg: ModelConfig) -> tuple:
+    return (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.num_key_value_heads, cfg.ffn_hidden, cfg.vocab_size)
+
+
+def _style_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(ffn_type=cfg.ffn_type, normalization=cfg.normalization, bias=cfg.bias,
+                tie_embeddings=cfg.tie_embeddings,
+                learned_positions=cfg.block_size if cfg.position_encoding == "learned" else 0,
+                final_norm=cfg.norm_position == "pre")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    embedding: int  # token + learned position embeddings + untied lm_head (the vocabulary matrices)
+    non_embedding: int  # everything else: attention, FFN, norms (Kaplan et al.'s N)
+    breakdown: dict[str, int] = field(default_factory=dict)
+    per_layer: int = 0
+
+
+def count_params(cfg: ModelConfig) -> ParamCounts:
+    """Exact parameter counts; `total` equals sum(p.numel()) of the torch model."""
+    p = {k: int(v) for k, v in param_breakdown_arrays(*_shape_args(cfg), **_style_kwargs(cfg)).items()}
+    breakdown = {k: p[k] for k in ("attention", "ffn", "norms", "token_embedding", "position_embedding",
+                                   "lm_head")}
+    return ParamCounts(total=p["total"], embedding=p["embedding"], non_embedding=p["non_embedding"],
+                       breakdown=breakdown, per_layer=p["per_layer"])
+
+
+# ---- FLOPs ----------------------------------------------------------------------------------
+
+
+def matmul_weights_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *,
+                          ffn_type: str = "swiglu"):
+    """Number of weights that take part in a matmul per token (lm_head counted even if tied,
+    because the tied matrix is still multiplied; the embedding lookup is not a matmul)."""
+    n_layer, n_embd, n_head, kv, d_ff, vocab = (np.asarray(x, dtype=np.int64) for x in
+                                                (n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size))
+    kv_dim = kv * (n_embd // n_head)
+    n_mats = 3 if ffn_type == "swiglu" else 2
+    per_layer = 2 * n_embd * n_embd + 2 * n_embd * kv_dim + n_mats * n_embd * d_ff
+    return n_layer * per_layer + vocab * n_embd
+
+
+def forward_flops_per_token_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size,
+                                   seq_len, *, ffn_type: str = "swiglu"):
+    """Exact forward FLOPs per token at sequence length `seq_len` (see module docstring).
+    Computed in float64 so a million shapes never overflow; exact below 2**53."""
+    weights = matmul_weights_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size,
+                                    ffn_type=ffn_type).astype(np.float64)
+    attention = 4.0 * np.asarray(n_layer, np.float64) * np.asarray(seq_len, np.float64) * np.asarray(
+        n_embd, np.float64)
+    return 2.0 * weights + attention
+
+
+def training_flops_per_token_arrays(*args, **kwargs):
+    """3 × forward: the backward pass costs two forwards (grad wrt inputs and wrt weights)."""
+    return 3.0 * forward_flops_per_token_arrays(*args, **kwargs)
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    s = cfg.block_size if seq_len is None else seq_len
+    return int(forward_flops_per_token_arrays(*_shape_args(cfg), s, ffn_type=cfg.ffn_type))
+
+
+def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
+    """Forward FLOPs of one (batch_size, seq_len) batch, exactly as FlopCounterMode counts them."""
+    weights = int(matmul_weights_arrays(*_shape_args(cfg), ffn_type=cfg.ffn_type))
+    return batch_size * (2 * seq_len * weights + 4 * cfg.n_layer * seq_len * seq_len * cfg.n_embd)
+
+
+def training_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
+    return 3 * forward_flops(cfg, batch_size, seq_len)
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    return 3 * forward_flops_per_token(cfg, seq_len)
+
+
+def flops_report(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
+    """Exact FLOPs per token and the field's shortcuts beside them, labelled."""
+    s = cfg.block_size if seq_len is None else seq_len
+    n = count_params(cfg)
+    fwd = forward_flops_per_token(cfg, s)
+    attn_term = 12 * cfg.n_layer * cfg.n_embd * s  # 6 × (2·L·S·H for QKᵀ and AV) per token
+    return {
+        "seq_len": s,
+        "forward_per_token": fwd,
+        "training_per_token": 3 * fwd,
+        "training_per_token_6n": 6 * n.total,
+        "training_per_token_6n_non_embedding": 6 * n.non_embedding,
+        "training_per_token_6n_plus_attention": 6 * n.total + attn_term,  # nanoGPT / PaLM / torchtitan
+        "training_per_token_6n_plus_causal_attention": 6 * n.total + attn_term // 2,  # Megatron-LM
+        "attention_share": 4 * cfg.n_layer * s * cfg.n_embd / fwd,
+    }
+
+
+def gqa_comparison(cfg: ModelConfig, seq_len: int | None = None, kv_bytes: int = 2) -> dict[str, Any]:
+    """What this model's KV-head count saves against the same model with full MHA."""
+    mha = cfg.replace(num_key_value_heads=cfg.n_head)
+    p, p_mha = count_params(cfg).total, count_params(mha).total
+    f, f_mha = training_flops_per_token(cfg, seq_len), training_flops_per_token(mha, seq_len)
+    kv, kv_mha = kv_cache_bytes_per_token(cfg, kv_bytes), kv_cache_bytes_per_token(mha, kv_bytes)
+    return {
+        "attention_type": cfg.attention_type,
+        "params": p, "params_mha": p_mha, "params_saved": p_mha - p, "params_saved_fraction": (p_mha - p) / p_mha,
+        "training_flops_per_token": f, "training_flops_per_token_mha": f_mha,
+        "flops_saved_fraction": (f_mha - f) / f_mha,
+        "kv_cache_bytes_per_token": kv, "kv_cache_bytes_per_token_mha": kv_mha,
+        "kv_cache_reduction": kv_mha / kv,
+    }
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+# Bytes per parameter for (weights, gradients, optimizer state incl. any fp32 master copy),
+# with AdamW (two fp32 moments).
+PRECISIONS: dict[str, tuple[int, int, int]] = {
+    "fp32": (4, 4, 8),  # everything fp32
+    "bf16-mixed": (4, 4, 8),  # torch.autocast: fp32 weights+grads, bf16 matmuls (activations bf16)
+    "bf16": (2, 2, 12),  # bf16 weights+grads, fp32 master copy + moments (Megatron/DeepSpeed style)
+}
+ACTIVATION_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2}
+SHARDINGS = ("none", "ddp", "fsdp")
+
+
+def activation_elements_per_token_per_layer(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_type="swiglu",
+                                            attention="sdpa"):
+    """Tensors autograd keeps for backward in one pre-norm block, in elements per token.
+    Attention block: norm input and output, Q, K, V, attention output = 4h + 2·kv_dim.
+    FFN block: norm input and output (2h) + SwiGLU gate, silu(gate), up, product (4·d_ff)
+    or GELU input and output (2·d_ff). Flash/SDPA attention keeps no S×S matrix; the math
+    path keeps the softmax probabilities (n_head·S per token)."""
+    ffn = (4 if ffn_type == "swiglu" else 2) * d_ff
+    elems = 6 * n_embd + 2 * kv_dim + ffn
+    if attention == "math":
+        elems = elems + 2 * n_head * seq_len  # scores and probabilities
+    return elems
+
+
+def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | None = None,
+                    num_devices: int = 1, sharding: str = "fsdp", precision: str = "bf16-mixed",
+                    activation_checkpointing: bool = False, attention: str = "sdpa") -> dict[str, Any]:
+    """Estimated peak training memory per device, in bytes, by component.
+
+    Weights, gradients and optimizer state are exact given the precision; activations are an
+    estimate of what autograd keeps (see activation_elements_per_token_per_layer), plus the
+    logits (bf16) and their fp32 copy for the loss. FSDP (ZeRO-3) shards weights, gradients and
+    optimizer state over devices, and holds two unsharded blocks at a time (current + prefetch).
+    DDP replicates everything. Activations never shard under data parallelism.
+    """
+    s = cfg.block_size if seq_len is None else seq_len
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}")
+    n = count_params(cfg)
+    wb, gb, ob = PRECISIONS[precision]
+    shards = num_devices if sharding == "fsdp" else 1
+    weights = n.total * wb / shards
+    grads = n.total * gb / shards
+    optimizer = n.total * ob / shards
+    compute_bytes = ACTIVATION_BYTES[precision]
+    unsharded_buffers = 2 * n.per_layer * compute_bytes if sharding == "fsdp" and num_devices > 1 else 0
+    tokens = micro_batch * s
+    per_layer = activation_elements_per_token_per_layer(
+        cfg.n_embd, cfg.kv_dim, cfg.ffn_hidden, cfg.n_head, s, ffn_type=cfg.ffn_type, attention=attention)
+    if activation_checkpointing:  # keep each block's input; recompute one block at a time
+        layer_acts = tokens * (cfg.n_layer * cfg.n_embd + per_layer) * compute_bytes
+    else:
+        layer_acts = tokens * cfg.n_layer * per_layer * compute_bytes
+    logits = tokens * cfg.vocab_size * (compute_bytes + 4)
+    activations = layer_acts + logits + tokens * 2 * cfg.n_embd * compute_bytes  # + final norm
+    total = weights + grads + optimizer + unsharded_buffers + activations
+    return {
+        "weights": weights, "gradients": grads, "optimizer": optimizer,
+        "unsharded_buffers": unsharded_buffers, "activations": activations, "total": total,
+        "micro_batch": micro_batch, "seq_len": s, "num_devices": num_devices, "sharding": sharding,
+        "precision": precision, "activation_checkpointing": activation_checkpointing,
+    }
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
+    """Inference KV cache: K and V for every layer, at the KV-head count (GQA-aware)."""
+    return 2 * cfg.n_layer * cfg.kv_dim * bytes_per_element
+
+
+# ---- time -----------------------------------------------------------------------------------
+
+
+def training_time(training_flops_per_token: float, tokens: float, accelerator: Accelerator,
+                  num_devices: int = 1, mfu: float = 0.4) -> dict[str, float]:
+    """Throughput and wall-clock at a given model FLOPs utilisation (MFU)."""
+    per_device = mfu * accelerator.peak_bf16_flops / training_flops_per_token
+    seconds = tokens / (per_device * num_devices)
+    return {
+        "tokens_per_second_per_device": per_device,
+        "tokens_per_second": per_device * num_devices,
+        "seconds": seconds, "hours": seconds / 3600, "days": seconds / 86400,
+        "gpu_hours": seconds * num_devices / 3600,
+        "mfu": mfu, "num_devices": num_devices, "gpu_type": accelerator.name,
+        "total_flops": training_flops_per_token * tokens,
+    }
+
+
+def mfu(tokens_per_second: float, training_flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the hardware's dense peak."""
+    return tokens_per_second * training_flops_per_token / peak_flops

@@ -1,0 +1,153 @@
+"""Official model configurations (a flat, greppable registry) and the family *styles* that
+the planner scales.
+
+Every constant below is copied from the model's official Hugging Face `config.json`
+(huggingface.co/<repo>/blob/main/config.json, repo named in the comment) or its paper.
+tests/test_counting.py checks each total against the officially published parameter count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from scalelab.config import ModelConfig, check_fields, closest, load_toml
+from scalelab.errors import UserError
+
+# ---- family styles ------------------------------------------------------------------------
+# Everything about an architecture except its size. `style_config` adds the size.
+STYLES: dict[str, dict[str, Any]] = {
+    # GPT-2 (Radford et al. 2019; openai-community/gpt2): LayerNorm with bias, learned
+    # positions, GELU MLP 4x, biases everywhere, tied embeddings, 50257 BPE tokens.
+    "gpt2": dict(family="gpt2", normalization="layernorm", norm_eps=1e-5, position_encoding="learned",
+                 ffn_type="gelu", ffn_expansion_ratio=4.0, norm_position="pre", bias=True,
+                 tie_embeddings=True, vocab_size=50257, block_size=1024),
+    # LLaMA 2 (Touvron et al. 2023): MHA, RMSNorm, RoPE theta 1e4, SwiGLU 8/3 rounded up to a
+    # multiple of 256, 32000 SentencePiece tokens, 4096 context.
+    "llama2": dict(family="llama2", normalization="rmsnorm", norm_eps=1e-5, position_encoding="rope",
+                   rope_theta=10000.0, ffn_type="swiglu", ffn_expansion_ratio=8 / 3, multiple_of=256,
+                   norm_position="pre", bias=False, tie_embeddings=False, vocab_size=32000,
+                   block_size=4096),
+    # LLaMA 3 (Grattafiori et al. 2024): GQA with 8 KV heads, RoPE theta 500000, SwiGLU 3.5x
+    # (14336 / 4096), 128256 tiktoken tokens, 8192 context. multiple_of 128 keeps the FFN
+    # width tensor-core friendly; the planner's default widths give exactly 3.5x.
+    "llama3": dict(family="llama3", normalization="rmsnorm", norm_eps=1e-5, position_encoding="rope",
+                   rope_theta=500000.0, ffn_type="swiglu", ffn_expansion_ratio=3.5, multiple_of=128,
+                   norm_position="pre", bias=False, tie_embeddings=False, vocab_size=128256,
+                   block_size=8192, num_key_value_heads=8),
+}
+
+
+def style_config(style: str, n_layer: int, n_embd: int, n_head: int, **overrides: Any) -> ModelConfig:
+    """A model of the given family style and size, e.g. style_config('llama3', 28, 1792, 14)."""
+    if style not in STYLES:
+        raise UserError(f"unknown style '{style}'{closest(style, STYLES)}; choose from {', '.join(STYLES)}")
+    fields = dict(STYLES[style])
+    fields.update(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+    if "d_ff" in overrides:
+        fields.pop("ffn_expansion_ratio", None)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def _gpt2(n_layer: int, n_embd: int, n_head: int) -> ModelConfig:
+    return style_config("gpt2", n_layer, n_embd, n_head, ffn_expansion_ratio=None, d_ff=4 * n_embd)
+
+
+def _llama(style: str, n_layer: int, n_embd: int, n_head: int, kv: int, d_ff: int, **kw: Any) -> ModelConfig:
+    return style_config(style, n_layer, n_embd, n_head, num_key_value_heads=kv, d_ff=d_ff,
+                        ffn_expansion_ratio=None, multiple_of=1, **kw)
+
+
+_LLAMA31_SCALING = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+_LLAMA32_SCALING = dict(_LLAMA31_SCALING, factor=32.0)
+
+# ---- official models ----------------------------------------------------------------------
+# name: (config, official parameter count, source). The count is what the released checkpoint
+# holds (sum of tensor sizes in its safetensors; the figure on the model card / in the paper).
+PRESETS: dict[str, ModelConfig] = {
+    # openai-community/gpt2, gpt2-medium, gpt2-large, gpt2-xl (config.json: n_layer, n_embd, n_head)
+    "gpt2": _gpt2(12, 768, 12),
+    "gpt2-medium": _gpt2(24, 1024, 16),
+    "gpt2-large": _gpt2(36, 1280, 20),
+    "gpt2-xl": _gpt2(48, 1600, 25),
+    # meta-llama/Llama-2-7b-hf, Llama-2-13b-hf, Llama-2-70b-hf
+    "llama2-7b": _llama("llama2", 32, 4096, 32, 32, 11008),
+    "llama2-13b": _llama("llama2", 40, 5120, 40, 40, 13824),
+    "llama2-70b": _llama("llama2", 80, 8192, 64, 8, 28672),
+    # meta-llama/Meta-Llama-3-8B
+    "llama3-8b": _llama("llama3", 32, 4096, 32, 8, 14336),
+    # meta-llama/Llama-3.1-8B, -70B, -405B (rope_scaling llama3, factor 8, 131072 context)
+    "llama3.1-8b": _llama("llama3", 32, 4096, 32, 8, 14336, block_size=131072, rope_scaling=_LLAMA31_SCALING),
+    "llama3.1-70b": _llama("llama3", 80, 8192, 64, 8, 28672, block_size=131072, rope_scaling=_LLAMA31_SCALING),
+    "llama3.1-405b": _llama("llama3", 126, 16384, 128, 8, 53248, block_size=131072,
+                            rope_scaling=_LLAMA31_SCALING),
+    # meta-llama/Llama-3.2-1B, -3B (tied embeddings, rope_scaling factor 32)
+    "llama3.2-1b": _llama("llama3", 16, 2048, 32, 8, 8192, block_size=131072, tie_embeddings=True,
+                          rope_scaling=_LLAMA32_SCALING),
+    "llama3.2-3b": _llama("llama3", 28, 3072, 24, 8, 8192, block_size=131072, tie_embeddings=True,
+                          rope_scaling=_LLAMA32_SCALING),
+    # mistralai/Mistral-7B-v0.1 (GQA 8, theta 1e4, 32000 vocab; sliding window not modelled)
+    "mistral-7b": _llama("llama2", 32, 4096, 32, 8, 14336, block_size=32768, family="mistral"),
+}
+
+# Official parameter counts (exact, from the released safetensors checkpoints).
+OFFICIAL_PARAMS: dict[str, int] = {
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
+    "llama3-8b": 8_030_261_248,
+    "llama3.1-8b": 8_030_261_248,
+    "llama3.1-70b": 70_553_706_496,
+    "llama3.1-405b": 405_853_388_800,
+    "llama3.2-1b": 1_235_814_400,
+    "llama3.2-3b": 3_212_749_824,
+    "mistral-7b": 7_241_732_096,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """An official model's config by name, e.g. get_preset('llama3.1-8b')."""
+    try:
+        return PRESETS[name.lower()]
+    except KeyError:
+        raise UserError(f"unknown model '{name}'{closest(name.lower(), PRESETS)}; known presets: "
+                        f"{', '.join(PRESETS)} (or give a .toml file)") from None
+
+
+def load_model_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
+    """MODEL as the CLI takes it: a preset name or a TOML file, then `--set` overrides."""
+    if spec.endswith(".toml") or Path(spec).is_file():
+        cfg = ModelConfig.from_toml(spec)
+    else:
+        cfg = get_preset(spec)
+    return cfg.with_overrides(overrides)
+
+
+def resolve_model_section(section: Mapping[str, Any], *, where: str = "[model]") -> ModelConfig:
+    """A training config's [model] table: either full fields, or `preset = NAME` / `style = NAME`
+    plus field overrides (style needs n_layer, n_embd, n_head)."""
+    section = dict(section)
+    preset = section.pop("preset", None)
+    style = section.pop("style", None)
+    if preset is not None and style is not None:
+        raise UserError(f"{where}: give either preset or style, not both")
+    if preset is not None:
+        return get_preset(str(preset)).replace(**check_fields(section, where=where, partial=True))
+    if style is not None:
+        fields = check_fields(section, where=where, partial=True)
+        missing = [k for k in ("n_layer", "n_embd", "n_head") if k not in fields]
+        if missing:
+            raise UserError(f"{where}: style '{style}' needs {', '.join(missing)}")
+        return style_config(str(style), fields.pop("n_layer"), fields.pop("n_embd"), fields.pop("n_head"),
+                            **fields)
+    return ModelConfig.from_dict(section, where=where)
+
+
+def load_toml_model(path: str | Path) -> ModelConfig:
+    return resolve_model_section(load_toml(path), where=str(path))

@@ -1,0 +1,119 @@
+"""Loss laws L(N, D) = E + A / N^alpha + B / D^beta and their closed-form compute optimum.
+
+N is the total parameter count (Chinchilla's convention), D training tokens. Named laws:
+- chinchilla: Hoffmann et al. 2022, Approach 3 (rounded as published).
+- epoch: Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt", refit of
+  Hoffmann et al.'s Figure 4 data.
+A law file is JSON with keys E, A, B, alpha, beta (what `scalelab fit --out` writes; other
+keys are ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalelab.config import closest
+from scalelab.errors import UserError
+
+
+@dataclass(frozen=True)
+class LossLaw:
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    name: str = "custom"
+
+    def loss(self, N, D):
+        """Predicted loss; N and D may be numpy arrays (broadcast)."""
+        N = np.asarray(N, dtype=np.float64)
+        D = np.asarray(D, dtype=np.float64)
+        return self.E + self.A / N ** self.alpha + self.B / D ** self.beta
+
+    @property
+    def G(self) -> float:
+        """Hoffmann et al.'s G = (alpha·A / (beta·B))^(1/(alpha+beta))."""
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+
+    @property
+    def a(self) -> float:
+        """Exponent of N_opt ∝ C^a (= beta / (alpha + beta))."""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b(self) -> float:
+        """Exponent of D_opt ∝ C^b (= alpha / (alpha + beta))."""
+        return self.alpha / (self.alpha + self.beta)
+
+    def optimal_n(self, C):
+        """N_opt(C) = G · (C/6)^(beta/(alpha+beta)), the minimiser of loss under C = 6ND."""
+        return self.G * (np.asarray(C, dtype=np.float64) / 6.0) ** self.a
+
+    def optimal_d(self, C):
+        """D_opt(C) = (1/G) · (C/6)^(alpha/(alpha+beta))."""
+        return (np.asarray(C, dtype=np.float64) / 6.0) ** self.b / self.G
+
+    def closed_form(self, C: float) -> dict[str, float]:
+        """The 6ND optimum at budget C: N, D, D/N, and the predicted loss."""
+        n, d = float(self.optimal_n(C)), float(self.optimal_d(C))
+        return {"N": n, "D": d, "C": float(C), "tokens_per_param": d / n, "loss": float(self.loss(n, d))}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+LAWS: dict[str, LossLaw] = {
+    "chinchilla": LossLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, name="chinchilla"),
+    "epoch": LossLaw(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658, name="epoch"),
+}
+
+
+def get_law(name: str) -> LossLaw:
+    try:
+        return LAWS[name.lower()]
+    except KeyError:
+        raise UserError(f"unknown law '{name}'{closest(name.lower(), LAWS)}; choose from "
+                        f"{', '.join(LAWS)}, or give --law-file FILE or --E --A --B --alpha --beta") from None
+
+
+def law_from_values(values: dict[str, Any], *, where: str = "law") -> LossLaw:
+    """Validate E, A, B, alpha, beta: finite numbers; A, B, alpha, beta > 0, E >= 0."""
+    out = {}
+    for key in ("E", "A", "B", "alpha", "beta"):
+        if key not in values:
+            raise UserError(f"{where}: missing '{key}' (a law needs E, A, B, alpha, beta)")
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"{where}: '{key}' must be a finite number, got {v!r}")
+        if key == "E" and v < 0 or key != "E" and v <= 0:
+            raise UserError(f"{where}: '{key}' must be {'non-negative' if key == 'E' else 'positive'}, got {v}")
+        out[key] = float(v)
+    return LossLaw(**out, name=str(values.get("name", "custom")))
+
+
+def load_law_file(path: str | Path) -> LossLaw:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"law file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a law file is a JSON object with E, A, B, alpha, beta")
+    return law_from_values(data, where=str(path))
+
+
+def save_law(law: LossLaw, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    from scalelab.files import atomic_write_text
+
+    data = law.to_dict()
+    data.update(extra or {})
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
