@@ -7,7 +7,8 @@ Sources (vendor datasheets):
 - H100 PCIe: NVIDIA H100 datasheet — 756 TFLOPS BF16 dense (1,513 with sparsity), 80 GB HBM2e.
 - H200 SXM: NVIDIA H200 datasheet — 989 TFLOPS BF16 dense, 141 GB HBM3e.
 - B200 (HGX): NVIDIA HGX B200 datasheet — 2.25 PFLOPS BF16 dense (4.5 with sparsity), 180 GB HBM3e.
-MFU is always measured against these dense peaks.
+MFU is always measured against these dense peaks. Marketed "80 GB" is 80 GiB of device memory
+(nvidia-smi reports 81559 MiB on an H100 80GB, 81920 MiB on an A100 80GB).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from scalelab.errors import UserError
 class Accelerator:
     name: str
     peak_bf16_flops: float  # dense FLOP/s
-    memory_gb: float  # decimal GB as marketed (1 GB = 1e9 bytes)
+    memory_gib: float  # as marketed; the "GB" on datasheets is GiB (nvidia-smi: H100 81559 MiB)
 
     @property
     def memory_bytes(self) -> float:
-        return self.memory_gb * 1e9
+        return self.memory_gib * 2**30
 
 
 ACCELERATORS: dict[str, Accelerator] = {

@@ -8,6 +8,7 @@ tests/test_counting.py checks each total against the officially published parame
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -44,6 +45,10 @@ def style_config(style: str, n_layer: int, n_embd: int, n_head: int, **overrides
         raise UserError(f"unknown style '{style}'{closest(style, STYLES)}; choose from {', '.join(STYLES)}")
     fields = dict(STYLES[style])
     fields.update(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+    if "num_key_value_heads" not in overrides and "num_key_value_heads" in fields:
+        # A style's KV-head count (8 for LLaMA 3) must divide n_head; small test models with
+        # fewer heads get the largest count that does.
+        fields["num_key_value_heads"] = math.gcd(n_head, fields["num_key_value_heads"])
     if "d_ff" in overrides:
         fields.pop("ffn_expansion_ratio", None)
     fields.update(overrides)

@@ -117,3 +117,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     return int(rc or 0)
+
+
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
+
+
+def parse_quantity(text: str, *, name: str = "value") -> float:
+    """'1.36e21', '161B', '15T', '2.5M' -> float. Raises UserError on anything else."""
+    s = str(text).strip().replace("_", "").replace(",", "")
+    mult = 1.0
+    if s and s[-1].lower() in _SUFFIXES and not s.lower().endswith("e"):
+        mult = _SUFFIXES[s[-1].lower()]
+        s = s[:-1]
+    try:
+        value = float(s) * mult
+    except ValueError:
+        raise UserError(f"{name} must be a number such as 1.36e21 or 161B, got '{text}'") from None
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be finite, got '{text}'")
+    return value
+
+
+def format_count(x: float) -> str:
+    """1234567 -> '1.23M' (K, M, B, T)."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def format_bytes(x: float) -> str:
+    """Bytes in GiB/MiB with binary units (what nvidia-smi and torch.cuda report)."""
+    if abs(x) >= 2**30:
+        return f"{x / 2**30:.2f} GiB"
+    return f"{x / 2**20:.1f} MiB"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def print_table(rows: list[tuple[str, str]], title: str | None = None, file=None) -> None:
+    """Two aligned columns, a title underlined."""
+    file = file or sys.stdout
+    if title:
+        print(title, file=file)
+        print("-" * len(title), file=file)
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}", file=file)
+    print(file=file)

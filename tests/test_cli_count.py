@@ -1,0 +1,58 @@
+"""`scalelab count` end to end: JSON keys, bad input, start-up without torch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_count_json_llama31_8b(cli):
+    r = cli("count", "llama3.1-8b", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["params"]["total"] == 8030261248
+    for key in ("embedding", "non_embedding"):
+        assert key in out["params"]
+    for key in ("forward_per_token", "training_per_token", "training_per_token_6n"):
+        assert key in out["flops"]
+    assert {"weights", "gradients", "optimizer", "activations", "total"} <= set(out["memory"])
+    assert "time" not in out
+
+
+def test_count_time_and_fit_verdict(cli):
+    r = cli("count", "llama3.1-70b", "--gpus", "1", "--gpu-type", "H100", "--tokens", "1T", "--json")
+    out = json.loads(r.stdout)
+    assert out["memory"]["fits"] is False and out["time"]["seconds"] > 0
+    human = cli("count", "llama3.1-70b", "--gpus", "1", "--gpu-type", "H100")
+    assert "DOES NOT FIT" in human.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["llama3.1-8b", "--set", "num_key_value_heads=5"], "num_key_value_heads"),
+    (["no-such-model"], "unknown model"),
+    (["llama3.1-8b", "--set", "n_layer=-1"], "n_layer must be a positive"),
+    (["llama3.1-8b", "--gpu-type", "TPUv9", "--tokens", "1T"], "unknown GPU type"),
+    (["llama3.1-8b", "--tokens", "lots", "--gpu-type", "H100"], "--tokens must be a number"),
+    (["llama3.1-8b", "--bogus-flag"], "unrecognized arguments"),
+])
+def test_bad_input_exits_2_with_one_line(cli, args, fragment):
+    r = cli("count", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in r.stderr
+
+
+def test_malformed_toml_exits_2(cli, tmp_path):
+    bad = tmp_path / "m.toml"
+    bad.write_text("[model\nn_layer=")
+    r = cli("count", str(bad))
+    assert r.returncode == 2 and "malformed TOML" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_count_does_not_import_torch():
+    code = ("import sys, io, contextlib\nfrom scalelab.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    main(['count', 'llama3.1-405b', '--json'])\n"
+            "assert 'torch' not in sys.modules, 'count imported torch'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

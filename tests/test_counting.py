@@ -1,0 +1,132 @@
+"""Counting against independent truth: official parameter counts, hand-derived FLOPs,
+and the arithmetic of memory and time."""
+
+import numpy as np
+import pytest
+
+from scalelab import counting
+from scalelab.config import ModelConfig
+from scalelab.hardware import ACCELERATORS, get_accelerator
+from scalelab.presets import OFFICIAL_PARAMS, PRESETS, get_preset, style_config
+
+# Published totals, restated here from the model cards / papers so this test does not
+# trust presets.py's own table.
+PUBLISHED = {
+    "gpt2": 124_439_808, "llama2-7b": 6_738_415_616, "llama3.1-8b": 8_030_261_248,
+    "llama3.1-70b": 70_553_706_496, "llama3.1-405b": 405_853_388_800, "llama3.2-1b": 1_235_814_400,
+    "mistral-7b": 7_241_732_096,
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_equals_official_count(name):
+    assert counting.count_params(PRESETS[name]).total == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize("name, total", list(PUBLISHED.items()))
+def test_published_counts(name, total):
+    assert counting.count_params(get_preset(name)).total == total
+
+
+def llama_state_dict_shapes(cfg: ModelConfig):
+    """Brute force: the tensor shapes of a Hugging Face LlamaForCausalLM checkpoint."""
+    h, kv, f, v = cfg.n_embd, cfg.kv_dim, cfg.ffn_hidden, cfg.vocab_size
+    shapes = [(v, h), (h,)]  # embed_tokens, final norm
+    if not cfg.tie_embeddings:
+        shapes.append((v, h))
+    for _ in range(cfg.n_layer):
+        shapes += [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f), (h,), (h,)]
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["llama2-13b", "llama3.2-3b", "llama3.1-8b", "mistral-7b"])
+def test_params_equal_brute_force_tensor_shapes(name):
+    cfg = get_preset(name)
+    assert counting.count_params(cfg).total == sum(int(np.prod(s)) for s in llama_state_dict_shapes(cfg))
+
+
+def test_breakdown_sums_and_embedding_split():
+    for cfg in PRESETS.values():
+        p = counting.count_params(cfg)
+        assert sum(p.breakdown.values()) == p.total == p.embedding + p.non_embedding
+    gpt2 = counting.count_params(get_preset("gpt2"))
+    assert gpt2.breakdown["position_embedding"] == 1024 * 768 and gpt2.breakdown["lm_head"] == 0
+    # Kaplan et al. quote ~85M non-embedding parameters for GPT-2 small.
+    assert gpt2.non_embedding == 124_439_808 - 50257 * 768 - 1024 * 768 == 85_056_000
+
+
+def test_forward_flops_hand_derived_gpt2():
+    # GPT-2 small at S = 1024, written out matmul by matmul:
+    L, H, V, S = 12, 768, 50257, 1024
+    per_layer = 2 * (H * 3 * H) + 2 * (H * H) + 2 * (H * 4 * H) + 2 * (4 * H * H)  # qkv, proj, fc, proj
+    attention = 2 * S * H + 2 * S * H  # QK^T and AV, per token
+    expected = L * (per_layer + attention) + 2 * H * V  # + lm_head
+    assert counting.forward_flops_per_token(get_preset("gpt2"), S) == expected
+    assert counting.training_flops_per_token(get_preset("gpt2"), S) == 3 * expected
+
+
+def test_flops_identity_with_6n_plus_attention_for_untied_llama():
+    # For an untied model: training = 6·(N − token embedding − norms) + 12·L·H·S exactly.
+    cfg, S = get_preset("llama2-7b"), 4096
+    p = counting.count_params(cfg)
+    expected = 6 * (p.total - p.breakdown["token_embedding"] - p.breakdown["norms"]) + 12 * 32 * 4096 * S
+    assert counting.training_flops_per_token(cfg, S) == expected
+    r = counting.flops_report(cfg, S)
+    assert r["training_per_token_6n"] == 6 * p.total
+    assert r["training_per_token_6n_plus_attention"] == 6 * p.total + 12 * 32 * 4096 * S
+
+
+def test_gqa_saves_what_the_kv_projections_hold():
+    cfg = get_preset("llama3.1-8b")
+    g = counting.gqa_comparison(cfg, 8192)
+    # K and V shrink from 4096x4096 to 4096x1024 in each of 32 layers.
+    assert g["params_saved"] == 32 * 2 * 4096 * (4096 - 1024)
+    assert g["kv_cache_reduction"] == 4
+    assert counting.kv_cache_bytes_per_token(cfg) == 2 * 32 * 1024 * 2  # 128 KiB per token in bf16
+
+
+def test_vectorised_arrays_equal_scalar_counts():
+    shapes = [(4, 256, 4, 2, 896), (24, 2048, 16, 8, 7168), (80, 8192, 64, 8, 28672)]
+    arr = np.array(shapes).T
+    totals = counting.param_breakdown_arrays(*arr, 128256)["total"]
+    flops = counting.training_flops_per_token_arrays(*arr, 128256, 2048)
+    for i, (l, h, a, kv, f) in enumerate(shapes):
+        cfg = style_config("llama3", l, h, a, num_key_value_heads=kv, d_ff=f)
+        assert totals[i] == counting.count_params(cfg).total
+        assert flops[i] == counting.training_flops_per_token(cfg, 2048)
+
+
+def test_memory_accounting():
+    cfg = get_preset("llama3.1-8b")
+    n = counting.count_params(cfg).total
+    one = counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=1, sharding="ddp")
+    assert one["weights"] + one["gradients"] + one["optimizer"] == 16 * n  # AdamW mixed precision
+    fsdp = counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=8, sharding="fsdp")
+    assert fsdp["optimizer"] == one["optimizer"] / 8 and fsdp["activations"] == one["activations"]
+    ddp = counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=8, sharding="ddp")
+    assert ddp["weights"] == one["weights"]
+    ckpt = counting.training_memory(cfg, micro_batch=1, seq_len=2048, activation_checkpointing=True)
+    assert ckpt["activations"] < one["activations"] / 5
+    two = counting.training_memory(cfg, micro_batch=2, seq_len=2048)
+    assert two["activations"] == 2 * one["activations"]
+    math = counting.training_memory(cfg, micro_batch=1, seq_len=2048, attention="math")
+    assert math["activations"] - one["activations"] == 2048 * 32 * 2 * 32 * 2048 * 2  # S×S per head, bf16
+
+
+def test_time_arithmetic():
+    cfg = get_preset("llama3.1-8b")
+    per_token = counting.training_flops_per_token(cfg, 8192)
+    h100 = get_accelerator("H100")
+    t = counting.training_time(per_token, 1e12, h100, num_devices=8, mfu=0.5)
+    assert t["tokens_per_second_per_device"] == pytest.approx(0.5 * 989e12 / per_token)
+    assert t["seconds"] * t["tokens_per_second"] == pytest.approx(1e12)
+    assert counting.mfu(t["tokens_per_second_per_device"], per_token, h100.peak_bf16_flops) == pytest.approx(0.5)
+
+
+def test_hardware_table_is_physically_sane():
+    for acc in ACCELERATORS.values():
+        assert 100e12 < acc.peak_bf16_flops < 3e15 and 40 <= acc.memory_gib <= 192
+    # The original system claimed 30-35K tokens/s for an 8B model on 4xA100: impossible.
+    per_token = counting.training_flops_per_token(get_preset("llama3.1-8b"), 2048)
+    ceiling = 4 * ACCELERATORS["A100-80GB"].peak_bf16_flops / per_token
+    assert ceiling < 30_000
