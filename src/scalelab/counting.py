@@ -239,6 +239,37 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
     }
 
 
+def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *, seq_len: int,
+                           micro_batch: int = 1, num_devices: int = 1, sharding: str = "fsdp",
+                           precision: str = "bf16-mixed", activation_checkpointing: bool = False,
+                           attention: str = "sdpa", **style: Any) -> dict[str, Any]:
+    """`training_memory` over numpy arrays of shapes (the planner's memory filter), same model.
+    `style` takes param_breakdown_arrays' keywords (ffn_type, normalization, bias, ...).
+    Returns bytes per device by component as float64 arrays."""
+    wb, gb, ob = PRECISIONS[precision]
+    p = param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, **style)
+    total_params = p["total"].astype(np.float64)
+    shards = num_devices if sharding == "fsdp" else 1
+    compute_bytes = ACTIVATION_BYTES[precision]
+    n_layer, n_embd, n_head, kv, d_ff, vocab = (np.asarray(x, dtype=np.float64) for x in
+                                                (n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size))
+    unsharded = (2.0 * p["per_layer"] * compute_bytes if sharding == "fsdp" and num_devices > 1
+                 else np.zeros_like(total_params))
+    tokens = micro_batch * seq_len
+    per_layer = activation_elements_per_token_per_layer(n_embd, kv * (n_embd // n_head), d_ff, n_head, seq_len,
+                                                        ffn_type=style.get("ffn_type", "swiglu"),
+                                                        attention=attention)
+    if activation_checkpointing:
+        layer_acts = tokens * (n_layer * n_embd + per_layer) * compute_bytes
+    else:
+        layer_acts = tokens * n_layer * per_layer * compute_bytes
+    activations = layer_acts + tokens * vocab * (compute_bytes + 4) + tokens * 2 * n_embd * compute_bytes
+    out = {"weights": total_params * wb / shards, "gradients": total_params * gb / shards,
+           "optimizer": total_params * ob / shards, "unsharded_buffers": unsharded, "activations": activations}
+    out["total"] = sum(out.values())
+    return out
+
+
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
     """Inference KV cache: K and V for every layer, at the KV-head count (GQA-aware)."""
     return 2 * cfg.n_layer * cfg.kv_dim * bytes_per_element
