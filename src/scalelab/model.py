@@ -1,0 +1,368 @@
+"""The scalelab Transformer: GPT-2, LLaMA 2/3 and Mistral from one ModelConfig, in one file.
+
+Read top to bottom: rotary positions, attention, feed-forward, block, the model, generation.
+Every architectural choice is a ModelConfig field; there is one code path per concept:
+
+- Attention has a query projection (n_head heads) and a *separate* key/value projection
+  (num_key_value_heads heads, K and V in one matmul). MHA, GQA and MQA are the same code; only
+  the KV head count differs. Attention runs through `F.scaled_dot_product_attention` with
+  `enable_gqa=True` (the kernel reads each KV head for its group of query heads, so K/V are
+  never copied n_head/n_kv times), or through an explicit "math" path that spells the matmuls
+  out. The math path is the reference: `torch.utils.flop_counter.FlopCounterMode` counts its
+  FLOPs exactly as `scalelab.counting` does (tests/test_model.py proves it).
+- Parameter names and layouts follow Hugging Face's LLaMA where one exists (RoPE rotates the
+  two *halves* of each head, not interleaved pairs), so import/export (scalelab.hf) is a
+  renaming plus, for K/V, a concatenation — never a permutation.
+- The parameter count equals `scalelab.counting.count_params(cfg).total` for every preset:
+  post-norm models have no final norm, LayerNorm has a bias iff `bias`, lm_head never has one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scalelab.config import ModelConfig
+from scalelab.errors import UserError
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "math")
+
+
+# ---- rotary position embedding (RoPE) ---------------------------------------------------------
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies (head_dim/2,) as float32 on the CPU, and the factor that scales
+    cos/sin (1.0 except for YaRN).
+
+    Computed with the same float32 operations as Hugging Face's `modeling_rope_utils`, so a
+    checkpoint imported from there sees bit-for-bit the same angles it was trained with.
+    """
+    dim, base = cfg.head_dim, cfg.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (base ** exponents)
+    scaling = cfg.rope_scaling
+    if not scaling:
+        return inv_freq, 1.0
+    kind = scaling.get("type", scaling.get("rope_type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":  # position interpolation: every position divided by `factor`
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        # LLaMA 3.1: long wavelengths (beyond the original context) are slowed by `factor`,
+        # short ones are kept, and the band between is interpolated smoothly.
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_context = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        # YaRN (Peng et al. 2023): interpolate low frequencies, extrapolate high ones, with a
+        # linear ramp between, and scale attention logits via cos/sin by attention_factor.
+        old_context = float(scaling.get("original_max_position_embeddings") or cfg.block_size)
+        beta_fast = float(scaling.get("beta_fast") or 32.0)
+        beta_slow = float(scaling.get("beta_slow") or 1.0)
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo = max(math.floor(correction_dim(beta_fast)), 0)
+        hi = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        if lo == hi:
+            hi += 0.001  # avoid a zero-width ramp
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        pos_freqs = base ** exponents
+        extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+        keep = 1 - ramp  # 1 where the frequency is high enough to extrapolate unchanged
+        return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
+    raise UserError(f"rope_scaling type {kind!r} is not supported; use linear, llama3 or yarn")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, S, head_dim) by the per-position angles; cos/sin are (S, head_dim)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implementation: str) -> torch.Tensor:
+    """softmax(QKᵀ/√d + causal mask)·V for q (B, n_head, Sq, d) and k, v (B, n_kv, Sk, d).
+
+    With a KV cache, Sk > Sq: the queries are the *last* Sq positions, so the mask is aligned
+    to the bottom-right. A single new query attends to everything and needs no mask.
+    """
+    s_q, s_k = q.size(-2), k.size(-2)
+    mask = None
+    if s_q > 1 and s_q != s_k:
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+    if implementation == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=s_q > 1 and mask is None,
+                                              enable_gqa=k.size(1) != q.size(1))
+    # Explicit math: repeat each KV head for its group of query heads, then two matmuls whose
+    # FLOPs (2·Sq·Sk·d each, per query head) are exactly the counting module's attention term.
+    repeats = q.size(1) // k.size(1)
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if s_q > 1:
+        if mask is None:
+            mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in fp32, as every reference does
+    return probs @ v
+
+
+class KVCache:
+    """Past keys and values for generation, per layer, at the *KV-head* count: a GQA model with
+    8 KV heads for 64 query heads stores 8× less than MHA would. Filled by the model's forward."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len = max_len
+        self.length = 0  # positions already stored (the next token's position)
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, S, d) after the cached positions; return all keys and values so far."""
+        if self.k[layer] is None:  # allocate lazily, in the dtype attention actually produces
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, implementation: str):
+        super().__init__()
+        self.layer_idx, self.implementation = layer_idx, implementation
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.kv_dim, bias=cfg.bias)  # [K | V]
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = self.kv_proj(x).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        y = causal_attention(q, k, v, self.implementation)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+# ---- feed-forward -----------------------------------------------------------------------------
+
+class FeedForward(nn.Module):
+    """GELU MLP (GPT-2: down(gelu(up(x)))) or SwiGLU (LLaMA: down(silu(gate(x)) · up(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.ffn_type == "swiglu"
+        if self.swiglu:
+            self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        # GPT-2 was trained with the tanh approximation of GELU (HF's "gelu_new").
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+# ---- block ------------------------------------------------------------------------------------
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.normalization == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attention: str):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx, attention)
+        self.ffn_norm = make_norm(cfg)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        if self.pre_norm:  # GPT-2, LLaMA: the residual stream itself is never normalised
+            x = x + self.attn(self.attn_norm(x), rope, kv_cache)
+            return x + self.ffn(self.ffn_norm(x))
+        # post-norm (the original Transformer): normalise after each residual add
+        x = self.attn_norm(x + self.attn(x, rope, kv_cache))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+class Transformer(nn.Module):
+    """A decoder-only language model built from a ModelConfig.
+
+    `attention`: "sdpa" (fused kernel, the default) or "math" (explicit matmuls; the reference
+    for FLOP counting and for checking the kernel).
+    """
+
+    def __init__(self, config: ModelConfig, attention: str = "sdpa"):
+        super().__init__()
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}; got {attention!r}")
+        self.config, self.attention = config, attention
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        learned = config.position_encoding == "learned"
+        self.pos_embeddings = nn.Embedding(config.block_size, config.n_embd) if learned else None
+        self.layers = nn.ModuleList(Block(config, i, attention) for i in range(config.n_layer))
+        # A post-norm block already ends in a norm, so only pre-norm models need a final one.
+        self.norm = make_norm(config) if config.norm_position == "pre" else None
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:  # one matrix both embeds tokens and scores them (GPT-2, LLaMA 3.2)
+            self.lm_head.weight = self.tok_embeddings.weight
+        # RoPE frequencies are derived from the config, not learned. They are a plain attribute,
+        # not a buffer, so `model.to(torch.bfloat16)` cannot round them and the meta device
+        # cannot leave them empty; they follow the input's device on first use.
+        self._rope: tuple[torch.Tensor, float] | None = None if learned else rope_frequencies(config)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 / nanoGPT initialisation: every matmul weight and embedding ~ N(0, 0.02), biases 0,
+        norm weights 1. The projections that write into the residual stream (attention output
+        and FFN down) use 0.02/√(2·n_layer): each block adds two such terms, so the variance of
+        the residual stream stays O(1) at any depth instead of growing with n_layer.
+        Works after `to_empty()` from the meta device (materialises every parameter)."""
+        self.tie_weights()
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        for layer in self.layers:
+            nn.init.normal_(layer.attn.o_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(layer.ffn.down.weight, mean=0.0, std=residual_std)
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the token embedding again when the config ties them. Moving a model
+        off the meta device (`to_empty`) gives each module its own new Parameter, which unties
+        them; `init_weights` and the checkpoint loaders call this."""
+        if self.config.tie_embeddings and self.lm_head.weight is not self.tok_embeddings.weight:
+            self.lm_head.weight = self.tok_embeddings.weight
+
+    def rope_cos_sin(self, start: int, length: int, device: torch.device, dtype: torch.dtype):
+        """cos and sin (length, head_dim) for positions start..start+length-1, as HF computes them."""
+        inv_freq, attention_factor = self._rope
+        if inv_freq.device != device:
+            inv_freq = inv_freq.to(device)
+            self._rope = (inv_freq, attention_factor)
+        positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]  # an outer product, kept out of any matmul
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        if attention_factor != 1.0:
+            cos, sin = cos * attention_factor, sin * attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None, last_only: bool = False):
+        """idx (B, S) token ids -> logits (B, S, vocab); with targets (B, S) -> (logits, loss),
+        the mean cross-entropy over targets != -1. With `kv_cache`, idx continues the cached
+        sequence. `last_only` computes logits for the last position only (generation)."""
+        B, S = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        x = self.tok_embeddings(idx)
+        rope = None
+        if self.pos_embeddings is not None:
+            if start + S > self.config.block_size:
+                raise ValueError(f"sequence of {start + S} tokens exceeds the {self.config.block_size} "
+                                 "learned positions (block_size)")
+            x = x + self.pos_embeddings(torch.arange(start, start + S, device=idx.device))
+        else:
+            rope = self.rope_cos_sin(start, S, idx.device, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += S
+        if self.norm is not None:
+            x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue idx (B, S) by max_new_tokens sampled tokens -> (B, S + max_new_tokens).
+
+        temperature 0 is greedy decoding. With the KV cache each step feeds one token; without
+        it each step re-reads the last block_size tokens. Both give the same tokens; when the
+        text would outgrow block_size the cache is not used (the window must slide, which
+        changes every cached position).
+        """
+        block = self.config.block_size
+        if idx.size(1) + max_new_tokens > block:
+            use_cache = False
+        cache = KVCache(self.config.n_layer, idx.size(1) + max_new_tokens) if use_cache else None
+        out, step_input = idx, idx
+        for _ in range(max_new_tokens):
+            if cache is None:
+                step_input = out[:, -block:]
+            logits = self(step_input, kv_cache=cache, last_only=True)[:, -1].float()
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            out = torch.cat((out, next_token), dim=1)
+            step_input = next_token
+        return out
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (B, vocab) -> (B, 1). temperature 0 means argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Nucleus sampling: keep the smallest set of most likely tokens whose probability
+        # reaches top_p (the most likely token always stays).
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
