@@ -1,0 +1,370 @@
+"""`scalelab plan C`: the compute-optimal model shape and token count for a training budget.
+
+Backward N-D grid search: for every shape in the space, D is solved exactly from C with the
+shape's exact training FLOPs per token, the loss law scores (N, D), and the lowest loss wins.
+The 6ND closed form is printed beside it. The budget is C in FLOPs, or GPUs × hours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_duration, parse_quantity,
+                          print_json)
+from scalelab.errors import UserError
+
+EXAMPLES = """examples:
+  scalelab plan 1.36e21
+  scalelab plan 1.36e21 --no-gqa --top 5
+  scalelab plan 1e22 --enforce-chinchilla --tolerance 0.25 --max-tokens 2T
+  scalelab plan --gpus 8 --gpu-type H100 --hours 24 --mfu 0.4 --emit-config plan.toml
+  scalelab plan 3e20 --hidden 512:4096:128 --layers 8:40:2 --head-dims 64 --kv-heads 4 --law epoch
+  scalelab plan 1e21 --law-file law.json --plot isoflop.png --json
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="compute-optimal model shape and token count for a FLOP budget",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p.add_argument("C", nargs="?", help="training compute budget in FLOPs, e.g. 1.36e21 (or use --hours)")
+    g = p.add_argument_group("search space")
+    g.add_argument("--style", default="llama3", help="family style: llama3, llama2, gpt2 (norms, FFN type, "
+                   "positions, default KV heads, FFN ratio and vocabulary)")
+    g.add_argument("--hidden", default="1024:8192:256", help="n_embd values: MIN:MAX:STEP (inclusive) or a,b,c")
+    g.add_argument("--layers", default="16:64:2", help="n_layer values: MIN:MAX:STEP (inclusive) or a,b,c")
+    g.add_argument("--head-dims", default="64,128", help="head dims to try; n_head = n_embd / head_dim")
+    g.add_argument("--kv-heads", default=None, help="KV-head count(s), e.g. 8 or 4,8 (default: the style's; "
+                   "llama3: 8); shapes where they do not divide n_head are skipped")
+    g.add_argument("--no-gqa", action="store_true", help="MHA: as many KV heads as query heads")
+    g.add_argument("--ffn-ratio", type=float, default=None, help="FFN width / n_embd (default: the style's; "
+                   "llama3 3.5), rounded up to the style's multiple")
+    g.add_argument("--seq-len", type=int, default=2048, help="training sequence length S")
+    g.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the style's; llama3 128256)")
+    c = p.add_argument_group("constraints")
+    c.add_argument("--aspect", default="40:130", help="allowed n_embd / n_layer, MIN:MAX, or 'none' "
+                   "(40..130 spans GPT-3 350M to LLaMA-3.1-405B; see docs/plan.md)")
+    c.add_argument("--enforce-chinchilla", action="store_true",
+                   help="keep D/N within R·(1 ± tolerance) (R = --tokens-per-param)")
+    c.add_argument("--tolerance", type=float, default=0.5, help="relative band for --enforce-chinchilla")
+    c.add_argument("--tokens-per-param", type=float, default=20.0, help="the ratio R for --enforce-chinchilla")
+    c.add_argument("--max-tokens", default=None, help="dataset size: D at most this, e.g. 2T")
+    c.add_argument("--max-params", default=None, help="N at most this, e.g. 8B")
+    h = p.add_argument_group("hardware (memory filter, wall-clock, or the budget itself)")
+    h.add_argument("--gpus", type=int, default=None, help="number of GPUs (FSDP over all of them)")
+    h.add_argument("--gpu-type", default=None, help="A6000, A100-40GB, A100-80GB, H100-SXM, H100-PCIe, H200, B200")
+    h.add_argument("--hours", type=float, default=None, help="budget from hardware: C = GPUs × peak × MFU × hours")
+    h.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for --hours and wall-clock")
+    law = p.add_argument_group("loss law L(N, D) = E + A/N^alpha + B/D^beta")
+    law.add_argument("--law", default=None, help="named law: chinchilla (default), epoch")
+    law.add_argument("--law-file", default=None, help="JSON law file (what `scalelab fit` writes)")
+    for name in ("E", "A", "B", "alpha", "beta"):
+        law.add_argument(f"--{name}", type=float, default=None, help=f"override the law's {name}")
+    o = p.add_argument_group("output")
+    o.add_argument("--top", type=int, default=10, help="rows in the TOP-K table")
+    o.add_argument("--emit-config", metavar="PATH.toml", default=None,
+                   help="write a training config for the best shape and token budget")
+    o.add_argument("--plot", metavar="PATH.png", default=None, help="IsoFLOP curve: best loss vs N at this budget")
+    add_common_flags(p)
+    p.set_defaults(func=run)
+
+
+# ---- parsing -------------------------------------------------------------------------------
+
+
+def parse_int_values(text: str, flag: str) -> tuple[int, ...]:
+    """'1024:8192:256' (inclusive), '16:64' (step 1), '64,128' or '2048' -> sorted tuple of ints."""
+    s = str(text).strip()
+    hint = f"{flag} takes MIN:MAX:STEP or a comma list of positive integers, got '{text}'"
+    try:
+        if ":" in s:
+            parts = [int(x) for x in s.split(":")]
+            if len(parts) not in (2, 3):
+                raise UserError(hint)
+            lo, hi, step = parts[0], parts[1], parts[2] if len(parts) == 3 else 1
+            if step <= 0:
+                raise UserError(f"{flag}: STEP must be positive, got {step}")
+            if lo > hi:
+                raise UserError(f"{flag}: the range {s} is empty (MIN > MAX)")
+            values = tuple(range(lo, hi + 1, step))
+        else:
+            values = tuple(sorted({int(x) for x in s.split(",")}))
+    except ValueError:
+        raise UserError(hint) from None
+    if not values:
+        raise UserError(f"{flag} is empty; {hint}")
+    if min(values) <= 0:
+        raise UserError(f"{flag}: values must be positive, got {min(values)}")
+    return values
+
+
+def parse_aspect(text: str) -> tuple[float, float] | None:
+    s = str(text).strip().lower()
+    if s in ("none", "off", ""):
+        return None
+    try:
+        lo, hi = (float(x) for x in s.split(":"))
+    except ValueError:
+        raise UserError(f"--aspect takes MIN:MAX (n_embd / n_layer), e.g. 40:130, or 'none'; got '{text}'") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise UserError(f"--aspect MIN:MAX needs 0 < MIN <= MAX, got '{text}'")
+    return lo, hi
+
+
+def resolve_law(args: argparse.Namespace):
+    from scalelab.scaling.laws import get_law, law_from_values, load_law_file
+
+    if args.law is not None and args.law_file is not None:
+        raise UserError("give --law or --law-file, not both")
+    base = load_law_file(args.law_file) if args.law_file else get_law(args.law or "chinchilla")
+    given = {k: getattr(args, k) for k in ("E", "A", "B", "alpha", "beta") if getattr(args, k) is not None}
+    if not given:
+        return base
+    values = dict(base.to_dict(), **given, name="custom")
+    return law_from_values(values, where="--E/--A/--B/--alpha/--beta")
+
+
+def build(args: argparse.Namespace):
+    """(C, budget description, law, SearchSpace) from the flags; UserError on bad input."""
+    from scalelab.hardware import get_accelerator
+    from scalelab.scaling.search import SearchSpace, hardware_budget
+
+    law = resolve_law(args)
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu is a fraction in (0, 1], got {args.mfu}")
+    if args.gpus is not None and args.gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.gpus is not None and args.gpu_type is None:
+        raise UserError("--gpus needs --gpu-type, e.g. --gpus 8 --gpu-type H100")
+    accelerator = get_accelerator(args.gpu_type) if args.gpu_type else None
+    gpus = args.gpus or 1
+    if args.hours is not None:
+        if args.C is not None:
+            raise UserError("give the budget C or --hours (with --gpus --gpu-type), not both")
+        if accelerator is None:
+            raise UserError("--hours needs --gpu-type (and --gpus), e.g. --gpus 8 --gpu-type H100 --hours 24")
+        if not (math.isfinite(args.hours) and args.hours > 0):
+            raise UserError(f"--hours must be positive, got {args.hours}")
+        C = hardware_budget(gpus, accelerator, args.hours, args.mfu)
+        budget = f"{gpus} x {accelerator.name} x {args.hours:g} h at {args.mfu:.0%} MFU"
+    else:
+        if args.C is None:
+            raise UserError("give the budget C in FLOPs (e.g. 1.36e21) or --gpus N --gpu-type NAME --hours H")
+        C = parse_quantity(args.C, name="C")
+        budget = "given"
+    if not C > 0:
+        raise UserError(f"C must be a positive number of FLOPs, got {args.C}")
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    if args.no_gqa and args.kv_heads is not None:
+        raise UserError("give --kv-heads or --no-gqa, not both")
+    max_tokens = parse_quantity(args.max_tokens, name="--max-tokens") if args.max_tokens is not None else None
+    max_params = parse_quantity(args.max_params, name="--max-params") if args.max_params is not None else None
+    for flag, v in (("--max-tokens", max_tokens), ("--max-params", max_params)):
+        if v is not None and v <= 0:
+            raise UserError(f"{flag} must be positive, got {v:g}")
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise UserError(f"--tolerance must be a non-negative fraction, got {args.tolerance}")
+    space = SearchSpace(
+        hidden=parse_int_values(args.hidden, "--hidden"), layers=parse_int_values(args.layers, "--layers"),
+        head_dims=parse_int_values(args.head_dims, "--head-dims"),
+        kv_heads=parse_int_values(args.kv_heads, "--kv-heads") if args.kv_heads is not None else None,
+        mha=args.no_gqa, style=args.style, ffn_ratio=args.ffn_ratio, seq_len=args.seq_len,
+        vocab_size=args.vocab, aspect=parse_aspect(args.aspect), max_tokens=max_tokens, max_params=max_params,
+        enforce_chinchilla=args.enforce_chinchilla, tokens_per_param=args.tokens_per_param,
+        tolerance=args.tolerance, gpus=gpus, accelerator=accelerator, mfu=args.mfu)
+    return C, budget, law, space
+
+
+def run(args: argparse.Namespace) -> int:
+    from scalelab.scaling.search import search
+
+    C, budget, law, space = build(args)
+    # check --set before searching: it may only touch the emitted config's non-model sections
+    for item in args.overrides:
+        if item.split("=", 1)[0].strip().startswith("model."):
+            raise UserError(f"--set {item}: the planner chooses the model; use the search flags instead")
+    if args.overrides and not args.emit_config:
+        raise UserError("--set overrides the emitted config (e.g. --set data.dir=data/mine); it needs --emit-config")
+    result = search(C, law, space, top=args.top)
+    result.search["budget"] = budget
+    if args.emit_config:
+        write_config(result, args.emit_config, args.overrides, argv=_command_argv())
+        result.search["emitted_config"] = args.emit_config
+    if args.plot:
+        plot_isoflop(result, args.plot)
+        result.search["plot"] = args.plot
+    for w in result.search["warnings"]:
+        print(f"scalelab plan: warning: {w}", file=sys.stderr)
+    if args.json:
+        print_json(result.to_json())
+    else:
+        print_report(result)
+    for what in ("emitted_config", "plot"):
+        if what in result.search:
+            print(f"wrote {result.search[what]}", file=sys.stderr)
+    return 0
+
+
+# ---- output --------------------------------------------------------------------------------
+
+
+def print_report(result) -> None:
+    b, cf, s, law, space = result.best, result.closed_form, result.search, result.law, result.space
+    print(f"Budget C = {result.C:.4g} FLOPs ({s['budget']}); law {law.name}: L = {law.E:g} + {law.A:g}/N^{law.alpha:g}"
+          f" + {law.B:g}/D^{law.beta:g}")
+    d = s["space"]
+    kv = "MHA" if d["kv_heads"] == "MHA" else f"{','.join(map(str, d['kv_heads']))} KV heads"
+    print(f"Searched {s['shapes_total']:,} shapes ({d['style']} style; hidden {d['hidden']}, layers {d['layers']}, "
+          f"head_dim {','.join(map(str, d['head_dims']))}, {kv}, FFN {d['ffn_ratio']:.3g}x, seq {d['seq_len']}, "
+          f"vocab {d['vocab_size']}) in {s['seconds'] * 1e3:.0f} ms")
+    sk = s["skipped"]
+    print(f"  skipped {s['skipped_total']:,} with head counts that do not divide "
+          f"(head_dim into n_embd: {sk['head_dim_does_not_divide_n_embd']:,}; KV heads into n_head: "
+          f"{sk['kv_heads_do_not_divide_n_head']:,})")
+    names = {"one_sequence": "less than one sequence of tokens", "aspect": f"aspect outside "
+             f"{':'.join(f'{a:g}' for a in d['aspect'] or ())}", "max_params": "over --max-params",
+             "max_tokens": "over --max-tokens", "chinchilla": "D/N outside the Chinchilla band",
+             "memory": "training state does not fit the GPUs"}
+    excluded = [f"{n:,} {names[k]}" for k, n in s["excluded"].items() if n]
+    if excluded:
+        print(f"  excluded (a shape may fail several): {'; '.join(excluded)}")
+    print(f"  {s['feasible']:,} feasible shapes scored\n")
+
+    print("BEST CONFIG:")
+    rows = [
+        ("Loss", f"{b['loss']:.6f}"),
+        ("N (params)", f"{b['N'] / 1e9:.3f}B ({b['N']:,}; non-embedding {b['N_non_embedding'] / 1e9:.3f}B)"),
+        ("D (tokens)", f"{b['D'] / 1e9:.1f}B (rounded down to {b['sequences']:,} sequences of {b['seq_len']} = "
+                       f"{b['D_rounded']:,} tokens)"),
+        ("C (FLOPs)", f"{b['C']:.4g} (error: {b['flops_error']:.1e}; {b['flops_error_rounded']:.1e} after "
+                      f"rounding D to whole sequences)"),
+        ("Architecture", f"{b['n_layer']}L x {b['n_embd']}H x {b['n_head']}A (head_dim={b['head_dim']}), "
+                         f"aspect {b['aspect']:.0f}"),
+        ("FFN", f"{b['d_ff']} ({b['ffn_ratio']:.2f}x expansion)"),
+        ("D/N ratio", f"{b['tokens_per_param']:.1f} (Chinchilla: 20.0)"),
+        ("Attention", "MHA" if b["attention_type"] == "MHA" else
+         f"{b['attention_type']}: {b['num_key_value_heads']} KV heads ({b['n_head'] // b['num_key_value_heads']}:1 "
+         f"Q:KV ratio)"),
+        ("FLOPs/token", f"{b['training_flops_per_token']:.4g} exact at S={b['seq_len']} "
+                        f"({b['flops_per_param_per_token']:.2f}·N; 6N would be {6 * b['N']:.4g})"),
+    ]
+    if "wall_clock" in b:
+        t = b["wall_clock"]
+        rows.append(("Wall-clock", f"{format_duration(t['seconds'])} on {t['num_devices']} x {t['gpu_type']} at "
+                                   f"{t['mfu']:.0%} MFU ({t['gpu_hours']:,.0f} GPU-hours, "
+                                   f"{t['tokens_per_second']:,.0f} tokens/s)"))
+        rows.append(("Memory/GPU", f"{format_bytes(b['memory_per_gpu_bytes'])} of "
+                                   f"{space.accelerator.memory_gib:g} GiB (FSDP over {space.gpus}, micro-batch 1, "
+                                   f"activation checkpointing, bf16-mixed)"))
+    rows.append(("Name", b["name"]))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k + ':':<{width + 1}} {v}")
+    print()
+    print(f"CLOSED FORM (C = 6ND): N {cf['N'] / 1e9:.3f}B, D {cf['D'] / 1e9:.1f}B, D/N {cf['tokens_per_param']:.1f}, "
+          f"loss {cf['loss']:.6f} (grid {cf['loss_gap']:+.4f})")
+    print(f"  why: {cf['explanation']}")
+    print()
+    print(f"TOP {len(result.top)} CANDIDATES:")
+    print(f"{'Rank':>4} {'Loss':>9} {'N(B)':>8} {'D(B)':>9} {'L':>3} {'H':>5} {'A':>3} {'KV':>3} {'hd':>4} "
+          f"{'D/N':>6} {'H/L':>5}")
+    for r in result.top:
+        print(f"{r['rank']:>4} {r['loss']:>9.6f} {r['N'] / 1e9:>8.3f} {r['D'] / 1e9:>9.3f} {r['n_layer']:>3} "
+              f"{r['n_embd']:>5} {r['n_head']:>3} {r['num_key_value_heads']:>3} {r['head_dim']:>4} "
+              f"{r['tokens_per_param']:>6.1f} {r['aspect']:>5.0f}")
+
+
+def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | None = None) -> str:
+    """A training config: [model] with the full fields, [data] dir placeholder, [train] seq_len and
+    max_tokens = D rounded down to whole sequences (what `scalelab train` reads)."""
+    import tomli_w
+
+    from scalelab.config import apply_overrides
+
+    b = result.best
+    sections = {"data": {"dir": "data/shakespeare"},
+                "train": {"seq_len": b["seq_len"], "max_tokens": b["D_rounded"]}}
+    apply_overrides(sections, overrides)
+    command = "scalelab " + " ".join(argv) if argv else f"scalelab plan {result.C:.4g}"
+    lines = [
+        f"# Written by `{command}`.",
+        f"# Compute-optimal under the {result.law.name} law at C = {result.C:.4g} FLOPs: predicted loss "
+        f"{b['loss']:.4f}, N = {b['N']:,} parameters, D = {b['D_rounded']:,} tokens (D/N {b['tokens_per_param']:.1f}).",
+        "",
+        tomli_w.dumps({"model": b["config"]}).rstrip(),
+        "",
+        "[data]",
+        "# placeholder: point this at a directory written by `scalelab prepare`",
+        tomli_w.dumps(sections.pop("data")).rstrip(),
+        "",
+        "[train]",
+        tomli_w.dumps(sections.pop("train")).rstrip(),
+        "# max_tokens is D from the plan (whole sequences); the trainer's defaults cover the rest, e.g.",
+        "# micro_batch_size = 8",
+        "# global_batch_tokens = 524288   # 0.5M tokens/step (LLaMA 3 used 4M-16M at 8B+)",
+        "# lr = 3e-4",
+    ]
+    if sections:  # other sections given with --set (eval, checkpoint, ...)
+        lines += ["", tomli_w.dumps(sections).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def _command_argv() -> list[str]:
+    """The command line from the verb on (for the emitted file's header)."""
+    argv = sys.argv[1:]
+    return argv[argv.index("plan"):] if "plan" in argv else ["plan", *argv]
+
+
+def write_config(result, path: str, overrides: list[str] = (), argv: list[str] | None = None) -> None:
+    from scalelab.files import atomic_write_text
+
+    if not str(path).endswith(".toml"):
+        raise UserError(f"--emit-config writes TOML; give a path ending in .toml, got '{path}'")
+    atomic_write_text(path, emitted_config_text(result, overrides, argv))
+
+
+def plot_isoflop(result, path: str) -> None:
+    """Predicted loss vs N along the budget: every feasible shape, the lower envelope, the 6ND curve."""
+    import numpy as np
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scalelab.files import atomic_path
+
+    N, loss = result.curve["N"], result.curve["loss"]
+    b, cf, law = result.best, result.closed_form, result.law
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=130)
+    ax.scatter(N, loss, s=9, color="#9bb7d4", alpha=0.6, lw=0, label=f"feasible shapes ({len(N):,})")
+    # lower envelope: the best loss in each of ~40 log-spaced N bins
+    edges = np.geomspace(N.min(), N.max() * 1.0001, 41)
+    which = np.digitize(N, edges)
+    env = [(N[which == k][np.argmin(loss[which == k])], loss[which == k].min()) for k in np.unique(which)]
+    ex, ey = zip(*sorted(env))
+    ax.plot(ex, ey, color="#1f4e79", lw=1.6, label="best shape at each N (grid, exact FLOPs)")
+    grid_n = np.geomspace(min(N.min(), cf["N"]) / 1.5, max(N.max(), cf["N"]) * 1.5, 200)
+    ax.plot(grid_n, law.loss(grid_n, result.C / (6 * grid_n)), color="#c0504d", lw=1.2, ls="--",
+            label="closed form, C = 6ND")
+    ax.scatter([b["N"]], [b["loss"]], marker="*", s=220, color="#ffb000", edgecolor="black", zorder=5,
+               label=f"grid optimum: {b['n_layer']}L x {b['n_embd']}H, N={b['N'] / 1e9:.2f}B, "
+                     f"D={b['D'] / 1e9:.0f}B, loss {b['loss']:.4f}")
+    ax.scatter([cf["N"]], [cf["loss"]], marker="D", s=50, color="#c0504d", edgecolor="black", zorder=5,
+               label=f"6ND optimum: N={cf['N'] / 1e9:.2f}B, loss {cf['loss']:.4f}")
+    ax.set_xscale("log")
+    lo = min(min(ey), b["loss"], cf["loss"])
+    top = min(max(ey), lo + 0.3)
+    ax.set_ylim(lo - 0.08 * (top - lo), top + 0.02 * (top - lo))
+    ax.axvline(b["N"], color="#ffb000", lw=0.8, ls=":", zorder=1)
+    ax.set_xlabel("parameters N (total, incl. embeddings)")
+    ax.set_ylabel(f"predicted loss ({law.name} law)")
+    ax.set_title(f"IsoFLOP curve at C = {result.C:.3g} FLOPs ({result.space.style}, S = {result.space.seq_len})")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper center")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

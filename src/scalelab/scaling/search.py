@@ -1,0 +1,472 @@
+"""Backward N-D grid search: the model shape and token count that minimise predicted loss at a
+fixed training compute C.
+
+"Backward" because we start from the budget: for every shape in the space (n_embd × n_layer ×
+head_dim × KV heads) the token count is solved exactly from C with the shape's exact training
+FLOPs per token at the training sequence length, D = C / training_flops_per_token(shape, S)
+(counting.py's convention, the one FlopCounterMode measures), so every candidate spends exactly
+C. The loss law then scores each (N, D) and the lowest wins. Everything is one numpy pass over
+all shapes; parameters, FLOPs and memory come from counting.py's `*_arrays` functions, never
+from formulas of our own.
+
+No torch here (`scalelab plan` starts instantly).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from scalelab import counting
+from scalelab.config import derive_d_ff
+from scalelab.errors import UserError
+from scalelab.hardware import Accelerator
+from scalelab.presets import STYLES, style_config
+from scalelab.scaling.laws import LossLaw
+
+# Aspect ratio n_embd / n_layer of well-trained models (official configs):
+#   GPT-3 350M 43, 1.3B 85, 2.7B 80, 6.7B 128, 175B 128; Chinchilla 70B 102; LLaMA-2 7B/13B 128,
+#   70B 102; LLaMA-3 8B 128, 70B 102, 405B 130; LLaMA-3.2 1B 128, 3B 110; Mistral 7B 128.
+# Kaplan et al. 2020 (Fig. 5) found loss at fixed N within a few percent for aspect ratios from
+# about 20 to 200, so the law (which sees only N and D) is blind to shape inside that band -- and
+# because exact FLOPs per token fall as a model gets wider and shallower (less attention, more
+# free embedding parameters), an unguarded search always runs to the widest shape allowed. The
+# default therefore spans the models above: 40 (GPT-3 350M) to 130 (LLaMA-3.1-405B, the widest
+# LLaMA); the upper bound is the one that binds. Gopher (205) went wider and was not repeated.
+ASPECT_DEFAULT = (40.0, 130.0)
+MAX_SHAPES = 20_000_000  # ~200 bytes of arrays per shape: beyond this, ask for a coarser step
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the planner may choose from, and the real-world limits on it.
+
+    None means "the style's default" for kv_heads, ffn_ratio and vocab_size. kv_heads is a tuple
+    of KV-head counts to try; `mha=True` ties KV heads to the query heads (no GQA).
+    """
+
+    hidden: tuple[int, ...] = tuple(range(1024, 8192 + 1, 256))
+    layers: tuple[int, ...] = tuple(range(16, 64 + 1, 2))
+    head_dims: tuple[int, ...] = (64, 128)
+    kv_heads: tuple[int, ...] | None = None
+    mha: bool = False
+    style: str = "llama3"
+    ffn_ratio: float | None = None
+    seq_len: int = 2048
+    vocab_size: int | None = None
+    aspect: tuple[float, float] | None = ASPECT_DEFAULT
+    max_tokens: float | None = None
+    max_params: float | None = None
+    enforce_chinchilla: bool = False
+    tokens_per_param: float = 20.0
+    tolerance: float = 0.5
+    gpus: int = 1
+    accelerator: Accelerator | None = None  # given: drop shapes whose training state does not fit
+    mfu: float = 0.4
+    # Memory model for the fit filter: the least memory the trainer can be set up to use, so a
+    # shape is dropped only when it cannot train at all on this hardware.
+    micro_batch: int = 1
+    activation_checkpointing: bool = True
+    precision: str = "bf16-mixed"
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            style_config(self.style, 1, 64, 1)  # raises the standard unknown-style UserError
+        for name in ("hidden", "layers", "head_dims"):
+            values = getattr(self, name)
+            if not values:
+                raise UserError(f"--{name.replace('_', '-')} is empty; give at least one value")
+            if min(values) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} values must be positive, got {min(values)}")
+        if self.kv_heads is not None and (not self.kv_heads or min(self.kv_heads) <= 0):
+            raise UserError("--kv-heads must be positive integers, e.g. --kv-heads 8")
+        if self.seq_len <= 0:
+            raise UserError(f"--seq-len must be positive, got {self.seq_len}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise UserError(f"--vocab must be positive, got {self.vocab_size}")
+        if self.ffn_ratio is not None and not self.ffn_ratio > 0:
+            raise UserError(f"--ffn-ratio must be positive, got {self.ffn_ratio}")
+        if self.aspect is not None and not 0 < self.aspect[0] <= self.aspect[1]:
+            raise UserError(f"--aspect MIN:MAX needs 0 < MIN <= MAX, got {self.aspect[0]:g}:{self.aspect[1]:g}")
+        if self.position_encoding == "rope" and any(d % 2 for d in self.head_dims):
+            raise UserError(f"RoPE needs even head dims, got --head-dims {','.join(map(str, self.head_dims))}")
+        if not self.tokens_per_param > 0 or not self.tolerance >= 0:
+            raise UserError("--tokens-per-param must be positive and --tolerance non-negative")
+        if self.gpus <= 0:
+            raise UserError(f"--gpus must be positive, got {self.gpus}")
+
+    # ---- the style's choices, with this space's overrides --------------------------------
+    @property
+    def style_fields(self) -> dict[str, Any]:
+        return STYLES[self.style]
+
+    @property
+    def position_encoding(self) -> str:
+        return self.style_fields["position_encoding"]
+
+    @property
+    def vocab(self) -> int:
+        return self.vocab_size if self.vocab_size is not None else self.style_fields["vocab_size"]
+
+    @property
+    def ratio(self) -> float:
+        if self.ffn_ratio is not None:
+            return self.ffn_ratio
+        return self.style_fields.get("ffn_expansion_ratio") or (4.0 if self.style_fields["ffn_type"] == "gelu"
+                                                                else 8 / 3)
+
+    @property
+    def multiple_of(self) -> int:
+        return self.style_fields.get("multiple_of", 1)
+
+    @property
+    def kv_choices(self) -> tuple[int, ...] | None:
+        """KV-head counts to try; None = MHA (as many KV heads as query heads)."""
+        if self.mha:
+            return None
+        if self.kv_heads is not None:
+            return tuple(sorted(set(self.kv_heads)))
+        kv = self.style_fields.get("num_key_value_heads")
+        return (kv,) if kv else None
+
+    def count_kwargs(self) -> dict[str, Any]:
+        """Keywords for counting.param_breakdown_arrays: everything but the size."""
+        f = self.style_fields
+        return dict(ffn_type=f["ffn_type"], normalization=f["normalization"], bias=f["bias"],
+                    tie_embeddings=f["tie_embeddings"],
+                    learned_positions=self.seq_len if f["position_encoding"] == "learned" else 0,
+                    final_norm=f["norm_position"] == "pre")
+
+    @property
+    def n_shapes(self) -> int:
+        kv = self.kv_choices
+        return len(set(self.hidden)) * len(set(self.layers)) * len(set(self.head_dims)) * (len(kv) if kv else 1)
+
+    def model_config(self, n_layer: int, n_embd: int, n_head: int, kv: int):
+        """The ModelConfig of one shape (d_ff explicit so a config file carries the exact width)."""
+        d_ff = derive_d_ff(n_embd, self.ratio, self.multiple_of)
+        return style_config(self.style, int(n_layer), int(n_embd), int(n_head), num_key_value_heads=int(kv),
+                            d_ff=d_ff, ffn_expansion_ratio=None, vocab_size=self.vocab, block_size=self.seq_len)
+
+    def describe(self) -> dict[str, Any]:
+        kv = self.kv_choices
+        return {
+            "style": self.style, "hidden": _range_text(self.hidden), "layers": _range_text(self.layers),
+            "head_dims": list(self.head_dims), "kv_heads": list(kv) if kv else "MHA",
+            "ffn_ratio": self.ratio, "multiple_of": self.multiple_of, "seq_len": self.seq_len,
+            "vocab_size": self.vocab, "aspect": list(self.aspect) if self.aspect else None,
+            "max_tokens": self.max_tokens, "max_params": self.max_params,
+            "enforce_chinchilla": self.enforce_chinchilla, "tokens_per_param": self.tokens_per_param,
+            "tolerance": self.tolerance,
+            "hardware": (None if self.accelerator is None else
+                         {"gpus": self.gpus, "gpu_type": self.accelerator.name, "mfu": self.mfu,
+                          "memory_model": {"micro_batch": self.micro_batch, "sharding": "fsdp",
+                                           "precision": self.precision,
+                                           "activation_checkpointing": self.activation_checkpointing}}),
+        }
+
+
+def _range_text(values: tuple[int, ...]) -> str:
+    v = sorted(set(values))
+    if len(v) > 2:
+        steps = set(np.diff(v).tolist())
+        if len(steps) == 1:
+            return f"{v[0]}:{v[-1]}:{steps.pop()}"
+    return ",".join(map(str, v))
+
+
+# ---- the search -------------------------------------------------------------------------------
+
+
+def enumerate_shapes(space: SearchSpace) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """All valid shapes, in the order of nested loops over (hidden, layers, head_dim, kv).
+
+    Head rule: n_head = n_embd / head_dim must be a whole number, and the KV-head count must
+    divide n_head (GQA groups are equal). Shapes breaking either are skipped and counted.
+    """
+    hidden = np.array(sorted(set(space.hidden)), dtype=np.int64)
+    layers = np.array(sorted(set(space.layers)), dtype=np.int64)
+    head_dims = np.array(sorted(set(space.head_dims)), dtype=np.int64)
+    kv_choices = space.kv_choices
+    kv_axis = np.array(kv_choices if kv_choices else [0], dtype=np.int64)  # 0 = MHA placeholder
+    H, L, HD, KV = (a.ravel() for a in np.meshgrid(hidden, layers, head_dims, kv_axis, indexing="ij"))
+    head_ok = H % HD == 0
+    n_head = H // HD
+    KV = np.where(KV == 0, n_head, KV)
+    kv_ok = head_ok & (n_head % np.maximum(KV, 1) == 0) & (KV <= n_head)
+    skipped = {"head_dim_does_not_divide_n_embd": int((~head_ok).sum()),
+               "kv_heads_do_not_divide_n_head": int((head_ok & ~kv_ok).sum())}
+    keep = kv_ok
+    shapes = {"n_layer": L[keep], "n_embd": H[keep], "n_head": n_head[keep], "num_key_value_heads": KV[keep],
+              "head_dim": HD[keep]}
+    # d_ff by the style's rule (derive_d_ff), once per distinct width
+    uniq, inverse = np.unique(shapes["n_embd"], return_inverse=True)
+    d_ff = np.array([derive_d_ff(int(h), space.ratio, space.multiple_of) for h in uniq], dtype=np.int64)
+    shapes["d_ff"] = d_ff[inverse] if len(uniq) else _EMPTY
+    return shapes, skipped
+
+
+@dataclass
+class PlanResult:
+    C: float
+    law: LossLaw
+    space: SearchSpace
+    best: dict[str, Any]
+    top: list[dict[str, Any]]
+    closed_form: dict[str, Any]
+    search: dict[str, Any]
+    curve: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # feasible N, loss (for the plot)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"best": self.best, "top": self.top, "closed_form": self.closed_form, "search": self.search}
+
+
+def evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: LossLaw) -> dict[str, np.ndarray]:
+    """N, FLOPs per token, D, loss, and each constraint's mask, for every shape at budget C."""
+    size = (shapes["n_layer"], shapes["n_embd"], shapes["n_head"], shapes["num_key_value_heads"],
+            shapes["d_ff"], space.vocab)
+    kw = space.count_kwargs()
+    params = counting.param_breakdown_arrays(*size, **kw)
+    N = params["total"].astype(np.float64)
+    fpt = counting.training_flops_per_token_arrays(*size, space.seq_len, ffn_type=kw["ffn_type"])
+    D = C / fpt
+    out = {"N": N, "N_non_embedding": params["non_embedding"].astype(np.float64), "fpt": fpt, "D": D,
+           "loss": law.loss(N, D)}
+    # token bounds per shape: at least one whole sequence, at most the dataset, inside the band
+    d_lo = np.full_like(N, float(space.seq_len))
+    d_hi = np.full_like(N, np.inf)
+    if space.max_tokens is not None:
+        d_hi = np.minimum(d_hi, space.max_tokens)
+    if space.enforce_chinchilla:
+        d_lo = np.maximum(d_lo, space.tokens_per_param * (1 - space.tolerance) * N)
+        d_hi = np.minimum(d_hi, space.tokens_per_param * (1 + space.tolerance) * N)
+    out["d_lo"], out["d_hi"] = d_lo, d_hi
+    masks = {"one_sequence": D >= space.seq_len}
+    aspect = shapes["n_embd"] / shapes["n_layer"]
+    if space.aspect is not None:
+        masks["aspect"] = (aspect >= space.aspect[0]) & (aspect <= space.aspect[1])
+    if space.max_params is not None:
+        masks["max_params"] = N <= space.max_params
+    if space.max_tokens is not None:
+        masks["max_tokens"] = D <= space.max_tokens
+    if space.enforce_chinchilla:
+        ratio = D / N
+        masks["chinchilla"] = ((ratio >= space.tokens_per_param * (1 - space.tolerance))
+                               & (ratio <= space.tokens_per_param * (1 + space.tolerance)))
+    if space.accelerator is not None:
+        mem = counting.training_memory_arrays(
+            *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus, sharding="fsdp",
+            precision=space.precision, activation_checkpointing=space.activation_checkpointing, **kw)["total"]
+        out["memory"] = mem
+        masks["memory"] = mem <= space.accelerator.memory_bytes
+    out["masks"] = masks
+    return out
+
+
+# constraints a user can relax, and the flag that does it
+RELAX_FLAG = {
+    "aspect": "--aspect MIN:MAX",
+    "max_params": "--max-params",
+    "max_tokens": "--max-tokens",
+    "chinchilla": "--tolerance (or drop --enforce-chinchilla)",
+    "memory": "--gpus / --gpu-type (more or larger GPUs)",
+}
+BUDGET_DEPENDENT = ("one_sequence", "max_tokens", "chinchilla")
+
+
+def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 10) -> PlanResult:
+    """The backward grid search. Raises UserError when no shape in the space can spend C."""
+    t0 = time.perf_counter()
+    space = space or SearchSpace()
+    if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
+        raise UserError(f"the compute budget C must be a positive number of FLOPs, got {C}")
+    if top < 1:
+        raise UserError(f"--top must be at least 1, got {top}")
+    if space.n_shapes > MAX_SHAPES:
+        raise UserError(f"the search space has {space.n_shapes:,} shapes (limit {MAX_SHAPES:,}); "
+                        "use a larger STEP in --hidden/--layers")
+    shapes, skipped = enumerate_shapes(space)
+    n_valid = len(shapes["n_layer"])
+    if n_valid == 0:
+        raise UserError(f"no valid shape in the space: every n_embd/head_dim/KV-head combination fails the head "
+                        f"rule (head_dim must divide n_embd and the KV heads n_head); change --hidden, "
+                        f"--head-dims or --kv-heads")
+    ev = evaluate(shapes, space, C, law)
+    masks = ev["masks"]
+    feasible = np.ones(n_valid, dtype=bool)
+    for m in masks.values():
+        feasible &= m
+    if not feasible.any():
+        _explain_infeasible(C, space, shapes, ev)
+    idx = np.flatnonzero(feasible)
+    loss = ev["loss"][idx]
+    k = min(top, len(idx))
+    part = np.argpartition(loss, k - 1)[:k] if k < len(idx) else np.arange(len(idx))
+    order = part[np.lexsort((idx[part], loss[part]))]  # by loss, ties by enumeration order
+    top_idx = idx[order]
+    best_i = int(top_idx[0])
+    best = candidate(best_i, shapes, ev, space, C, law, full=True)
+    top_rows = [dict(candidate(int(i), shapes, ev, space, C, law), rank=r + 1) for r, i in enumerate(top_idx)]
+    best["rank"] = 1
+
+    cf = closed_form_comparison(law, C, best)
+    warnings = _warnings(best_i, shapes, ev, space, feasible)
+    info = {
+        "C": C, "law": law.to_dict(), "space": space.describe(),
+        "shapes_total": space.n_shapes, "shapes_valid": n_valid, "skipped": skipped,
+        "skipped_total": int(sum(skipped.values())),
+        "excluded": {name: int((~m).sum()) for name, m in masks.items()},
+        "feasible": int(len(idx)),
+        "warnings": warnings,
+        "seconds": time.perf_counter() - t0,
+    }
+    curve = {"N": ev["N"][idx], "loss": loss, "D": ev["D"][idx]}
+    return PlanResult(C=C, law=law, space=space, best=best, top=top_rows, closed_form=cf, search=info,
+                      curve=curve)
+
+
+def candidate(i: int, shapes: dict[str, np.ndarray], ev: dict[str, Any], space: SearchSpace, C: float,
+              law: LossLaw, full: bool = False) -> dict[str, Any]:
+    """One shape's row: architecture, N, D (exact and rounded to whole sequences), C, loss."""
+    fpt = float(ev["fpt"][i])
+    D = float(ev["D"][i])
+    N = float(ev["N"][i])
+    sequences = int(D // space.seq_len)
+    d_rounded = sequences * space.seq_len
+    row: dict[str, Any] = {
+        "n_layer": int(shapes["n_layer"][i]), "n_embd": int(shapes["n_embd"][i]),
+        "n_head": int(shapes["n_head"][i]), "num_key_value_heads": int(shapes["num_key_value_heads"][i]),
+        "head_dim": int(shapes["head_dim"][i]), "d_ff": int(shapes["d_ff"][i]),
+        "vocab_size": space.vocab, "seq_len": space.seq_len,
+        "N": int(N), "N_non_embedding": int(ev["N_non_embedding"][i]),
+        "D": D, "D_rounded": d_rounded, "sequences": sequences,
+        "C": fpt * D, "C_rounded": fpt * d_rounded,
+        "flops_error": (fpt * D - C) / C, "flops_error_rounded": (fpt * d_rounded - C) / C,
+        "training_flops_per_token": fpt, "flops_per_param_per_token": fpt / N,
+        "loss": float(ev["loss"][i]), "tokens_per_param": D / N,
+        "aspect": float(shapes["n_embd"][i] / shapes["n_layer"][i]),
+    }
+    kv, nh = row["num_key_value_heads"], row["n_head"]
+    row["attention_type"] = "MHA" if kv == nh else ("MQA" if kv == 1 else f"GQA{kv}")
+    if "memory" in ev:
+        row["memory_per_gpu_bytes"] = float(ev["memory"][i])
+    if full:
+        cfg = space.model_config(row["n_layer"], row["n_embd"], row["n_head"], kv)
+        row["name"] = cfg.name()
+        row["ffn_ratio"] = row["d_ff"] / row["n_embd"]
+        row["config"] = cfg.to_dict()
+        if space.accelerator is not None:
+            row["wall_clock"] = counting.training_time(fpt, d_rounded, space.accelerator, space.gpus, space.mfu)
+    return row
+
+
+def closed_form_comparison(law: LossLaw, C: float, best: dict[str, Any]) -> dict[str, Any]:
+    """The C = 6ND optimum beside the grid's, and why they differ.
+
+    The grid's shapes cost k·N training FLOPs per token with k = fpt/N (not 6): attention's
+    12·L·S·n_embd adds to k; the input embedding (a lookup, not a matmul) and norms lower it.
+    Spending C at k·N per token is the 6ND problem at the budget 6C/k, so the closed form at 6C/k
+    is the FLOPs-convention-adjusted optimum; what remains is the grid being discrete.
+    """
+    cf = law.closed_form(C)
+    k = best["flops_per_param_per_token"]
+    adjusted = law.closed_form(C * 6.0 / k)
+    attention = 12.0 * best["n_layer"] * best["seq_len"] * best["n_embd"] / best["N"]
+    cf.update({
+        "k_best": k, "attention_share_of_k": attention,
+        "adjusted_for_k": {"budget_6C_over_k": C * 6.0 / k, "loss": adjusted["loss"], "N": adjusted["N"],
+                           "D": adjusted["D"]},
+        "loss_gap": best["loss"] - cf["loss"],
+        "explanation": (f"the grid's best costs {k:.2f}·N FLOPs/token, not 6·N (attention 12·L·S·H adds "
+                        f"{attention:.2f}; the embedding lookup is no matmul), so C buys the tokens 6ND would "
+                        f"give at {6 / k:.3f}·C, where the closed form's loss is {adjusted['loss']:.4f}; the "
+                        f"remaining {best['loss'] - adjusted['loss']:+.4f} is the grid's discreteness"),
+    })
+    return cf
+
+
+def _warnings(best_i: int, shapes, ev, space: SearchSpace, feasible: np.ndarray) -> list[str]:
+    out = []
+    H, L = int(shapes["n_embd"][best_i]), int(shapes["n_layer"][best_i])
+    best_loss = float(ev["loss"][best_i])
+
+    def aspect_ok(h: int, layers: int) -> bool:
+        return space.aspect is None or space.aspect[0] <= h / layers <= space.aspect[1]
+
+    for name, flag, values, value, step_other in (("n_embd", "--hidden MIN:MAX:STEP", space.hidden, H, L),
+                                                  ("n_layer", "--layers MIN:MAX:STEP", space.layers, L, H)):
+        v = sorted(set(values))
+        if len(v) < 2:
+            continue
+        step = v[-1] - v[-2] if value == v[-1] else v[1] - v[0]
+        for edge, beyond, word in ((v[-1], value + step, "largest"), (v[0], value - step, "smallest")):
+            if value != edge or beyond <= 0:
+                continue
+            h, layers = (beyond, step_other) if name == "n_embd" else (step_other, beyond)
+            if aspect_ok(h, layers):
+                out.append(f"the best {name} ({value}) is the {word} in the space; widen {flag} to search beyond it")
+    masks = ev["masks"]
+    for name, flag in RELAX_FLAG.items():
+        if name not in masks:
+            continue
+        others = np.ones_like(feasible)
+        for other, m in masks.items():
+            if other != name:
+                others &= m
+        if not others.any():
+            continue
+        j = int(np.flatnonzero(others)[np.argmin(ev["loss"][others])])
+        if ev["loss"][j] < best_loss - 1e-12:
+            out.append(f"{name.replace('_', '-')} binds: without it the best would be "
+                       f"{int(shapes['n_layer'][j])}L x {int(shapes['n_embd'][j])}H, N={ev['N'][j]:.3g}, "
+                       f"D={ev['D'][j]:.3g}, loss {ev['loss'][j]:.4f} (vs {best_loss:.4f}); relax {flag}")
+    ratio = float(ev["D"][best_i] / ev["N"][best_i])
+    if ratio < 1:
+        out.append(f"the budget buys fewer tokens than parameters (D/N = {ratio:.2g}); the law is untested "
+                   f"there: use smaller --hidden/--layers or --enforce-chinchilla")
+    return out
+
+
+def _explain_infeasible(C: float, space: SearchSpace, shapes, ev) -> None:
+    """No shape can spend C: say which constraint empties the space and what budget would work."""
+    masks = ev["masks"]
+    static = np.ones(len(ev["N"]), dtype=bool)
+    for name, m in masks.items():
+        if name not in BUDGET_DEPENDENT:
+            static &= m
+    if not static.any():
+        parts = [f"{name.replace('_', '-')} excludes {int((~m).sum())}" for name, m in masks.items()
+                 if name not in BUDGET_DEPENDENT and (~m).any()]
+        flags = ", ".join(RELAX_FLAG[n] for n, m in masks.items() if n in RELAX_FLAG and n not in BUDGET_DEPENDENT
+                          and (~m).any())
+        raise UserError(f"no shape of the {len(ev['N'])} valid ones passes the filters ({'; '.join(parts)}); "
+                        f"relax {flags} or change --hidden/--layers")
+    fpt, d_lo, d_hi = ev["fpt"][static], ev["d_lo"][static], ev["d_hi"][static]
+    possible = d_lo <= d_hi
+    if not possible.any():
+        raise UserError(f"--max-tokens {space.max_tokens:.3g} is below what every shape needs (one sequence"
+                        f"{' and the Chinchilla band' if space.enforce_chinchilla else ''}); raise --max-tokens")
+    c_lo, c_hi = (fpt * d_lo)[possible], (fpt * d_hi)[possible]
+    if C < c_lo.min():
+        raise UserError(f"C={C:.3g} FLOPs is too small for any shape in the space; the smallest budget that has "
+                        f"one is {c_lo.min():.3g} FLOPs (or lower the minimums of --hidden/--layers)")
+    if C > c_hi.max():
+        limit = "--max-tokens" if space.max_tokens is not None else "the Chinchilla band"
+        raise UserError(f"C={C:.3g} FLOPs is too large for any shape under {limit}; the largest budget that has "
+                        f"one is {c_hi.max():.3g} FLOPs (raise --max-tokens, --tolerance or the maximums of "
+                        f"--hidden/--layers)")
+    below = c_hi[c_hi < C].max() if (c_hi < C).any() else None
+    above = c_lo[c_lo > C].min() if (c_lo > C).any() else None
+    raise UserError(f"no shape spends exactly C={C:.3g} FLOPs inside the limits; the nearest budgets that have "
+                    f"one are {below:.3g} and {above:.3g} FLOPs (or widen --tolerance, --hidden, --layers)")
+
+
+def hardware_budget(gpus: int, accelerator: Accelerator, hours: float, mfu: float) -> float:
+    """C = GPUs × peak dense bf16 FLOP/s × MFU × seconds."""
+    return gpus * accelerator.peak_bf16_flops * mfu * hours * 3600.0
