@@ -79,7 +79,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         hi = min(math.ceil(correction_dim(beta_slow)), dim - 1)
         if lo == hi:
             hi += 0.001  # avoid a zero-width ramp
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
         pos_freqs = base ** exponents
         extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
         keep = 1 - ramp  # 1 where the frequency is high enough to extrapolate unchanged

@@ -1,0 +1,497 @@
+"""Hugging Face checkpoint import/export, and scalelab's own checkpoint format.
+
+A Hugging Face directory is `config.json` + `model.safetensors` (or shards listed in
+`model.safetensors.index.json`). Supported: LlamaForCausalLM (LLaMA 2, 3, 3.1 with
+rope_scaling, 3.2 with tied embeddings), MistralForCausalLM and GPT2LMHeadModel. Only
+`safetensors` and `json` are needed; `transformers` is never imported (tests use it as the
+reference).
+
+Weight mapping is a renaming, with two twists: our attention has one K/V projection where HF
+has k_proj and v_proj (concatenate/split), and GPT-2 stores its linear layers as `Conv1D`
+(weight is in×out, the transpose of nn.Linear) with Q, K and V fused in `c_attn`.
+
+Native checkpoints (what the trainer writes and `import-hf` produces): a directory with our
+own state dict in `model.safetensors` and the ModelConfig in `model.toml`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from scalelab.config import ROPE_SCALING_KEYS, ModelConfig
+from scalelab.errors import UserError
+from scalelab.files import atomic_path, atomic_write_text
+from scalelab.model import Transformer
+
+ARCHITECTURES = ("llama", "mistral", "gpt2")
+HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Wrapper prefixes torch.compile, activation checkpointing and DDP add to state-dict keys.
+WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+def architecture_of(hf_config: Mapping[str, Any]) -> str:
+    """'llama', 'mistral' or 'gpt2' from a config.json's model_type (or architectures)."""
+    kind = str(hf_config.get("model_type", "")).lower()
+    if not kind:
+        archs = hf_config.get("architectures") or []
+        kind = {v: k for k, v in HF_CLASS.items()}.get(archs[0] if archs else "", "")
+    if kind not in ARCHITECTURES:
+        raise UserError(f"config.json model_type {hf_config.get('model_type')!r} is not supported; "
+                        f"scalelab imports {', '.join(HF_CLASS.values())}")
+    return kind
+
+
+def _hf_rope(hf: Mapping[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling in our form) from either key style: transformers 5 writes
+    `rope_parameters` = {rope_type, rope_theta, ...}; older files have top-level `rope_theta`
+    and `rope_scaling` = {type or rope_type, ...}."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) not in (1, 1.0, None):
+        raise UserError("partial_rotary_factor < 1 (RoPE on part of each head) is not supported")
+    params.pop("partial_rotary_factor", None)
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALING_KEYS:
+        raise UserError(f"rope scaling type {kind!r} is not supported; scalelab supports "
+                        f"{', '.join(ROPE_SCALING_KEYS)}")
+    allowed = ROPE_SCALING_KEYS[kind]
+    ignorable = {"truncate": True, "mscale": None, "mscale_all_dim": None}  # values that match our maths
+    scaling: dict[str, Any] = {"type": kind}
+    for key, value in params.items():
+        if key in allowed:
+            if value is not None:
+                scaling[key] = value
+        elif key in ignorable and value in (ignorable[key], None):
+            continue
+        else:
+            raise UserError(f"rope scaling ({kind}) key {key}={value!r} is not supported")
+    if kind in ("llama3", "yarn") and "original_max_position_embeddings" not in scaling:
+        scaling["original_max_position_embeddings"] = hf.get("max_position_embeddings")  # as HF does
+    return theta, scaling
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json dict (Llama, Mistral or GPT-2).
+
+    Raises UserError for features our model does not have, rather than importing a model
+    that would compute something else."""
+    arch = architecture_of(hf)
+    if arch == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"GPT-2 activation_function {act!r} is not supported; scalelab's GELU is the "
+                            "tanh approximation (gelu_new)")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights", True) is False:
+            raise UserError("GPT-2 configs with non-standard attention scaling are not supported")
+        n_embd = int(hf.get("n_embd", 768))
+        return ModelConfig(
+            family="gpt2", n_layer=int(hf.get("n_layer", 12)), n_head=int(hf.get("n_head", 12)), n_embd=n_embd,
+            vocab_size=int(hf.get("vocab_size", 50257)), block_size=int(hf.get("n_positions", 1024)),
+            d_ff=int(hf.get("n_inner") or 4 * n_embd), normalization="layernorm",
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), position_encoding="learned", ffn_type="gelu",
+            norm_position="pre", bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+    n_embd, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    if hf.get("head_dim") not in (None, n_embd // n_head):
+        raise UserError(f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads "
+                        f"({n_embd // n_head}); scalelab derives head_dim from n_embd and n_head")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act {hf.get('hidden_act')!r} is not supported; LLaMA-style models use silu")
+    attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if attention_bias != mlp_bias:
+        raise UserError("attention_bias and mlp_bias differ; scalelab has one `bias` switch for all linears")
+    window = hf.get("sliding_window") if arch == "mistral" else None
+    if window is not None and window < int(hf.get("max_position_embeddings", 0)):
+        warnings.warn(f"sliding_window={window} is not modelled: attention is full-causal, which is "
+                      f"exact for sequences of up to {window} tokens", stacklevel=2)
+    theta, scaling = _hf_rope(hf)
+    family = "mistral" if arch == "mistral" else ("llama3" if theta >= 500000 else "llama2")
+    return ModelConfig(
+        family=family, n_layer=int(hf["num_hidden_layers"]), n_head=n_head, n_embd=n_embd,
+        num_key_value_heads=int(hf.get("num_key_value_heads") or n_head), vocab_size=int(hf["vocab_size"]),
+        block_size=int(hf.get("max_position_embeddings", 2048)), d_ff=int(hf["intermediate_size"]),
+        normalization="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), position_encoding="rope",
+        rope_theta=theta, rope_scaling=scaling, ffn_type="swiglu", norm_position="pre", bias=attention_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def default_architecture(cfg: ModelConfig) -> str:
+    """The HF architecture that computes exactly what this config does (UserError if none)."""
+    if (cfg.normalization, cfg.position_encoding, cfg.ffn_type, cfg.norm_position) == \
+            ("layernorm", "learned", "gelu", "pre"):
+        return "gpt2"
+    if (cfg.normalization, cfg.position_encoding, cfg.ffn_type, cfg.norm_position) == \
+            ("rmsnorm", "rope", "swiglu", "pre"):
+        return "mistral" if cfg.family == "mistral" else "llama"
+    raise UserError(f"no Hugging Face architecture matches {cfg.normalization} + {cfg.position_encoding} "
+                    f"positions + {cfg.ffn_type} + {cfg.norm_position}-norm; export supports GPT-2 "
+                    "(layernorm, learned, gelu, pre) and LLaMA/Mistral (rmsnorm, rope, swiglu, pre)")
+
+
+def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The config.json for `cfg` as architecture `arch` (default: the one that matches)."""
+    arch = arch or default_architecture(cfg)
+    if arch not in ARCHITECTURES:
+        raise UserError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {arch!r}")
+    if default_architecture(cfg) == "gpt2" and arch != "gpt2" or default_architecture(cfg) != "gpt2" and arch == "gpt2":
+        raise UserError(f"this model ({cfg.normalization}, {cfg.position_encoding}, {cfg.ffn_type}) cannot be "
+                        f"exported as {arch}; use --arch {default_architecture(cfg)}")
+    dtype_name = str(dtype).removeprefix("torch.")
+    common = {"architectures": [HF_CLASS[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
+              "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype_name, "dtype": dtype_name,
+              "initializer_range": 0.02, "use_cache": True,
+              # Token ids belong to the tokenizer, which a ModelConfig does not know.
+              "bos_token_id": None, "eos_token_id": None}
+    if arch == "gpt2":
+        if not cfg.bias:
+            raise UserError("GPT-2 has biases in every linear layer and LayerNorm; this model has bias = false")
+        if cfg.num_key_value_heads != cfg.n_head:
+            raise UserError(f"GPT-2 has multi-head attention only; this model is {cfg.attention_type}")
+        return {**common, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+                "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_inner": cfg.ffn_hidden,
+                "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+                # our model has no dropout; HF's GPT-2 defaults to 0.1
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    if arch == "mistral" and cfg.bias:
+        raise UserError("MistralForCausalLM has no biases; this model has bias = true (export as llama)")
+    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope_scaling = None
+    if cfg.rope_scaling:
+        rope_scaling = {k: v for k, v in cfg.rope_scaling.items() if k not in ("type", "rope_type")}
+        rope_scaling["rope_type"] = cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type"))
+        rope_parameters = {**rope_scaling, "rope_theta": cfg.rope_theta}
+    out = {**common, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_hidden,
+           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+           "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+           "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+           # Both key styles: transformers >= 5 reads rope_parameters, 4.x reads rope_theta/rope_scaling.
+           "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling, "rope_parameters": rope_parameters,
+           "attention_dropout": 0.0}
+    if arch == "llama":
+        out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
+    else:
+        out["sliding_window"] = None  # our attention is full-causal
+    return out
+
+
+# ---- weights ----------------------------------------------------------------------------------
+
+def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """Our state dict from HF tensors (by name). Unknown keys are an error, not silently dropped."""
+    sd: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in hf_sd:
+            raise UserError(f"checkpoint is missing tensor '{key}' (does config.json match the weights?)")
+        used.add(key)
+        return hf_sd[key]
+
+    suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+    if arch == "gpt2":
+        prefix = "transformer." if "transformer.wte.weight" in hf_sd else ""
+        p = prefix
+        sd["tok_embeddings.weight"] = take(f"{p}wte.weight")
+        sd["pos_embeddings.weight"] = take(f"{p}wpe.weight")
+        for i in range(cfg.n_layer):
+            h, o = f"{p}h.{i}.", f"layers.{i}."
+            for s in ("weight", "bias"):
+                sd[f"{o}attn_norm.{s}"] = take(f"{h}ln_1.{s}")
+                sd[f"{o}ffn_norm.{s}"] = take(f"{h}ln_2.{s}")
+            # Conv1D: y = x @ W + b with W (in, out); nn.Linear stores out x in, so transpose.
+            qkv_w, qkv_b = take(f"{h}attn.c_attn.weight").t(), take(f"{h}attn.c_attn.bias")
+            sd[f"{o}attn.q_proj.weight"], sd[f"{o}attn.kv_proj.weight"] = qkv_w[:cfg.n_embd], qkv_w[cfg.n_embd:]
+            sd[f"{o}attn.q_proj.bias"], sd[f"{o}attn.kv_proj.bias"] = qkv_b[:cfg.n_embd], qkv_b[cfg.n_embd:]
+            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("ffn.up", "mlp.c_fc"), ("ffn.down", "mlp.c_proj")):
+                sd[f"{o}{ours}.weight"] = take(f"{h}{theirs}.weight").t()
+                sd[f"{o}{ours}.bias"] = take(f"{h}{theirs}.bias")
+            # the causal-mask buffers older GPT-2 checkpoints carry are not weights
+            used.update(k for k in (f"{h}attn.bias", f"{h}attn.masked_bias") if k in hf_sd)
+        for s in ("weight", "bias"):
+            sd[f"norm.{s}"] = take(f"{p}ln_f.{s}")
+    else:
+        sd["tok_embeddings.weight"] = take("model.embed_tokens.weight")
+        for i in range(cfg.n_layer):
+            h, o = f"model.layers.{i}.", f"layers.{i}."
+            sd[f"{o}attn_norm.weight"] = take(f"{h}input_layernorm.weight")
+            sd[f"{o}ffn_norm.weight"] = take(f"{h}post_attention_layernorm.weight")
+            for s in suffixes:
+                sd[f"{o}attn.q_proj.{s}"] = take(f"{h}self_attn.q_proj.{s}")
+                sd[f"{o}attn.kv_proj.{s}"] = torch.cat([take(f"{h}self_attn.k_proj.{s}"),
+                                                        take(f"{h}self_attn.v_proj.{s}")])
+                sd[f"{o}attn.o_proj.{s}"] = take(f"{h}self_attn.o_proj.{s}")
+                for name in ("gate", "up", "down"):
+                    sd[f"{o}ffn.{name}.{s}"] = take(f"{h}mlp.{name}_proj.{s}")
+            used.update(k for k in (f"{h}self_attn.rotary_emb.inv_freq",) if k in hf_sd)
+        sd["norm.weight"] = take("model.norm.weight")
+    if cfg.tie_embeddings:
+        used.update(k for k in ("lm_head.weight",) if k in hf_sd)  # a redundant copy of the embedding
+    else:
+        sd["lm_head.weight"] = take("lm_head.weight")
+    unused = sorted(set(hf_sd) - used)
+    if unused:
+        raise UserError(f"checkpoint has {len(unused)} tensor(s) the {HF_CLASS[arch]} mapping does not use, "
+                        f"e.g. '{unused[0]}' (does config.json match the weights?)")
+    return sd
+
+
+def _hf_from_native(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """HF tensors (by name) from our state dict; the inverse of _native_from_hf."""
+    out: dict[str, torch.Tensor] = {}
+    if arch == "gpt2":
+        p = "transformer."
+        out[f"{p}wte.weight"] = sd["tok_embeddings.weight"]
+        out[f"{p}wpe.weight"] = sd["pos_embeddings.weight"]
+        for i in range(cfg.n_layer):
+            h, o = f"{p}h.{i}.", f"layers.{i}."
+            for s in ("weight", "bias"):
+                out[f"{h}ln_1.{s}"] = sd[f"{o}attn_norm.{s}"]
+                out[f"{h}ln_2.{s}"] = sd[f"{o}ffn_norm.{s}"]
+            out[f"{h}attn.c_attn.weight"] = torch.cat([sd[f"{o}attn.q_proj.weight"],
+                                                       sd[f"{o}attn.kv_proj.weight"]]).t()
+            out[f"{h}attn.c_attn.bias"] = torch.cat([sd[f"{o}attn.q_proj.bias"], sd[f"{o}attn.kv_proj.bias"]])
+            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("ffn.up", "mlp.c_fc"), ("ffn.down", "mlp.c_proj")):
+                out[f"{h}{theirs}.weight"] = sd[f"{o}{ours}.weight"].t()
+                out[f"{h}{theirs}.bias"] = sd[f"{o}{ours}.bias"]
+        for s in ("weight", "bias"):
+            out[f"{p}ln_f.{s}"] = sd[f"norm.{s}"]
+    else:
+        suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+        out["model.embed_tokens.weight"] = sd["tok_embeddings.weight"]
+        for i in range(cfg.n_layer):
+            h, o = f"model.layers.{i}.", f"layers.{i}."
+            out[f"{h}input_layernorm.weight"] = sd[f"{o}attn_norm.weight"]
+            out[f"{h}post_attention_layernorm.weight"] = sd[f"{o}ffn_norm.weight"]
+            for s in suffixes:
+                out[f"{h}self_attn.q_proj.{s}"] = sd[f"{o}attn.q_proj.{s}"]
+                k, v = sd[f"{o}attn.kv_proj.{s}"].split(cfg.kv_dim)
+                out[f"{h}self_attn.k_proj.{s}"], out[f"{h}self_attn.v_proj.{s}"] = k, v
+                out[f"{h}self_attn.o_proj.{s}"] = sd[f"{o}attn.o_proj.{s}"]
+                for name in ("gate", "up", "down"):
+                    out[f"{h}mlp.{name}_proj.{s}"] = sd[f"{o}ffn.{name}.{s}"]
+        out["model.norm.weight"] = sd["norm.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+# ---- safetensors files ------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read JSON ({e})") from None
+
+
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor in `model.safetensors`, or in the shards named by model.safetensors.index.json."""
+    directory = Path(directory)
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no weight_map")
+        files = sorted(set(weight_map.values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        other = [p.name for p in directory.glob("*.bin")] if directory.is_dir() else []
+        hint = " (found PyTorch .bin weights; convert them to safetensors first)" if other else ""
+        raise UserError(f"{directory}: no model.safetensors or {SAFETENSORS_INDEX}{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"{path}: shard listed in {SAFETENSORS_INDEX} is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], directory: str | Path,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write tensors as model.safetensors, or as model-0000i-of-0000n.safetensors shards plus
+    an index when they exceed max_shard_bytes (as transformers does). Returns the file names."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.detach().to("cpu").contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        with atomic_path(directory / name) as tmp:
+            tmp.write_bytes(safetensors_bytes(shard, metadata={"format": "pt"}))
+    index = directory / SAFETENSORS_INDEX
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                            indent=2) + "\n")
+    elif index.exists():
+        index.unlink()  # a stale index would point the reader at old shards
+    return names
+
+
+def _build(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
+           device: str | torch.device, attention: str) -> Transformer:
+    """A Transformer holding exactly these tensors: built on the meta device (no random init of
+    weights that are about to be replaced), then the tensors are assigned."""
+    with torch.device("meta"):
+        model = Transformer(cfg, attention=attention)
+    expected = set(model.state_dict())
+    if cfg.tie_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not match its config: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}")
+    tensors = {}
+    params = model.state_dict()
+    for key, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(params[key].shape):
+            raise UserError(f"checkpoint tensor '{key}' has shape {tuple(tensor.shape)}, the config needs "
+                            f"{tuple(params[key].shape)}")
+        tensors[key] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    return model
+
+
+# ---- public API -------------------------------------------------------------------------------
+
+def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         attention: str = "sdpa") -> Transformer:
+    """Import a Hugging Face checkpoint directory (config.json + safetensors) as a Transformer.
+    Tensors keep the checkpoint's dtype unless `dtype` is given."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+    hf_config = _read_json(path / "config.json")
+    arch = architecture_of(hf_config)
+    cfg = config_from_hf(hf_config)
+    return _build(cfg, _native_from_hf(read_safetensors(path), cfg, arch), dtype=dtype, device=device,
+                  attention=attention)
+
+
+def save(model: Transformer, path: str | Path, *, arch: str | None = None, dtype: torch.dtype | None = None,
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+    """Export as a Hugging Face checkpoint directory that transformers' from_pretrained loads.
+    Returns the architecture written ('llama', 'mistral' or 'gpt2')."""
+    cfg = model.config
+    arch = arch or default_architecture(cfg)
+    sd = {k: v if dtype is None else v.to(dtype) for k, v in model.state_dict().items()}
+    hf_config = config_to_hf(cfg, arch, dtype or next(iter(sd.values())).dtype)  # validates before writing
+    tensors = _hf_from_native(sd, cfg, arch)
+    write_safetensors(tensors, path, max_shard_bytes)
+    atomic_write_text(Path(path) / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    return arch
+
+
+def save_native(model: Transformer, path: str | Path) -> None:
+    """scalelab's checkpoint: our state dict in model.safetensors plus model.toml (the ModelConfig).
+    A tied lm_head is stored once, as the token embedding."""
+    sd = dict(model.state_dict())
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    write_safetensors(sd, path, max_shard_bytes=2**62)
+    atomic_write_text(Path(path) / "model.toml", model.config.to_toml())
+
+
+def native_config(path: str | Path) -> ModelConfig | None:
+    """The ModelConfig of a native checkpoint directory (model.toml, or a config.json holding
+    ModelConfig fields or a training config's [model] table), or None if it is not one."""
+    path = Path(path)
+    if (path / "model.toml").is_file():
+        return ModelConfig.from_toml(path / "model.toml")
+    if (path / "config.json").is_file():
+        data = _read_json(path / "config.json")
+        if "model_type" in data or "architectures" in data:
+            return None  # a Hugging Face config
+        if isinstance(data.get("model"), dict):
+            from scalelab.presets import resolve_model_section
+
+            return resolve_model_section(data["model"], where=f"{path / 'config.json'} model")
+        return ModelConfig.from_dict(data, where=str(path / "config.json"))
+    return None
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if prefix in key:
+                key = key.replace(prefix, "")
+                changed = True
+    return key
+
+
+def load_native(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                attention: str = "sdpa", overrides: Iterable[str] = ()) -> Transformer:
+    """Load a checkpoint written by save_native (or the trainer)."""
+    path = Path(path)
+    cfg = native_config(path)
+    if cfg is None:
+        raise UserError(f"{path}: not a scalelab checkpoint (expected model.safetensors + model.toml)")
+    cfg = cfg.with_overrides(overrides)
+    sd = {_strip_wrappers(k): v for k, v in read_safetensors(path).items()}
+    return _build(cfg, sd, dtype=dtype, device=device, attention=attention)
+
+
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    attention: str = "sdpa") -> tuple[Transformer, str]:
+    """Either kind of checkpoint directory -> (model, 'scalelab' or the HF architecture)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such checkpoint directory")
+    if native_config(path) is not None:
+        return load_native(path, dtype=dtype, device=device, attention=attention), "scalelab"
+    if (path / "config.json").is_file():
+        arch = architecture_of(_read_json(path / "config.json"))
+        return load(path, dtype=dtype, device=device, attention=attention), arch
+    raise UserError(f"{path}: not a checkpoint (expected model.safetensors with model.toml, or a Hugging "
+                    "Face config.json)")
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = text.strip().upper()
+    number = s.rstrip("KMGIB")
+    unit = s[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise UserError(f"size {text!r} not understood; use e.g. 5GB, 500MB or a number of bytes") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"size must be positive, got {text!r}")
+    return int(value)
