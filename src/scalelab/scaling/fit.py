@@ -1,0 +1,570 @@
+"""Fitting loss laws to training runs: Approach 3 (parametric) and Approach 2 (IsoFLOP).
+
+Approach 3 (Hoffmann et al. 2022; Besiroglu et al. 2024's replication) fits
+
+    L(N, D) = E + A / N^alpha + B / D^beta
+
+by minimising  sum_i Huber_delta( LSE(a - alpha log N_i, b - beta log D_i, e) - log L_i )
+over x = (a, b, e, alpha, beta), with A = exp(a), B = exp(b), E = exp(e) and delta = 1e-3.
+
+The classic way (`fit_classic_grid`) starts L-BFGS-B from each of 4500 grid points and keeps the
+best; it takes minutes and the objective is nearly flat along some directions, so coarse grids
+under-converge (Epoch AI's point about the original paper). `fit_approach3` exploits the
+structure instead: for fixed (alpha, beta) the model is *linear* in (A, B, E), so a weighted
+non-negative least-squares solve (loss/L_i - 1 ~ the log residual) gives the best (A, B, E) for
+every cell of a fine (alpha, beta) grid at once (vectorised, a few ms). The true Huber objective
+ranks the cells; the best few distinct cells are polished jointly in all five parameters by
+L-BFGS-B with an analytic gradient. On the Chinchilla data this reaches an objective at least as
+good as the full classic grid about 100x faster (benchmarks/fit_speed.py).
+
+Approach 2 (`fit_isoflop`): runs grouped by compute budget C, a parabola of loss in log N per
+budget, its minimum N_opt(C), D_opt = C / (6 N_opt), and power laws N_opt ∝ C^a, D_opt ∝ C^b.
+
+Reading runs (`load_runs`): CSV / JSONL tables with N, D, loss (aliases below), or run
+directories written by `scalelab train` (metrics.jsonl + config.toml / model.toml).
+
+No torch here: `scalelab fit` must start quickly (tests check `sys.modules`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from scalelab.errors import UserError
+from scalelab.scaling.laws import LossLaw
+
+HUBER_DELTA = 1e-3
+PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
+
+# ---- data -----------------------------------------------------------------------------------
+
+# Column aliases (lower-cased, spaces/underscores/dashes removed before lookup).
+_ALIASES = {
+    "N": ("n", "params", "parameters", "numparams", "modelsize", "nparams"),
+    "D": ("d", "tokens", "trainingtokens", "ntokens", "tokensseen"),
+    "loss": ("loss", "valloss", "finalloss", "evalloss"),
+    "C": ("c", "flops", "trainingflop", "trainingflops", "compute"),
+}
+
+
+@dataclass
+class Runs:
+    """Training runs as arrays: N parameters, D tokens, loss; C = training FLOPs if known."""
+    N: np.ndarray
+    D: np.ndarray
+    loss: np.ndarray
+    C: np.ndarray  # given FLOPs, or 6ND where not given
+    source: list[str] = field(default_factory=list)  # "file:line" or run directory, per run
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def subset(self, idx) -> "Runs":
+        idx = np.asarray(idx)
+        return Runs(self.N[idx], self.D[idx], self.loss[idx], self.C[idx], [self.source[i] for i in idx])
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.strip().lower() if ch not in " _-")
+
+
+def _find_columns(columns: Iterable[str]) -> dict[str, str]:
+    """Map our names (N, D, loss, C) to the file's column names, by alias."""
+    found: dict[str, str] = {}
+    for col in columns:
+        key = _norm(col)
+        for ours, aliases in _ALIASES.items():
+            if key in aliases and ours not in found:
+                found[ours] = col
+    return found
+
+
+def _number(value: Any, *, where: str, column: str) -> float:
+    if isinstance(value, bool):
+        raise UserError(f"{where}: column '{column}' must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: column '{column}' must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise UserError(f"{where}: column '{column}' is {value!r}; every value must be finite (remove the row)")
+    if x <= 0:
+        raise UserError(f"{where}: column '{column}' must be positive, got {value!r} (remove or fix the row)")
+    return x
+
+
+def _table_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """(where, record) pairs and the column names of a CSV or JSONL file."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        columns: dict[str, None] = {}
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); JSONL needs one object per line") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{i}: each JSONL line must be an object with N, D, loss")
+            columns.update(dict.fromkeys(rec))
+            rows.append((f"{path}:{i}", rec))
+        return rows, list(columns)
+    reader = csv.reader(text.splitlines())
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise UserError(f"{path}: empty file; expected a CSV header with N, D, loss") from None
+    header = [h.strip() for h in header]
+    for i, values in enumerate(reader, start=2):
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            raise UserError(f"{path}:{i}: {len(values)} fields but the header has {len(header)}")
+        rows.append((f"{path}:{i}", dict(zip(header, values))))
+    return rows, header
+
+
+def read_table(path: str | Path, *, tokens_from_flops: bool = False) -> Runs:
+    """A CSV or JSONL file of runs: columns N (params), D (tokens) and loss; or N, C, loss with
+    tokens_from_flops (D = C / 6N)."""
+    path = Path(path)
+    rows, columns = _table_rows(path)
+    cols = _find_columns(columns)
+    if "N" not in cols:
+        raise UserError(f"{path}: missing column 'N' (or 'params'); columns are {', '.join(columns) or 'none'}")
+    if "loss" not in cols:
+        raise UserError(f"{path}: missing column 'loss'; columns are {', '.join(columns) or 'none'}")
+    if "D" not in cols:
+        if "C" in cols and not tokens_from_flops:
+            raise UserError(f"{path}: missing column 'D' (or 'tokens'); it has '{cols['C']}' (FLOPs): "
+                            f"add --tokens-from-flops to use D = C/(6N)")
+        if "C" not in cols:
+            raise UserError(f"{path}: missing column 'D' (or 'tokens'); columns are {', '.join(columns)}")
+    if not rows:
+        raise UserError(f"{path}: no data rows")
+    N, D, L, C, src = [], [], [], [], []
+    for where, rec in rows:
+        def get(ours: str) -> float:
+            col = cols[ours]
+            if col not in rec or rec[col] is None or rec[col] == "":
+                raise UserError(f"{where}: column '{col}' is empty")
+            return _number(rec[col], where=where, column=col)
+        n, loss = get("N"), get("loss")
+        c = get("C") if "C" in cols else None
+        d = get("D") if "D" in cols else c / (6.0 * n)
+        N.append(n), D.append(d), L.append(loss), C.append(c if c is not None else 6.0 * n * d), src.append(where)
+    return Runs(np.array(N), np.array(D), np.array(L), np.array(C), src)
+
+
+# ---- run directories (scalelab train) --------------------------------------------------------
+
+RUN_CONFIG_NAMES = ("config.toml", "model.toml")
+
+
+def _run_params(run_dir: Path, *, non_embedding: bool) -> float:
+    from scalelab.config import ModelConfig
+    from scalelab.counting import count_params
+
+    for name in RUN_CONFIG_NAMES:
+        cfg_path = run_dir / name
+        if cfg_path.is_file():
+            counts = count_params(ModelConfig.from_toml(cfg_path))
+            return float(counts.non_embedding if non_embedding else counts.total)
+    raise UserError(f"{run_dir}: no {' or '.join(RUN_CONFIG_NAMES)} to count the model's parameters")
+
+
+def read_run_dir(run_dir: str | Path, *, pick: str = "final", non_embedding: bool = False) -> tuple[float, float, float, str]:
+    """(N, D, loss, where) of one `scalelab train` run directory.
+
+    Loss is the final (or, with pick='best', the lowest) evaluation loss `val_loss` in
+    metrics.jsonl, with D the `tokens` seen at that evaluation; a run without evaluations falls
+    back to its last training `loss`. N is the total parameter count of the run's model config.
+    """
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl; give a run directory written by `scalelab train` or a CSV/JSONL")
+    evals, trains = [], []
+    for i, line in enumerate(metrics.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(metrics.read_text().splitlines()):  # a run killed mid-write: ignore its last line
+                continue
+            raise UserError(f"{metrics}:{i}: not valid JSON") from None
+        if not isinstance(rec, dict):
+            continue
+        tokens = rec.get("tokens", rec.get("tokens_seen"))
+        if tokens is None:
+            continue
+        where = f"{metrics}:{i}"
+        if rec.get("val_loss") is not None:
+            evals.append((where, tokens, rec["val_loss"]))
+        elif rec.get("loss") is not None:
+            trains.append((where, tokens, rec["loss"]))
+    chosen = evals or trains
+    if not chosen:
+        raise UserError(f"{metrics}: no record with 'tokens' and 'val_loss' (or 'loss')")
+    if pick == "best":
+        where, tokens, loss = min(chosen, key=lambda r: _number(r[2], where=r[0], column="val_loss"))
+    else:
+        where, tokens, loss = chosen[-1]
+    col = "val_loss" if evals else "loss"
+    d = _number(tokens, where=where, column="tokens")
+    loss = _number(loss, where=where, column=col)
+    return _run_params(run_dir, non_embedding=non_embedding), d, loss, str(run_dir)
+
+
+def load_runs(inputs: Sequence[str | Path], *, tokens_from_flops: bool = False, pick: str = "final",
+              non_embedding: bool = False) -> Runs:
+    """Runs from CSV/JSONL files, run directories, and directories of run directories."""
+    parts: list[Runs] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            dirs = [path] if (path / "metrics.jsonl").is_file() else sorted(
+                p for p in path.iterdir() if (p / "metrics.jsonl").is_file())
+            if not dirs:
+                raise UserError(f"{path}: not a run directory (no metrics.jsonl) and holds no run directories")
+            vals = [read_run_dir(d, pick=pick, non_embedding=non_embedding) for d in dirs]
+            n, d, loss = (np.array([v[k] for v in vals]) for k in range(3))
+            parts.append(Runs(n, d, loss, 6.0 * n * d, [v[3] for v in vals]))
+        elif path.is_file():
+            parts.append(read_table(path, tokens_from_flops=tokens_from_flops))
+        else:
+            raise UserError(f"input not found: {path}")
+    if not parts:
+        raise UserError("no input: give CSV/JSONL files or run directories")
+    return Runs(np.concatenate([p.N for p in parts]), np.concatenate([p.D for p in parts]),
+                np.concatenate([p.loss for p in parts]), np.concatenate([p.C for p in parts]),
+                [s for p in parts for s in p.source])
+
+
+def drop_highest_loss(runs: Runs, k: int) -> Runs:
+    """Drop the k runs with the highest loss (Epoch AI drop the 5 worst of Chinchilla's Figure 4)."""
+    if k <= 0:
+        return runs
+    if k >= len(runs):
+        raise UserError(f"--drop-highest-loss {k} would drop all {len(runs)} runs")
+    keep = np.sort(np.argsort(runs.loss, kind="stable")[: len(runs) - k])
+    return runs.subset(keep)
+
+
+# ---- Approach 3: the objective ---------------------------------------------------------------
+
+def _lse3(t1, t2, t3):
+    m = np.maximum(np.maximum(t1, t2), t3)
+    return m + np.log(np.exp(t1 - m) + np.exp(t2 - m) + np.exp(t3 - m))
+
+
+def huber(r, delta: float = HUBER_DELTA):
+    """scipy.special.huber(delta, r): r²/2 inside ±delta, delta·(|r| − delta/2) outside."""
+    a = np.abs(r)
+    return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+
+
+def objective(x, logN, logD, logL, delta: float = HUBER_DELTA) -> float:
+    """sum_i Huber(LSE(a − α log N, b − β log D, e) − log L); x = (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = x
+    r = _lse3(a - alpha * logN, b - beta * logD, np.full_like(logN, e)) - logL
+    return float(np.sum(huber(r, delta)))
+
+
+def objective_and_grad(x, logN, logD, logL, delta: float = HUBER_DELTA):
+    """The objective and its exact gradient (softmax weights times the clipped residual)."""
+    a, b, e, alpha, beta = x
+    t1 = a - alpha * logN
+    t2 = b - beta * logD
+    m = np.maximum(np.maximum(t1, t2), e)
+    w1, w2, w3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m)
+    s = w1 + w2 + w3
+    r = m + np.log(s) - logL
+    psi = np.clip(r, -delta, delta) / s  # dHuber/dr, divided by the softmax normaliser
+    g1, g2 = psi * w1, psi * w2
+    grad = np.array([g1.sum(), g2.sum(), (psi * w3).sum(), -(g1 @ logN), -(g2 @ logD)])
+    return float(np.sum(huber(r, delta))), grad
+
+
+def law_from_x(x, name: str = "fit") -> LossLaw:
+    a, b, e, alpha, beta = (float(v) for v in x)
+    return LossLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, name=name)
+
+
+def _lbfgs(x0, logN, logD, logL, delta, *, analytic: bool = True, maxiter: int = 15000):
+    from scipy.optimize import minimize
+
+    if analytic:
+        res = minimize(objective_and_grad, np.asarray(x0, float), args=(logN, logD, logL, delta), jac=True,
+                       method="L-BFGS-B", options={"maxiter": maxiter, "ftol": 1e-15, "gtol": 1e-12,
+                                                   "maxcor": 20})
+    else:  # the classic setting: finite-difference gradient, scipy's default tolerances
+        res = minimize(objective, np.asarray(x0, float), args=(logN, logD, logL, delta), method="L-BFGS-B")
+    return res.x, float(res.fun)
+
+
+@dataclass
+class Approach3Fit:
+    law: LossLaw
+    x: np.ndarray  # (a, b, e, alpha, beta)
+    objective: float
+    n_points: int
+    delta: float
+    method: str
+
+    def values(self) -> dict[str, float]:
+        return {k: float(getattr(self.law, k)) for k in PARAM_NAMES}
+
+
+# ---- Approach 3: classic multi-start grid (the reference) ----------------------------------
+
+def classic_grid_starts() -> np.ndarray:
+    """Hoffmann et al. / Epoch AI's 4500 starts: alpha, beta ∈ {0, 0.5, …, 2}, e ∈ {−1, −0.5, …, 1},
+    a, b ∈ {0, 5, …, 25}; rows are (a, b, e, alpha, beta)."""
+    ab = np.arange(0, 30, 5.0)
+    e = np.arange(-1, 1.5, 0.5)
+    al = np.arange(0, 2.5, 0.5)
+    grid = np.array(np.meshgrid(ab, ab, e, al, al, indexing="ij")).reshape(5, -1).T
+    return grid
+
+
+def fit_classic_grid(runs: Runs, *, delta: float = HUBER_DELTA, starts: np.ndarray | None = None,
+                     analytic: bool = False, progress=None) -> Approach3Fit:
+    """L-BFGS-B from every start (default: all 4500 classic starts, finite-difference gradients
+    as in Epoch AI's replication); keep the best. Slow; the reference `fit_approach3` must match."""
+    logN, logD, logL = np.log(runs.N), np.log(runs.D), np.log(runs.loss)
+    starts = classic_grid_starts() if starts is None else np.atleast_2d(starts)
+    best_x, best_f = None, math.inf
+    for i, x0 in enumerate(starts):
+        x, f = _lbfgs(x0, logN, logD, logL, delta, analytic=analytic)
+        if f < best_f:
+            best_x, best_f = x, f
+        if progress is not None:
+            progress(i + 1, len(starts), best_f)
+    return Approach3Fit(law_from_x(best_x, "classic-grid"), best_x, best_f, len(runs), delta, "grid")
+
+
+# ---- Approach 3: variable projection on an (alpha, beta) grid, then a joint polish ----------
+
+def _check_enough(runs: Runs, need: int, what: str) -> None:
+    if len(runs) < need:
+        raise UserError(f"{len(runs)} runs are too few for {what}: it has {need} free parameters, give at "
+                        f"least {need} runs (more than that to say anything)")
+
+
+def _projected_starts(logN, logD, logL, delta, alphas, betas, n_starts: int) -> np.ndarray:
+    """For each (alpha, beta) on the grid, the best (A, B, E) ≥ 0 by weighted linear least
+    squares (minimise sum ((A N^-α + B D^-β + E)/L − 1)², ≈ the squared log residual), solved
+    in closed form for all cells at once over the 7 active sets of the 3-variable NNLS. Returns
+    the n_starts cells (as x = (a, b, e, alpha, beta)) with the lowest true Huber objective."""
+    L = np.exp(logL)
+    al, be = np.meshgrid(alphas, betas, indexing="ij")
+    al, be = al.ravel(), be.ravel()
+    # columns scaled by their value at the geometric-mean point so the 3x3 systems are well conditioned
+    u = np.exp(-al[:, None] * (logN - logN.mean())[None, :]) / L  # (cells, n)
+    v = np.exp(-be[:, None] * (logD - logD.mean())[None, :]) / L
+    w = np.broadcast_to(1.0 / L, u.shape)
+    X = np.stack([u, v, w], axis=-1)  # (cells, n, 3)
+    G = np.einsum("cni,cnj->cij", X, X)
+    h = X.sum(axis=1)  # X^T 1
+    best_coef = np.zeros((len(al), 3))
+    best_sse = np.full(len(al), np.inf)
+    n = len(logL)
+    for mask in ((1, 1, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1)):
+        idx = [i for i in range(3) if mask[i]]
+        Gs = G[:, idx][:, :, idx] + 1e-12 * np.eye(len(idx))
+        try:
+            c = np.linalg.solve(Gs, h[:, idx][..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            continue
+        ok = np.all(c >= 0, axis=1)
+        coef = np.zeros((len(al), 3))
+        coef[:, idx] = c
+        # SSE = n − 2 c·h + cᵀGc
+        sse = n - 2 * np.einsum("ci,ci->c", coef, h) + np.einsum("ci,cij,cj->c", coef, G, coef)
+        better = ok & (sse < best_sse)
+        best_sse = np.where(better, sse, best_sse)
+        best_coef = np.where(better[:, None], coef, best_coef)
+    tiny = 1e-30
+    a = np.log(np.maximum(best_coef[:, 0], tiny)) + al * logN.mean()
+    b = np.log(np.maximum(best_coef[:, 1], tiny)) + be * logD.mean()
+    e = np.log(np.maximum(best_coef[:, 2], tiny))
+    # the true objective for every cell (vectorised)
+    r = _lse3(a[:, None] - al[:, None] * logN, b[:, None] - be[:, None] * logD, e[:, None] + 0 * logN) - logL
+    f = huber(r, delta).sum(axis=1)
+    f = np.where(np.isfinite(f), f, np.inf)
+    order = np.argsort(f)
+    # keep distinct starts: skip cells that are grid neighbours of one already chosen
+    step_a = (alphas[-1] - alphas[0]) / max(len(alphas) - 1, 1)
+    step_b = (betas[-1] - betas[0]) / max(len(betas) - 1, 1)
+    chosen: list[int] = []
+    for i in order:
+        if not np.isfinite(f[i]):
+            break
+        if all(abs(al[i] - al[j]) > 1.5 * step_a or abs(be[i] - be[j]) > 1.5 * step_b for j in chosen):
+            chosen.append(i)
+        if len(chosen) >= n_starts:
+            break
+    return np.stack([a[chosen], b[chosen], e[chosen], al[chosen], be[chosen]], axis=1)
+
+
+def fit_approach3(runs: Runs, *, delta: float = HUBER_DELTA, grid_size: int = 40, n_starts: int = 6,
+                  alpha_max: float = 2.0, beta_max: float = 2.0, x0: Sequence[float] | None = None) -> Approach3Fit:
+    """Minimise the Huber objective: projected (alpha, beta) grid → best n_starts cells → joint
+    L-BFGS-B polish with analytic gradients (extra start x0 optional, e.g. for bootstraps)."""
+    _check_enough(runs, 5, "Approach 3 (E, A, B, alpha, beta)")
+    logN, logD, logL = np.log(runs.N), np.log(runs.D), np.log(runs.loss)
+    alphas = np.linspace(0.02, alpha_max, grid_size)
+    betas = np.linspace(0.02, beta_max, grid_size)
+    starts = _projected_starts(logN, logD, logL, delta, alphas, betas, n_starts)
+    if x0 is not None:
+        starts = np.vstack([np.asarray(x0, float)[None, :], starts])
+    best_x, best_f = None, math.inf
+    for s in starts:
+        x, f = _lbfgs(s, logN, logD, logL, delta)
+        if f < best_f:
+            best_x, best_f = x, f
+    if best_x is None:
+        raise UserError("the fit found no finite objective; check the data (losses, N and D in raw units)")
+    # restart once from the best point (L-BFGS's memory is stale after the Huber kinks)
+    x, f = _lbfgs(best_x, logN, logD, logL, delta)
+    if f < best_f:
+        best_x, best_f = x, f
+    return Approach3Fit(law_from_x(best_x), best_x, best_f, len(runs), delta, "approach3")
+
+
+def summarize(fit: Approach3Fit, budget: float) -> dict[str, Any]:
+    """The fitted law and what it implies: N_opt ∝ C^a, D_opt ∝ C^b, and the optimum at budget."""
+    law = fit.law
+    opt = law.closed_form(budget)
+    return {
+        **fit.values(),
+        "objective": fit.objective,
+        "huber_delta": fit.delta,
+        "n_points": fit.n_points,
+        "method": fit.method,
+        "N_opt_exponent": law.a,
+        "D_opt_exponent": law.b,
+        "G": law.G,
+        "budget": budget,
+        "N_opt": opt["N"],
+        "D_opt": opt["D"],
+        "tokens_per_param": opt["tokens_per_param"],
+        "loss_at_budget": opt["loss"],
+    }
+
+
+BOOTSTRAP_KEYS = PARAM_NAMES + ("N_opt_exponent", "D_opt_exponent", "N_opt", "D_opt", "tokens_per_param")
+
+
+def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int = 0,
+              delta: float = HUBER_DELTA, progress=None) -> dict[str, Any]:
+    """Refit k resamples of the runs (drawn with replacement): standard errors (std over
+    resamples) and 95% percentile intervals for E, A, B, alpha, beta, the exponents, and
+    N_opt / D_opt / tokens-per-parameter at the budget. Each refit starts from the full-data
+    optimum plus the best cells of a coarser projected grid."""
+    if k < 2:
+        raise UserError(f"--bootstrap needs at least 2 resamples, got {k}")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(k):
+        idx = rng.integers(0, len(runs), len(runs))
+        f = fit_approach3(runs.subset(idx), delta=delta, grid_size=24, n_starts=2, x0=fit.x)
+        s = summarize(f, budget)
+        rows.append([s[key] for key in BOOTSTRAP_KEYS])
+        if progress is not None:
+            progress(i + 1, k)
+    arr = np.array(rows, dtype=float)
+    lo, hi = np.percentile(arr, [2.5, 97.5], axis=0)
+    return {
+        "resamples": k,
+        "seed": seed,
+        "stderr": {key: float(s) for key, s in zip(BOOTSTRAP_KEYS, arr.std(axis=0, ddof=1))},
+        "interval_95": {key: [float(a), float(b)] for key, a, b in zip(BOOTSTRAP_KEYS, lo, hi)},
+    }
+
+
+# ---- Approach 2: IsoFLOP profiles -----------------------------------------------------------
+
+def group_budgets(C: np.ndarray, *, budgets: Sequence[float] | None = None, tolerance_dex: float = 0.1) -> np.ndarray:
+    """Budget index per run (−1: no budget). Given budgets: the nearest within tolerance_dex
+    (in log10 C). Otherwise runs are clustered: sorted by C, a new budget starts wherever
+    consecutive runs differ by more than tolerance_dex."""
+    logc = np.log10(C)
+    if budgets is not None:
+        lb = np.log10(np.asarray(budgets, float))
+        dist = np.abs(logc[:, None] - lb[None, :])
+        idx = dist.argmin(axis=1)
+        return np.where(dist[np.arange(len(C)), idx] <= tolerance_dex, idx, -1)
+    order = np.argsort(logc, kind="stable")
+    group = np.empty(len(C), dtype=int)
+    g = 0
+    for j, i in enumerate(order):
+        if j > 0 and logc[i] - logc[order[j - 1]] > tolerance_dex:
+            g += 1
+        group[i] = g
+    return group
+
+
+def _power_law(logc: np.ndarray, logy: np.ndarray) -> dict[str, float]:
+    """y = coef · C^exponent by least squares in log space, with the exponent's standard error."""
+    X = np.stack([np.ones_like(logc), logc], axis=1)
+    beta, *_ = np.linalg.lstsq(X, logy, rcond=None)
+    out = {"exponent": float(beta[1]), "coefficient": float(np.exp(beta[0])), "exponent_stderr": math.nan}
+    if len(logc) > 2:
+        resid = logy - X @ beta
+        s2 = resid @ resid / (len(logc) - 2)
+        out["exponent_stderr"] = float(math.sqrt(s2 * np.linalg.inv(X.T @ X)[1, 1]))
+    return out
+
+
+def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance_dex: float = 0.1,
+                min_runs: int = 3) -> dict[str, Any]:
+    """Approach 2. Per budget: loss = p2·x² + p1·x + p0 with x = ln N; N_opt = exp(−p1 / 2p2),
+    D_opt = C / (6 N_opt). Across budgets: N_opt = k·C^a, D_opt = k'·C^b (least squares in log).
+    A budget needs min_runs runs at ≥ 3 distinct N and an upward parabola (p2 > 0); others are
+    listed as skipped. Minima outside the sampled N range are extrapolations and flagged."""
+    group = group_budgets(runs.C, budgets=budgets, tolerance_dex=tolerance_dex)
+    profiles, skipped = [], []
+    for g in sorted(set(group.tolist()) - {-1}):
+        idx = np.flatnonzero(group == g)
+        C = float(np.exp(np.log(runs.C[idx]).mean())) if budgets is None else float(budgets[g])
+        x, y = np.log(runs.N[idx]), runs.loss[idx]
+        if len(idx) < min_runs or len(np.unique(np.round(x, 9))) < 3:
+            skipped.append({"C": C, "runs": int(len(idx)), "why": f"fewer than {max(min_runs, 3)} distinct model sizes"})
+            continue
+        p2, p1, p0 = np.polyfit(x, y, 2)
+        if not p2 > 0:
+            skipped.append({"C": C, "runs": int(len(idx)), "why": "loss is not convex in log N (no minimum)"})
+            continue
+        xo = -p1 / (2 * p2)
+        n_opt = float(math.exp(xo))
+        profiles.append({"C": C, "runs": int(len(idx)), "parabola": [float(p2), float(p1), float(p0)],
+                         "N_opt": n_opt, "D_opt": C / (6 * n_opt), "loss_opt": float(p0 - p1 * p1 / (4 * p2)),
+                         "in_range": bool(x.min() <= xo <= x.max()), "index": idx.tolist()})
+    if len(profiles) < 2:
+        raise UserError(f"IsoFLOP needs at least 2 budgets with {max(min_runs, 3)}+ runs at distinct N; found "
+                        f"{len(profiles)} (budgets are runs within {tolerance_dex} dex of FLOPs; "
+                        f"set --budgets or --flop-tolerance)")
+    logc = np.log([p["C"] for p in profiles])
+    n_law = _power_law(logc, np.log([p["N_opt"] for p in profiles]))
+    d_law = _power_law(logc, np.log([p["D_opt"] for p in profiles]))
+    return {"method": "isoflop", "n_points": len(runs), "budgets": profiles, "skipped": skipped,
+            "N_opt": n_law, "D_opt": d_law, "N_opt_exponent": n_law["exponent"],
+            "D_opt_exponent": d_law["exponent"]}
+
+
+def isoflop_at(result: dict[str, Any], budget: float) -> dict[str, float]:
+    n = result["N_opt"]["coefficient"] * budget ** result["N_opt"]["exponent"]
+    d = result["D_opt"]["coefficient"] * budget ** result["D_opt"]["exponent"]
+    return {"budget": budget, "N_opt": n, "D_opt": d, "tokens_per_param": d / n}
