@@ -292,7 +292,7 @@ def _hf_from_native(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str)
 
 # ---- safetensors files ------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -304,7 +304,7 @@ def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     index = directory / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: no weight_map")
         files = sorted(set(weight_map.values()))
@@ -389,17 +389,19 @@ def _build(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], *, dtype: t
 # ---- public API -------------------------------------------------------------------------------
 
 def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-         attention: str = "sdpa") -> Transformer:
+         attention: str = "sdpa", overrides: Iterable[str] = ()) -> Transformer:
     """Import a Hugging Face checkpoint directory (config.json + safetensors) as a Transformer.
-    Tensors keep the checkpoint's dtype unless `dtype` is given."""
+    Tensors keep the checkpoint's dtype unless `dtype` is given; `overrides` are `--set`
+    strings applied to the imported ModelConfig (e.g. block_size=4096)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
-    hf_config = _read_json(path / "config.json")
+    hf_config = read_json(path / "config.json")
     arch = architecture_of(hf_config)
     cfg = config_from_hf(hf_config)
-    return _build(cfg, _native_from_hf(read_safetensors(path), cfg, arch), dtype=dtype, device=device,
-                  attention=attention)
+    weights = _native_from_hf(read_safetensors(path), cfg, arch)
+    cfg = cfg.with_overrides(overrides)
+    return _build(cfg, weights, dtype=dtype, device=device, attention=attention)
 
 
 def save(model: Transformer, path: str | Path, *, arch: str | None = None, dtype: torch.dtype | None = None,
@@ -433,7 +435,7 @@ def native_config(path: str | Path) -> ModelConfig | None:
     if (path / "model.toml").is_file():
         return ModelConfig.from_toml(path / "model.toml")
     if (path / "config.json").is_file():
-        data = _read_json(path / "config.json")
+        data = read_json(path / "config.json")
         if "model_type" in data or "architectures" in data:
             return None  # a Hugging Face config
         if isinstance(data.get("model"), dict):
@@ -468,16 +470,16 @@ def load_native(path: str | Path, *, dtype: torch.dtype | None = None, device: s
 
 
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    attention: str = "sdpa") -> tuple[Transformer, str]:
+                    attention: str = "sdpa", overrides: Iterable[str] = ()) -> tuple[Transformer, str]:
     """Either kind of checkpoint directory -> (model, 'scalelab' or the HF architecture)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such checkpoint directory")
     if native_config(path) is not None:
-        return load_native(path, dtype=dtype, device=device, attention=attention), "scalelab"
+        return load_native(path, dtype=dtype, device=device, attention=attention, overrides=overrides), "scalelab"
     if (path / "config.json").is_file():
-        arch = architecture_of(_read_json(path / "config.json"))
-        return load(path, dtype=dtype, device=device, attention=attention), arch
+        arch = architecture_of(read_json(path / "config.json"))
+        return load(path, dtype=dtype, device=device, attention=attention, overrides=overrides), arch
     raise UserError(f"{path}: not a checkpoint (expected model.safetensors with model.toml, or a Hugging "
                     "Face config.json)")
 
