@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 
 from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_duration, parse_quantity,
@@ -28,6 +29,8 @@ EXAMPLES = """examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="compute-optimal model shape and token count for a FLOP budget",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    # let "-5e20" reach C (and its "must be positive" message) instead of reading as a flag
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
     p.add_argument("C", nargs="?", help="training compute budget in FLOPs, e.g. 1.36e21 (or use --hours)")
     g = p.add_argument_group("search space")
     g.add_argument("--style", default="llama3", help="family style: llama3, llama2, gpt2 (norms, FFN type, "
@@ -78,20 +81,20 @@ def parse_int_values(text: str, flag: str) -> tuple[int, ...]:
     s = str(text).strip()
     hint = f"{flag} takes MIN:MAX:STEP or a comma list of positive integers, got '{text}'"
     try:
-        if ":" in s:
-            parts = [int(x) for x in s.split(":")]
-            if len(parts) not in (2, 3):
-                raise UserError(hint)
-            lo, hi, step = parts[0], parts[1], parts[2] if len(parts) == 3 else 1
-            if step <= 0:
-                raise UserError(f"{flag}: STEP must be positive, got {step}")
-            if lo > hi:
-                raise UserError(f"{flag}: the range {s} is empty (MIN > MAX)")
-            values = tuple(range(lo, hi + 1, step))
-        else:
-            values = tuple(sorted({int(x) for x in s.split(",")}))
+        parts = [int(x) for x in s.split(":" if ":" in s else ",")]
     except ValueError:
         raise UserError(hint) from None
+    if ":" in s:
+        if len(parts) not in (2, 3):
+            raise UserError(hint)
+        lo, hi, step = parts[0], parts[1], parts[2] if len(parts) == 3 else 1
+        if step <= 0:
+            raise UserError(f"{flag}: STEP must be positive, got {step}")
+        if lo > hi:
+            raise UserError(f"{flag}: the range {s} is empty (MIN > MAX); write MIN:MAX:STEP")
+        values = tuple(range(lo, hi + 1, step))
+    else:
+        values = tuple(sorted(set(parts)))
     if not values:
         raise UserError(f"{flag} is empty; {hint}")
     if min(values) <= 0:
@@ -187,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--set {item}: the planner chooses the model; use the search flags instead")
     if args.overrides and not args.emit_config:
         raise UserError("--set overrides the emitted config (e.g. --set data.dir=data/mine); it needs --emit-config")
+    if args.emit_config and not str(args.emit_config).endswith(".toml"):
+        raise UserError(f"--emit-config writes TOML; give a path ending in .toml, got '{args.emit_config}'")
     result = search(C, law, space, top=args.top)
     result.search["budget"] = budget
     if args.emit_config:

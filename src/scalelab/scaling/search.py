@@ -386,7 +386,7 @@ def closed_form_comparison(law: LossLaw, C: float, best: dict[str, Any]) -> dict
         "explanation": (f"the grid's best costs {k:.2f}·N FLOPs/token, not 6·N (attention 12·L·S·H adds "
                         f"{attention:.2f}; the embedding lookup is no matmul), so C buys the tokens 6ND would "
                         f"give at {6 / k:.3f}·C, where the closed form's loss is {adjusted['loss']:.4f}; the "
-                        f"remaining {best['loss'] - adjusted['loss']:+.4f} is the grid's discreteness"),
+                        f"remaining {best['loss'] - adjusted['loss']:+.4f} comes from k changing with N, the grid's steps and its limits"),
     })
     return cf
 

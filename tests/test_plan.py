@@ -1,0 +1,308 @@
+"""The planner (`scalelab plan`, scaling/search.py) against independent truths: a plain Python
+loop over ModelConfigs with the scalar counting functions, the counting module's FLOPs, the 6ND
+closed form bounded by the FLOPs convention, and the CLI's contracts."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scalelab import counting
+from scalelab.config import ModelConfig
+from scalelab.errors import UserError
+from scalelab.hardware import get_accelerator
+from scalelab.presets import STYLES, resolve_model_section, style_config
+from scalelab.scaling.laws import LAWS
+from scalelab.scaling.search import SearchSpace, search
+
+CHIN = LAWS["chinchilla"]
+
+
+def brute_force(C, law, sp: SearchSpace):
+    """The search written as the obvious loop: build every ModelConfig, count it, solve D, score."""
+    style = STYLES[sp.style]
+    ratio = sp.ffn_ratio or style.get("ffn_expansion_ratio")
+    vocab = sp.vocab_size or style["vocab_size"]
+    kvs = [None] if sp.mha else (sp.kv_heads or [style.get("num_key_value_heads")])
+    best, skipped = None, 0
+    for h in sorted(set(sp.hidden)):
+        for n_layer in sorted(set(sp.layers)):
+            for hd in sorted(set(sp.head_dims)):
+                for kv in sorted(set(kvs), key=lambda k: k or 0):
+                    if h % hd:
+                        skipped += 1
+                        continue
+                    n_head = h // hd
+                    try:
+                        cfg = style_config(sp.style, n_layer, h, n_head, num_key_value_heads=kv or n_head,
+                                           ffn_expansion_ratio=ratio, vocab_size=vocab, block_size=sp.seq_len)
+                    except UserError:
+                        skipped += 1
+                        continue
+                    N = counting.count_params(cfg).total
+                    D = C / counting.training_flops_per_token(cfg, sp.seq_len)
+                    ok = D >= sp.seq_len
+                    if sp.aspect is not None:
+                        ok &= sp.aspect[0] <= h / n_layer <= sp.aspect[1]
+                    if sp.max_tokens is not None:
+                        ok &= D <= sp.max_tokens
+                    if sp.max_params is not None:
+                        ok &= N <= sp.max_params
+                    if sp.enforce_chinchilla:
+                        r = sp.tokens_per_param
+                        ok &= r * (1 - sp.tolerance) <= D / N <= r * (1 + sp.tolerance)
+                    if sp.accelerator is not None:
+                        mem = counting.training_memory(cfg, micro_batch=1, seq_len=sp.seq_len, num_devices=sp.gpus,
+                                                       sharding="fsdp", activation_checkpointing=True)["total"]
+                        ok &= mem <= sp.accelerator.memory_bytes
+                    if not ok:
+                        continue
+                    loss = CHIN.E + law.A / N ** law.alpha + law.B / D ** law.beta if law is CHIN else \
+                        float(law.loss(N, D))
+                    if best is None or loss < best[0]:
+                        best = (loss, n_layer, h, n_head, cfg.num_key_value_heads, N, D)
+    return best, skipped
+
+
+SMALL = dict(hidden=tuple(range(512, 4096 + 1, 128)), layers=tuple(range(4, 40 + 1, 2)))
+SPACES = [
+    SearchSpace(**SMALL),
+    SearchSpace(**SMALL, mha=True, style="llama2"),
+    SearchSpace(**SMALL, style="gpt2", head_dims=(64, 80, 128), seq_len=1024, aspect=None),
+    SearchSpace(**SMALL, kv_heads=(1, 2, 4, 8), head_dims=(64, 96, 128), max_tokens=3e10, max_params=1.5e9),
+    SearchSpace(**SMALL, enforce_chinchilla=True, tolerance=0.3, ffn_ratio=3.0, vocab_size=50000),
+    SearchSpace(**SMALL, accelerator=get_accelerator("A6000"), gpus=1, aspect=(20, 300)),
+]
+
+
+@pytest.mark.parametrize("space", SPACES, ids=["llama3", "llama2-mha", "gpt2", "limits", "chinchilla", "memory"])
+@pytest.mark.parametrize("C", [3e19, 1e21, 2e22])
+def test_search_equals_brute_force(space, C):
+    law = LAWS["epoch"] if space.style == "gpt2" else CHIN
+    try:
+        result = search(C, law, space, top=5)
+    except UserError:
+        assert brute_force(C, law, space)[0] is None  # the loop finds nothing either
+        return
+    (loss, n_layer, h, n_head, kv, N, D), skipped = brute_force(C, law, space)
+    b = result.best
+    assert (b["n_layer"], b["n_embd"], b["n_head"], b["num_key_value_heads"]) == (n_layer, h, n_head, kv)
+    assert b["loss"] == pytest.approx(loss, rel=1e-12)
+    assert b["N"] == N and b["D"] == pytest.approx(D, rel=1e-12)
+    assert result.search["skipped_total"] == skipped
+    losses = [r["loss"] for r in result.top]
+    assert losses == sorted(losses)
+
+
+@pytest.mark.parametrize("C", [1e20, 1.36e21, 7.7e22])
+def test_best_spends_exactly_C(C):
+    b = search(C, CHIN).best
+    cfg = ModelConfig.from_dict(b["config"])
+    assert counting.count_params(cfg).total == b["N"]
+    per_token = counting.training_flops_per_token(cfg, b["seq_len"])
+    assert abs(per_token * b["D"] - C) <= 1e-6 * C
+    # rounded to whole sequences: never over budget, short by less than one sequence
+    spent = counting.training_flops(cfg, b["sequences"], b["seq_len"])
+    assert b["D_rounded"] == b["sequences"] * b["seq_len"]
+    assert C - per_token * b["seq_len"] < spent <= C
+
+
+def test_head_rule_never_emits_invalid_shapes():
+    sp = SearchSpace(hidden=tuple(range(1024, 4096 + 1, 256)), layers=(16, 24), kv_heads=(3, 8))
+    result = search(1e21, CHIN, sp, top=50)
+    for r in result.top:
+        assert r["n_head"] * r["head_dim"] == r["n_embd"] and r["n_head"] % r["num_key_value_heads"] == 0
+    # the seed's 1792 x 14 heads with 8 KV heads is exactly the kind of shape that is skipped
+    assert all(not (r["n_embd"] == 1792 and r["num_key_value_heads"] == 8) for r in result.top)
+    assert result.search["skipped_total"] == brute_force(1e21, CHIN, sp)[1]
+
+
+# ---- grid vs closed form ------------------------------------------------------------------
+# Every shape costs k·N training FLOPs per token with k = fpt/N (counting module, per shape).
+# Spending C at k·N per token is the 6ND problem at budget 6C/k, so for ANY shape
+#     loss(N, C/(k·N)) >= closed_form(6C/k).loss >= closed_form(6C/k_min).loss,
+# with k_min the smallest k in the space. The grid may beat the 6ND closed form only by what
+# k < 6 buys (the embedding lookup is no matmul), never more. A search that mis-solved D (6N,
+# forward-only FLOPs, a wrong seq_len, a dropped attention term) breaks these bounds. Where k is
+# nearly flat in N (C >= 1e21 here) the grid also comes within 1e-3 of closed_form(6C/k_best):
+# what is left is discreteness. Below that, k falls with N (embeddings dominate) and the grid
+# rightly picks smaller models than any fixed-k closed form.
+DENSE = SearchSpace(hidden=tuple(range(256, 8192 + 1, 128)), layers=tuple(range(2, 80 + 1, 1)),
+                    head_dims=(64,), kv_heads=(1, 2, 4), aspect=(40, 130))
+
+
+def _k_min(sp):
+    """Smallest fpt/N over every aspect-allowed shape, from ModelConfig + scalar counting."""
+    k_min = math.inf
+    for h in sp.hidden:
+        for n_layer in sp.layers:
+            if not sp.aspect[0] <= h / n_layer <= sp.aspect[1]:
+                continue
+            for kv in sp.kv_heads:
+                if (h // 64) % kv:
+                    continue
+                cfg = style_config("llama3", n_layer, h, h // 64, num_key_value_heads=kv, block_size=sp.seq_len)
+                k = counting.training_flops_per_token(cfg, sp.seq_len) / counting.count_params(cfg).total
+                k_min = min(k_min, k)
+    return k_min
+
+
+K_MIN_DENSE = _k_min(DENSE)
+
+
+@settings(max_examples=30, deadline=None)
+@given(log_c=st.floats(19.0, 24.0), law=st.sampled_from(["chinchilla", "epoch"]))
+def test_grid_is_bounded_by_the_closed_form(log_c, law):
+    law = LAWS[law]
+    C = 10.0 ** log_c
+    b = search(C, law, DENSE).best
+    k = b["flops_per_param_per_token"]
+    assert k >= K_MIN_DENSE
+    assert law.loss(b["N"], b["D"]) == pytest.approx(b["loss"], rel=1e-12)
+    assert b["loss"] >= law.closed_form(6 * C / K_MIN_DENSE)["loss"] - 1e-12
+    at_own_k = law.closed_form(6 * C / k)["loss"]
+    assert b["loss"] >= at_own_k - 1e-12
+    if 1e21 <= C <= 1e23:
+        assert b["loss"] <= at_own_k + 1e-3
+
+
+def test_closed_form_gap_is_explained_by_k_at_the_example():
+    """At 1.36e21 on the default llama3 space the grid beats 6ND because k < 6 (the 128K-vocabulary
+    input embedding is parameters without matmul FLOPs), and by no more than k_min allows."""
+    C = 1.36e21
+    result = search(C, CHIN)
+    b, cf = result.best, result.closed_form
+    cfg = ModelConfig.from_dict(b["config"])
+    k = counting.training_flops_per_token(cfg, 2048) / counting.count_params(cfg).total
+    assert k == pytest.approx(b["flops_per_param_per_token"], rel=1e-12) and k < 6
+    assert b["loss"] < cf["loss"]
+    k_space = C / (result.curve["D"] * result.curve["N"])
+    assert CHIN.closed_form(6 * C / k_space.min())["loss"] <= b["loss"]
+    assert cf["adjusted_for_k"]["loss"] <= b["loss"] < cf["adjusted_for_k"]["loss"] + 1e-3
+
+
+def test_larger_budget_gives_larger_model_and_more_tokens():
+    sp = SearchSpace(hidden=tuple(range(256, 8192 + 1, 128)), layers=tuple(range(4, 80 + 1, 2)))
+    bests = [search(c, CHIN, sp).best for c in (1e19, 1e20, 1e21, 1e22, 1e23)]
+    for a, b in zip(bests, bests[1:]):
+        assert b["N"] > a["N"] and b["D"] > a["D"]
+
+
+# ---- the CLI ------------------------------------------------------------------------------
+
+
+def plan_json(cli, *args):
+    r = cli("plan", *args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_json_shape_and_default_gqa(cli):
+    out = plan_json(cli, "1.36e21", "--top", "4")
+    assert set(out) == {"best", "top", "closed_form", "search"}
+    keys = {"n_layer", "n_embd", "n_head", "num_key_value_heads", "d_ff", "vocab_size", "seq_len", "N", "D", "C",
+            "loss"}
+    assert len(out["top"]) == 4
+    for row in [out["best"], *out["top"]]:
+        assert keys <= set(row)
+        assert row["num_key_value_heads"] == 8 and row["vocab_size"] == 128256 and row["seq_len"] == 2048
+        assert row["d_ff"] == 3.5 * row["n_embd"]
+    assert out["best"]["n_layer"] == out["top"][0]["n_layer"]
+    assert out["closed_form"]["N"] == pytest.approx(CHIN.closed_form(1.36e21)["N"])
+    assert out["search"]["skipped_total"] > 0 and out["search"]["feasible"] > 0
+
+
+def test_no_gqa_gives_mha(cli):
+    out = plan_json(cli, "1e21", "--no-gqa", "--top", "20")
+    assert all(r["num_key_value_heads"] == r["n_head"] for r in out["top"])
+
+
+def test_enforce_chinchilla_ratio(cli):
+    out = plan_json(cli, "1e22", "--enforce-chinchilla", "--top", "20")
+    assert all(10 <= r["tokens_per_param"] <= 30 for r in out["top"])
+    out = plan_json(cli, "1e22", "--enforce-chinchilla", "--tokens-per-param", "40", "--tolerance", "0.1")
+    assert all(36 <= r["tokens_per_param"] <= 44 for r in out["top"])
+    free = plan_json(cli, "1e22")["best"]
+    assert not 36 <= free["tokens_per_param"] <= 44  # so the constraint did something
+
+
+def test_hardware_budget_and_wall_clock(cli):
+    out = plan_json(cli, "--gpus", "8", "--gpu-type", "H100", "--hours", "24", "--mfu", "0.4")
+    C = 8 * 989e12 * 0.4 * 24 * 3600
+    assert out["search"]["C"] == pytest.approx(C, rel=1e-12)
+    # the plan spends the budget at the same MFU, so it takes the hours we gave (less the rounding)
+    assert out["best"]["wall_clock"]["hours"] == pytest.approx(24, rel=1e-6)
+    assert out["best"]["memory_per_gpu_bytes"] <= 80 * 2**30
+
+
+def test_emit_config_loads_with_right_counts(cli, tmp_path):
+    path = tmp_path / "plan.toml"
+    out = plan_json(cli, "3e20", "--emit-config", str(path), "--set", "train.lr=1e-4")
+    b = out["best"]
+    data = tomllib.loads(path.read_text())
+    cfg = resolve_model_section(data["model"])
+    assert counting.count_params(cfg).total == b["N"]
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.num_key_value_heads, cfg.ffn_hidden) == \
+        (b["n_layer"], b["n_embd"], b["n_head"], b["num_key_value_heads"], b["d_ff"])
+    assert data["train"]["seq_len"] == 2048 and data["train"]["max_tokens"] == b["D_rounded"]
+    assert data["train"]["lr"] == 1e-4 and data["data"]["dir"] == "data/shakespeare"
+    spent = counting.training_flops_per_token(cfg, 2048) * data["train"]["max_tokens"]
+    assert 0 <= 3e20 - spent < counting.training_flops_per_token(cfg, 2048) * 2048
+
+
+def test_plot_writes_png(cli, tmp_path):
+    path = tmp_path / "iso.png"
+    r = cli("plan", "1e21", "--plot", str(path))
+    assert r.returncode == 0, r.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_does_not_import_torch():
+    code = ("import sys, io, contextlib; from scalelab.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): rc = main(['plan', '1e21', '--json'])\n"
+            "assert rc == 0 and 'torch' not in sys.modules and 'matplotlib' not in sys.modules, rc")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_too_small_budget_names_the_smallest_that_works(cli):
+    r = cli("plan", "1e6")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    smallest = float(r.stderr.split("smallest budget that has one is ")[1].split()[0])
+    assert cli("plan", repr(smallest * 1.001)).returncode == 0
+    assert cli("plan", repr(smallest * 0.999)).returncode == 2
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["0"], "positive"),
+    (["-5e20"], "positive"),
+    (["lots"], "must be a number"),
+    (["nan"], "finite"),
+    ([], "give the budget C"),
+    (["1e21", "--hidden", "4096:1024:256"], "empty"),
+    (["1e21", "--layers", "16:x"], "--layers takes MIN:MAX:STEP"),
+    (["1e21", "--hidden", "1024:2048:0"], "STEP must be positive"),
+    (["1e21", "--law", "kaplan"], "unknown law"),
+    (["1e21", "--law-file", "LAWFILE"], "must be a finite number"),
+    (["1e21", "--law-file", "/no/such/law.json"], "law file not found"),
+    (["1e21", "--aspect", "130:40"], "--aspect"),
+    (["1e21", "--seq-len", "abc"], "invalid int"),
+    (["1e21", "--hours", "5"], "not both"),
+])
+def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
+    law = tmp_path / "law.json"
+    law.write_text('{"E": 1.7, "A": 400, "B": "x", "alpha": 0.3, "beta": 0.3}')
+    r = cli("plan", *[str(law) if a == "LAWFILE" else a for a in args])
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert fragment in lines[0]
+    assert r.stdout == ""
