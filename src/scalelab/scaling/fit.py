@@ -568,3 +568,119 @@ def isoflop_at(result: dict[str, Any], budget: float) -> dict[str, float]:
     n = result["N_opt"]["coefficient"] * budget ** result["N_opt"]["exponent"]
     d = result["D_opt"]["coefficient"] * budget ** result["D_opt"]["exponent"]
     return {"budget": budget, "N_opt": n, "D_opt": d, "tokens_per_param": d / n}
+
+
+# ---- plots (matplotlib, imported only here) -------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    from scalelab.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png", bbox_inches="tight")
+
+
+def plot_approach3(runs: Runs, fit: Approach3Fit, path: str | Path, *, budget: float | None = None) -> None:
+    """Left: runs in the (N, D) plane coloured by loss, the fitted law's iso-loss contours in the
+    same colours, iso-FLOP lines and the compute-optimal frontier. Right: loss against compute
+    with the law's best achievable loss at each C (the frontier)."""
+    plt = _pyplot()
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import LogLocator
+
+    law = fit.law
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1.15, 1]})
+    lo_n, hi_n = runs.N.min() / 2, runs.N.max() * 2
+    lo_d, hi_d = runs.D.min() / 2, runs.D.max() * 2
+    if budget is not None:
+        hi_n, hi_d = max(hi_n, law.optimal_n(budget) * 2), max(hi_d, law.optimal_d(budget) * 2)
+    gn, gd = np.geomspace(lo_n, hi_n, 300), np.geomspace(lo_d, hi_d, 300)
+    NN, DD = np.meshgrid(gn, gd)
+    LL = law.loss(NN, DD)
+    q = np.quantile(runs.loss, [0.02, 0.98])
+    norm = Normalize(vmin=q[0], vmax=q[1])
+    cmap = plt.get_cmap("viridis")
+    levels = np.linspace(q[0], q[1], 9)
+    cs = ax.contour(NN, DD, LL, levels=levels, cmap=cmap, norm=norm, linewidths=1.0, alpha=0.8)
+    ax.clabel(cs, fmt="%.2f", fontsize=7)
+    # iso-FLOP lines C = 6ND at whole decades
+    for e in range(int(np.floor(np.log10(6 * lo_n * lo_d))), int(np.ceil(np.log10(6 * hi_n * hi_d))) + 1):
+        c = 10.0 ** e
+        d_line = c / (6 * gn)
+        m = (d_line >= lo_d) & (d_line <= hi_d)
+        if m.sum() > 10:
+            ax.plot(gn[m], d_line[m], color="0.75", lw=0.7, ls="--", zorder=0)
+            j = np.flatnonzero(m)[int(m.sum() * 0.15)]
+            ax.text(gn[j], d_line[j], f"1e{e}", fontsize=7, color="0.5", rotation=-33, ha="center", va="center")
+    cgrid = np.geomspace(6 * lo_n * lo_d, 6 * hi_n * hi_d, 200)
+    fn, fd = law.optimal_n(cgrid), law.optimal_d(cgrid)
+    ax.plot(fn, fd, color="crimson", lw=2,
+            label=f"compute-optimal: N ∝ C^{law.a:.3f}, D ∝ C^{law.b:.3f}")
+    sc = ax.scatter(runs.N, runs.D, c=runs.loss, cmap=cmap, norm=norm, s=22, edgecolors="k", linewidths=0.4,
+                    zorder=3)
+    if budget is not None:
+        opt = law.closed_form(budget)
+        ax.scatter([opt["N"]], [opt["D"]], marker="*", s=220, color="crimson", edgecolors="k", zorder=4,
+                   label=f"C = {budget:.3g}: N = {opt['N']:.3g}, D = {opt['D']:.3g} ({opt['tokens_per_param']:.1f} tok/param)")
+    ax.set(xscale="log", yscale="log", xlim=(lo_n, hi_n), ylim=(lo_d, hi_d),
+           xlabel="parameters N", ylabel="training tokens D",
+           title=f"L = {law.E:.3f} + {law.A:.4g}/N^{law.alpha:.3f} + {law.B:.4g}/D^{law.beta:.3f}")
+    ax.xaxis.set_major_locator(LogLocator(numticks=12))
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    fig.colorbar(sc, ax=ax, label="final loss (points) / fitted loss (contours)", pad=0.01)
+    # right: loss vs compute, points coloured by model size, fitted frontier
+    from matplotlib.colors import LogNorm
+
+    sc2 = ax2.scatter(runs.C, runs.loss, c=runs.N, cmap="plasma", norm=LogNorm(), s=18, edgecolors="k",
+                      linewidths=0.3)
+    cr = np.geomspace(runs.C.min() / 2, max(runs.C.max() * 2, budget or 0), 200)
+    ax2.plot(cr, law.loss(law.optimal_n(cr), law.optimal_d(cr)), color="crimson", lw=2,
+             label="fitted loss at the compute-optimal N, D")
+    ax2.axhline(law.E, color="0.5", ls=":", lw=1, label=f"irreducible E = {law.E:.3f}")
+    ax2.set(xscale="log", xlabel="training compute C = 6ND (FLOPs)", ylabel="final loss",
+            title=f"{len(runs)} runs, Huber δ = {fit.delta:g}, objective {fit.objective:.6g}")
+    ax2.legend(fontsize=8)
+    fig.colorbar(sc2, ax=ax2, label="parameters N", pad=0.01)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_isoflop(runs: Runs, result: dict[str, Any], path: str | Path) -> None:
+    """Left: loss against N per budget with each budget's parabola and minimum. Right: N_opt and
+    D_opt against C with the fitted power laws."""
+    plt = _pyplot()
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    profiles = result["budgets"]
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(profiles)))
+    for p, col in zip(profiles, colors):
+        idx = np.asarray(p["index"])
+        x = np.log(runs.N[idx])
+        xs = np.linspace(x.min() - 0.15, x.max() + 0.15, 100)
+        ax.scatter(runs.N[idx], runs.loss[idx], color=col, s=22, edgecolors="k", linewidths=0.4, zorder=3)
+        ax.plot(np.exp(xs), np.polyval(p["parabola"], xs), color=col, lw=1.5, label=f"C = {p['C']:.2g}")
+        ax.scatter([p["N_opt"]], [p["loss_opt"]], marker="v", color=col, s=70, edgecolors="k", zorder=4)
+    ax.set(xscale="log", xlabel="parameters N", ylabel="final loss", title="IsoFLOP profiles (▼ fitted minimum)")
+    ax.legend(fontsize=8, ncol=2)
+    C = np.array([p["C"] for p in profiles])
+    cr = np.geomspace(C.min() / 1.5, C.max() * 1.5, 100)
+    for key, col, marker in (("N_opt", "tab:blue", "o"), ("D_opt", "tab:orange", "s")):
+        law = result[key]
+        ax2.scatter(C, [p[key] for p in profiles], color=col, marker=marker, edgecolors="k", zorder=3)
+        ax2.plot(cr, law["coefficient"] * cr ** law["exponent"], color=col,
+                 label=f"{key} ∝ C^{law['exponent']:.3f} ± {law['exponent_stderr']:.3f}")
+    ax2.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="parameters / tokens",
+            title="compute-optimal N and D per budget")
+    ax2.legend(fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
