@@ -1,0 +1,253 @@
+"""Hugging Face import/export against `transformers` itself (test-only dependency): same
+logits to 1e-4 in fp32 in both directions, exact round trips, sharded checkpoints, both
+config key styles, and the CLI verbs. Tiny configs (2 layers, 64 wide) keep it fast."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from scalelab import hf
+from scalelab.cli import main as cli_main
+from scalelab.errors import UserError
+from scalelab.model import Transformer, rope_frequencies
+from scalelab.presets import get_preset, style_config
+
+V = 101
+transformers.logging.set_verbosity_error()
+LLAMA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128)
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+HF_CONFIGS = {
+    "llama2-mha": lambda: LlamaConfig(**LLAMA),
+    "llama-gqa-bias": lambda: LlamaConfig(**LLAMA, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+    "llama3.1-rope-scaling": lambda: LlamaConfig(**LLAMA, num_key_value_heads=2, rope_parameters=dict(LLAMA31_ROPE)),
+    "llama3.2-tied": lambda: LlamaConfig(**LLAMA, num_key_value_heads=1, tie_word_embeddings=True,
+                                         rope_parameters=dict(LLAMA31_ROPE, factor=32.0)),
+    "llama-linear": lambda: LlamaConfig(**LLAMA, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                                  "factor": 4.0}),
+    "llama-yarn": lambda: LlamaConfig(**LLAMA, num_key_value_heads=2, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}),
+    "mistral": lambda: MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=None),
+    "gpt2": lambda: GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+    "gpt2-untied": lambda: GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                      tie_word_embeddings=False),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """O(1) logits, and norm weights / biases away from 1 / 0 so every tensor's mapping matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            is_norm = p.dim() == 1 and any(k in name for k in ("norm", "ln_")) and name.endswith("weight")
+            p.copy_(1 + 0.1 * noise if is_norm else 0.1 * noise)
+    return model.eval()
+
+
+def hf_logits(model, idx):
+    with torch.no_grad():
+        return model(idx).logits
+
+
+def ours_logits(model, idx):
+    with torch.no_grad():
+        return model(idx)
+
+
+@pytest.fixture(scope="module")
+def idx():
+    return torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_hf_to_ours_to_hf(name, idx, tmp_path):
+    # HF -> ours: a save_pretrained directory written by transformers
+    reference = randomize(AutoModelForCausalLM.from_config(HF_CONFIGS[name]()))
+    reference.save_pretrained(tmp_path / "hf")
+    ours = hf.load(tmp_path / "hf")
+    expected = hf_logits(reference, idx)
+    assert expected.std() > 0.3
+    torch.testing.assert_close(ours_logits(ours, idx), expected, atol=1e-4, rtol=0)
+
+    # ours -> HF: our own random weights, exported, loaded by transformers' from_pretrained
+    mine = randomize(Transformer(ours.config), seed=1)
+    arch = hf.save(mine, tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert type(exported).__name__ == type(reference).__name__ == hf.HF_CLASS[arch]
+    torch.testing.assert_close(hf_logits(exported, idx), ours_logits(mine, idx), atol=1e-4, rtol=0)
+
+    # export -> import is exact, config included
+    back = hf.load(tmp_path / "export")
+    assert back.config == mine.config
+    assert back.state_dict().keys() == mine.state_dict().keys()
+    for key, tensor in mine.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+
+
+def test_rope_scaling_is_exercised(idx, tmp_path):
+    """Sanity for the test above: without the llama3 scaling the logits differ clearly."""
+    reference = randomize(AutoModelForCausalLM.from_config(HF_CONFIGS["llama3.1-rope-scaling"]()))
+    reference.save_pretrained(tmp_path)
+    ours = hf.load(tmp_path)
+    unscaled = Transformer(ours.config.replace(rope_scaling=None))
+    unscaled.load_state_dict(ours.state_dict())
+    assert (ours_logits(unscaled, idx) - hf_logits(reference, idx)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("preset,hf_rope", [
+    ("llama3.1-8b", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}),
+    ("llama3.2-1b", {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}),
+    ("llama2-7b", {"rope_type": "linear", "factor": 4.0}),
+    ("mistral-7b", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}),
+])
+def test_rope_frequencies_bit_equal_to_transformers(preset, hf_rope):
+    cfg = get_preset(preset)
+    scaling = {("type" if k == "rope_type" else k): v for k, v in hf_rope.items()}
+    cfg = cfg.replace(rope_scaling=scaling)
+    hf_config = LlamaConfig(hidden_size=cfg.n_embd, num_attention_heads=cfg.n_head,
+                            max_position_embeddings=cfg.block_size,
+                            rope_parameters={**hf_rope, "rope_theta": cfg.rope_theta})
+    expected, attention_factor = ROPE_INIT_FUNCTIONS[hf_rope["rope_type"]](hf_config)
+    ours, our_factor = rope_frequencies(cfg)
+    assert torch.equal(ours, expected)
+    assert our_factor == pytest.approx(attention_factor)
+
+
+def test_old_style_config_keys(idx, tmp_path):
+    """transformers 4.x wrote rope_theta and rope_scaling = {type: ...} at the top level."""
+    reference = randomize(AutoModelForCausalLM.from_config(HF_CONFIGS["llama3.1-rope-scaling"]()))
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(ours_logits(hf.load(tmp_path), idx), hf_logits(reference, idx), atol=1e-4, rtol=0)
+
+
+def test_sharded_checkpoints_both_ways(idx, tmp_path):
+    reference = randomize(AutoModelForCausalLM.from_config(HF_CONFIGS["llama3.2-tied"]()))
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / hf.SAFETENSORS_INDEX).is_file()
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    ours = hf.load(tmp_path / "hf")
+    torch.testing.assert_close(ours_logits(ours, idx), hf_logits(reference, idx), atol=1e-4, rtol=0)
+
+    hf.save(ours, tmp_path / "ours", max_shard_bytes=40_000)
+    shards = sorted(p.name for p in (tmp_path / "ours").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    torch.testing.assert_close(hf_logits(exported, idx), hf_logits(reference, idx), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_export_keeps_dtype(tmp_path):
+    model = randomize(Transformer(style_config("llama3", 2, 64, 4, num_key_value_heads=2, vocab_size=V)))
+    hf.save(model, tmp_path, dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert next(hf.load(tmp_path).parameters()).dtype == torch.bfloat16
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert exported.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(exported.model.embed_tokens.weight, model.tok_embeddings.weight.bfloat16())
+
+
+def test_unsupported_inputs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="hidden_act"):
+        hf.config_from_hf({**LlamaConfig(**LLAMA).to_dict(), "hidden_act": "gelu"})
+    with pytest.raises(UserError, match="model_type"):
+        hf.config_from_hf({"model_type": "bert"})
+    with pytest.raises(UserError, match="head_dim"):
+        hf.config_from_hf({**LlamaConfig(**LLAMA).to_dict(), "head_dim": 32})
+    with pytest.raises(UserError, match="no Hugging Face architecture"):
+        hf.save(Transformer(style_config("gpt2", 2, 32, 4, vocab_size=V, norm_position="post")), tmp_path / "x")
+    with pytest.raises(UserError, match="multi-head"):
+        hf.save(Transformer(style_config("gpt2", 2, 32, 4, vocab_size=V, num_key_value_heads=2)), tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # weights that do not match config.json
+    randomize(AutoModelForCausalLM.from_config(HF_CONFIGS["llama2-mha"]())).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(UserError, match="does not use"):
+        hf.load(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(UserError, match="missing tensor"):
+        hf.load(tmp_path / "hf")
+
+
+def test_mistral_sliding_window_warns():
+    config = MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=32).to_dict()
+    with pytest.warns(UserWarning, match="sliding_window=32"):
+        cfg = hf.config_from_hf(config)
+    assert cfg.family == "mistral" and cfg.num_key_value_heads == 2
+
+
+# ---- native checkpoints and the CLI -----------------------------------------------------------
+
+def test_native_round_trip_and_trainer_layout(idx, tmp_path):
+    model = randomize(Transformer(style_config("gpt2", 2, 64, 4, vocab_size=V, block_size=64)))
+    hf.save_native(model, tmp_path / "native")
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == ["model.safetensors", "model.toml"]
+    back = hf.load_native(tmp_path / "native")
+    assert back.config == model.config and back.lm_head.weight is back.tok_embeddings.weight
+    torch.testing.assert_close(ours_logits(back, idx), ours_logits(model, idx), atol=0, rtol=0)
+    # a trainer may write config.json with ModelConfig fields and a torch.compile'd state dict
+    from safetensors.torch import save_file
+
+    trainer_dir = tmp_path / "step_000010"
+    trainer_dir.mkdir()
+    sd = {f"_orig_mod.{k}": v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, trainer_dir / "model.safetensors")
+    (trainer_dir / "config.json").write_text(json.dumps(model.config.to_dict()))
+    loaded, source = hf.load_checkpoint(trainer_dir)
+    assert source == "scalelab"
+    torch.testing.assert_close(ours_logits(loaded, idx), ours_logits(model, idx), atol=0, rtol=0)
+
+
+def test_cli_import_then_export(idx, tmp_path, capsys):
+    reference = randomize(AutoModelForCausalLM.from_config(HF_CONFIGS["llama3.1-rope-scaling"]()))
+    reference.save_pretrained(tmp_path / "hf")
+    assert cli_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"] == sum(p.numel() for p in reference.parameters())
+    assert report["files"] == ["model.safetensors", "model.toml"]
+    assert cli_main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--max-shard-size", "50KB"]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    assert (tmp_path / "out" / hf.SAFETENSORS_INDEX).is_file()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(hf_logits(exported, idx), hf_logits(reference, idx), atol=1e-4, rtol=0)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # temporary directories were moved into place or removed
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    model = Transformer(style_config("llama3", 2, 32, 4, num_key_value_heads=2, vocab_size=V))
+    hf.save_native(model, tmp_path / "ckpt")
+    cases = [
+        ["import-hf", str(tmp_path / "missing"), str(tmp_path / "a")],
+        ["import-hf", str(tmp_path / "ckpt"), str(tmp_path / "b")],  # not a HF directory
+        ["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "c"), "--arch", "gpt2"],
+        ["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "d"), "--max-shard-size", "lots"],
+        ["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "ckpt")],
+    ]
+    for argv in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    assert cli_main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "full")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli_main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "full"), "--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["config.json", "model.safetensors"]
