@@ -296,6 +296,8 @@ def test_too_small_budget_names_the_smallest_that_works(cli):
     (["1e21", "--aspect", "130:40"], "--aspect"),
     (["1e21", "--seq-len", "abc"], "invalid int"),
     (["1e21", "--hours", "5"], "not both"),
+    (["1e24", "--max-tokens", "1e11"], "the largest budget that has one is"),
+    (["1e21", "--max-params", "1e6"], "max-params excludes"),
 ])
 def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     law = tmp_path / "law.json"
