@@ -366,6 +366,8 @@ def plot_isoflop(result, path: str) -> None:
     top = max(min(max(ey), lo + 0.3), max(b["loss"], cf["loss"]), lo + 0.02)
     ax.set_ylim(lo - 0.08 * (top - lo), top + 0.02 * (top - lo))
     ax.axvline(b["N"], color="#ffb000", lw=0.8, ls=":", zorder=1)
+    in_view = N[loss <= top]
+    ax.set_xlim(min(in_view.min(), cf["N"]) / 1.6, max(in_view.max(), cf["N"]) * 1.6)
     ax.set_xlabel("parameters N (total, incl. embeddings)")
     ax.set_ylabel(f"predicted loss ({law.name} law)")
     ax.set_title(f"IsoFLOP curve at C = {result.C:.3g} FLOPs ({result.space.style}, S = {result.space.seq_len})")
