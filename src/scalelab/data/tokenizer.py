@@ -1,0 +1,407 @@
+"""Tokenizers behind one small interface: `load_tokenizer(spec) -> Tokenizer`.
+
+Specs:
+  byte            256 byte values, then BOS = 256 and EOS = 257 (vocab 258); always available.
+  hf:PATH         a Hugging Face `tokenizer.json` (the file or its directory), e.g. one made by
+                  `scalelab tokenizer train`. `bpe:PATH` is an alias.
+  tiktoken:PATH   a tiktoken rank file (base64 token + rank per line) such as LLaMA 3's
+                  `tokenizer.model`, with LLaMA 3's pre-tokenisation pattern and its 256 special
+                  tokens numbered from the end of the ranks (128000..128255 for LLaMA 3).
+  gpt2            GPT-2's 50257-token BPE via tiktoken, when its files can be downloaded or are
+                  cached (TIKTOKEN_CACHE_DIR); offline and uncached it is a UserError.
+
+Special tokens: `encode(text)` treats text that *looks* like a special token
+("<|end_of_text|>") as ordinary text, so a document can never inject one; BOS/EOS enter only
+through `bos=True` / `eos=True`. `decode` renders special ids as their names, so
+`decode(encode(t)) == t` for any string t and `decode(encode(t, bos=True, eos=True))` is
+`BOS_NAME + t + EOS_NAME`.
+
+The heavy libraries (tokenizers, tiktoken) are imported lazily by the backends that need them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from scalelab.errors import UserError
+
+# LLaMA 3's pre-tokenisation regex, verbatim from Meta's llama3 `tokenizer.py`.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_RESERVED_SPECIAL_TOKENS = 256
+
+
+def llama3_special_tokens() -> list[str]:
+    """LLaMA 3's 256 special tokens in id order (Meta's llama3 `tokenizer.py`)."""
+    n = LLAMA3_NUM_RESERVED_SPECIAL_TOKENS
+    return [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|reserved_special_token_2|>",
+        "<|reserved_special_token_3|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|reserved_special_token_4|>",
+        "<|eot_id|>",  # end of turn
+    ] + [f"<|reserved_special_token_{i}|>" for i in range(5, n - 5)]
+
+
+# Special-token names we recognise in an arbitrary tokenizer.json, most specific first.
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>", "<|bos|>", "[CLS]")
+_EOS_NAMES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>", "<|eos|>", "[SEP]")
+
+
+class Tokenizer:
+    """The interface every backend implements.
+
+    Attributes: `spec` (how to load it again), `kind` ("byte", "hf", "tiktoken", "gpt2"),
+    `vocab_size`, `bos_id`, `eos_id`, `files` (the files it was loaded from; copied next to
+    prepared data and hashed into its metadata).
+    """
+
+    spec: str
+    kind: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    files: tuple[Path, ...] = ()
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _encode_ordinary_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self._encode_ordinary(t) for t in texts]
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._encode_ordinary(text)
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        out = self._encode_ordinary_batch(list(texts))
+        for ids in out:
+            if bos:
+                ids.insert(0, self.bos_id)
+            if eos:
+                ids.append(self.eos_id)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def files_sha256(self) -> str:
+        """sha256 over the backend kind and the name + bytes of each tokenizer file."""
+        return files_sha256(self.kind, self.files)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec} vocab={self.vocab_size} bos={self.bos_id} eos={self.eos_id}>"
+
+
+def files_sha256(kind: str, files: Iterable[os.PathLike | str]) -> str:
+    h = hashlib.sha256(kind.encode())
+    for f in sorted(Path(p) for p in files):
+        h.update(b"\0" + f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255; BOS = 256, EOS = 257."""
+
+    kind = "byte"
+    BOS_NAME, EOS_NAME = "<|bos|>", "<|eos|>"
+
+    def __init__(self) -> None:
+        self.spec = "byte"
+        self.vocab_size = 258
+        self.bos_id, self.eos_id = 256, 257
+        self.files = ()
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out: list[str] = []
+        buf = bytearray()
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                buf.append(i)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf.clear()
+            if i == self.bos_id:
+                out.append(self.BOS_NAME)
+            elif i == self.eos_id:
+                out.append(self.EOS_NAME)
+            else:
+                raise ValueError(f"id {i} is outside the byte tokenizer's vocabulary of {self.vocab_size}")
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer.json (byte-level BPE for the ones we train)."""
+
+    kind = "hf"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer as _HF
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"no tokenizer.json at {path}; give hf:FILE_OR_DIR of a Hugging Face tokenizer")
+        try:
+            self._tok = _HF.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise UserError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+        # Text that spells a special token is encoded as text, never as the special id. That
+        # mode is ~1.4x slower, so a second instance uses it only for texts that need it.
+        self._literal = _HF.from_file(str(path))
+        self._literal.encode_special_tokens = True
+        self._specials = [t.content for t in self._tok.get_added_tokens_decoder().values()]
+        self.spec = f"hf:{path}"
+        self.files = (path,)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id = self._find_bos_eos(path)
+
+    def _find_bos_eos(self, path: Path) -> tuple[int, int]:
+        names: dict[str, str] = {}
+        config = path.parent / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                cfg = json.loads(config.read_text())
+                for key in ("bos_token", "eos_token"):
+                    val = cfg.get(key)
+                    if isinstance(val, dict):
+                        val = val.get("content")
+                    if isinstance(val, str) and self._tok.token_to_id(val) is not None:
+                        names[key] = val
+            except (OSError, ValueError):
+                pass
+        vocab_names = [t for t in _EOS_NAMES + _BOS_NAMES if self._tok.token_to_id(t) is not None]
+        eos = names.get("eos_token") or next((t for t in _EOS_NAMES if t in vocab_names), None)
+        bos = names.get("bos_token") or next((t for t in _BOS_NAMES if t in vocab_names), None)
+        if eos is None:
+            raise UserError(
+                f"{path} has no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
+                "add one as a special token or train one with `scalelab tokenizer train`"
+            )
+        if bos is None:  # GPT-2 style: one <|endoftext|> serves as both
+            bos = eos
+        return self._tok.token_to_id(bos), self._tok.token_to_id(eos)
+
+    def _needs_literal(self, text: str) -> bool:
+        return any(s in text for s in self._specials)
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        tok = self._literal if self._needs_literal(text) else self._tok
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def _encode_ordinary_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        texts = list(texts)
+        literal = [self._needs_literal(t) for t in texts]
+        if not any(literal):
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        return [self._encode_ordinary(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken BPE (rank file + regex + special tokens)."""
+
+    def __init__(self, *, kind: str, spec: str, name: str, ranks: dict[bytes, int], pattern: str,
+                 special_tokens: dict[str, int], bos: str, eos: str, files: Sequence[Path]) -> None:
+        import tiktoken
+
+        self.kind, self.spec, self.files = kind, spec, tuple(files)
+        self.encoding = tiktoken.Encoding(
+            name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens
+        )
+        self.vocab_size = self.encoding.n_vocab
+        self.bos_id, self.eos_id = special_tokens[bos], special_tokens[eos]
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def _encode_ordinary_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # encode_ordinary_batch fans out over threads; the Rust core releases the GIL.
+        return self.encoding.encode_ordinary_batch(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.encoding.decode([int(i) for i in ids], errors="replace")
+
+
+def read_rank_file(path: str | os.PathLike) -> dict[bytes, int]:
+    """Parse a tiktoken rank file (`base64token rank` per line) with a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no tiktoken rank file at {path}; give tiktoken:PATH of e.g. LLaMA 3's tokenizer.model")
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise UserError(
+                    f"{path}:{lineno} is not `base64token rank`; is this a tiktoken rank file?"
+                ) from None
+    if len(ranks) < 256 or set(ranks.values()) != set(range(len(ranks))):
+        raise UserError(f"{path}: ranks must be 0..N-1 with no gaps and cover all 256 bytes; got {len(ranks)} tokens")
+    return ranks
+
+
+def write_rank_file(path: str | os.PathLike, ranks: dict[bytes, int]) -> None:
+    from scalelab.files import atomic_write_text
+
+    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def llama3_tiktoken(path: str | os.PathLike) -> TiktokenTokenizer:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    ranks = read_rank_file(path)
+    n = len(ranks)
+    specials = {tok: n + i for i, tok in enumerate(llama3_special_tokens())}
+    return TiktokenTokenizer(
+        kind="tiktoken", spec=f"tiktoken:{path}", name=path.stem, ranks=ranks, pattern=LLAMA3_PATTERN,
+        special_tokens=specials, bos="<|begin_of_text|>", eos="<|end_of_text|>", files=[path],
+    )
+
+
+def _gpt2_pattern() -> str:
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    return r50k_pat_str
+
+
+def gpt2_from_rank_file(path: str | os.PathLike) -> TiktokenTokenizer:
+    """GPT-2 from a rank file we wrote (the copy kept beside prepared data)."""
+    path = Path(path)
+    ranks = read_rank_file(path)
+    return TiktokenTokenizer(
+        kind="gpt2", spec=f"gpt2:{path}", name="gpt2", ranks=ranks, pattern=_gpt2_pattern(),
+        special_tokens={"<|endoftext|>": len(ranks)}, bos="<|endoftext|>", eos="<|endoftext|>", files=[path],
+    )
+
+
+def gpt2_tiktoken() -> TiktokenTokenizer:
+    """GPT-2 via tiktoken's registry: downloads once into tiktoken's cache."""
+    import tiktoken
+
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests.ConnectionError, HTTPError, OSError, ...
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or "the tiktoken cache"
+        raise UserError(
+            f"the gpt2 tokenizer files are not in {cache} and could not be downloaded "
+            f"({type(e).__name__}; offline?); copy a tiktoken cache there (TIKTOKEN_CACHE_DIR) "
+            "or use --tokenizer byte, hf:PATH or tiktoken:PATH"
+        ) from None
+    tok = TiktokenTokenizer.__new__(TiktokenTokenizer)
+    tok.kind, tok.spec, tok.files = "gpt2", "gpt2", ()
+    tok.encoding = enc
+    tok.vocab_size = enc.n_vocab
+    tok.bos_id = tok.eos_id = enc.eot_token
+    return tok
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """Load a tokenizer from its spec string (see the module docstring)."""
+    spec = str(spec)
+    kind, _, arg = spec.partition(":")
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "gpt2":
+        return gpt2_tiktoken()
+    if kind in ("hf", "bpe") and arg:
+        return HFTokenizer(arg)
+    if kind == "tiktoken" and arg:
+        return llama3_tiktoken(arg)
+    if kind == "gpt2" and arg:
+        return gpt2_from_rank_file(arg)
+    raise UserError(f"unknown tokenizer {spec!r}; use byte, gpt2, hf:PATH (tokenizer.json) or tiktoken:PATH (rank file)")
+
+
+def save_tokenizer_files(tok: Tokenizer, out_dir: str | os.PathLike) -> tuple[str, list[str]]:
+    """Copy the tokenizer's files into `out_dir`; return (spec relative to out_dir, file names).
+
+    (`gpt2` loaded from tiktoken's cache is written out as a rank file, `gpt2.tiktoken`.)
+
+    The relative spec is `KIND:NAME`; `load_saved_tokenizer(out_dir, spec)` resolves it.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tok.kind == "byte":
+        return "byte", []
+    if tok.kind == "gpt2" and not tok.files:
+        assert isinstance(tok, TiktokenTokenizer)
+        write_rank_file(out_dir / "gpt2.tiktoken", tok.encoding._mergeable_ranks)  # noqa: SLF001
+        return "gpt2:gpt2.tiktoken", ["gpt2.tiktoken"]
+    files = list(tok.files)
+    if tok.kind == "hf":  # keep its tokenizer_config.json (names of BOS/EOS) if there is one
+        cfg = tok.files[0].parent / "tokenizer_config.json"
+        if cfg.is_file():
+            files.append(cfg)
+    for f in files:
+        shutil.copyfile(f, out_dir / f.name)
+    return f"{tok.kind}:{files[0].name}", [f.name for f in files]
+
+
+def load_saved_tokenizer(out_dir: str | os.PathLike, relative_spec: str) -> Tokenizer:
+    kind, _, name = relative_spec.partition(":")
+    if not name:
+        return load_tokenizer(kind)
+    return load_tokenizer(f"{kind}:{Path(out_dir) / name}")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
+              bos: str = "<|begin_of_text|>", eos: str = "<|end_of_text|>") -> HFTokenizer:
+    """Train a byte-level BPE with the `tokenizers` library; write OUT_DIR/tokenizer.json.
+
+    BOS and EOS are special tokens with ids 0 and 1. Byte-level means all 256 bytes are in the
+    base alphabet, so any Unicode text round-trips exactly.
+    """
+    from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers, trainers
+
+    from scalelab.files import atomic_write_text
+
+    if vocab_size < 258 + 2:
+        raise UserError(f"--vocab-size {vocab_size} is too small for a byte-level BPE; use at least 260")
+    tok = _HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[bos, eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    out = Path(out_dir) / "tokenizer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, tok.to_str(pretty=True))
+    return HFTokenizer(out)
