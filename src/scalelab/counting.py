@@ -213,30 +213,14 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}")
-    n = count_params(cfg)
-    wb, gb, ob = PRECISIONS[precision]
-    shards = num_devices if sharding == "fsdp" else 1
-    weights = n.total * wb / shards
-    grads = n.total * gb / shards
-    optimizer = n.total * ob / shards
-    compute_bytes = ACTIVATION_BYTES[precision]
-    unsharded_buffers = 2 * n.per_layer * compute_bytes if sharding == "fsdp" and num_devices > 1 else 0
-    tokens = micro_batch * s
-    per_layer = activation_elements_per_token_per_layer(
-        cfg.n_embd, cfg.kv_dim, cfg.ffn_hidden, cfg.n_head, s, ffn_type=cfg.ffn_type, attention=attention)
-    if activation_checkpointing:  # keep each block's input; recompute one block at a time
-        layer_acts = tokens * (cfg.n_layer * cfg.n_embd + per_layer) * compute_bytes
-    else:
-        layer_acts = tokens * cfg.n_layer * per_layer * compute_bytes
-    logits = tokens * cfg.vocab_size * (compute_bytes + 4)
-    activations = layer_acts + logits + tokens * 2 * cfg.n_embd * compute_bytes  # + final norm
-    total = weights + grads + optimizer + unsharded_buffers + activations
-    return {
-        "weights": weights, "gradients": grads, "optimizer": optimizer,
-        "unsharded_buffers": unsharded_buffers, "activations": activations, "total": total,
-        "micro_batch": micro_batch, "seq_len": s, "num_devices": num_devices, "sharding": sharding,
-        "precision": precision, "activation_checkpointing": activation_checkpointing,
-    }
+    parts = training_memory_arrays(*_shape_args(cfg), seq_len=s, micro_batch=micro_batch,
+                                   num_devices=num_devices, sharding=sharding, precision=precision,
+                                   activation_checkpointing=activation_checkpointing, attention=attention,
+                                   **_style_kwargs(cfg))
+    out: dict[str, Any] = {k: float(v) for k, v in parts.items()}
+    out.update(micro_batch=micro_batch, seq_len=s, num_devices=num_devices, sharding=sharding,
+               precision=precision, activation_checkpointing=activation_checkpointing)
+    return out
 
 
 def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *, seq_len: int,
