@@ -417,7 +417,8 @@ def _publish(staging: Path, out: Path) -> None:
 
 def prepare(pieces: Iterable[Piece], tokenizer: str, out: str | os.PathLike, *, val_fraction: float = 0.005,
             workers: int = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS, total_bytes: int | None = None,
-            sources: list[str] | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+            sources: list[str] | None = None, overwrite: bool = False, progress: bool = True,
+            batch_chars: int = BATCH_CHARS) -> dict:
     """Tokenize `pieces` into OUT (see the module docstring); return the metadata written."""
     from scalelab.data.tokenizer import files_sha256, load_tokenizer, save_tokenizer_files
 
@@ -436,7 +437,7 @@ def prepare(pieces: Iterable[Piece], tokenizer: str, out: str | os.PathLike, *, 
         writers = {s: ShardWriter(staging, s, dtype, shard_tokens) for s in ("train", "val")}
         bar = _progress_bar(total_bytes, progress)
         doc_split: str | None = None  # the split of the document whose pieces are streaming in
-        in_batch_order = _run_batches(_batches(pieces), tok.spec, dtype.name, workers)
+        in_batch_order = _run_batches(_batches(pieces, batch_chars), tok.spec, dtype.name, workers)
         try:
             for batch, (lengths, flat, nbytes) in in_batch_order:
                 offset = 0
