@@ -210,16 +210,21 @@ class HFTokenizer(Tokenizer):
     def _needs_literal(self, text: str) -> bool:
         return any(s in text for s in self._specials)
 
+    @staticmethod
+    def _batch(tok, texts: list[str]) -> list[list[int]]:
+        # encode_batch_fast (tokenizers >= 0.21) skips character offsets: about 2x faster.
+        fast = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
+        return [e.ids for e in fast(texts, add_special_tokens=False)]
+
     def _encode_ordinary(self, text: str) -> list[int]:
-        tok = self._literal if self._needs_literal(text) else self._tok
-        return tok.encode(text, add_special_tokens=False).ids
+        return self._encode_ordinary_batch([text])[0]
 
     def _encode_ordinary_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = list(texts)
         literal = [self._needs_literal(t) for t in texts]
         if not any(literal):
-            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-        return [self._encode_ordinary(t) for t in texts]
+            return self._batch(self._tok, texts)
+        return [self._batch(self._literal if lit else self._tok, [t])[0] for t, lit in zip(texts, literal)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
