@@ -1,0 +1,369 @@
+"""The training config: a TOML file with sections [model] [data] [train] [eval] [checkpoint]
+[parallel] [logging].
+
+Every key is declared exactly once below, as a dataclass field with its type, default and a
+one-line doc (`option(...)`). `load_config` checks names (unknown key -> UserError naming the
+closest valid one) and types against these declarations, `config_reference_markdown()`
+renders them as docs/training-config.md, and `TrainConfig.to_toml()` writes the resolved
+config a run used. No torch here.
+
+[model] is not declared here: it is resolved by `scalelab.presets.resolve_model_section`
+(`preset = "gpt2"` or `style = "llama3"` plus fields, or full ModelConfig fields, which is
+what `scalelab plan --emit-config` writes).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from scalelab.config import ModelConfig, apply_overrides, closest, load_toml
+from scalelab.errors import UserError
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+BACKENDS = ("auto", "gloo", "nccl")
+ATTENTIONS = ("sdpa", "math")
+
+
+def option(default: Any, doc: str, kind: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config key: its default, a one-line doc and its TOML type
+    (int, float, bool, str, int?, float? (may be absent), float2 (a pair of numbers))."""
+    meta = {"doc": doc, "kind": kind, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataSection:
+    """Where the tokens come from (a directory written by `scalelab prepare`)."""
+    dir: str = option("", "prepared data directory (meta.json + shards); relative paths are taken from the "
+                      "current directory", "str")
+    train_split: str = option("train", "split to train on", "str")
+    val_split: str = option("val", "held-out split for eval", "str")
+
+
+@dataclass
+class TrainSection:
+    """How long, how big a batch, and how the optimizer steps."""
+    seq_len: int = option(1024, "tokens per sequence (≤ model block_size for learned positions)", "int")
+    micro_batch_size: int = option(8, "sequences per forward/backward on each device", "int")
+    global_batch_tokens: int = option(0, "tokens per optimizer step over all devices; gradient accumulation = "
+                                      "global_batch_tokens / (micro_batch_size × seq_len × world size). "
+                                      "0 means one micro-batch per device", "int")
+    max_steps: int | None = option(None, "training length in optimizer steps (give exactly one of max_steps, "
+                                   "max_tokens, max_flops)", "int?")
+    max_tokens: float | None = option(None, "training length in tokens, the planner's D (rounded up to whole "
+                                      "steps)", "float?")
+    max_flops: float | None = option(None, "training length in FLOPs, the planner's C, counted exactly by "
+                                     "scalelab.counting.training_flops (rounded up to whole steps)", "float?")
+    lr: float = option(3e-4, "peak learning rate", "float")
+    min_lr: float = option(3e-5, "learning rate at the end of the decay", "float")
+    warmup: float = option(100, "linear warmup from 0: steps (≥ 1) or a fraction of the run (< 1)", "float")
+    schedule: str = option("cosine", "decay after warmup", "str", SCHEDULES)
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay, applied to matrices (dim ≥ 2: linear "
+                                 "weights and embeddings) only, never to norms or biases", "float")
+    betas: list = option([0.9, 0.95], "AdamW (beta1, beta2)", "float2")
+    eps: float = option(1e-8, "AdamW epsilon", "float")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping; the norm is "
+                              "still logged)", "float")
+    dtype: str = option("bf16", "bf16: autocast (FSDP: bf16 params, fp32 reduce); fp16: autocast + "
+                        "GradScaler; fp32: full precision", "str", DTYPES)
+    compile: bool = option(False, "torch.compile each transformer block", "bool")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward", "bool")
+    attention: str = option("sdpa", "attention kernel: sdpa (fused) or math (explicit matmuls)", "str",
+                            ATTENTIONS)
+    seed: int = option(1337, "seeds model init and the data order", "int")
+    deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible runs; "
+                                 "slower on GPU)", "bool")
+    device: str = option("auto", "auto picks cuda, then mps, then cpu", "str", DEVICES)
+
+
+@dataclass
+class EvalSection:
+    """Held-out loss (and bits per byte when the tokenizer can decode)."""
+    every: int = option(500, "evaluate every this many steps (0 = only at the end)", "int")
+    batches: int = option(20, "micro-batches of the val split per device per eval (the same ones every "
+                          "time)", "int")
+    at_end: bool = option(True, "evaluate after the last step", "bool")
+
+
+@dataclass
+class CheckpointSection:
+    """Atomic checkpoints under RUN_DIR/checkpoints; resume is automatic."""
+    every: int = option(1000, "checkpoint every this many steps (0 = only at the end and on "
+                        "SIGTERM/SIGINT)", "int")
+    keep: int = option(3, "keep the newest this many checkpoints (older ones are deleted)", "int")
+    on_signal: bool = option(True, "on SIGTERM/SIGINT finish the current step, checkpoint, and exit", "bool")
+
+
+@dataclass
+class ParallelSection:
+    """Data parallelism under torchrun (WORLD_SIZE > 1)."""
+    strategy: str = option("auto", "auto: ddp when launched by torchrun with >1 process, else none; fsdp "
+                           "shards parameters, gradients and optimizer state (FSDP2 per block + root)",
+                           "str", STRATEGIES)
+    backend: str = option("auto", "process group backend: auto is nccl on GPU, gloo on CPU", "str", BACKENDS)
+    reshard_after_forward: bool = option(True, "FSDP: free gathered block parameters after forward "
+                                         "(ZeRO-3; false keeps them until backward, ZeRO-2-like)", "bool")
+
+
+@dataclass
+class LoggingSection:
+    """Console lines on stderr and RUN_DIR/metrics.jsonl."""
+    every: int = option(10, "log a console line and a metrics.jsonl record every this many steps", "int")
+    run_dir: str = option("", "run directory (default runs/<config file name>); --run-dir overrides", "str")
+    peak_tflops: float = option(0.0, "peak TFLOP/s per device for MFU; 0 = the hardware table's dense bf16 "
+                                "peak for the detected GPU (MFU is n/a on CPU unless set)", "float")
+    tensorboard: bool = option(False, "also write TensorBoard scalars to RUN_DIR/tensorboard (if installed)",
+                               "bool")
+    wandb_project: str = option("", "also log to this Weights & Biases project (if installed)", "str")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataSection, "train": TrainSection, "eval": EvalSection, "checkpoint": CheckpointSection,
+    "parallel": ParallelSection, "logging": LoggingSection,
+}
+ALL_SECTIONS = ("model", *SECTIONS)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    source: str = ""  # the file it came from (not written back)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model.to_dict()}
+        for name in SECTIONS:
+            section = {k: v for k, v in dataclasses.asdict(getattr(self, name)).items() if v is not None}
+            out[name] = section
+        return out
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    @property
+    def warmup_is_fraction(self) -> bool:
+        return self.train.warmup < 1
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def _check_value(value: Any, kind: str, where: str) -> Any:
+    def bad(what: str) -> UserError:
+        return UserError(f"{where} must be {what}, got {value!r}")
+
+    base = kind.rstrip("?")
+    if base == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("finite")
+        return float(value)
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if base == "float2":
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+            raise bad("a pair of numbers such as [0.9, 0.95]")
+        return [float(v) for v in value]
+    raise AssertionError(kind)
+
+
+def _build_section(cls: type, table: Any, name: str, where: str) -> Any:
+    if not isinstance(table, Mapping):
+        raise UserError(f"{where}: [{name}] must be a table, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown key '{name}.{key}'{closest(key, fields)}; "
+                            f"valid keys in [{name}]: {', '.join(fields)}")
+        meta = fields[key].metadata
+        value = _check_value(value, meta["kind"], f"{where}: {name}.{key}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise UserError(f"{where}: {name}.{key} must be one of {', '.join(meta['choices'])}; got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any], *, where: str = "config") -> TrainConfig:
+    """Check a parsed TOML document and build a TrainConfig (UserError on the first problem)."""
+    from scalelab.presets import resolve_model_section
+
+    for key, value in data.items():
+        if key not in ALL_SECTIONS:
+            raise UserError(f"{where}: unknown section [{key}]{closest(key, ALL_SECTIONS)}; "
+                            f"sections: {', '.join(ALL_SECTIONS)}")
+    if "model" not in data:
+        raise UserError(f"{where}: no [model] section; give `preset = \"gpt2\"`, a style with sizes, or full fields")
+    if not isinstance(data["model"], Mapping):
+        raise UserError(f"{where}: [model] must be a table")
+    model = resolve_model_section(data["model"], where=f"{where} [model]")
+    sections = {name: _build_section(cls, data.get(name, {}), name, where) for name, cls in SECTIONS.items()}
+    cfg = TrainConfig(model=model, source=where, **sections)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Read a training config TOML and apply `--set section.key=value` overrides."""
+    data = load_toml(path)
+    overrides = list(overrides)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" in item and "." not in key:
+            raise UserError(f"--set {item}: name the section, e.g. train.{key}=... or model.{key}=...")
+    data = apply_overrides(copy.deepcopy(data), overrides)
+    return config_from_dict(data, where=str(path))
+
+
+def validate(cfg: TrainConfig) -> None:
+    t, where = cfg.train, cfg.source or "config"
+    if not cfg.data.dir:
+        raise UserError(f"{where}: data.dir is not set; point it at a directory made by `scalelab prepare`")
+    for key in ("seq_len", "micro_batch_size"):
+        if getattr(t, key) < 1:
+            raise UserError(f"{where}: train.{key} must be positive, got {getattr(t, key)}")
+    if t.global_batch_tokens < 0:
+        raise UserError(f"{where}: train.global_batch_tokens must be ≥ 0, got {t.global_batch_tokens}")
+    lengths = [k for k in ("max_steps", "max_tokens", "max_flops") if getattr(t, k) is not None]
+    if len(lengths) != 1:
+        raise UserError(f"{where}: give exactly one of train.max_steps, train.max_tokens, train.max_flops "
+                        f"(got {', '.join(lengths) or 'none'})")
+    if getattr(t, lengths[0]) <= 0:
+        raise UserError(f"{where}: train.{lengths[0]} must be positive")
+    if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
+        raise UserError(f"{where}: need train.lr > 0 and 0 ≤ train.min_lr ≤ train.lr (got {t.lr:g}, {t.min_lr:g})")
+    if t.warmup < 0 or (t.warmup >= 1 and not float(t.warmup).is_integer()):
+        raise UserError(f"{where}: train.warmup must be a whole number of steps or a fraction in [0, 1), got {t.warmup:g}")
+    if not all(0 <= b < 1 for b in t.betas):
+        raise UserError(f"{where}: train.betas must be in [0, 1), got {t.betas}")
+    if t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0:
+        raise UserError(f"{where}: train.weight_decay and train.grad_clip must be ≥ 0 and train.eps > 0")
+    if cfg.model.position_encoding == "learned" and t.seq_len > cfg.model.block_size:
+        raise UserError(f"{where}: train.seq_len {t.seq_len} exceeds the model's {cfg.model.block_size} learned "
+                        f"positions; lower train.seq_len or raise model.block_size")
+    for name in ("eval", "checkpoint", "logging"):
+        if getattr(cfg, name).every < 0:
+            raise UserError(f"{where}: {name}.every must be ≥ 0")
+    if cfg.logging.every < 1:
+        raise UserError(f"{where}: logging.every must be ≥ 1")
+    if cfg.eval.batches < 1:
+        raise UserError(f"{where}: eval.batches must be ≥ 1")
+    if cfg.checkpoint.keep < 1:
+        raise UserError(f"{where}: checkpoint.keep must be ≥ 1")
+    if cfg.parallel.strategy == "fsdp" and t.dtype == "fp16":
+        raise UserError(f"{where}: FSDP with fp16 is not supported (no sharded grad scaler); use dtype bf16")
+    if cfg.logging.peak_tflops < 0:
+        raise UserError(f"{where}: logging.peak_tflops must be ≥ 0")
+
+
+# ---- derived quantities -------------------------------------------------------------------------
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """global_batch_tokens / (micro_batch_size × seq_len × world_size), which must be whole."""
+    t = cfg.train
+    per_micro = t.micro_batch_size * t.seq_len * world_size
+    if t.global_batch_tokens == 0:
+        return 1
+    if t.global_batch_tokens % per_micro:
+        lower = max(per_micro, t.global_batch_tokens // per_micro * per_micro)
+        raise UserError(f"train.global_batch_tokens {t.global_batch_tokens} is not a multiple of micro_batch_size "
+                        f"× seq_len × world size = {t.micro_batch_size} × {t.seq_len} × {world_size} = {per_micro}; "
+                        f"use e.g. {lower} or {lower + per_micro}")
+    return t.global_batch_tokens // per_micro
+
+
+def total_steps(cfg: TrainConfig, tokens_per_step: int, flops_per_step: float) -> int:
+    t = cfg.train
+    if t.max_steps is not None:
+        return int(t.max_steps)
+    if t.max_tokens is not None:
+        return max(1, math.ceil(t.max_tokens / tokens_per_step))
+    return max(1, math.ceil(t.max_flops / flops_per_step))
+
+
+def warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    w = cfg.train.warmup
+    return int(round(w * steps)) if w < 1 else int(w)
+
+
+# ---- documentation ------------------------------------------------------------------------------
+
+def config_reference_markdown() -> str:
+    """docs/training-config.md, generated from the declarations above (tests keep it in sync)."""
+    lines = [
+        "# Training config reference",
+        "",
+        "<!-- generated by scalelab.train.config.config_reference_markdown(); do not edit by hand -->",
+        "",
+        "A training config is a TOML file with the sections below. Any key can be overridden on the",
+        "command line: `scalelab train CONFIG.toml --set train.lr=1e-3 --set model.n_layer=4`.",
+        "Unknown keys and wrong types are errors (exit status 2) that name the closest valid key.",
+        "",
+        "## [model]",
+        "",
+        "Either `preset = \"NAME\"` (an official model: `scalelab count --help` lists them) plus field",
+        "overrides, or `style = \"gpt2\" | \"llama2\" | \"llama3\"` plus `n_layer`, `n_embd`, `n_head` and",
+        "overrides, or every ModelConfig field (what `scalelab plan --emit-config` writes). Fields:",
+        "`n_layer, n_head, n_embd, num_key_value_heads, d_ff, ffn_expansion_ratio, multiple_of,",
+        "vocab_size, block_size, normalization, norm_eps, position_encoding, rope_theta, rope_scaling,",
+        "ffn_type, norm_position, bias, tie_embeddings, family`.",
+        "",
+    ]
+    for name, cls in SECTIONS.items():
+        lines += [f"## [{name}]", "", (cls.__doc__ or "").strip(), "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            kind = {"int?": "int", "float?": "float", "float2": "[float, float]"}.get(f.metadata["kind"],
+                                                                                      f.metadata["kind"])
+            shown = "—" if default is None else f"`{_toml_value(default)}`"
+            doc = f.metadata["doc"]
+            if f.metadata["choices"]:
+                doc += " (" + " \\| ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+            lines.append(f"| `{f.name}` | {kind} | {shown} | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+if __name__ == "__main__":  # python -m scalelab.train.config > docs/training-config.md
+    print(config_reference_markdown())
