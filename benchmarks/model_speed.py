@@ -99,7 +99,8 @@ def main() -> None:
     tokens = args.batch * args.seq_len
     tps_ours = tokens / statistics.median(times_ours)
     tps_theirs = tokens / statistics.median(times_theirs)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads"
+    cuda = args.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"
     result = {"model": cfg.name(), "params": sum(p.numel() for p in ours.parameters()), "device": device_name,
               "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "seq_len": args.seq_len,
               "loss_ours": loss_ours, "loss_transformers": loss_theirs,

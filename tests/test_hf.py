@@ -3,8 +3,6 @@ logits to 1e-4 in fp32 in both directions, exact round trips, sharded checkpoint
 config key styles, and the CLI verbs. Tiny configs (2 layers, 64 wide) keep it fast."""
 
 import json
-import warnings
-from pathlib import Path
 
 import pytest
 import torch

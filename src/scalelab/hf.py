@@ -148,9 +148,10 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
     arch = arch or default_architecture(cfg)
     if arch not in ARCHITECTURES:
         raise UserError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {arch!r}")
-    if default_architecture(cfg) == "gpt2" and arch != "gpt2" or default_architecture(cfg) != "gpt2" and arch == "gpt2":
+    natural = default_architecture(cfg)
+    if (natural == "gpt2") != (arch == "gpt2"):
         raise UserError(f"this model ({cfg.normalization}, {cfg.position_encoding}, {cfg.ffn_type}) cannot be "
-                        f"exported as {arch}; use --arch {default_architecture(cfg)}")
+                        f"exported as {arch}; use --arch {natural}")
     dtype_name = str(dtype).removeprefix("torch.")
     common = {"architectures": [HF_CLASS[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype_name, "dtype": dtype_name,
@@ -476,7 +477,8 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, devic
     if not path.is_dir():
         raise UserError(f"{path}: no such checkpoint directory")
     if native_config(path) is not None:
-        return load_native(path, dtype=dtype, device=device, attention=attention, overrides=overrides), "scalelab"
+        model = load_native(path, dtype=dtype, device=device, attention=attention, overrides=overrides)
+        return model, "scalelab"
     if (path / "config.json").is_file():
         arch = architecture_of(read_json(path / "config.json"))
         return load(path, dtype=dtype, device=device, attention=attention, overrides=overrides), arch
