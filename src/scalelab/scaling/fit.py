@@ -301,15 +301,45 @@ def law_from_x(x, name: str = "fit") -> LossLaw:
     return LossLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, name=name)
 
 
-def _lbfgs(x0, logN, logD, logL, delta, *, analytic: bool = True, maxiter: int = 15000):
+def _scaled(x, scale, logN, logD, logL, delta):
+    f, g = objective_and_grad(x, logN, logD, logL, delta)
+    return f / scale, g / scale
+
+
+# alpha, beta >= 0: a law whose loss grows with N or D is no scaling law, and when a term is
+# too small to see in the data, an unbounded fit can trade it for a tiny A with a negative
+# exponent that explodes outside the data (seen in synthetic tests with a 1e-3-nat term).
+_BOUNDS = [(None, None)] * 3 + [(0.0, None)] * 2
+
+
+def _minimize():
+    """scipy.optimize.minimize, loading scipy with a single-threaded OpenBLAS unless the user
+    chose otherwise: scipy >= 1.15's L-BFGS-B calls BLAS on 5x5 problems, and idle OpenBLAS
+    threads spinning beside it made every fit 3-7x slower on a busy 2-core machine. The
+    variable only affects BLAS libraries loaded after it is set (numpy's is already loaded)."""
+    import os
+    import sys
+
+    if "scipy.optimize" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from scipy.optimize import minimize
 
+    return minimize
+
+
+def _lbfgs(x0, logN, logD, logL, delta, *, analytic: bool = True, scale: float = 1.0, maxiter: int = 5000):
+    """One L-BFGS-B run. Ours (analytic) minimises objective/scale: L-BFGS-B's ftol test is
+    absolute for |f| < 1, so dividing by the current objective makes it relative (an exact
+    fit's objective heads to 0 and would otherwise stop far from it)."""
+    minimize = _minimize()
+
     if analytic:
-        res = minimize(objective_and_grad, np.asarray(x0, float), args=(logN, logD, logL, delta), jac=True,
-                       method="L-BFGS-B", options={"maxiter": maxiter, "ftol": 1e-15, "gtol": 1e-12,
-                                                   "maxcor": 20})
-    else:  # the classic setting: finite-difference gradient, scipy's default tolerances
-        res = minimize(objective, np.asarray(x0, float), args=(logN, logD, logL, delta), method="L-BFGS-B")
+        res = minimize(_scaled, np.asarray(x0, float), args=(max(scale, 1e-300), logN, logD, logL, delta),
+                       jac=True, method="L-BFGS-B", bounds=_BOUNDS,
+                       options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-10, "maxcor": 20})
+        return res.x, objective(res.x, logN, logD, logL, delta)
+    # the classic setting: finite-difference gradient, scipy's default tolerances
+    res = minimize(objective, np.asarray(x0, float), args=(logN, logD, logL, delta), method="L-BFGS-B")
     return res.x, float(res.fun)
 
 
@@ -346,7 +376,8 @@ def fit_classic_grid(runs: Runs, *, delta: float = HUBER_DELTA, starts: np.ndarr
     starts = classic_grid_starts() if starts is None else np.atleast_2d(starts)
     best_x, best_f = None, math.inf
     for i, x0 in enumerate(starts):
-        x, f = _lbfgs(x0, logN, logD, logL, delta, analytic=analytic)
+        with np.errstate(all="ignore"):  # far-off starts overflow exp; L-BFGS-B backs off
+            x, f = _lbfgs(x0, logN, logD, logL, delta, analytic=analytic)
         if f < best_f:
             best_x, best_f = x, f
         if progress is not None:
@@ -395,7 +426,9 @@ def _projected_starts(logN, logD, logL, delta, alphas, betas, n_starts: int) -> 
         better = ok & (sse < best_sse)
         best_sse = np.where(better, sse, best_sse)
         best_coef = np.where(better[:, None], coef, best_coef)
-    tiny = 1e-30
+    # a term the NNLS dropped (coefficient 0) restarts at 1e-4 of the loss, not at log(0): from
+    # there the polish can still grow it (at exp(-70) its gradient would vanish)
+    tiny = 1e-4
     a = np.log(np.maximum(best_coef[:, 0], tiny)) + al * logN.mean()
     b = np.log(np.maximum(best_coef[:, 1], tiny)) + be * logD.mean()
     e = np.log(np.maximum(best_coef[:, 2], tiny))
@@ -431,15 +464,21 @@ def fit_approach3(runs: Runs, *, delta: float = HUBER_DELTA, grid_size: int = 40
         starts = np.vstack([np.asarray(x0, float)[None, :], starts])
     best_x, best_f = None, math.inf
     for s in starts:
-        x, f = _lbfgs(s, logN, logD, logL, delta)
+        x, f = _lbfgs(s, logN, logD, logL, delta, scale=objective(s, logN, logD, logL, delta))
         if f < best_f:
             best_x, best_f = x, f
-    if best_x is None:
+    if best_x is None or not math.isfinite(best_f):
         raise UserError("the fit found no finite objective; check the data (losses, N and D in raw units)")
-    # restart once from the best point (L-BFGS's memory is stale after the Huber kinks)
-    x, f = _lbfgs(best_x, logN, logD, logL, delta)
-    if f < best_f:
+    # restart from the best point, rescaled to its objective, while that still helps (L-BFGS's
+    # memory is stale after the Huber kinks; a near-exact fit gains orders of magnitude per round)
+    for _ in range(6):
+        x, f = _lbfgs(best_x, logN, logD, logL, delta, scale=best_f)
+        if not f < best_f:
+            break
+        improved = best_f - f
         best_x, best_f = x, f
+        if improved <= 1e-9 * best_f:
+            break
     return Approach3Fit(law_from_x(best_x), best_x, best_f, len(runs), delta, "approach3")
 
 
