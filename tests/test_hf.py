@@ -249,3 +249,16 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert cli_main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "full"), "--force"]) == 0
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_cli_export_from_trainer_run_directory(idx, tmp_path, capsys):
+    """A run directory (checkpoints/latest -> step_*) as the trainer writes it."""
+    from scalelab.train.checkpoint import save_checkpoint
+    from scalelab.train.parallel import Dist
+
+    model = randomize(Transformer(style_config("llama3", 2, 64, 4, num_key_value_heads=2, vocab_size=V)))
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "run", 10, model, optimizer, {"step": 10}, strategy="none", d=Dist(), keep=2)
+    assert cli_main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0, capsys.readouterr().err
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(hf_logits(exported, idx), ours_logits(model, idx), atol=1e-4, rtol=0)

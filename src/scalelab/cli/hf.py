@@ -131,9 +131,23 @@ def run_export(args: argparse.Namespace) -> int:
     out = _check_paths(args.checkpoint, args.out, args.force)
     max_shard = hf.parse_size(args.max_shard_size)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, source = hf.load_checkpoint(args.checkpoint, dtype=dtype, overrides=args.overrides)
+    model, source = _load_for_export(Path(args.checkpoint), dtype, args.overrides)
     hf.config_to_hf(model.config, args.arch)  # unsupported architecture: fail before writing anything
     arch = {}
     _write_directory(out, lambda d: arch.setdefault("arch", hf.save(model, d, arch=args.arch,
                                                                      max_shard_bytes=max_shard)))
     return _report(args, model, source if source == "scalelab" else hf.HF_CLASS[source], hf.HF_CLASS[arch["arch"]])
+
+
+def _load_for_export(path: Path, dtype, overrides: list[str]):
+    """(model, source kind) from a checkpoint directory (ours or Hugging Face's), or from what only
+    the trainer knows how to read: a run directory (its latest checkpoint) or an FSDP (DCP) one."""
+    from scalelab import hf
+
+    if any((path / name).is_file() for name in ("model.safetensors", hf.SAFETENSORS_INDEX, "config.json")):
+        return hf.load_checkpoint(path, dtype=dtype, overrides=overrides)
+    if overrides:
+        raise UserError("--set needs a checkpoint directory with model.safetensors, not a run directory")
+    from scalelab.train.checkpoint import load_model_for_inference
+
+    return load_model_for_inference(path, dtype=dtype), "scalelab"
