@@ -161,6 +161,9 @@ def test_sampling_controls():
         tok = sample_next_token(logits, 1.0, top_p=0.7)
         rank = (order == tok).float().argmax(-1)
         assert (rank < need).all()
+    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(UserError):
+            sample_next_token(logits, **bad)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     model = randomize(Transformer(SMALL["mqa"]))
     prompt = torch.randint(0, V, (1, 3))
