@@ -225,23 +225,25 @@ def make_run(path: Path, n_layer: int, n_embd: int, tokens: list[float], losses:
     else:  # a bare model config
         cfg = style_config("gpt2", n_layer, n_embd, n_head)
         (path / "model.toml").write_text(cfg.to_toml())
-    lines = []
+    lines = []  # the trainer's records (scalelab/train/metrics.py), plus a torn last line
     for step, (t, l) in enumerate(zip(tokens, losses), start=1):
-        lines.append(json.dumps({"step": step * 10, "tokens": t, "loss": l + 0.05, "lr": 1e-3}))
+        lines.append(json.dumps({"kind": "train", "step": step * 10, "tokens": t, "flops": t * 1000,
+                                 "loss": l + 0.05, "lr": 1e-3}))
         if val:
-            lines.append(json.dumps({"step": step * 10, "tokens": t, "val_loss": l}))
-    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+            lines.append(json.dumps({"kind": "eval", "step": step * 10, "tokens": t, "flops": t * 1000,
+                                     "val_loss": l, "val_bpb": None}))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "train", "st')
     return count_params(style_config("gpt2", n_layer, n_embd, n_head)).total
 
 
 def test_run_directory_final_and_best(tmp_path):
     n = make_run(tmp_path / "r1", 2, 128, [1e6, 2e6, 3e6], [4.0, 3.5, 3.6])
     got = F.read_run_dir(tmp_path / "r1")
-    assert got[:3] == (n, 3e6, 3.6)
-    assert F.read_run_dir(tmp_path / "r1", pick="best")[:3] == (n, 2e6, 3.5)
+    assert got[:4] == (n, 3e6, 3.6, 3e6 * 1000)  # C: the trainer's logged flops
+    assert F.read_run_dir(tmp_path / "r1", pick="best")[:4] == (n, 2e6, 3.5, 2e6 * 1000)
     # no evaluations: the last training loss; model.toml instead of config.toml
     n2 = make_run(tmp_path / "r2", 3, 192, [1e6, 5e6], [4.0, 3.0], config_name="model.toml", val=False)
-    assert F.read_run_dir(tmp_path / "r2")[:3] == (n2, 5e6, 3.05)
+    assert F.read_run_dir(tmp_path / "r2")[:4] == (n2, 5e6, 3.05, 5e6 * 1000)
     # a directory of runs
     runs = F.load_runs([tmp_path])
     assert len(runs) == 2 and sorted(runs.N) == sorted([n, n2])

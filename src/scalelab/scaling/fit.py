@@ -60,7 +60,7 @@ class Runs:
     N: np.ndarray
     D: np.ndarray
     loss: np.ndarray
-    C: np.ndarray  # given FLOPs, or 6ND where not given
+    C: np.ndarray  # FLOPs as given (a table's C column, a run's logged flops), else 6ND
     source: list[str] = field(default_factory=list)  # "file:line" or run directory, per run
 
     def __len__(self) -> int:
@@ -167,7 +167,7 @@ def read_table(path: str | Path, *, tokens_from_flops: bool = False) -> Runs:
 
 # ---- run directories (scalelab train) --------------------------------------------------------
 
-RUN_CONFIG_NAMES = ("config.toml", "model.toml")
+RUN_CONFIG_NAMES = ("model.toml", "config.toml")  # the bare ModelConfig, or the training config's [model]
 
 
 def _run_params(run_dir: Path, *, non_embedding: bool) -> float:
@@ -182,27 +182,30 @@ def _run_params(run_dir: Path, *, non_embedding: bool) -> float:
     raise UserError(f"{run_dir}: no {' or '.join(RUN_CONFIG_NAMES)} to count the model's parameters")
 
 
-def read_run_dir(run_dir: str | Path, *, pick: str = "final", non_embedding: bool = False) -> tuple[float, float, float, str]:
-    """(N, D, loss, where) of one `scalelab train` run directory.
+def read_run_dir(run_dir: str | Path, *, pick: str = "final",
+                 non_embedding: bool = False) -> tuple[float, float, float, float | None, str]:
+    """(N, D, loss, C, where) of one `scalelab train` run directory.
 
     Loss is the final (or, with pick='best', the lowest) evaluation loss `val_loss` in
-    metrics.jsonl, with D the `tokens` seen at that evaluation; a run without evaluations falls
-    back to its last training `loss`. N is the total parameter count of the run's model config.
+    metrics.jsonl, D the `tokens` seen at that evaluation and C its `flops` (None if not
+    logged); a run without evaluations falls back to its last training `loss`. N is the total
+    parameter count of the run's model.toml (or config.toml's [model]).
     """
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl; give a run directory written by `scalelab train` or a CSV/JSONL")
+    lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines()
     evals, trains = [], []
-    for i, line in enumerate(metrics.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(metrics.read_text().splitlines()):  # a run killed mid-write: ignore its last line
+            if i == len(lines):  # a run killed mid-write: its torn last line
                 continue
-            raise UserError(f"{metrics}:{i}: not valid JSON") from None
+            raise UserError(f"{metrics}:{i}: not valid JSON (fix or delete the line)") from None
         if not isinstance(rec, dict):
             continue
         tokens = rec.get("tokens", rec.get("tokens_seen"))
@@ -210,20 +213,21 @@ def read_run_dir(run_dir: str | Path, *, pick: str = "final", non_embedding: boo
             continue
         where = f"{metrics}:{i}"
         if rec.get("val_loss") is not None:
-            evals.append((where, tokens, rec["val_loss"]))
+            evals.append((where, tokens, rec["val_loss"], rec.get("flops")))
         elif rec.get("loss") is not None:
-            trains.append((where, tokens, rec["loss"]))
+            trains.append((where, tokens, rec["loss"], rec.get("flops")))
     chosen = evals or trains
     if not chosen:
         raise UserError(f"{metrics}: no record with 'tokens' and 'val_loss' (or 'loss')")
-    if pick == "best":
-        where, tokens, loss = min(chosen, key=lambda r: _number(r[2], where=r[0], column="val_loss"))
-    else:
-        where, tokens, loss = chosen[-1]
     col = "val_loss" if evals else "loss"
+    if pick == "best":
+        where, tokens, loss, flops = min(chosen, key=lambda r: _number(r[2], where=r[0], column=col))
+    else:
+        where, tokens, loss, flops = chosen[-1]
     d = _number(tokens, where=where, column="tokens")
     loss = _number(loss, where=where, column=col)
-    return _run_params(run_dir, non_embedding=non_embedding), d, loss, str(run_dir)
+    c = _number(flops, where=where, column="flops") if flops is not None else None
+    return _run_params(run_dir, non_embedding=non_embedding), d, loss, c, str(run_dir)
 
 
 def load_runs(inputs: Sequence[str | Path], *, tokens_from_flops: bool = False, pick: str = "final",
@@ -239,7 +243,8 @@ def load_runs(inputs: Sequence[str | Path], *, tokens_from_flops: bool = False, 
                 raise UserError(f"{path}: not a run directory (no metrics.jsonl) and holds no run directories")
             vals = [read_run_dir(d, pick=pick, non_embedding=non_embedding) for d in dirs]
             n, d, loss = (np.array([v[k] for v in vals]) for k in range(3))
-            parts.append(Runs(n, d, loss, 6.0 * n * d, [v[3] for v in vals]))
+            c = np.array([v[3] if v[3] is not None else 6.0 * v[0] * v[1] for v in vals])
+            parts.append(Runs(n, d, loss, c, [v[4] for v in vals]))
         elif path.is_file():
             parts.append(read_table(path, tokens_from_flops=tokens_from_flops))
         else:
