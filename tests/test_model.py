@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from scalelab import counting
@@ -222,3 +224,29 @@ def test_lazy_public_import_does_not_load_torch_until_needed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "scalelab.model"
+
+
+@st.composite
+def small_configs(draw):
+    n_kv = draw(st.sampled_from([1, 2, 4]))
+    n_head = n_kv * draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from([2, 4, 8]))
+    return ModelConfig(
+        n_layer=draw(st.integers(1, 3)), n_head=n_head, num_key_value_heads=n_kv, n_embd=n_head * head_dim,
+        vocab_size=draw(st.integers(2, 50)), block_size=16, d_ff=draw(st.integers(1, 40)),
+        normalization=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+        position_encoding=draw(st.sampled_from(["learned", "rope"])),
+        ffn_type=draw(st.sampled_from(["gelu", "swiglu"])), norm_position=draw(st.sampled_from(["pre", "post"])),
+        bias=draw(st.booleans()), tie_embeddings=draw(st.booleans()))
+
+
+@settings(max_examples=15, deadline=None)
+@given(cfg=small_configs(), batch=st.integers(1, 2), seq=st.integers(1, 16))
+def test_any_config_counts_and_flops_match(cfg, batch, seq):
+    model = Transformer(cfg, attention="math")
+    assert sum(p.numel() for p in model.parameters()) == counting.count_params(cfg).total
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as training:
+        _, loss = model(idx, idx)
+        loss.backward()
+    assert training.get_total_flops() == counting.training_flops(cfg, batch, seq)
