@@ -431,8 +431,9 @@ def _projected_starts(logN, logD, logL, delta, alphas, betas, n_starts: int) -> 
         better = ok & (sse < best_sse)
         best_sse = np.where(better, sse, best_sse)
         best_coef = np.where(better[:, None], coef, best_coef)
-    # a term the NNLS dropped (coefficient 0) restarts at 1e-4 of the loss, not at log(0): from
-    # there the polish can still grow it (at exp(-70) its gradient would vanish)
+    # coefficients are each term's value (in loss units) at the data's geometric-mean N or D. A
+    # term the NNLS dropped (0) restarts at 1e-4, not at log(0): from there the polish can
+    # still grow it (at exp(-70) its gradient would vanish)
     tiny = 1e-4
     a = np.log(np.maximum(best_coef[:, 0], tiny)) + al * logN.mean()
     b = np.log(np.maximum(best_coef[:, 1], tiny)) + be * logD.mean()
