@@ -1,0 +1,413 @@
+"""The trainer on CPU with tiny models: config schema, schedule, learning, exact resume (also after
+SIGTERM and kill -9), non-finite stop, bad-input exit codes, sample/plot/export on a run, and the
+production config's comment numbers. Multi-process runs are in tests/test_distributed.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scalelab.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the quick brown fox jumps over lazy dog while seven small cats watch from a tall green tree "
+         "near the river bank").split()
+
+
+def make_corpus_dir(out: Path, docs: int = 400, seed: int = 0) -> Path:
+    """A small prepared data directory (byte tokenizer): random sentences over a 20-word vocabulary,
+    so bytes are far more predictable in context than their unigram distribution suggests."""
+    from scalelab.data.prepare import prepare
+
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + ".\n" for _ in range(docs)]
+    prepare([(t, True) for t in texts], "byte", out, val_fraction=0.1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return make_corpus_dir(tmp_path_factory.mktemp("data") / "words")
+
+
+TINY = """
+[model]
+style = "llama3"
+n_layer = 2
+n_embd = 64
+n_head = 4
+vocab_size = 258
+block_size = 64
+
+[data]
+dir = "{data}"
+
+[train]
+seq_len = 32
+micro_batch_size = 4
+global_batch_tokens = 256
+max_steps = {steps}
+lr = 3e-3
+min_lr = 3e-4
+warmup = 4
+schedule = "{schedule}"
+dtype = "fp32"
+deterministic = true
+seed = 7
+
+[eval]
+every = 0
+batches = 4
+at_end = {at_end}
+
+[checkpoint]
+every = {ckpt_every}
+keep = 2
+
+[logging]
+every = 1
+"""
+
+
+def write_config(path: Path, data: Path, steps: int = 12, ckpt_every: int = 4, schedule: str = "cosine",
+                 at_end: bool = False) -> Path:
+    path.write_text(TINY.format(data=data, steps=steps, ckpt_every=ckpt_every, schedule=schedule,
+                                at_end=str(at_end).lower()))
+    return path
+
+
+def env_1thread() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+
+
+def cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scalelab", *map(str, args)], capture_output=True, text=True,
+                          env=env_1thread(), timeout=kw.get("timeout", 240))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    from scalelab.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+def train_inprocess(config: Path, run_dir: Path, overrides=()) -> dict:
+    """Train in this process with one thread (as the subprocess runs do: same summation order)."""
+    import torch
+
+    from scalelab.train.config import load_config
+    from scalelab.train.trainer import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(load_config(config, list(overrides)), run_dir, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+def test_config_unknown_key_names_closest(tmp_path, data_dir):
+    from scalelab.train.config import load_config
+
+    cfg = write_config(tmp_path / "c.toml", data_dir)
+    with pytest.raises(UserError, match=r"unknown key 'train.warmpu'.*did you mean 'warmup'"):
+        load_config(cfg, ["train.warmpu=5"])
+    with pytest.raises(UserError, match=r"unknown section \[trian\].*did you mean 'train'"):
+        load_config(cfg, ["trian.lr=1"])
+    with pytest.raises(UserError, match=r"unknown field 'n_layers'.*did you mean 'n_layer'"):
+        load_config(cfg, ["model.n_layers=3"])
+
+
+def test_config_types_and_lengths(tmp_path, data_dir):
+    from scalelab.train.config import grad_accum_steps, load_config
+
+    cfg = write_config(tmp_path / "c.toml", data_dir)
+    with pytest.raises(UserError, match="train.lr must be a number"):
+        load_config(cfg, ["train.lr=fast"])
+    with pytest.raises(UserError, match="train.compile must be true or false"):
+        load_config(cfg, ["train.compile=1"])
+    with pytest.raises(UserError, match="train.betas must be a pair"):
+        load_config(cfg, ["train.betas=[0.9]"])
+    with pytest.raises(UserError, match="train.dtype must be one of bf16, fp16, fp32"):
+        load_config(cfg, ["train.dtype=fp8"])
+    with pytest.raises(UserError, match="exactly one of train.max_steps, train.max_tokens, train.max_flops"):
+        load_config(cfg, ["train.max_tokens=1e6"])
+    with pytest.raises(UserError, match="name the section"):
+        load_config(cfg, ["lr=1"])
+    c = load_config(cfg, ["train.lr=1e-3", "model.n_layer=3"])
+    assert c.train.lr == 1e-3 and c.model.n_layer == 3
+    assert grad_accum_steps(c, 1) == 2 and grad_accum_steps(c, 2) == 1
+    with pytest.raises(UserError, match="not a multiple of micro_batch_size"):
+        grad_accum_steps(c, 3)
+
+
+def test_config_round_trip_and_planner_output(tmp_path, data_dir):
+    from scalelab.train.config import config_from_dict, load_config, total_steps
+
+    c = load_config(write_config(tmp_path / "c.toml", data_dir))
+    (tmp_path / "resolved.toml").write_text(c.to_toml())
+    again = load_config(tmp_path / "resolved.toml")
+    assert again.to_dict() == c.to_dict()
+    # What `scalelab plan --emit-config` writes: [model] full fields, [train] seq_len + max_tokens, [data] dir.
+    planned = config_from_dict({"model": c.model.to_dict(), "data": {"dir": str(data_dir)},
+                                "train": {"seq_len": 32, "max_tokens": 1_000_000}})
+    assert planned.model == c.model
+    assert total_steps(planned, tokens_per_step=32 * 8, flops_per_step=1.0) == math.ceil(1_000_000 / 256)
+
+
+def test_config_reference_doc_is_generated():
+    from scalelab.train.config import SECTIONS, config_reference_markdown
+
+    doc = (ROOT / "docs" / "training-config.md").read_text()
+    assert doc.strip() == config_reference_markdown().strip(), \
+        "regenerate: python -m scalelab.train.config > docs/training-config.md"
+    import dataclasses
+
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in doc and f.metadata["doc"]
+
+
+def test_schedule():
+    from scalelab.train.schedule import learning_rate
+
+    kw = dict(lr=1.0, min_lr=0.1, warmup=10, total=110)
+    assert learning_rate(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert learning_rate(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert learning_rate(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert learning_rate(109, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert learning_rate(10 + 99 / 2, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert learning_rate(10 + 99 / 2, schedule="linear", **kw) == pytest.approx(0.55)
+    assert learning_rate(30, schedule="linear", **kw) == pytest.approx(1.0 - 0.9 * 20 / 99)
+    assert learning_rate(100, schedule="constant", **kw) == 1.0
+    lrs = [learning_rate(s, schedule="cosine", **kw) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def unigram_entropy_nats(data_dir: Path) -> float:
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tokens = np.concatenate([np.fromfile(data_dir / s["file"], dtype=meta["dtype"])
+                             for s in meta["splits"]["train"]["shards"]])
+    p = np.bincount(tokens) / tokens.size
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def test_loss_falls_well_below_unigram_entropy(tmp_path, data_dir):
+    cfg = write_config(tmp_path / "c.toml", data_dir, steps=80, ckpt_every=0, at_end=True)
+    summary = train_inprocess(cfg, tmp_path / "run", ["train.micro_batch_size=8", "train.global_batch_tokens=512",
+                                                      "logging.every=10"])
+    h1 = unigram_entropy_nats(data_dir)
+    assert 2.3 < h1 < 3.2  # ~3.7 bits per byte: spaces and a few letters dominate
+    assert summary["val_loss"] < 0.7 * h1, (summary["val_loss"], h1)
+    assert summary["loss"] < 0.7 * h1
+    # bits per byte: every target token is a byte except the EOS between documents
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2), rel=0.05)
+    run = tmp_path / "run"
+    for name in ("config.toml", "model.toml", "metrics.jsonl", "final/model.safetensors", "final/model.toml"):
+        assert (run / name).is_file(), name
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(10, 81, 10))
+    from scalelab.config import ModelConfig
+    from scalelab.counting import training_flops
+
+    model = ModelConfig.from_toml(run / "model.toml")
+    assert train[-1]["flops"] == 80 * training_flops(model, 16, 32)  # exact convention, 16 sequences/step
+    assert train[-1]["tokens"] == 80 * 512
+    for key in ("loss", "lr", "tokens_per_second", "mfu", "grad_norm", "tflops_per_second", "peak_memory_bytes"):
+        assert key in train[-1]
+    assert train[-1]["mfu"] is None  # CPU: no peak in the hardware table
+    assert any(r["kind"] == "eval" and r["val_loss"] > 0 for r in records)
+
+
+def test_exact_resume_after_sigterm_and_kill9(tmp_path, data_dir):
+    """N steps straight == k steps, stop (SIGTERM / kill -9), resume to N: identical per-step losses."""
+    import torch
+
+    from scalelab.train.checkpoint import list_checkpoints, load_model_for_inference
+
+    n = 40
+    cfg = write_config(tmp_path / "c.toml", data_dir, steps=n, ckpt_every=4)
+    train_inprocess(cfg, tmp_path / "straight")
+    straight = losses(tmp_path / "straight")
+    assert sorted(straight) == list(range(1, n + 1))
+
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        run = tmp_path / f"run_{how.name}"
+        proc = subprocess.Popen([sys.executable, "-m", "scalelab", "train", str(cfg), "--run-dir", str(run)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_1thread())
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if len(losses(run)) >= 6:
+                break
+            time.sleep(0.005)
+        proc.send_signal(how)
+        out, err = proc.communicate(timeout=120)
+        if how == signal.SIGTERM:
+            assert proc.returncode == 128 + signal.SIGTERM, err
+            assert "stopped at step" in err and "resume" in err
+            # the signal checkpoint is complete and loadable (weights_only torch.load inside)
+            (step, path), = list_checkpoints(run)[-1:]
+            assert step < n
+            assert torch.load(path / "trainer.pt", weights_only=True)["step"] == step
+            load_model_for_inference(path)
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        stopped_at = list_checkpoints(run)[-1][0]
+        assert 4 <= stopped_at < n, f"{how.name}: the run finished before the signal; make steps slower"
+        r = cli("train", cfg, "--run-dir", run)
+        assert r.returncode == 0, r.stderr
+        assert f"resumed from {run}/checkpoints/step_{stopped_at:08d}" in r.stderr
+        resumed = losses(run)
+        assert sorted(resumed) == list(range(1, n + 1))
+        assert [resumed[s] for s in range(1, n + 1)] == [straight[s] for s in range(1, n + 1)], how.name
+        assert len(list_checkpoints(run)) == 2  # keep = 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+    from scalelab.train.checkpoint import latest_checkpoint, load_model_for_inference
+    from scalelab.train.trainer import TrainingDiverged
+
+    cfg = write_config(tmp_path / "c.toml", data_dir, steps=20, ckpt_every=1)
+    with pytest.raises(TrainingDiverged, match=r"not finite.*Last good checkpoint: .*step_0000000\d"):
+        train_inprocess(cfg, tmp_path / "run", ["train.lr=1e30", "train.min_lr=1e29", "train.warmup=0",
+                                                "train.grad_clip=0"])
+    good = latest_checkpoint(tmp_path / "run")
+    model = load_model_for_inference(good)
+    assert all(p.isfinite().all() for p in model.parameters())
+    r = cli("train", cfg, "--run-dir", tmp_path / "run2", "--set", "train.lr=1e30", "--set", "train.min_lr=1e29",
+            "--set", "train.warmup=0", "--set", "train.grad_clip=0")
+    assert r.returncode == 1 and "not finite" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("train.lerning_rate=1", r"unknown key 'train.lerning_rate'"),
+    ("train.micro_batch_size=big", r"train.micro_batch_size must be an integer"),
+    ("model.vocab_size=200", r"vocab 258, larger than the model's vocab_size 200"),
+    ("data.dir=/nonexistent/data", r"data directory /nonexistent/data does not exist"),
+])
+def test_bad_config_exits_2_with_one_line(tmp_path, data_dir, override, pattern):
+    cfg = write_config(tmp_path / "c.toml", data_dir)
+    r = cli("train", cfg, "--run-dir", tmp_path / "run", "--set", override)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scalelab train: error:"), r.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_resume_flag_without_checkpoint_is_bad_input(tmp_path, data_dir):
+    r = cli("train", write_config(tmp_path / "c.toml", data_dir), "--run-dir", tmp_path / "empty", "--resume")
+    assert r.returncode == 2 and "no checkpoint to resume from" in r.stderr
+
+
+# ---- sample, plot, export on a finished run ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir) -> Path:
+    d = tmp_path_factory.mktemp("finished")
+    cfg = write_config(d / "c.toml", data_dir, steps=60, ckpt_every=30)
+    train_inprocess(cfg, d / "run", ["train.micro_batch_size=8", "train.global_batch_tokens=512", "logging.every=5"])
+    return d / "run"
+
+
+def test_sample_uses_kv_cache_and_seed(finished_run):
+    import torch
+
+    from scalelab.data.tokenizer import load_tokenizer
+    from scalelab.train.checkpoint import load_model_for_inference
+
+    a = cli("sample", finished_run, "--prompt", "the quick", "--max-new-tokens", "40", "--seed", "5", "--json")
+    b = cli("sample", finished_run / "final", "--prompt", "the quick", "--max-new-tokens", "40", "--seed", "5", "--json")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    sa, sb = json.loads(a.stdout)["samples"], json.loads(b.stdout)["samples"]
+    assert sa == sb and sa[0].startswith("the quick")
+    alphabet = set(" ".join(WORDS) + ".\n")
+    assert sum(c in alphabet for c in sa[0]) >= 0.9 * len(sa[0])  # it learned the alphabet
+    # greedy sampling equals greedy decoding without the cache
+    g = cli("sample", finished_run, "--prompt", "the", "--max-new-tokens", "20", "--temperature", "0", "--json",
+            "--no-stop")
+    model = load_model_for_inference(finished_run)
+    tok = load_tokenizer("byte")
+    idx = torch.tensor([[tok.eos_id] + tok.encode("the")])
+    ref = model.generate(idx, 20, temperature=0, use_cache=False)[0, idx.size(1):].tolist()
+    assert json.loads(g.stdout)["samples"][0] == "the" + tok.decode(ref)
+
+
+def test_plot_and_export_hf(finished_run, tmp_path):
+    r = cli("plot", finished_run, finished_run, "--out", tmp_path / "curves.png")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = cli("export-hf", finished_run / "checkpoints" / "step_00000060", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert cli("plot", tmp_path, "--out", tmp_path / "x.png").returncode == 2
+
+
+# ---- the production config's comments ------------------------------------------------------------
+
+def production_estimates(config: Path) -> list[str]:
+    """The comment lines of configs/llama3.1-8b.toml that carry numbers, recomputed by scalelab.counting.
+    Print them with: python tests/test_train.py"""
+    from scalelab.counting import count_params, training_flops_per_token, training_memory, training_time
+    from scalelab.hardware import get_accelerator
+    from scalelab.train.config import load_config
+
+    cfg = load_config(config, ["data.dir=unused"])
+    m, t = cfg.model, cfg.train
+    n = count_params(m).total
+    tokens = 20 * n  # Chinchilla-optimal D ≈ 20 N
+    per_token = training_flops_per_token(m, t.seq_len)
+    lines = [f"# N = {n:,} parameters; Chinchilla-optimal D = 20 N = {tokens / 1e9:.1f}B tokens; "
+             f"{per_token / 1e9:.1f} GFLOP per token at seq_len {t.seq_len} -> C = {per_token * tokens:.3g} FLOPs",
+             "# setup          | memory/GPU (FSDP, bf16-mixed, AC, micro-batch 1) | tokens/s @40% MFU | time @40% MFU"]
+    for gpus, name in ((2, "A6000"), (4, "A100-80GB"), (8, "B200")):
+        acc = get_accelerator(name)
+        mem = training_memory(m, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=gpus, sharding="fsdp",
+                              precision="bf16-mixed", activation_checkpointing=t.activation_checkpointing)
+        fits = "fits" if mem["total"] <= acc.memory_bytes else "DOES NOT FIT"
+        tt = training_time(per_token, tokens, acc, gpus, mfu=0.4)
+        lines.append(f"# {gpus} x {name:<10} | {mem['total'] / 2**30:6.1f} GiB of {acc.memory_gib:.0f} ({fits}; "
+                     f"states {(mem['weights'] + mem['gradients'] + mem['optimizer']) / 2**30:.1f} GiB) "
+                     f"| {tt['tokens_per_second']:8,.0f} | {tt['days']:6.1f} days")
+    return lines
+
+
+def test_llama_config_comments_are_current():
+    path = ROOT / "configs" / "llama3.1-8b.toml"
+    text = path.read_text()
+    for line in production_estimates(path):
+        assert line in text, f"stale comment in {path}; regenerate with `python tests/test_train.py`:\n{line}"
+
+
+def test_shipped_configs_are_valid():
+    from scalelab.train.config import load_config
+
+    for name in ("demo", "gpt2-124m", "llama3.1-8b"):
+        cfg = load_config(ROOT / "configs" / f"{name}.toml")
+        assert cfg.data.dir
+    big = load_config(ROOT / "configs" / "llama3.1-8b.toml")
+    m = big.model
+    assert (m.n_layer, m.n_embd, m.n_head, m.num_key_value_heads, m.ffn_hidden, m.rope_theta, m.vocab_size) == \
+        (32, 4096, 32, 8, 14336, 500000.0, 128256)
+    assert big.parallel.strategy == "fsdp" and big.train.dtype == "bf16"
+
+
+if __name__ == "__main__":
+    print("\n".join(production_estimates(ROOT / "configs" / "llama3.1-8b.toml")))
