@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("approach3", "isoflop", "grid"), default="approach3",
                    help="approach3: projected grid + joint polish; grid: the classic 4500-start L-BFGS "
                    "grid (slow, for reference); isoflop: Approach 2")
-    p.add_argument("--budget", default=None, help="compute budget C for N_opt, D_opt and tokens per parameter "
-                   "(default: the largest C among the runs)")
+    p.add_argument("--budget", default=None, help="compute budget C for N_opt, D_opt and tokens per parameter; "
+                   "None: the largest C among the runs")
     p.add_argument("--bootstrap", type=int, default=0, metavar="K",
                    help="refit K resamples for standard errors and 95%% intervals (approach3)")
     p.add_argument("--seed", type=int, default=0, help="random seed for --bootstrap")
@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pick", choices=("final", "best"), default="final",
                    help="run directories: the final or the lowest evaluation loss")
     p.add_argument("--non-embedding", action="store_true",
-                   help="run directories: N = non-embedding parameters (default: total, Chinchilla's convention)")
+                   help="run directories: N = non-embedding parameters (Kaplan's convention) instead of the "
+                   "total (Chinchilla's)")
     p.add_argument("--budgets", default=None, help="isoflop: comma-separated budgets to group runs by, e.g. 1e18,3e18,1e19 "
                    "(default: cluster runs whose FLOPs agree within --flop-tolerance)")
     p.add_argument("--flop-tolerance", type=float, default=0.1, help="isoflop: grouping tolerance in log10(C) (dex)")
