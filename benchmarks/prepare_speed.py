@@ -6,7 +6,9 @@ single-process loop of the same tokenizer over the same documents (read file, en
 
 prepare's time is wall clock for the whole run: worker start-up, reading, tokenizing, writing
 shards and metadata. The reference does only read + encode, so the ratio is what the parallel
-pipeline buys end to end. Run it on an otherwise idle machine; it prints, it does not assert.
+pipeline buys end to end. CPU seconds (parent + workers) and the load average are printed too:
+on a busy machine the wall-clock ratio says more about the neighbours than about prepare. It
+prints, it does not assert.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,15 +55,20 @@ def main(argv: list[str] | None = None) -> int:
         tok = load_tokenizer(spec)
 
         # reference: one process, one document at a time
+        load_before = os.getloadavg()[0]
+        c0 = time.process_time()
         t0 = time.perf_counter()
         ref_tokens = 0
         for doc in P.iter_documents(files):
             ref_tokens += len(tok.encode(doc)) + 1  # + EOS, as prepare counts
         ref_s = time.perf_counter() - t0
+        ref_cpu = time.process_time() - c0
 
+        c0 = time.process_time() + _children_cpu()
         t0 = time.perf_counter()
         meta = P.prepare(P.iter_files(files), spec, Path(tmp) / "out", workers=args.workers, progress=False)
         prep_s = time.perf_counter() - t0
+        prep_cpu = time.process_time() + _children_cpu() - c0  # parent + its (reaped) workers
         prep_tokens = sum(s["tokens"] for s in meta["splits"].values())
 
     if prep_tokens != ref_tokens:
@@ -65,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         "single_process_tokens_per_s": ref_tokens / ref_s, "prepare_tokens_per_s": prep_tokens / prep_s,
         "speedup": (prep_tokens / prep_s) / (ref_tokens / ref_s),
         "single_process_s": ref_s, "prepare_s": prep_s,
+        "single_process_cpu_s": ref_cpu, "prepare_cpu_s": prep_cpu,
+        "load_average": [load_before, os.getloadavg()[0]],
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -74,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"single-process loop       : {result['single_process_tokens_per_s']:>12,.0f} tokens/s ({ref_s:.2f} s)")
         print(f"prepare --workers {args.workers:<7} : {result['prepare_tokens_per_s']:>12,.0f} tokens/s ({prep_s:.2f} s)")
         print(f"ratio prepare / loop      : {result['speedup']:.2f}x")
+        print(f"CPU seconds               : loop {ref_cpu:.2f}, prepare {prep_cpu:.2f} (parent + workers; "
+              f"cores used {prep_cpu / prep_s:.2f} of {args.workers}); 1-min load average "
+              f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return 0
 
 
