@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="tokenize, plan, train and sample a small model on a CPU (a few minutes)",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/demo", help="directory for everything the demo writes")
-    p.add_argument("--budget", default="1e13", help="training compute C in FLOPs for the planner")
+    p.add_argument("--budget", default="3e12", help="training compute C in FLOPs for the planner")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary to train")
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length")
     p.add_argument("--prompt", default="ROMEO:", help="prompt for the samples")
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     _call(["train", str(plan_toml), "--run-dir", str(run_dir),
            "--set", f"data.dir={data_dir}",
            "--set", "train.micro_batch_size=16", "--set", f"train.global_batch_tokens={16 * args.seq_len}",
+           "--set", "train.dtype=fp32",  # bf16 autocast is slower than fp32 on most CPUs
            "--set", "train.lr=3e-3", "--set", "train.min_lr=3e-4", "--set", "train.warmup=20",
            "--set", "eval.every=50", "--set", "eval.batches=8", "--set", "logging.every=10",
            "--set", "checkpoint.every=100"])
