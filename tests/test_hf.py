@@ -262,3 +262,18 @@ def test_cli_export_from_trainer_run_directory(idx, tmp_path, capsys):
     assert cli_main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0, capsys.readouterr().err
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(hf_logits(exported, idx), ours_logits(model, idx), atol=1e-4, rtol=0)
+
+
+def test_gpt2_original_checkpoint_layout(idx, tmp_path):
+    """openai-community/gpt2's safetensors have no 'transformer.' prefix and carry the causal-mask
+    buffers h.N.attn.bias (and masked_bias in older exports); they must load all the same."""
+    from safetensors.torch import load_file, save_file
+
+    reference = randomize(AutoModelForCausalLM.from_config(HF_CONFIGS["gpt2"]()))
+    reference.save_pretrained(tmp_path)
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "model.safetensors").items()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, tmp_path / "model.safetensors")
+    torch.testing.assert_close(ours_logits(hf.load(tmp_path), idx), hf_logits(reference, idx), atol=1e-4, rtol=0)
