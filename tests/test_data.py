@@ -167,6 +167,25 @@ def test_llama3_vocab_gives_uint32_shards(tmp_path):
     assert decode_docs(tokens_on_disk, load_tokenizer(f"tiktoken:{path}")) == DOCS + JSONL_DOCS
 
 
+def test_gpt2_from_tiktoken_cache_is_copied_as_a_rank_file(tmp_path, monkeypatch):
+    """`gpt2` comes from tiktoken's cache; prepare keeps a rank-file copy that decodes the data."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    ranks = {bytes([b]): b for b in range(256)} | {b"th": 256, b"the": 257, b" the": 258}
+    fake = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 259})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake)
+    docs = ["the theme of the thesis", "", "<|endoftext|> is text here"]
+    meta = P.prepare(((d, True) for d in docs), "gpt2", tmp_path / "out", val_fraction=0, progress=False)
+    assert meta["tokenizer"]["saved_spec"] == "gpt2:gpt2.tiktoken" and meta["eos_id"] == 259
+    monkeypatch.undo()  # the copy must not need tiktoken's registry
+    tok = TokenLoader(tmp_path / "out", seq_len=2, micro_batch_size=1).tokenizer()
+    assert tok.kind == "gpt2" and tok.vocab_size == 260
+    tokens = split_tokens(tmp_path / "out", "train")
+    assert decode_docs(tokens, tok) == docs
+    assert tokens.tolist()[:4] == fake.encode_ordinary(docs[0])[:4] and 258 in tokens.tolist()
+
+
 def test_hf_dataset_local_json_matches_input_path(tmp_path):
     pytest.importorskip("datasets")
     write_corpus(tmp_path / "in")

@@ -228,7 +228,7 @@ class TokenLoader:
         buf = np.stack([self.read(int(w) * S, S + 1) for w in windows])
         if micro_step == self.grad_accum_steps - 1:
             self.step = step + 1
-        return buf[:, :-1], buf[:, 1:]
+        return np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
 
     # -- state
 

@@ -348,6 +348,8 @@ class ShardWriter:
 
     def _close(self) -> None:
         if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # on disk before anything (meta.json) refers to it
             self._file.close()
             name = self.shards[-1]["file"]
             os.replace(self.directory / (name + ".tmp"), self.directory / name)
