@@ -178,7 +178,8 @@ class HFTokenizer(Tokenizer):
         self._specials = [t.content for t in self._tok.get_added_tokens_decoder().values()]
         self.spec = f"hf:{path}"
         self.files = (path,)
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # ids may have holes: the embedding must cover the largest id
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
         self.bos_id, self.eos_id = self._find_bos_eos(path)
 
     def _find_bos_eos(self, path: Path) -> tuple[int, int]:
