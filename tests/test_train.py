@@ -427,3 +427,10 @@ def test_activation_checkpointing_and_mixed_precision(tmp_path, data_dir):
     for name in ("bf16", "fp16"):
         assert runs[name] != runs["fp32"]  # autocast did something
         assert runs[name] == pytest.approx(runs["fp32"], abs=0.02), name
+
+
+def test_resume_with_a_different_model_is_bad_input_and_leaves_the_run_alone(finished_run):
+    before = (finished_run / "config.toml").read_text()
+    r = cli("train", finished_run / ".." / "c.toml", "--run-dir", finished_run, "--set", "model.n_layer=3")
+    assert r.returncode == 2 and "different [model]" in r.stderr, r.stderr
+    assert (finished_run / "config.toml").read_text() == before

@@ -212,6 +212,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         latest = ckpt.latest_checkpoint(run_dir)
         if resume and latest is None:
             raise UserError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start fresh")
+        if latest is not None and ckpt.load_trainer_state(latest)["model"] != cfg.model.to_dict():
+            raise UserError(f"{latest} was trained with a different [model]; use a new --run-dir (or the "
+                            "original config) to continue")
         if d.is_main:
             _prepare_run_dir(run_dir, cfg, loader)
         barrier(d)
@@ -238,9 +241,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         start_step, tokens_seen, flops_seen = 0, 0, 0
         if latest is not None:
             state = ckpt.load_checkpoint(latest, model, optimizer, d)
-            if state["model"] != cfg.model.to_dict():
-                raise UserError(f"{latest} was trained with a different [model]; use a new --run-dir (or the "
-                                "original config) to continue")
             loader.load_state_dict(state["loader"])
             start_step, tokens_seen, flops_seen = state["step"], state["tokens"], state["flops"]
             if scaler is not None and state.get("scaler"):
