@@ -132,11 +132,10 @@ def run_export(args: argparse.Namespace) -> int:
     max_shard = hf.parse_size(args.max_shard_size)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, source = _load_for_export(Path(args.checkpoint), dtype, args.overrides)
-    hf.config_to_hf(model.config, args.arch)  # unsupported architecture: fail before writing anything
-    arch = {}
-    _write_directory(out, lambda d: arch.setdefault("arch", hf.save(model, d, arch=args.arch,
-                                                                     max_shard_bytes=max_shard)))
-    return _report(args, model, source if source == "scalelab" else hf.HF_CLASS[source], hf.HF_CLASS[arch["arch"]])
+    arch = args.arch or hf.default_architecture(model.config)
+    hf.config_to_hf(model.config, arch)  # an unsupported architecture fails before anything is written
+    _write_directory(out, lambda d: hf.save(model, d, arch=arch, max_shard_bytes=max_shard))
+    return _report(args, model, source if source == "scalelab" else hf.HF_CLASS[source], hf.HF_CLASS[arch])
 
 
 def _load_for_export(path: Path, dtype, overrides: list[str]):
