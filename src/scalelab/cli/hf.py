@@ -9,14 +9,12 @@ written by import-hf or the trainer). Only safetensors and json are used; no tra
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from scalelab.cli import HelpFormatter, add_common_flags, format_count, print_json, print_table
 from scalelab.errors import UserError
+from scalelab.files import atomic_directory
 
 IMPORT_EXAMPLES = """examples:
   scalelab import-hf ~/models/Llama-3.2-1B checkpoints/llama3.2-1b
@@ -74,22 +72,10 @@ def _check_paths(source: str, out: str, force: bool) -> Path:
 
 
 def _write_directory(out: Path, write: Callable[[Path], object]) -> None:
-    """Write into a temporary sibling directory and move it into place only once complete, so an
-    error never leaves a half-written checkpoint under the final name."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Write into a temporary sibling directory moved into place only once complete, so an error
+    never leaves a half-written checkpoint under the final name."""
+    with atomic_directory(out) as tmp:
         write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _report(args: argparse.Namespace, model, source_format: str, out_format: str) -> int:
