@@ -80,6 +80,7 @@ def test_single_checkpoint_resumes_on_two_fsdp_ranks(setup):
     _restart_from_step3(d / "single", run)
     r = torchrun("train", cfg, "--run-dir", run, "--set", "parallel.strategy=fsdp")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 3" in r.stderr, r.stderr[-3000:]
     got = losses(run)
     for step in range(4, STEPS + 1):
-        assert abs(got[step] - single[step]) < 1e-5, (step, got[step], single[step])
+        assert abs(got[step] - single[step]) < 1e-5, (step, got, single, r.stderr[-2000:])

@@ -179,6 +179,37 @@ class _Evaluator:
         return {"val_loss": val_loss, "val_bpb": bpb}
 
 
+def build_model(cfg: TrainConfig, strategy: str, d: Dist) -> nn.Module:
+    """The initial model, identical whatever the number of processes: the weights are those that
+    `Transformer(cfg)` draws on the CPU after `torch.manual_seed(train.seed)`.
+
+    Under FSDP only rank 0 materialises them (on the CPU); the other ranks build the model on the
+    meta device, every rank shards it, and rank 0's weights are broadcast shard by shard
+    (`set_model_state_dict(..., broadcast_from_rank0=True)`), so host memory holds one full copy
+    per node at most, not one per GPU."""
+    from scalelab.model import Transformer
+
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    if strategy != "fsdp":
+        model = Transformer(cfg.model, attention=t.attention).to(d.device)
+        return parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
+                           activation_checkpointing=t.activation_checkpointing)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = Transformer(cfg.model, attention=t.attention).state_dict() if d.is_main else {}
+    with torch.device("meta"):
+        model = Transformer(cfg.model, attention=t.attention)
+    model = parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
+                        activation_checkpointing=t.activation_checkpointing,
+                        reshard_after_forward=cfg.parallel.reshard_after_forward)
+    model.to_empty(device=d.device)
+    model.tie_weights()
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               strict=False))
+    return model
+
+
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train under `cfg` in `run_dir`, resuming from its latest checkpoint if there is one.
@@ -222,13 +253,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         # Model: every rank builds the same weights on the CPU from the seed, then moves/shards them.
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        torch.manual_seed(t.seed)
-        model = Transformer(cfg.model, attention=t.attention)
-        if strategy != "fsdp":
-            model.to(d.device)
-        model = parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
-                            activation_checkpointing=t.activation_checkpointing,
-                            reshard_after_forward=cfg.parallel.reshard_after_forward)
+        model = build_model(cfg, strategy, d)
         optimizer = make_optimizer(model, cfg, d.device)
         scaler = torch.amp.GradScaler(d.device.type) if t.dtype == "fp16" else None
         use_autocast = t.dtype != "fp32" and strategy != "fsdp"
