@@ -16,7 +16,6 @@ import time
 
 import torch
 
-from scalelab.config import ModelConfig
 from scalelab.counting import count_params, training_flops
 from scalelab.presets import get_preset, style_config
 

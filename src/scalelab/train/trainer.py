@@ -218,7 +218,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     `exit_code` 0, or 128 + signal number when stopped by SIGTERM/SIGINT (after checkpointing).
     """
     from scalelab.data.loader import TokenLoader
-    from scalelab.model import Transformer
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
@@ -250,7 +249,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             _prepare_run_dir(run_dir, cfg, loader)
         barrier(d)
 
-        # Model: every rank builds the same weights on the CPU from the seed, then moves/shards them.
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         model = build_model(cfg, strategy, d)
