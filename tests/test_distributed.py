@@ -51,6 +51,11 @@ def test_two_ranks_match_one_process(setup, strategy):
         assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
         assert (ckpt / "rng_rank1.pt").is_file()
         assert (run / "final" / "model.safetensors").is_file()  # gathered for export/sampling
+        # sampling from the sharded checkpoint (read in one process) equals sampling from the gathered weights
+        a = cli("sample", run, "--prompt", "the", "--max-new-tokens", "20", "--seed", "3", "--no-stop")
+        b = cli("sample", run / "final", "--prompt", "the", "--max-new-tokens", "20", "--seed", "3", "--no-stop")
+        assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.startswith("the"), a.stderr + b.stderr
+        assert a.stderr == ""
 
 
 def _restart_from_step3(src: Path, dst: Path) -> None:

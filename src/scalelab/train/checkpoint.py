@@ -179,7 +179,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     path = Path(path)
     state = load_trainer_state(path)
     if (path / "dcp").is_dir():
+        import warnings
+
         import torch.distributed.checkpoint as dcp
+
+        # One process reading a sharded checkpoint is intended (DCP warns that it assumes so).
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
         if optimizer is None:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
