@@ -371,10 +371,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                     metrics.write(record)
                     log(console_line(record, steps, dt * (steps - step), mem_label))
                 window_start, window_steps = time.perf_counter(), 0
+            paused = time.perf_counter()  # eval and checkpoint time is not training throughput
             if cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
                 last_eval = evaluate(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
                 save(step)
+            window_start += time.perf_counter() - paused
             stopping = stop.signum is not None
             if d.distributed:
                 stopping = all_reduce_sum([1.0 if stopping else 0.0], d)[0] > 0
