@@ -64,7 +64,7 @@ class MetricsLog:
 
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
-                warn("logging.tensorboard is set but tensorboard is not installed (pip install tensorboard); skipping")
+                warn("scalelab train: warning: logging.tensorboard is set but tensorboard is not installed (pip install tensorboard); skipping")
         if wandb_project:
             try:
                 import wandb
@@ -72,7 +72,7 @@ class MetricsLog:
                 self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir),
                                          name=Path(run_dir).name, resume="allow")
             except ImportError:
-                warn("logging.wandb_project is set but wandb is not installed (pip install wandb); skipping")
+                warn("scalelab train: warning: logging.wandb_project is set but wandb is not installed (pip install wandb); skipping")
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: _clean(v) for k, v in record.items()}

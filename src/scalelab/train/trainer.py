@@ -99,10 +99,14 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+            # torchrun re-sends the signal it got to its workers, so after Ctrl-C each worker sees
+            # SIGINT twice at once: only a repeat that comes later is the user insisting.
+            if time.monotonic() - self._first > 3.0:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._first = signum, time.monotonic()
         print(f"scalelab train: got {signal.Signals(signum).name}; checkpointing after this step "
-              "(send again to abort)", file=sys.stderr, flush=True)
+              "(send again after 3 s to abort)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for s, h in self._old.items():
