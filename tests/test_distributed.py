@@ -89,3 +89,32 @@ def test_single_checkpoint_resumes_on_two_fsdp_ranks(setup):
     got = losses(run)
     for step in range(4, STEPS + 1):
         assert abs(got[step] - single[step]) < 1e-5, (step, got, single, r.stderr[-2000:])
+
+
+def test_ctrl_c_under_torchrun_checkpoints(setup):
+    """Ctrl-C reaches torchrun and both workers, and torchrun re-sends it: the workers still agree
+    on a step, write one complete checkpoint and exit."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    from scalelab.train.checkpoint import list_checkpoints
+
+    d, cfg, _ = setup
+    run = d / "ctrl_c"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalelab",
+           "train", str(cfg), "--run-dir", str(run), "--set", "train.max_steps=100000", "--set", "checkpoint.every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_1thread(),
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(losses(run)) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    _, err = proc.communicate(timeout=120)
+    assert "stopped at step" in err, err[-3000:]
+    (step, path), = list_checkpoints(run)
+    assert 3 <= step < 100000
+    assert torch.load(path / "trainer.pt", weights_only=True)["step"] == step
+    assert (path / "dcp").is_dir() is False and (path / "model.safetensors").is_file()  # DDP: full weights
