@@ -23,7 +23,7 @@ from scalelab.errors import UserError
 
 EXAMPLES = """examples:
   scalelab demo
-  scalelab demo --out runs/demo --budget 2e13 --vocab-size 2048
+  scalelab demo --out runs/demo --budget 3e13 --vocab-size 4096
 """
 
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="tokenize, plan, train and sample a small model on a CPU (a few minutes)",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/demo", help="directory for everything the demo writes")
-    p.add_argument("--budget", default="3e12", help="training compute C in FLOPs for the planner")
+    p.add_argument("--budget", default="1e13", help="training compute C in FLOPs for the planner")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary to train")
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length")
     p.add_argument("--prompt", default="ROMEO:", help="prompt for the samples")
