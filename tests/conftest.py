@@ -18,3 +18,16 @@ def run_cli(*args: str, cwd=None, env=None, timeout: float = 300) -> subprocess.
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def heavy_modules_loaded(argv: list[str], modules=("torch", "matplotlib")) -> list[str]:
+    """Run `scalelab ARGV` in a fresh interpreter; return which of `modules` it imported.
+    (count, plan and fit must start instantly: no torch, and no matplotlib unless plotting.)"""
+    code = ("import sys, io, json, contextlib\nfrom scalelab.cli import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()):\n    rc = main({list(argv)!r})\n"
+            f"assert rc == 0, rc\nprint(json.dumps([m for m in {list(modules)!r} if m in sys.modules]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    return json.loads(r.stdout)

@@ -20,6 +20,7 @@ import sys
 from typing import Any, Sequence
 
 from scalelab.errors import UserError
+from scalelab.units import format_bytes, format_count, format_duration  # noqa: F401 (re-exported for verbs)
 
 # Verb modules, in the order `scalelab --help` lists them.
 VERB_MODULES = [
@@ -136,31 +137,6 @@ def parse_quantity(text: str, *, name: str = "value") -> float:
     if not math.isfinite(value):
         raise UserError(f"{name} must be finite, got '{text}'")
     return value
-
-
-def format_count(x: float) -> str:
-    """1234567 -> '1.23M' (K, M, B, T)."""
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}"
-    return f"{x:.3g}"
-
-
-def format_bytes(x: float) -> str:
-    """Bytes in GiB/MiB with binary units (what nvidia-smi and torch.cuda report)."""
-    if abs(x) >= 2**30:
-        return f"{x / 2**30:.2f} GiB"
-    return f"{x / 2**20:.1f} MiB"
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 def print_table(rows: list[tuple[str, str]], title: str | None = None, file=None) -> None:

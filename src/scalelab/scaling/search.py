@@ -294,9 +294,9 @@ def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 
     shapes, skipped = enumerate_shapes(space)
     n_valid = len(shapes["n_layer"])
     if n_valid == 0:
-        raise UserError(f"no valid shape in the space: every n_embd/head_dim/KV-head combination fails the head "
-                        f"rule (head_dim must divide n_embd and the KV heads n_head); change --hidden, "
-                        f"--head-dims or --kv-heads")
+        raise UserError("no valid shape in the space: every n_embd/head_dim/KV-head combination fails the head "
+                        "rule (head_dim must divide n_embd and the KV heads n_head); change --hidden, "
+                        "--head-dims or --kv-heads")
     ev = evaluate(shapes, space, C, law)
     masks = ev["masks"]
     feasible = np.ones(n_valid, dtype=bool)

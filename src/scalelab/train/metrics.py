@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from scalelab.files import atomic_write_text
+from scalelab.units import format_count, format_duration
 
 METRICS = "metrics.jsonl"
 
@@ -95,25 +96,6 @@ class MetricsLog:
             self._wandb.finish()
 
 
-def format_si(x: float) -> str:
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}"
-    return f"{x:.3g}"
-
-
-def format_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    if s < 120:
-        return f"{s:.0f}s"
-    if s < 7200:
-        return f"{s / 60:.1f}min"
-    if s < 3 * 86400:
-        return f"{s / 3600:.1f}h"
-    return f"{s / 86400:.1f}d"
-
-
 def console_line(r: dict[str, Any], total_steps: int, eta_seconds: float, memory_label: str) -> str:
     mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
     parts: Iterable[str] = (
@@ -121,10 +103,10 @@ def console_line(r: dict[str, Any], total_steps: int, eta_seconds: float, memory
         f"loss {r['loss']:.4f}",
         f"lr {r['lr']:.2e}",
         f"grad {r['grad_norm']:.3f}",
-        f"{format_si(r['tokens_per_second'])} tok/s",
+        f"{format_count(r['tokens_per_second'])} tok/s",
         f"{r['tflops_per_second']:.3g} TFLOP/s/dev",
         f"mfu {mfu}",
         f"{memory_label} {r['peak_memory_bytes'] / 2**30:.2f} GiB",
-        f"eta {format_seconds(eta_seconds)}",
+        f"eta {format_duration(eta_seconds)}",
     )
     return " | ".join(parts)
