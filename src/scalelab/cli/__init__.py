@@ -44,8 +44,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks; shows an option's default only when it has a real one
+    (not None, False or an empty list) and the help text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if ("%(default)" in help_text or default in (None, False, [], argparse.SUPPRESS)
+                or not action.option_strings and action.nargs in ("?", "*")):
+            return help_text
+        return f"{help_text} (default: %(default)s)"
 
 
 def add_common_flags(parser: argparse.ArgumentParser, *, json_flag: bool = True, set_flag: bool = True) -> None:
