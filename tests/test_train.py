@@ -142,7 +142,7 @@ def test_config_types_and_lengths(tmp_path, data_dir):
         load_config(cfg, ["train.compile=1"])
     with pytest.raises(UserError, match="train.betas must be a pair"):
         load_config(cfg, ["train.betas=[0.9]"])
-    with pytest.raises(UserError, match="train.dtype must be one of bf16, fp16, fp32"):
+    with pytest.raises(UserError, match="train.dtype must be one of auto, bf16, fp16, fp32"):
         load_config(cfg, ["train.dtype=fp8"])
     with pytest.raises(UserError, match="exactly one of train.max_steps, train.max_tokens, train.max_flops"):
         load_config(cfg, ["train.max_tokens=1e6"])

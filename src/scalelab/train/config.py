@@ -25,7 +25,7 @@ from scalelab.config import ModelConfig, apply_overrides, closest, load_toml
 from scalelab.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -74,7 +74,8 @@ class TrainSection:
     eps: float = option(1e-8, "AdamW epsilon", "float")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping; the norm is "
                               "still logged)", "float")
-    dtype: str = option("bf16", "bf16: autocast (FSDP: bf16 params, fp32 reduce); fp16: autocast + "
+    dtype: str = option("auto", "auto: bf16 on CUDA, fp32 elsewhere (bf16 autocast is slower than fp32 on "
+                        "most CPUs); bf16: autocast (FSDP: bf16 params, fp32 reduce); fp16: autocast + "
                         "GradScaler; fp32: full precision", "str", DTYPES)
     compile: bool = option(False, "torch.compile each transformer block", "bool")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward", "bool")

@@ -229,6 +229,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     d = init_distributed(t.device, cfg.parallel.backend)
+    if t.dtype == "auto":  # resolved once the device is known; config.toml records the choice
+        t.dtype = "bf16" if d.device.type == "cuda" else "fp32"
     stop = None
     metrics = None
     try:
