@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from scalelab.counting import training_flops
 from scalelab.errors import UserError
-from scalelab.files import atomic_write_text
+from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.config import TrainConfig, grad_accum_steps, total_steps, warmup_steps
 from scalelab.train.metrics import MetricsLog, console_line
@@ -125,11 +125,8 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, loader) -> None:
                                                         indent=2) + "\n")
     src = Path(cfg.data.dir) / "tokenizer"
     if src.is_dir():
-        tmp = run_dir / ".tokenizer.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
-        os.replace(tmp, run_dir / "tokenizer")
+        with atomic_directory(run_dir / "tokenizer") as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 class _Evaluator:
@@ -430,14 +427,11 @@ def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Pat
     if d.is_main:
         if inner.config.tie_embeddings:
             sd.pop("lm_head.weight", None)
-        tmp = run_dir / ".final.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf.write_safetensors({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp)
-        atomic_write_text(tmp / "model.toml", inner.config.to_toml())
-        if (run_dir / "tokenizer").is_dir():
-            shutil.copytree(run_dir / "tokenizer", tmp / "tokenizer")
-            shutil.copy2(run_dir / "data.json", tmp / "data.json")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_directory(final) as tmp:
+            hf.write_safetensors({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp)
+            atomic_write_text(tmp / "model.toml", inner.config.to_toml())
+            if (run_dir / "tokenizer").is_dir():
+                shutil.copytree(run_dir / "tokenizer", tmp / "tokenizer")
+                shutil.copy2(run_dir / "data.json", tmp / "data.json")
     barrier(d)
     return final
