@@ -34,6 +34,7 @@ HF_CONFIGS = {
     "llama-yarn": lambda: LlamaConfig(**LLAMA, num_key_value_heads=2, rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}),
     "mistral": lambda: MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=None),
+    "mistral-sliding-window": lambda: MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=8),
     "gpt2": lambda: GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64),
     "gpt2-untied": lambda: GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                       tie_word_embeddings=False),
@@ -183,11 +184,11 @@ def test_unsupported_inputs_are_user_errors(tmp_path):
         hf.load(tmp_path / "hf")
 
 
-def test_mistral_sliding_window_warns():
-    config = MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=32).to_dict()
-    with pytest.warns(UserWarning, match="sliding_window=32"):
-        cfg = hf.config_from_hf(config)
-    assert cfg.family == "mistral" and cfg.num_key_value_heads == 2
+def test_mistral_sliding_window_is_imported():
+    """Modelled, not warned about: the window is a ModelConfig field (tests/test_sliding_window.py)."""
+    cfg = hf.config_from_hf(MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=32).to_dict())
+    assert cfg.family == "mistral" and cfg.num_key_value_heads == 2 and cfg.sliding_window == 32
+    assert hf.config_to_hf(cfg)["sliding_window"] == 32
 
 
 # ---- native checkpoints and the CLI -----------------------------------------------------------

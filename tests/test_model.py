@@ -28,6 +28,8 @@ SMALL = {
                                   tie_embeddings=True,
                                   rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral-window": style_config("llama2", 2, 64, 4, num_key_value_heads=2, vocab_size=V, block_size=64,
+                                   family="mistral", sliding_window=6),
     "gpt2": style_config("gpt2", 2, 64, 4, vocab_size=V, block_size=64),
     "gpt2-untied": style_config("gpt2", 2, 64, 4, vocab_size=V, block_size=64, tie_embeddings=False),
     "post-norm-layernorm-nobias": ModelConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=V, block_size=64,
@@ -84,7 +86,7 @@ def test_flop_counter_equals_counting(name):
     assert training.get_total_flops() == counting.training_flops(cfg, B, S)
 
 
-@pytest.mark.parametrize("name", ["llama3-gqa", "mqa", "llama2-mha", "gpt2"])
+@pytest.mark.parametrize("name", ["llama3-gqa", "mqa", "llama2-mha", "gpt2", "mistral-window"])
 def test_sdpa_equals_math_attention(name):
     cfg = SMALL[name]
     math_model = randomize(Transformer(cfg, attention="math"))
@@ -116,7 +118,7 @@ def test_loss_is_mean_cross_entropy_over_targets_not_minus_one():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama3-gqa", "mqa", "gpt2", "llama3.2-tied"])
+@pytest.mark.parametrize("name", ["llama3-gqa", "mqa", "gpt2", "llama3.2-tied", "mistral-window"])
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
 def test_kv_cache_chunks_equal_full_forward(name, attention):
     """Prefill, a 5-token chunk and single tokens through the cache = one full forward."""
@@ -131,7 +133,7 @@ def test_kv_cache_chunks_equal_full_forward(name, attention):
     assert cache.k[0].shape == (2, SMALL[name].num_key_value_heads, 20, SMALL[name].head_dim)
 
 
-@pytest.mark.parametrize("name", ["llama3-gqa", "gpt2"])
+@pytest.mark.parametrize("name", ["llama3-gqa", "gpt2", "mistral-window"])
 def test_greedy_generation_with_cache_equals_without(name):
     model = randomize(Transformer(SMALL[name]), std=0.3)  # peaked logits: argmax ties are unlikely
     prompt = torch.randint(0, V, (2, 7))
@@ -237,7 +239,8 @@ def small_configs(draw):
         normalization=draw(st.sampled_from(["layernorm", "rmsnorm"])),
         position_encoding=draw(st.sampled_from(["learned", "rope"])),
         ffn_type=draw(st.sampled_from(["gelu", "swiglu"])), norm_position=draw(st.sampled_from(["pre", "post"])),
-        bias=draw(st.booleans()), tie_embeddings=draw(st.booleans()))
+        bias=draw(st.booleans()), tie_embeddings=draw(st.booleans()),
+        sliding_window=draw(st.sampled_from([None, 1, 3])))
 
 
 @settings(max_examples=15, deadline=None)

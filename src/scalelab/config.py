@@ -49,6 +49,10 @@ class ModelConfig:
     d_ff: the FFN hidden width. If unset it is derived from ffn_expansion_ratio (default 4
     for GELU, 8/3 for SwiGLU) as LLaMA does: int(ratio * n_embd) rounded up to a multiple of
     `multiple_of`. Setting both is allowed only when they agree.
+
+    sliding_window: if set, a query at position i attends to keys j with i - window < j <= i
+    (Mistral-7B-v0.1's 4096; exactly transformers' definition), else to every j <= i. It changes
+    what attention computes, not its parameters or (by our dense convention) its FLOPs.
     """
 
     n_layer: int
@@ -69,6 +73,7 @@ class ModelConfig:
     norm_position: str = "pre"
     bias: bool = False
     tie_embeddings: bool = False
+    sliding_window: int | None = None
     family: str = "custom"  # name prefix only: 'gpt2', 'llama2', 'llama3', 'mistral', ...
 
     def __post_init__(self) -> None:
@@ -139,6 +144,8 @@ class ModelConfig:
             rows.append(("Positions", f"RoPE (theta {self.rope_theta:g}{scaling})"))
         else:
             rows.append(("Positions", "learned"))
+        rows.append(("Attention window", f"sliding, {self.sliding_window} tokens" if self.sliding_window
+                     else "full causal"))
         rows += [("Bias", str(self.bias)), ("Tied embeddings", str(self.tie_embeddings))]
         return rows
 
@@ -197,9 +204,10 @@ def derive_d_ff(n_embd: int, ratio: float, multiple_of: int = 1) -> int:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 _INT_FIELDS = {"n_layer", "n_head", "n_embd", "vocab_size", "block_size", "num_key_value_heads",
-               "d_ff", "multiple_of"}
+               "d_ff", "multiple_of", "sliding_window"}
 _FLOAT_FIELDS = {"ffn_expansion_ratio", "norm_eps", "rope_theta"}
 _BOOL_FIELDS = {"bias", "tie_embeddings"}
+_OPTIONAL_FIELDS = {"sliding_window"}
 _STR_FIELDS = {"normalization", "position_encoding", "ffn_type", "norm_position", "family"}
 
 
@@ -217,6 +225,9 @@ def check_fields(data: Mapping[str, Any], *, where: str, partial: bool = False) 
             raise UserError(f"{where}: unknown field '{key}'{closest(key, _FIELDS)}")
         if value is None:
             out[key] = None
+            continue
+        if key in _OPTIONAL_FIELDS and isinstance(value, str) and value.lower() in ("none", ""):
+            out[key] = None  # `--set sliding_window=none` (TOML has no null)
             continue
         if key in _INT_FIELDS:
             if isinstance(value, float) and value.is_integer():
@@ -256,6 +267,9 @@ def validate(cfg: ModelConfig) -> None:
             raise UserError(f"{name} must be a positive integer, got {value}")
     if cfg.d_ff is not None and cfg.d_ff <= 0:
         raise UserError(f"d_ff must be a positive integer, got {cfg.d_ff}")
+    if cfg.sliding_window is not None and cfg.sliding_window <= 0:
+        raise UserError(f"sliding_window must be a positive integer (or none for full attention), "
+                        f"got {cfg.sliding_window}")
     if cfg.ffn_expansion_ratio is not None and not cfg.ffn_expansion_ratio > 0:
         raise UserError(f"ffn_expansion_ratio must be positive, got {cfg.ffn_expansion_ratio}")
     if not cfg.norm_eps > 0:

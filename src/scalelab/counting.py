@@ -8,7 +8,9 @@ FLOPs convention (DESIGN.md): 2·m·n·k per matmul, exactly. Forward FLOPs for 
 tokens = 2·S·(weights of every matmul: Q, K, V, O, FFN, lm_head — not the embedding lookup)
 + per layer 4·S²·n_embd for QKᵀ and AV at the query-head count, with no causal discount.
 Training = 3 × forward. This is what torch.utils.flop_counter.FlopCounterMode reports for the
-model with explicit attention (tests/test_model.py proves it).
+model with explicit attention (tests/test_model.py proves it). A sliding attention window
+(Mistral) does not change the count: the math path computes the full S×S score matrix and masks
+it, and that is what FlopCounterMode counts; a kernel that skipped the masked blocks would do less.
 """
 
 from __future__ import annotations

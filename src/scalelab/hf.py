@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -115,10 +114,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
     if attention_bias != mlp_bias:
         raise UserError("attention_bias and mlp_bias differ; scalelab has one `bias` switch for all linears")
+    # Mistral's window applies to every layer; LlamaForCausalLM has none.
     window = hf.get("sliding_window") if arch == "mistral" else None
-    if window is not None and window < int(hf.get("max_position_embeddings", 0)):
-        warnings.warn(f"sliding_window={window} is not modelled: attention is full-causal, which is "
-                      f"exact for sequences of up to {window} tokens", stacklevel=2)
     theta, scaling = _hf_rope(hf)
     family = "mistral" if arch == "mistral" else ("llama3" if theta >= 500000 else "llama2")
     return ModelConfig(
@@ -127,7 +124,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         block_size=int(hf.get("max_position_embeddings", 2048)), d_ff=int(hf["intermediate_size"]),
         normalization="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), position_encoding="rope",
         rope_theta=theta, rope_scaling=scaling, ffn_type="swiglu", norm_position="pre", bias=attention_bias,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=None if window is None else int(window))
 
 
 def default_architecture(cfg: ModelConfig) -> str:
@@ -137,7 +135,7 @@ def default_architecture(cfg: ModelConfig) -> str:
         return "gpt2"
     if (cfg.normalization, cfg.position_encoding, cfg.ffn_type, cfg.norm_position) == \
             ("rmsnorm", "rope", "swiglu", "pre"):
-        return "mistral" if cfg.family == "mistral" else "llama"
+        return "mistral" if cfg.family == "mistral" or cfg.sliding_window is not None else "llama"
     raise UserError(f"no Hugging Face architecture matches {cfg.normalization} + {cfg.position_encoding} "
                     f"positions + {cfg.ffn_type} + {cfg.norm_position}-norm; export supports GPT-2 "
                     "(layernorm, learned, gelu, pre) and LLaMA/Mistral (rmsnorm, rope, swiglu, pre)")
@@ -170,6 +168,9 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     if arch == "mistral" and cfg.bias:
         raise UserError("MistralForCausalLM has no biases; this model has bias = true (export as llama)")
+    if arch == "llama" and cfg.sliding_window is not None:
+        raise UserError(f"LlamaForCausalLM has no sliding window; this model has sliding_window = "
+                        f"{cfg.sliding_window} (export as mistral)")
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     rope_scaling = None
     if cfg.rope_scaling:
@@ -186,7 +187,7 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
     if arch == "llama":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
     else:
-        out["sliding_window"] = None  # our attention is full-causal
+        out["sliding_window"] = cfg.sliding_window  # None: full-causal attention
     return out
 
 

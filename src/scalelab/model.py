@@ -10,6 +10,8 @@ Every architectural choice is a ModelConfig field; there is one code path per co
   never copied n_head/n_kv times), or through an explicit "math" path that spells the matmuls
   out. The math path is the reference: `torch.utils.flop_counter.FlopCounterMode` counts its
   FLOPs exactly as `scalelab.counting` does (tests/test_model.py proves it).
+  A sliding window (Mistral) is a boolean mask on either path; the KV cache still keeps every
+  position (simple, and exact; a rolling buffer would only save memory).
 - Parameter names and layouts follow Hugging Face's LLaMA where one exists (RoPE rotates the
   two *halves* of each head, not interleaved pairs), so import/export (scalelab.hf) is a
   renaming plus, for K/V, a concatenation — never a permutation.
@@ -99,28 +101,51 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---- attention --------------------------------------------------------------------------------
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implementation: str) -> torch.Tensor:
+def attention_mask(s_q: int, s_k: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Which keys each query may see, as a boolean (s_q, s_k) mask, or None when plain causal
+    attention (or, for one query, no mask at all) already says it.
+
+    The queries are the *last* s_q of s_k positions (with a KV cache, s_k > s_q), so query row r
+    sits at position i = s_k - s_q + r and sees keys j <= i; with a sliding window only those with
+    i - window < j <= i: `window` keys including its own, exactly as transformers'
+    `sliding_window_overlay` (kv_idx > q_idx - sliding_window) defines it. A window at least as
+    long as the keys hides nothing, so short sequences keep the fast unmasked path.
+    """
+    windowed = window is not None and window < s_k
+    if not windowed and (s_q == 1 or s_q == s_k):
+        return None
+    offset = s_k - s_q
+    ones = torch.ones(s_q, s_k, dtype=torch.bool, device=device)
+    mask = ones.tril(diagonal=offset)
+    if windowed:
+        mask &= ~ones.tril(diagonal=offset - window)
+    return mask
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implementation: str,
+                     window: int | None = None) -> torch.Tensor:
     """softmax(QKᵀ/√d + causal mask)·V for q (B, n_head, Sq, d) and k, v (B, n_kv, Sk, d).
 
     With a KV cache, Sk > Sq: the queries are the *last* Sq positions, so the mask is aligned
-    to the bottom-right. A single new query attends to everything and needs no mask.
+    to the bottom-right. A single new query attends to everything and needs no mask, unless a
+    sliding `window` hides the oldest keys (see attention_mask).
     """
     s_q, s_k = q.size(-2), k.size(-2)
-    mask = None
-    if s_q > 1 and s_q != s_k:
-        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+    mask = attention_mask(s_q, s_k, window, q.device)
     if implementation == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=s_q > 1 and mask is None,
                                               enable_gqa=k.size(1) != q.size(1))
     # Explicit math: repeat each KV head for its group of query heads, then two matmuls whose
     # FLOPs (2·Sq·Sk·d each, per query head) are exactly the counting module's attention term.
+    # A sliding window masks the full score matrix rather than skipping it, so the FLOPs (and
+    # FlopCounterMode's count) do not depend on the window.
     repeats = q.size(1) // k.size(1)
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-    if s_q > 1:
-        if mask is None:
-            mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
+    if mask is None and s_q > 1:
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in fp32, as every reference does
     return probs @ v
@@ -155,6 +180,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx, self.implementation = layer_idx, implementation
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.sliding_window
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.kv_dim, bias=cfg.bias)  # [K | V]
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
@@ -168,7 +194,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        y = causal_attention(q, k, v, self.implementation)
+        y = causal_attention(q, k, v, self.implementation, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -93,8 +93,9 @@ PRESETS: dict[str, ModelConfig] = {
                           rope_scaling=_LLAMA32_SCALING),
     "llama3.2-3b": _llama("llama3", 28, 3072, 24, 8, 8192, block_size=131072, tie_embeddings=True,
                           rope_scaling=_LLAMA32_SCALING),
-    # mistralai/Mistral-7B-v0.1 (GQA 8, theta 1e4, 32000 vocab; sliding window not modelled)
-    "mistral-7b": _llama("llama2", 32, 4096, 32, 8, 14336, block_size=32768, family="mistral"),
+    # mistralai/Mistral-7B-v0.1 (GQA 8, theta 1e4, 32000 vocab, sliding_window 4096)
+    "mistral-7b": _llama("llama2", 32, 4096, 32, 8, 14336, block_size=32768, family="mistral",
+                         sliding_window=4096),
 }
 
 # Official parameter counts (exact, from the released safetensors checkpoints).
