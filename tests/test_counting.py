@@ -102,15 +102,22 @@ def test_memory_accounting():
     one = counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=1, sharding="ddp")
     assert one["weights"] + one["gradients"] + one["optimizer"] == 16 * n  # AdamW mixed precision
     fsdp = counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=8, sharding="fsdp")
-    assert fsdp["optimizer"] == one["optimizer"] / 8 and fsdp["activations"] == one["activations"]
+    fsdp1 = counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=1, sharding="fsdp")
+    assert fsdp["optimizer"] == one["optimizer"] / 8 and fsdp["activations"] == fsdp1["activations"]
+    # FSDP's bf16 forward has a bf16 residual stream and no autocast casts or weight copies
+    assert fsdp["activations"] < one["activations"] and fsdp["weight_copies"] == 0
+    assert one["weight_copies"] == 2 * counting.matmul_weights_arrays(*counting._shape_args(cfg), ffn_type=cfg.ffn_type)
     ddp = counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=8, sharding="ddp")
-    assert ddp["weights"] == one["weights"]
+    assert ddp["weights"] == one["weights"] and ddp["activations"] == one["activations"]
     ckpt = counting.training_memory(cfg, micro_batch=1, seq_len=2048, activation_checkpointing=True)
     assert ckpt["activations"] < one["activations"] / 5
-    two = counting.training_memory(cfg, micro_batch=2, seq_len=2048)
+    two = counting.training_memory(cfg, micro_batch=2, seq_len=2048, sharding="ddp")
     assert two["activations"] == 2 * one["activations"]
-    math = counting.training_memory(cfg, micro_batch=1, seq_len=2048, attention="math")
-    assert math["activations"] - one["activations"] == 2048 * 32 * 2 * 32 * 2048 * 2  # S×S per head, bf16
+    math = counting.training_memory(cfg, micro_batch=1, seq_len=2048, sharding="ddp", attention="math")
+    # per token and layer: the fp32 softmax and its bf16 copy (S per head) instead of one fp32
+    # log-sum-exp per head, and K, V repeated to 32 heads instead of rotated K and packed [K | V]
+    h, kv, heads = 4096, 1024, 32
+    assert math["activations"] - one["activations"] == 2048 * 32 * (heads * (2048 * 6 - 4) + 2 * (2 * h - 3 * kv))
 
 
 def test_time_arithmetic():

@@ -185,18 +185,44 @@ ACTIVATION_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2}
 SHARDINGS = ("none", "ddp", "fsdp")
 
 
-def activation_elements_per_token_per_layer(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_type="swiglu",
-                                            attention="sdpa"):
-    """Tensors autograd keeps for backward in one pre-norm block, in elements per token.
-    Attention block: norm input and output, Q, K, V, attention output = 4h + 2·kv_dim.
-    FFN block: norm input and output (2h) + SwiGLU gate, silu(gate), up, product (4·d_ff)
-    or GELU input and output (2·d_ff). Flash/SDPA attention keeps no S×S matrix; the math
-    path keeps the softmax probabilities (n_head·S per token)."""
-    ffn = (4 if ffn_type == "swiglu" else 2) * d_ff
-    elems = 6 * n_embd + 2 * kv_dim + ffn
-    if attention == "math":
-        elems = elems + 2 * n_head * seq_len  # scores and probabilities
-    return elems
+def activation_bytes_per_token(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_type="swiglu",
+                               normalization="rmsnorm", rope=True, residual_bytes=4, compute_bytes=2,
+                               autocast=False, attention="sdpa"):
+    """Bytes that autograd saves for backward per token, in one pre-norm block and after the last
+    block (final norm and lm_head input; the logits are counted by the caller): `(block, head)`.
+
+    This is the tensor-by-tensor list of what our model keeps, checked exactly against
+    `torch.autograd.graph.saved_tensors_hooks` on the SDPA path (tests/test_memory.py):
+    - each norm: its input, in the residual stream's dtype (fp32 under autocast), and its
+      per-token statistics in fp32 (RMSNorm 1, LayerNorm 2);
+    - each Linear: its input in the compute dtype. Autocast casts the normed activations once per
+      consuming Linear, so q_proj and kv_proj (and SwiGLU's gate and up) each keep a copy;
+    - attention: Q, and K after RoPE, plus the packed [K | V] projection that V is a view of; SDPA
+      keeps its output and one fp32 log-sum-exp per head and token, no S×S matrix;
+    - FFN: SwiGLU keeps gate, up, silu(gate) and their product (4·d_ff); GELU its input and
+      output (2·d_ff).
+    Not per token, so not here: RoPE's cos/sin tables, and (under autocast) the bf16 copy of
+    every weight, which training_memory counts as `weight_copies`.
+    On CUDA and MPS, RMSNorm is one fused kernel (input and statistics saved); PyTorch's CPU
+    composite also keeps the normalised input, one more residual-dtype vector per norm.
+    The math attention path keeps the fp32 softmax (plus its compute-dtype copy under autocast),
+    n_head·S per token, instead of the log-sum-exp, and K and V as the matmuls copy them (repeated
+    to n_head under GQA) instead of rotated K and [K | V]; it also keeps a bool S×S causal mask per layer (not per
+    token, not counted). Exact in fp32; it is the FLOP-counting reference, not a training path.
+    """
+    r, c = residual_bytes, compute_bytes
+    stats = 4 * (2 if normalization == "layernorm" else 1)
+
+    def norm(consumers):
+        return r * n_embd + stats + c * n_embd * (consumers if autocast else 1)
+
+    q_k = c * (n_embd + kv_dim) if rope else c * n_embd  # rotated Q and K (without RoPE: views of Q / [K|V])
+    attn = norm(2) + q_k + 2 * c * kv_dim + c * n_embd + 4 * n_head
+    if attention == "math":  # Q, K and V as the two matmuls keep them: K and V at n_head heads
+        attn = norm(2) + 4 * c * n_embd + n_head * seq_len * (4 + (c if autocast else 0))
+    ffn = norm(2 if ffn_type == "swiglu" else 1) + (4 if ffn_type == "swiglu" else 2) * c * d_ff
+    head = norm(1) + 8 + 8  # final norm + lm_head input; token ids for the embedding and the loss (int64)
+    return attn + ffn, head
 
 
 def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | None = None,
@@ -204,9 +230,11 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
                     activation_checkpointing: bool = False, attention: str = "sdpa") -> dict[str, Any]:
     """Estimated peak training memory per device, in bytes, by component.
 
-    Weights, gradients and optimizer state are exact given the precision; activations are an
-    estimate of what autograd keeps (see activation_elements_per_token_per_layer), plus the
-    logits (bf16) and their fp32 copy for the loss. FSDP (ZeRO-3) shards weights, gradients and
+    Weights, gradients and optimizer state are exact given the precision; activations are what
+    autograd keeps, tensor by tensor (activation_bytes_per_token, proven against PyTorch), plus
+    the logits' fp32 log-probabilities and their gradient. Under autocast (bf16-mixed without
+    FSDP) `weight_copies` is the bf16 copy of every matmul weight that autocast makes and
+    backward keeps. FSDP (ZeRO-3) shards weights, gradients and
     optimizer state over devices, and holds two unsharded blocks at a time (current + prefetch).
     DDP replicates everything. Activations never shard under data parallelism.
     """
@@ -236,22 +264,35 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     p = param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, **style)
     total_params = p["total"].astype(np.float64)
     shards = num_devices if sharding == "fsdp" else 1
+    # How the trainer runs each precision: fp32 throughout; bf16-mixed is torch.autocast over fp32
+    # weights, except under FSDP, where MixedPrecisionPolicy gathers bf16 weights and the whole
+    # forward (residual stream included) runs in bf16 with no casts; bf16 is bf16 weights.
+    autocast = precision == "bf16-mixed" and sharding != "fsdp"
+    residual = 4 if precision == "fp32" or autocast else 2
     compute_bytes = ACTIVATION_BYTES[precision]
     n_layer, n_embd, n_head, kv, d_ff, vocab = (np.asarray(x, dtype=np.float64) for x in
                                                 (n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size))
     unsharded = (2.0 * p["per_layer"] * compute_bytes if sharding == "fsdp" and num_devices > 1
                  else np.zeros_like(total_params))
     tokens = micro_batch * seq_len
-    per_layer = activation_elements_per_token_per_layer(n_embd, kv * (n_embd // n_head), d_ff, n_head, seq_len,
-                                                        ffn_type=style.get("ffn_type", "swiglu"),
-                                                        attention=attention)
-    if activation_checkpointing:
-        layer_acts = tokens * (n_layer * n_embd + per_layer) * compute_bytes
+    per_layer, head = activation_bytes_per_token(
+        n_embd, kv * (n_embd // n_head), d_ff, n_head, seq_len, ffn_type=style.get("ffn_type", "swiglu"),
+        normalization=style.get("normalization", "rmsnorm"), rope=not style.get("learned_positions", 0),
+        residual_bytes=residual, compute_bytes=compute_bytes, autocast=autocast, attention=attention)
+    if activation_checkpointing:  # each block's input, plus one block's activations while it is recomputed
+        layer_acts = tokens * (n_layer * residual * n_embd + per_layer)
     else:
-        layer_acts = tokens * n_layer * per_layer * compute_bytes
-    activations = layer_acts + tokens * vocab * (compute_bytes + 4) + tokens * 2 * n_embd * compute_bytes
+        layer_acts = tokens * n_layer * per_layer
+    # Logits: the loss keeps fp32 log-probabilities; at the loss's backward their gradient (in the
+    # compute dtype) is live beside them.
+    activations = layer_acts + tokens * head + tokens * vocab * (4 + compute_bytes)
+    copies = (2.0 * matmul_weights_arrays(n_layer.astype(np.int64), n_embd.astype(np.int64), n_head.astype(np.int64),
+                                          kv.astype(np.int64), d_ff.astype(np.int64), vocab.astype(np.int64),
+                                          ffn_type=style.get("ffn_type", "swiglu"))
+              if autocast else np.zeros_like(total_params))
     out = {"weights": total_params * wb / shards, "gradients": total_params * gb / shards,
-           "optimizer": total_params * ob / shards, "unsharded_buffers": unsharded, "activations": activations}
+           "optimizer": total_params * ob / shards, "unsharded_buffers": unsharded, "weight_copies": copies,
+           "activations": activations}
     out["total"] = sum(out.values())
     return out
 

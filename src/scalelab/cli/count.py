@@ -146,7 +146,8 @@ def print_report(cfg, r: dict) -> None:
     title = (f"Training memory per device ({m['sharding'].upper()} over {m['num_devices']}, {m['precision']}, "
              f"micro-batch {m['micro_batch']} x {m['seq_len']}{', activation checkpointing' if m['activation_checkpointing'] else ''})")
     rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k]))
-            for k in ("weights", "gradients", "optimizer", "unsharded_buffers", "activations") if m[k]]
+            for k in ("weights", "gradients", "optimizer", "unsharded_buffers", "weight_copies", "activations")
+            if m[k]]
     rows.append(("Total (estimate)", format_bytes(m["total"])))
     if "device_memory" in m:
         verdict = "fits" if m["fits"] else "DOES NOT FIT"

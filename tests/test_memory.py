@@ -1,0 +1,111 @@
+"""counting.training_memory's activations are what autograd really keeps.
+
+Independent truth: `torch.autograd.graph.saved_tensors_hooks` sees every tensor saved for backward
+during a training forward; we sum their distinct storages (parameters excluded) and compare to
+the counting module's prediction for the same shape, precision and trainer regime, to the byte.
+
+Known differences, computed here explicitly rather than hidden in a tolerance:
+- tensors that do not grow with the batch: RoPE's cos/sin tables, learned-position ids, the
+  loss's scalar, the math path's causal mask;
+- `weight_copies` (autocast's bf16 copy of each matmul weight) is its own component;
+- the logits' gradient, which training_memory counts as live at the loss's backward, is not a
+  saved tensor;
+- on the CPU, PyTorch runs RMSNorm as a composite that also keeps the normalised input (one
+  more residual-dtype vector per norm); CUDA and MPS run the fused kernel the formula describes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scalelab import counting
+from scalelab.config import ModelConfig
+from scalelab.model import Transformer
+
+B, S = 2, 48
+
+LLAMA = dict(n_layer=2, n_embd=96, n_head=6, num_key_value_heads=2, d_ff=256, vocab_size=384, block_size=S)
+GPT2 = dict(n_layer=2, n_embd=96, n_head=4, d_ff=384, vocab_size=320, block_size=S, ffn_type="gelu",
+            normalization="layernorm", position_encoding="learned", bias=True, tie_embeddings=True)
+
+
+def saved_bytes(model: torch.nn.Module, precision: str) -> int:
+    """Bytes of distinct non-parameter storages saved for backward by one forward + loss."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    idx, targets = (torch.randint(0, vocab, (B, S), generator=g) for _ in range(2))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        _, loss = model(idx, targets)
+    assert loss.requires_grad
+    return sum(storages.values())
+
+
+def fixed_bytes(cfg: ModelConfig) -> int:
+    """Saved tensors that do not scale with B·S (listed in the module docstring)."""
+    n = 4  # the loss: its fp32 scalar total weight
+    if cfg.position_encoding == "rope":
+        n += 2 * S * cfg.head_dim * 4  # cos and sin, fp32
+    else:
+        n += S * 8  # position ids, int64
+    return n
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+@pytest.mark.parametrize("regime", ["fp32", "bf16-mixed", "fsdp-bf16"])
+@pytest.mark.parametrize("shape", ["llama", "llama-mha", "gpt2"])
+def test_activation_memory_equals_saved_tensors(shape, regime, attention):
+    fields = {"llama": LLAMA, "llama-mha": {**LLAMA, "num_key_value_heads": LLAMA["n_head"]}, "gpt2": GPT2}[shape]
+    cfg = ModelConfig(**fields)
+    if regime == "fsdp-bf16" and cfg.normalization == "rmsnorm":
+        pytest.skip("the CPU's composite RMSNorm upcasts bf16 inputs; CUDA's fused kernel does not")
+    if attention == "math" and regime != "fp32":
+        pytest.skip("the math path is the FLOP-counting reference; its memory figure is the S×S term only")
+    torch.manual_seed(0)
+    model = Transformer(cfg, attention=attention)
+    precision, sharding = {"fp32": ("fp32", "none"), "bf16-mixed": ("bf16-mixed", "none"),
+                           "fsdp-bf16": ("bf16-mixed", "fsdp")}[regime]
+    if regime == "fsdp-bf16":  # what MixedPrecisionPolicy(param_dtype=bf16) computes with
+        model = model.to(torch.bfloat16)
+    got = saved_bytes(model, precision if regime != "fsdp-bf16" else "none")
+
+    m = counting.training_memory(cfg, micro_batch=B, seq_len=S, precision=precision, sharding=sharding,
+                                 attention=attention)
+    tokens = B * S
+    compute = counting.ACTIVATION_BYTES[precision]
+    residual = 2 if regime == "fsdp-bf16" else 4
+    expected = m["activations"] - tokens * cfg.vocab_size * compute + m["weight_copies"] + fixed_bytes(cfg)
+    if cfg.normalization == "rmsnorm":
+        expected += tokens * (2 * cfg.n_layer + 1) * residual * cfg.n_embd  # CPU composite RMSNorm
+    if regime == "fsdp-bf16" and cfg.normalization == "layernorm":
+        expected -= tokens * (2 * cfg.n_layer + 1) * 2 * (4 - 2)  # CPU LayerNorm statistics in bf16
+    if attention == "math":
+        expected += cfg.n_layer * S * S  # the causal mask, bool, one per layer
+    assert got == expected, (got, expected, got - expected)
+
+
+def test_autocast_weight_copies_are_real():
+    """Under autocast the bf16 weight copies are saved for backward: the measured total grows by
+    exactly 2 bytes per matmul weight over the per-token activations."""
+    cfg = ModelConfig(**LLAMA)
+    model = Transformer(cfg)
+    fp32, mixed = saved_bytes(model, "fp32"), saved_bytes(model, "bf16-mixed")
+    a = counting.training_memory(cfg, micro_batch=B, seq_len=S, precision="fp32", sharding="none")
+    b = counting.training_memory(cfg, micro_batch=B, seq_len=S, precision="bf16-mixed", sharding="none")
+    assert a["weight_copies"] == 0 and b["weight_copies"] > 0
+    tokens = B * S
+    # the only differences: per-token activations and the weight copies (the composite RMSNorm
+    # extra is fp32 in both)
+    diff_pred = ((b["activations"] - tokens * cfg.vocab_size * 2) - (a["activations"] - tokens * cfg.vocab_size * 4)
+                 + b["weight_copies"])
+    assert mixed - fp32 == diff_pred
