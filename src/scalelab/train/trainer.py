@@ -36,9 +36,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from scalelab.counting import training_flops
+from scalelab.counting import training_flops, training_memory
 from scalelab.errors import UserError
 from scalelab.files import atomic_directory, atomic_write_text
+from scalelab.units import format_bytes
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.config import TrainConfig, grad_accum_steps, total_steps, warmup_steps
 from scalelab.train.metrics import MetricsLog, console_line
@@ -79,6 +80,16 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
         acc = detect_accelerator(torch.cuda.get_device_name(device))
         return acc.peak_bf16_flops if acc else None
     return None
+
+
+def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int) -> float:
+    """counting.training_memory's total for this run's shape, precision and parallelism."""
+    t = cfg.train
+    precision = "fp32" if t.dtype == "fp32" else "bf16-mixed"
+    m = training_memory(cfg.model, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=world_size,
+                        sharding={"fsdp": "fsdp", "ddp": "ddp"}.get(strategy, "none"), precision=precision,
+                        activation_checkpointing=t.activation_checkpointing, attention=t.attention)
+    return m["total"]
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
@@ -298,6 +309,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 f"[{strategy}, {t.dtype}], {steps} steps × {tokens_per_step:,} tokens "
                 f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × world {d.world_size}), "
                 f"{flops_per_step * steps:.3g} FLOPs; run dir {run_dir}")
+            log(f"scalelab train: predicted peak memory per device "
+                f"{format_bytes(predicted_memory(cfg, strategy, d.world_size))} (counting.training_memory; "
+                f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
         evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
         peak = peak_flops_per_device(cfg, d.device)
         stop = _StopFlag(cfg.checkpoint.on_signal)
