@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from scalelab import hf
@@ -35,6 +35,7 @@ HF_CONFIGS = {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}),
     "mistral": lambda: MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=None),
     "mistral-sliding-window": lambda: MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=8),
+    "qwen2-tied": lambda: Qwen2Config(**LLAMA, num_key_value_heads=2, tie_word_embeddings=True),
     "gpt2": lambda: GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64),
     "gpt2-untied": lambda: GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                       tie_word_embeddings=False),

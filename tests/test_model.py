@@ -30,6 +30,8 @@ SMALL = {
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "mistral-window": style_config("llama2", 2, 64, 4, num_key_value_heads=2, vocab_size=V, block_size=64,
                                    family="mistral", sliding_window=6),
+    "qwen2-qkv-bias-tied": style_config("llama3", 2, 64, 4, num_key_value_heads=2, vocab_size=V, block_size=64,
+                                        family="qwen2", qkv_bias=True, tie_embeddings=True, norm_eps=1e-6),
     "gpt2": style_config("gpt2", 2, 64, 4, vocab_size=V, block_size=64),
     "gpt2-untied": style_config("gpt2", 2, 64, 4, vocab_size=V, block_size=64, tie_embeddings=False),
     "post-norm-layernorm-nobias": ModelConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=V, block_size=64,
@@ -239,7 +241,7 @@ def small_configs(draw):
         normalization=draw(st.sampled_from(["layernorm", "rmsnorm"])),
         position_encoding=draw(st.sampled_from(["learned", "rope"])),
         ffn_type=draw(st.sampled_from(["gelu", "swiglu"])), norm_position=draw(st.sampled_from(["pre", "post"])),
-        bias=draw(st.booleans()), tie_embeddings=draw(st.booleans()),
+        bias=draw(st.booleans()), qkv_bias=draw(st.booleans()), tie_embeddings=draw(st.booleans()),
         sliding_window=draw(st.sampled_from([None, 1, 3])))
 
 

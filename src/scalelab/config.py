@@ -53,6 +53,9 @@ class ModelConfig:
     sliding_window: if set, a query at position i attends to keys j with i - window < j <= i
     (Mistral-7B-v0.1's 4096; exactly transformers' definition), else to every j <= i. It changes
     what attention computes, not its parameters or (by our dense convention) its FLOPs.
+
+    bias: every Linear except lm_head has a bias (and LayerNorm has one). qkv_bias: the query and
+    key/value projections have one even when `bias` is false (Qwen2: not o_proj, not the FFN).
     """
 
     n_layer: int
@@ -72,6 +75,7 @@ class ModelConfig:
     ffn_type: str = "swiglu"
     norm_position: str = "pre"
     bias: bool = False
+    qkv_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int | None = None
     family: str = "custom"  # name prefix only: 'gpt2', 'llama2', 'llama3', 'mistral', ...
@@ -146,7 +150,8 @@ class ModelConfig:
             rows.append(("Positions", "learned"))
         rows.append(("Attention window", f"sliding, {self.sliding_window} tokens" if self.sliding_window
                      else "full causal"))
-        rows += [("Bias", str(self.bias)), ("Tied embeddings", str(self.tie_embeddings))]
+        bias = "q, k, v projections only" if self.qkv_bias and not self.bias else str(self.bias)
+        rows += [("Bias", bias), ("Tied embeddings", str(self.tie_embeddings))]
         return rows
 
     # ---- (de)serialisation -----------------------------------------------------------
@@ -206,7 +211,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 _INT_FIELDS = {"n_layer", "n_head", "n_embd", "vocab_size", "block_size", "num_key_value_heads",
                "d_ff", "multiple_of", "sliding_window"}
 _FLOAT_FIELDS = {"ffn_expansion_ratio", "norm_eps", "rope_theta"}
-_BOOL_FIELDS = {"bias", "tie_embeddings"}
+_BOOL_FIELDS = {"bias", "qkv_bias", "tie_embeddings"}
 _OPTIONAL_FIELDS = {"sliding_window"}
 _STR_FIELDS = {"normalization", "position_encoding", "ffn_type", "norm_position", "family"}
 

@@ -29,14 +29,17 @@ from scalelab.hardware import Accelerator
 def param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *,
                            ffn_type: str = "swiglu", normalization: str = "rmsnorm", bias: bool = False,
                            tie_embeddings: bool = False, learned_positions: int = 0,
-                           final_norm: bool = True) -> dict[str, Any]:
-    """Parameter counts by component. Shapes may be numpy arrays (int64 arithmetic)."""
+                           final_norm: bool = True, qkv_bias: bool = False) -> dict[str, Any]:
+    """Parameter counts by component. Shapes may be numpy arrays (int64 arithmetic).
+    `bias`: every Linear but lm_head has one (and LayerNorm too); `qkv_bias`: the Q, K and V
+    projections have one even without `bias` (Qwen2). Biases are no matmul, so no FLOPs."""
     n_layer, n_embd, n_head, kv, d_ff, vocab = (np.asarray(x, dtype=np.int64) for x in
                                                 (n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size))
     kv_dim = kv * (n_embd // n_head)
     b = 1 if bias else 0
+    qkv_b = 1 if (bias or qkv_bias) else 0
     # Q and O are n_embd x n_embd; K and V are n_embd x kv_dim (GQA/MQA shrink only these).
-    attention = 2 * n_embd * n_embd + 2 * n_embd * kv_dim + b * (2 * n_embd + 2 * kv_dim)
+    attention = 2 * n_embd * n_embd + 2 * n_embd * kv_dim + qkv_b * (n_embd + 2 * kv_dim) + b * n_embd
     n_in = 2 if ffn_type == "swiglu" else 1  # SwiGLU has gate and up projections
     ffn = (n_in + 1) * n_embd * d_ff + b * (n_in * d_ff + n_embd)
     norm = n_embd * (2 if (normalization == "layernorm" and bias) else 1)
@@ -64,7 +67,7 @@ def _shape_args(cfg: ModelConfig) -> tuple:
 
 
 def _style_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    return dict(ffn_type=cfg.ffn_type, normalization=cfg.normalization, bias=cfg.bias,
+    return dict(ffn_type=cfg.ffn_type, normalization=cfg.normalization, bias=cfg.bias, qkv_bias=cfg.qkv_bias,
                 tie_embeddings=cfg.tie_embeddings,
                 learned_positions=cfg.block_size if cfg.position_encoding == "learned" else 0,
                 final_norm=cfg.norm_position == "pre")

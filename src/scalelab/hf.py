@@ -2,12 +2,13 @@
 
 A Hugging Face directory is `config.json` + `model.safetensors` (or shards listed in
 `model.safetensors.index.json`). Supported: LlamaForCausalLM (LLaMA 2, 3, 3.1 with
-rope_scaling, 3.2 with tied embeddings), MistralForCausalLM and GPT2LMHeadModel. Only
+rope_scaling, 3.2 with tied embeddings), MistralForCausalLM (sliding window included),
+Qwen2ForCausalLM (Qwen2 / Qwen2.5: biases on q, k, v only) and GPT2LMHeadModel. Only
 `safetensors` and `json` are needed; `transformers` is never imported (tests use it as the
 reference).
 
 Weight mapping is a renaming, with two twists: our attention has one K/V projection where HF
-has k_proj and v_proj (concatenate/split), and GPT-2 stores its linear layers as `Conv1D`
+has k_proj and v_proj (concatenate/split, weights and biases alike), and GPT-2 stores its linear layers as `Conv1D`
 (weight is in×out, the transpose of nn.Linear) with Q, K and V fused in `c_attn`.
 
 Native checkpoints (what the trainer writes and `import-hf` produces): a directory with our
@@ -30,8 +31,9 @@ from scalelab.errors import UserError
 from scalelab.files import atomic_path, atomic_write_text
 from scalelab.model import Transformer
 
-ARCHITECTURES = ("llama", "mistral", "gpt2")
-HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "gpt2": "GPT2LMHeadModel"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,7 +44,7 @@ WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
 # ---- configs ----------------------------------------------------------------------------------
 
 def architecture_of(hf_config: Mapping[str, Any]) -> str:
-    """'llama', 'mistral' or 'gpt2' from a config.json's model_type (or architectures)."""
+    """'llama', 'mistral', 'qwen2' or 'gpt2' from a config.json's model_type (or architectures)."""
     kind = str(hf_config.get("model_type", "")).lower()
     if not kind:
         archs = hf_config.get("architectures") or []
@@ -85,8 +87,28 @@ def _hf_rope(hf: Mapping[str, Any]) -> tuple[float, dict | None]:
     return theta, scaling
 
 
+def _qwen2_window(hf: Mapping[str, Any]) -> int | None:
+    """A Qwen2 config's sliding window: only with use_sliding_window, and then only on the layers
+    layer_types marks (by default those from max_window_layers on). We model one window for all
+    layers, so a window on some layers only is refused rather than imported as something else."""
+    if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+        return None
+    n_layer = int(hf["num_hidden_layers"])
+    first = int(hf.get("max_window_layers", n_layer))
+    types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                      for i in range(n_layer)]
+    sliding = sum(kind == "sliding_attention" for kind in types)
+    if sliding == 0:
+        return None
+    if sliding < n_layer:
+        raise UserError(f"this Qwen2 config slides the attention window on {sliding} of {n_layer} layers; "
+                        "scalelab has one window for all layers (set max_window_layers to 0 or "
+                        "use_sliding_window to false)")
+    return int(hf["sliding_window"])
+
+
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json dict (Llama, Mistral or GPT-2).
+    """A ModelConfig from a Hugging Face config.json dict (Llama, Mistral, Qwen2 or GPT-2).
 
     Raises UserError for features our model does not have, rather than importing a model
     that would compute something else."""
@@ -111,20 +133,24 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
                         f"({n_embd // n_head}); scalelab derives head_dim from n_embd and n_head")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act {hf.get('hidden_act')!r} is not supported; LLaMA-style models use silu")
-    attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
-    if attention_bias != mlp_bias:
-        raise UserError("attention_bias and mlp_bias differ; scalelab has one `bias` switch for all linears")
+    if arch == "qwen2":  # fixed by the architecture: biases on q, k, v, none on o_proj or the MLP
+        attention_bias, qkv_bias = False, True
+    else:
+        attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+        if attention_bias != mlp_bias:
+            raise UserError("attention_bias and mlp_bias differ; scalelab has one `bias` switch for all linears")
+        qkv_bias = False
     # Mistral's window applies to every layer; LlamaForCausalLM has none.
-    window = hf.get("sliding_window") if arch == "mistral" else None
+    window = {"mistral": hf.get("sliding_window"), "qwen2": _qwen2_window(hf)}.get(arch)
     theta, scaling = _hf_rope(hf)
-    family = "mistral" if arch == "mistral" else ("llama3" if theta >= 500000 else "llama2")
+    family = arch if arch in ("mistral", "qwen2") else ("llama3" if theta >= 500000 else "llama2")
     return ModelConfig(
         family=family, n_layer=int(hf["num_hidden_layers"]), n_head=n_head, n_embd=n_embd,
         num_key_value_heads=int(hf.get("num_key_value_heads") or n_head), vocab_size=int(hf["vocab_size"]),
         block_size=int(hf.get("max_position_embeddings", 2048)), d_ff=int(hf["intermediate_size"]),
         normalization="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), position_encoding="rope",
         rope_theta=theta, rope_scaling=scaling, ffn_type="swiglu", norm_position="pre", bias=attention_bias,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=None if window is None else int(window))
 
 
@@ -135,10 +161,12 @@ def default_architecture(cfg: ModelConfig) -> str:
         return "gpt2"
     if (cfg.normalization, cfg.position_encoding, cfg.ffn_type, cfg.norm_position) == \
             ("rmsnorm", "rope", "swiglu", "pre"):
+        if cfg.family == "qwen2" or (cfg.qkv_bias and not cfg.bias):
+            return "qwen2"
         return "mistral" if cfg.family == "mistral" or cfg.sliding_window is not None else "llama"
     raise UserError(f"no Hugging Face architecture matches {cfg.normalization} + {cfg.position_encoding} "
                     f"positions + {cfg.ffn_type} + {cfg.norm_position}-norm; export supports GPT-2 "
-                    "(layernorm, learned, gelu, pre) and LLaMA/Mistral (rmsnorm, rope, swiglu, pre)")
+                    "(layernorm, learned, gelu, pre) and LLaMA/Mistral/Qwen2 (rmsnorm, rope, swiglu, pre)")
 
 
 def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -168,6 +196,13 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     if arch == "mistral" and cfg.bias:
         raise UserError("MistralForCausalLM has no biases; this model has bias = true (export as llama)")
+    if arch == "qwen2" and (cfg.bias or not cfg.qkv_bias):
+        raise UserError(f"Qwen2ForCausalLM has biases on q, k and v only; this model has bias = "
+                        f"{str(cfg.bias).lower()}, qkv_bias = {str(cfg.qkv_bias).lower()} (export as "
+                        f"{'llama' if cfg.bias else 'llama or mistral'})")
+    if arch != "qwen2" and cfg.qkv_bias and not cfg.bias:
+        raise UserError(f"{HF_CLASS[arch]} has no q, k, v-only biases; this model has qkv_bias = true "
+                        "(export as qwen2)")
     if arch == "llama" and cfg.sliding_window is not None:
         raise UserError(f"LlamaForCausalLM has no sliding window; this model has sliding_window = "
                         f"{cfg.sliding_window} (export as mistral)")
@@ -186,6 +221,11 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
            "attention_dropout": 0.0}
     if arch == "llama":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
+    elif arch == "qwen2":  # one window on every layer, or none
+        window = cfg.sliding_window
+        out.update(use_sliding_window=window is not None, sliding_window=window,
+                   max_window_layers=0 if window is not None else cfg.n_layer,
+                   layer_types=[("sliding_attention" if window is not None else "full_attention")] * cfg.n_layer)
     else:
         out["sliding_window"] = cfg.sliding_window  # None: full-causal attention
     return out
@@ -205,6 +245,7 @@ def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: s
         return hf_sd[key]
 
     suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+    qkv_suffixes = ("weight", "bias") if cfg.bias or cfg.qkv_bias else ("weight",)
     if arch == "gpt2":
         prefix = "transformer." if "transformer.wte.weight" in hf_sd else ""
         p = prefix
@@ -232,10 +273,11 @@ def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: s
             h, o = f"model.layers.{i}.", f"layers.{i}."
             sd[f"{o}attn_norm.weight"] = take(f"{h}input_layernorm.weight")
             sd[f"{o}ffn_norm.weight"] = take(f"{h}post_attention_layernorm.weight")
-            for s in suffixes:
+            for s in qkv_suffixes:
                 sd[f"{o}attn.q_proj.{s}"] = take(f"{h}self_attn.q_proj.{s}")
                 sd[f"{o}attn.kv_proj.{s}"] = torch.cat([take(f"{h}self_attn.k_proj.{s}"),
                                                         take(f"{h}self_attn.v_proj.{s}")])
+            for s in suffixes:
                 sd[f"{o}attn.o_proj.{s}"] = take(f"{h}self_attn.o_proj.{s}")
                 for name in ("gate", "up", "down"):
                     sd[f"{o}ffn.{name}.{s}"] = take(f"{h}mlp.{name}_proj.{s}")
@@ -274,15 +316,17 @@ def _hf_from_native(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str)
             out[f"{p}ln_f.{s}"] = sd[f"norm.{s}"]
     else:
         suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+        qkv_suffixes = ("weight", "bias") if cfg.bias or cfg.qkv_bias else ("weight",)
         out["model.embed_tokens.weight"] = sd["tok_embeddings.weight"]
         for i in range(cfg.n_layer):
             h, o = f"model.layers.{i}.", f"layers.{i}."
             out[f"{h}input_layernorm.weight"] = sd[f"{o}attn_norm.weight"]
             out[f"{h}post_attention_layernorm.weight"] = sd[f"{o}ffn_norm.weight"]
-            for s in suffixes:
+            for s in qkv_suffixes:  # our kv_proj is [K | V], its bias too
                 out[f"{h}self_attn.q_proj.{s}"] = sd[f"{o}attn.q_proj.{s}"]
                 k, v = sd[f"{o}attn.kv_proj.{s}"].split(cfg.kv_dim)
                 out[f"{h}self_attn.k_proj.{s}"], out[f"{h}self_attn.v_proj.{s}"] = k, v
+            for s in suffixes:
                 out[f"{h}self_attn.o_proj.{s}"] = sd[f"{o}attn.o_proj.{s}"]
                 for name in ("gate", "up", "down"):
                     out[f"{h}mlp.{name}_proj.{s}"] = sd[f"{o}ffn.{name}.{s}"]
@@ -409,7 +453,7 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
 def save(model: Transformer, path: str | Path, *, arch: str | None = None, dtype: torch.dtype | None = None,
          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
     """Export as a Hugging Face checkpoint directory that transformers' from_pretrained loads.
-    Returns the architecture written ('llama', 'mistral' or 'gpt2')."""
+    Returns the architecture written ('llama', 'mistral', 'qwen2' or 'gpt2')."""
     cfg = model.config
     arch = arch or default_architecture(cfg)
     sd = {k: v if dtype is None else v.to(dtype) for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""The scalelab Transformer: GPT-2, LLaMA 2/3 and Mistral from one ModelConfig, in one file.
+"""The scalelab Transformer: GPT-2, LLaMA 2/3, Mistral and Qwen2 from one ModelConfig, in one file.
 
 Read top to bottom: rotary positions, attention, feed-forward, block, the model, generation.
 Every architectural choice is a ModelConfig field; there is one code path per concept:
@@ -181,8 +181,9 @@ class Attention(nn.Module):
         self.layer_idx, self.implementation = layer_idx, implementation
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.sliding_window
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.kv_dim, bias=cfg.bias)  # [K | V]
+        qkv_bias = cfg.bias or cfg.qkv_bias  # Qwen2: biases on Q, K and V only
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=qkv_bias)
+        self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.kv_dim, bias=qkv_bias)  # [K | V]
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,

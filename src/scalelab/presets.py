@@ -64,6 +64,18 @@ def _llama(style: str, n_layer: int, n_embd: int, n_head: int, kv: int, d_ff: in
                         ffn_expansion_ratio=None, multiple_of=1, **kw)
 
 
+# Qwen2 / Qwen2.5 (Qwen team 2024): LLaMA-shaped (RMSNorm, RoPE, SwiGLU, GQA) with biases on the
+# q, k and v projections only, RMSNorm eps 1e-6, RoPE theta 1e6. Not a planner style: the
+# planner's counting keywords carry no qkv_bias.
+_QWEN2 = dict(family="qwen2", normalization="rmsnorm", norm_eps=1e-6, position_encoding="rope", rope_theta=1e6,
+              ffn_type="swiglu", norm_position="pre", bias=False, qkv_bias=True)
+
+
+def _qwen2(n_layer: int, n_embd: int, n_head: int, kv: int, d_ff: int, **kw: Any) -> ModelConfig:
+    return ModelConfig(**_QWEN2, n_layer=n_layer, n_embd=n_embd, n_head=n_head, num_key_value_heads=kv,
+                       d_ff=d_ff, **kw)
+
+
 _LLAMA31_SCALING = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8192}
 _LLAMA32_SCALING = dict(_LLAMA31_SCALING, factor=32.0)
@@ -96,6 +108,11 @@ PRESETS: dict[str, ModelConfig] = {
     # mistralai/Mistral-7B-v0.1 (GQA 8, theta 1e4, 32000 vocab, sliding_window 4096)
     "mistral-7b": _llama("llama2", 32, 4096, 32, 8, 14336, block_size=32768, family="mistral",
                          sliding_window=4096),
+    # Qwen/Qwen2.5-0.5B, -1.5B (tied embeddings) and -7B (untied; its vocabulary is padded to
+    # 152064). config.json: use_sliding_window false, so every layer attends fully.
+    "qwen2.5-0.5b": _qwen2(24, 896, 14, 2, 4864, vocab_size=151936, block_size=32768, tie_embeddings=True),
+    "qwen2.5-1.5b": _qwen2(28, 1536, 12, 2, 8960, vocab_size=151936, block_size=131072, tie_embeddings=True),
+    "qwen2.5-7b": _qwen2(28, 3584, 28, 4, 18944, vocab_size=152064, block_size=131072),
 }
 
 # Official parameter counts (exact, from the released safetensors checkpoints).
@@ -114,6 +131,10 @@ OFFICIAL_PARAMS: dict[str, int] = {
     "llama3.2-1b": 1_235_814_400,
     "llama3.2-3b": 3_212_749_824,
     "mistral-7b": 7_241_732_096,
+    # Qwen2.5 model cards: 0.49B, 1.54B, 7.61B (tied embeddings counted once)
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-7b": 7_615_616_512,
 }
 
 

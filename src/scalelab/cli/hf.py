@@ -1,8 +1,8 @@
 """`scalelab import-hf` and `scalelab export-hf`: Hugging Face checkpoints in and out.
 
 import-hf reads a Hugging Face directory (config.json + model.safetensors or a sharded index)
-of a LlamaForCausalLM, MistralForCausalLM or GPT2LMHeadModel and writes a scalelab checkpoint
-(model.safetensors + model.toml). export-hf does the reverse, from a scalelab checkpoint (as
+of a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or GPT2LMHeadModel and writes a
+scalelab checkpoint (model.safetensors + model.toml). export-hf does the reverse, from a scalelab checkpoint (as
 written by import-hf or the trainer). Only safetensors and json are used; no transformers.
 """
 
@@ -19,6 +19,7 @@ from scalelab.files import atomic_directory
 IMPORT_EXAMPLES = """examples:
   scalelab import-hf ~/models/Llama-3.2-1B checkpoints/llama3.2-1b
   scalelab import-hf ~/models/gpt2 checkpoints/gpt2 --dtype float32 --json
+  scalelab import-hf ~/models/Qwen2.5-0.5B checkpoints/qwen2.5-0.5b
 """
 
 EXPORT_EXAMPLES = """examples:
@@ -43,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="scalelab checkpoint directory (model.safetensors + model.toml or config.json)")
     p.add_argument("out", metavar="HF_DIR", help="directory to write (config.json + safetensors)")
-    p.add_argument("--arch", choices=("llama", "mistral", "gpt2"), default=None,
+    p.add_argument("--arch", choices=("llama", "mistral", "qwen2", "gpt2"), default=None,
                    help="Hugging Face architecture (default: the one matching the model)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file; bigger models are sharded with an index")
