@@ -208,10 +208,10 @@ def activation_bytes_per_token(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_typ
     every weight, which training_memory counts as `weight_copies`.
     On CUDA and MPS, RMSNorm is one fused kernel (input and statistics saved); PyTorch's CPU
     composite also keeps the normalised input, one more residual-dtype vector per norm.
-    The math attention path keeps the fp32 softmax (plus its compute-dtype copy under autocast),
+    The math attention path keeps the fp32 softmax (plus its copy in a 16-bit compute dtype),
     n_head·S per token, instead of the log-sum-exp, and K and V as the matmuls copy them (repeated
     to n_head under GQA) instead of rotated K and [K | V]; it also keeps a bool S×S causal mask per layer (not per
-    token, not counted). Exact in fp32; it is the FLOP-counting reference, not a training path.
+    token, not counted). It is the FLOP-counting reference rather than a training path.
     """
     r, c = residual_bytes, compute_bytes
     stats = 4 * (2 if normalization == "layernorm" else 1)
@@ -222,7 +222,7 @@ def activation_bytes_per_token(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_typ
     q_k = c * (n_embd + kv_dim) if rope else c * n_embd  # rotated Q and K (without RoPE: views of Q / [K|V])
     attn = norm(2) + q_k + 2 * c * kv_dim + c * n_embd + 4 * n_head
     if attention == "math":  # Q, K and V as the two matmuls keep them: K and V at n_head heads
-        attn = norm(2) + 4 * c * n_embd + n_head * seq_len * (4 + (c if autocast else 0))
+        attn = norm(2) + 4 * c * n_embd + n_head * seq_len * (4 + (c if c != 4 else 0))
     ffn = norm(2 if ffn_type == "swiglu" else 1) + (4 if ffn_type == "swiglu" else 2) * c * d_ff
     head = norm(1) + 8 + 8  # final norm + lm_head input; token ids for the embedding and the loss (int64)
     return attn + ffn, head
