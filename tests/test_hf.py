@@ -42,14 +42,14 @@ HF_CONFIGS = {
 }
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
     """O(1) logits, and norm weights / biases away from 1 / 0 so every tensor's mapping matters."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             is_norm = p.dim() == 1 and any(k in name for k in ("norm", "ln_")) and name.endswith("weight")
-            p.copy_(1 + 0.1 * noise if is_norm else 0.1 * noise)
+            p.copy_(1 + 0.1 * noise if is_norm else scale * noise)
     return model.eval()
 
 

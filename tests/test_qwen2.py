@@ -11,6 +11,7 @@ from scalelab import counting, hf
 from scalelab.errors import UserError
 from scalelab.model import Transformer
 from scalelab.presets import OFFICIAL_PARAMS, get_preset, style_config
+from test_hf import randomize as randomize_like_hf
 
 transformers.logging.set_verbosity_error()
 V = 101
@@ -53,12 +54,7 @@ def tiny(**kw):
 
 
 def randomize(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if p.dim() == 1 and "norm" in name else 0.2 * noise)
-    return model.eval()
+    return randomize_like_hf(model, seed, scale=0.2)
 
 
 @pytest.fixture(scope="module")

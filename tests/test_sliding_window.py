@@ -13,6 +13,7 @@ from scalelab.config import ModelConfig
 from scalelab.errors import UserError
 from scalelab.model import KVCache, Transformer, attention_mask
 from scalelab.presets import get_preset, style_config
+from test_hf import randomize as randomize_like_hf
 
 V, WINDOW, S = 101, 4, 16
 transformers.logging.set_verbosity_error()
@@ -25,12 +26,7 @@ def mistral_config(window=WINDOW, **kw):
 
 
 def randomize(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if p.dim() == 1 and "norm" in name else 0.3 * noise)
-    return model.eval()
+    return randomize_like_hf(model, seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")
