@@ -51,19 +51,16 @@ def _under_torchrun() -> bool:
 
 
 def _leave_without_finalization(rc: int) -> None:
-    """End a torchrun worker whose run is over (checkpoint, final weights and metrics are on disk
-    and the process group is destroyed) with os._exit, skipping interpreter finalization.
+    """End a torchrun worker whose run is over (checkpoint, final weights and metrics are on disk,
+    the model is freed and the process group destroyed) with os._exit, skipping interpreter
+    finalization and C++ static destructors.
 
-    The FSDP-wrapped model lives in reference cycles that only the garbage collector frees, and
-    freed during finalization its tensors and hooks are torn down under gloo's worker threads:
-    now and then one rank aborted there ("terminate called without an active exception", seen
-    in CI on a 2-rank CPU run), and torchrun then reports a run that had finished as failed.
-    (Not reproduced locally in over 100 runs.) Collecting while the interpreter is whole, then
-    exiting without finalization, leaves no such window.
+    Now and then one gloo rank aborted at exit after a run that had finished cleanly ("terminate
+    called without an active exception", seen once in CI on a 2-rank CPU FSDP run, never in over
+    100 runs here), and torchrun then reported the whole run as failed. The FSDP model then still
+    lived in reference cycles until finalization; train() now frees it before destroying the
+    process group, and leaving without finalization removes whatever window remains.
     """
-    import gc
-
-    gc.collect()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)

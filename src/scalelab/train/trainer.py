@@ -23,6 +23,7 @@ there an overflowing gradient is normal and GradScaler skips that step and lower
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import resource
@@ -229,8 +230,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     `resume=True` insists on a checkpoint (UserError if none). Returns a summary dict with
     `exit_code` 0, or 128 + signal number when stopped by SIGTERM/SIGINT (after checkpointing).
     """
-    from scalelab.data.loader import TokenLoader
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
     t = cfg.train
@@ -239,6 +238,19 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     d = init_distributed(t.device, cfg.parallel.backend)
     if t.dtype == "auto":  # resolved once the device is known; config.toml records the choice
         t.dtype = "bf16" if d.device.type == "cuda" else "fp32"
+    try:
+        return _train(cfg, run_dir, d, resume, log)
+    finally:
+        # Free the model (FSDP's hooks and states form reference cycles that only the collector
+        # breaks) while the process group it communicates over still exists, then destroy it.
+        gc.collect()
+        destroy_distributed()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, d: Dist, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from scalelab.data.loader import TokenLoader
+
+    t = cfg.train
     stop = None
     metrics = None
     try:
@@ -422,7 +434,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             stop.restore()
         if metrics is not None:
             metrics.close()
-        destroy_distributed()
 
 
 def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Path:
