@@ -295,6 +295,7 @@ def test_cli_chinchilla_json_without_torch(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in out["stderr"].values())
     assert out["alpha"] == pytest.approx(EPOCH["alpha"][0], abs=EPOCH["alpha"][1])
     assert 10 < out["tokens_per_param"] < 30 and out["N_opt_exponent"] + out["D_opt_exponent"] == pytest.approx(1)
+    assert out["at_bounds"] == []
 
 
 def test_cli_isoflop_and_human_output(tmp_path, cli):
@@ -343,3 +344,28 @@ def test_bad_inputs_of_other_kinds(tmp_path, cli):
     p = _bad_csv(tmp_path, '{"N": 1e8, "D": 2e9, "loss": 3}\n{"N": 1e8, "D": 2e9}\n', "bad.jsonl")
     r = cli("fit", p)
     assert r.returncode == 2 and "bad.jsonl:2: column 'loss' is empty" in r.stderr
+
+
+LADDER = Path(__file__).parent / "data" / "shakespeare_cpu_ladder.csv"
+
+
+def test_exponent_cap_on_runs_where_loss_does_not_fall_with_n(cli):
+    """Real CPU runs whose largest models are undertrained: the unbounded fit sent alpha to
+    infinity (log A = alpha·log N_min) until A overflowed. Capped, the fit is finite, says the
+    exponent sits at its bound, and is still the best law within the bounds."""
+    runs = F.read_table(LADDER)
+    fit = F.fit_approach3(runs)
+    assert fit.law.alpha == pytest.approx(F.EXPONENT_MAX) and fit.at_bounds == [f"alpha={F.EXPONENT_MAX:g} (max)"]
+    assert all(math.isfinite(v) for v in fit.values().values())
+    assert 0 < fit.law.beta < 1  # the D term is real: loss falls 5.2 -> 4.3 nats from 0.25M to 1.4M tokens
+    # no start within the bounds does better (every 25th classic-grid start, polished with the same bounds)
+    logs = np.log(runs.N), np.log(runs.D), np.log(runs.loss)
+    with np.errstate(all="ignore"):
+        others = [F._lbfgs(x0, *logs, F.HUBER_DELTA)[1] for x0 in F.classic_grid_starts()[::25]]
+    assert fit.objective <= min(others) + 1e-9
+    r = cli("fit", LADDER, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["at_bounds"] == [f"alpha={F.EXPONENT_MAX:g} (max)"]
+    warning = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "alpha=3 (max) is at its bound" in warning[0] and "widen the ladder in N" in warning[0]

@@ -119,6 +119,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the fitted exponents are not positive (alpha {fit.law.alpha:.3g}, beta {fit.law.beta:.3g}): "
                         "loss does not fall with N and D in these runs; check the data or add runs")
     summary = F.summarize(fit, budget)
+    for bound in summary["at_bounds"]:
+        term = "N" if bound.startswith("alpha") else "D"
+        print(f"scalelab fit: warning: {bound} is at its bound: the loss does not fall as a power of {term} "
+              f"across these runs (the fit makes the {term} term a step that only the smallest-{term} runs feel); "
+              f"widen the ladder in {term}, or check that its largest runs trained well, before trusting "
+              f"N_opt and D_opt", file=sys.stderr)
     boot = None
     if args.bootstrap:
         boot = F.bootstrap(runs, fit, budget, args.bootstrap, seed=args.seed, delta=args.huber_delta,
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         from scalelab.scaling.laws import save_law
 
-        extra = {k: summary[k] for k in ("objective", "huber_delta", "n_points", "method")}
+        extra = {k: summary[k] for k in ("objective", "huber_delta", "n_points", "method", "at_bounds")}
         extra["inputs"] = [str(i) for i in args.inputs]
         if boot:
             extra["stderr"] = boot["stderr"]

@@ -314,7 +314,13 @@ def _scaled(x, scale, logN, logD, logL, delta):
 # alpha, beta >= 0: a law whose loss grows with N or D is no scaling law, and when a term is
 # too small to see in the data, an unbounded fit can trade it for a tiny A with a negative
 # exponent that explodes outside the data (seen in synthetic tests with a 1e-3-nat term).
-_BOUNDS = [(None, None)] * 3 + [(0.0, None)] * 2
+# alpha, beta <= EXPONENT_MAX: when the loss does not fall as a power of N (or D) across the
+# runs — a ladder whose largest models are undertrained, say — the best fit turns the term into
+# a step that only the smallest runs feel, alpha -> infinity with log A = alpha·log N_min, until
+# A overflows (seen on a real CPU ladder: alpha 19 and climbing). Published exponents are
+# 0.07-0.8; a fit that reaches the cap is reported as such (Approach3Fit.at_bounds).
+EXPONENT_MAX = 3.0
+_BOUNDS = [(None, None)] * 3 + [(0.0, EXPONENT_MAX)] * 2
 
 
 def _minimize():
@@ -359,6 +365,17 @@ class Approach3Fit:
 
     def values(self) -> dict[str, float]:
         return {k: float(getattr(self.law, k)) for k in PARAM_NAMES}
+
+    @property
+    def at_bounds(self) -> list[str]:
+        """Exponents the fit pushed to a bound, e.g. ['alpha=3 (max)']: the data do not pin them."""
+        out = []
+        for name, v in (("alpha", self.law.alpha), ("beta", self.law.beta)):
+            if v <= 1e-6:
+                out.append(f"{name}=0 (min)")
+            elif v >= EXPONENT_MAX - 1e-6:
+                out.append(f"{name}={EXPONENT_MAX:g} (max)")
+        return out
 
 
 # ---- Approach 3: classic multi-start grid (the reference) ----------------------------------
@@ -506,6 +523,7 @@ def summarize(fit: Approach3Fit, budget: float) -> dict[str, Any]:
         "D_opt": opt["D"],
         "tokens_per_param": opt["tokens_per_param"],
         "loss_at_budget": opt["loss"],
+        "at_bounds": fit.at_bounds,
     }
 
 
