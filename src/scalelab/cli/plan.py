@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--hours", type=float, default=None, help="budget from hardware: C = GPUs × peak × MFU × hours")
     h.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for --hours and wall-clock")
     law = p.add_argument_group("loss law L(N, D) = E + A/N^alpha + B/D^beta")
-    law.add_argument("--law", default=None, help="named law: chinchilla (default), epoch")
+    law.add_argument("--law", default=None, help="named law: chinchilla (default), epoch, shakespeare-cpu (the demo's own fit)")
     law.add_argument("--law-file", default=None, help="JSON law file (what `scalelab fit` writes)")
     for name in ("E", "A", "B", "alpha", "beta"):
         law.add_argument(f"--{name}", type=float, default=None, help=f"override the law's {name}")
