@@ -43,6 +43,10 @@ def test_demo_runs_the_whole_pipeline(cli, tmp_path):
     planned = resolve_model_section(plan["model"])
     trained = ModelConfig.from_toml(out / "run" / "model.toml")
     assert trained == planned  # the trainer ran exactly the shape the planner chose
+    assert "Val loss: law's prediction / measured" in r.stdout
+    # the recipe the demo's law was fitted with: peak lr 3e-3 at width 128, scaled as 1/width
+    resolved = tomllib.loads((out / "run" / "config.toml").read_text())
+    assert abs(resolved["train"]["lr"] - 3e-3 * 128 / planned.n_embd) < 1e-9
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [rec for rec in records if "loss" in rec]
     evals = [rec for rec in records if "val_loss" in rec]
