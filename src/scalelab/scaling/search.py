@@ -425,7 +425,8 @@ def _warnings(best_i: int, shapes, ev, space: SearchSpace, feasible: np.ndarray)
         if ev["loss"][j] < best_loss - 1e-12:
             out.append(f"{name.replace('_', '-')} binds: without it the best would be "
                        f"{int(shapes['n_layer'][j])}L x {int(shapes['n_embd'][j])}H, N={ev['N'][j]:.3g}, "
-                       f"D={ev['D'][j]:.3g}, loss {ev['loss'][j]:.4f} (vs {best_loss:.4f}); relax {flag}")
+                       f"D={ev['D'][j]:.3g}, loss {ev['loss'][j]:.4f} (vs {best_loss:.4f}); "
+                       + ("more data (a larger --max-tokens) would buy it" if name == "max_tokens" else f"relax {flag}"))
     ratio = float(ev["D"][best_i] / ev["N"][best_i])
     if ratio < 1:
         out.append(f"the budget buys fewer tokens than parameters (D/N = {ratio:.2g}); the law is untested "
