@@ -59,6 +59,8 @@ def run_one(out: Path, data: Path, name: str, model: dict, seq_len: int, micro: 
             compile: bool, steps: int) -> dict:
     from scalelab import counting
     from scalelab.train.config import load_config
+    from scalelab.train.metrics import read_metrics
+    from scalelab.train.trainer import predicted_memory
 
     cfg_path = out / f"{name}.toml"
     cfg_path.write_text("\n".join([
@@ -73,12 +75,10 @@ def run_one(out: Path, data: Path, name: str, model: dict, seq_len: int, micro: 
     run_dir = out / "runs" / name
     started = time.time()
     subprocess.run([sys.executable, "-m", "scalelab", "train", str(cfg_path), "--run-dir", str(run_dir)], check=True)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in records if "tokens_per_second" in r][2:]  # past compilation and warm-up
+    steady = [r for r in read_metrics(run_dir) if "tokens_per_second" in r][2:]  # past compilation and warm-up
     cfg = load_config(cfg_path)
-    precision = "fp32" if cfg.train.dtype == "fp32" else "bf16-mixed"
-    predicted = counting.training_memory(cfg.model, micro_batch=micro, seq_len=seq_len, num_devices=1,
-                                         sharding="none", precision=precision)
+    cfg.train.dtype = dtype  # what the trainer resolves "auto" to, for the prediction
+    predicted = predicted_memory(cfg, "none", 1)
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     return {
         "model": name, "params": counting.count_params(cfg.model).total, "seq_len": seq_len, "micro_batch": micro,

@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from scalelab.cli.demo import demo_learning_rate
+from scalelab.scaling.fit import read_run_dir
+
 SIZES = [(2, 64), (2, 128), (4, 128), (4, 192), (5, 256)]  # (n_layer, n_embd); heads of 32
 TOKENS = [250_000, 600_000, 1_400_000]
 RECIPE = ["train.seq_len=128", "model.block_size=128", "train.micro_batch_size=16", "train.global_batch_tokens=2048",
@@ -34,11 +37,11 @@ RECIPE = ["train.seq_len=128", "model.block_size=128", "train.micro_batch_size=1
 
 
 def learning_rate(n_embd: int) -> list[str]:
-    """Peak AdamW learning rate 3e-3 at width 128, scaled as 1/width (muP's rule for hidden
-    matrices), cosine to a tenth. One rate for every width made the widest runs worse than
+    """`scalelab demo`'s rule: AdamW peak 3e-3 at width 128, scaled as 1/width (muP's rule for
+    hidden matrices), cosine to a tenth. One rate for every width made the widest runs worse than
     narrower ones (5L x 256 on 0.25M tokens: 5.355 nats at 3e-3, 5.151 at 1.5e-3), and a law
     cannot be fitted to a ladder whose big models are mistrained."""
-    lr = 3e-3 * 128 / n_embd
+    lr = demo_learning_rate(n_embd)
     return ["--set", f"train.lr={lr:.6g}", "--set", f"train.min_lr={lr / 10:.6g}"]
 
 
@@ -47,14 +50,6 @@ def scalelab(*args: str, capture: bool = False) -> str:
     print("$ scalelab " + " ".join(args), file=sys.stderr, flush=True)
     r = subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE if capture else None)
     return r.stdout if capture else ""
-
-
-def final_val_loss(run: Path) -> float | None:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    evals = [json.loads(line) for line in path.read_text().splitlines() if '"val_loss"' in line]
-    return evals[-1]["val_loss"] if evals else None
 
 
 def base_config(out: Path, data_dir: Path, vocab: int) -> Path:
@@ -104,7 +99,7 @@ def main() -> None:
     for n_layer, n_embd in SIZES:
         for tokens in TOKENS:
             run = out / "runs" / f"L{n_layer}-H{n_embd}-D{tokens // 1000}K"
-            if final_val_loss(run) is not None and (run / "final").is_dir():
+            if (run / "final").is_dir():  # written after the last evaluation
                 continue
             scalelab("train", str(cfg), "--run-dir", str(run), *sets, *learning_rate(n_embd),
                      "--set", f"model.n_layer={n_layer}",
@@ -122,10 +117,10 @@ def main() -> None:
                                "--emit-config", str(plan_toml), "--json", capture=True))
     best = plan["best"]
     heldout = out / "heldout"
-    if final_val_loss(heldout) is None or not (heldout / "final").is_dir():
+    if not (heldout / "final").is_dir():
         scalelab("train", str(plan_toml), "--run-dir", str(heldout), "--set", f"data.dir={data_dir.resolve()}",
                  *sets, *learning_rate(best["n_embd"]))
-    measured = final_val_loss(heldout)
+    measured = read_run_dir(heldout)[2]
 
     summary = {"law": {k: fit[k] for k in ("E", "A", "B", "alpha", "beta", "objective")},
                "stderr": fit.get("stderr"), "runs": len(SIZES) * len(TOKENS),

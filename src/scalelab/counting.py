@@ -273,6 +273,9 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     autocast = precision == "bf16-mixed" and sharding != "fsdp"
     residual = 4 if precision == "fp32" or autocast else 2
     compute_bytes = ACTIVATION_BYTES[precision]
+    copies = (2.0 * matmul_weights_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size,
+                                          ffn_type=style.get("ffn_type", "swiglu"))
+              if autocast else np.zeros_like(total_params))
     n_layer, n_embd, n_head, kv, d_ff, vocab = (np.asarray(x, dtype=np.float64) for x in
                                                 (n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size))
     unsharded = (2.0 * p["per_layer"] * compute_bytes if sharding == "fsdp" and num_devices > 1
@@ -289,10 +292,6 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     # Logits: the loss keeps fp32 log-probabilities; at the loss's backward their gradient (in the
     # compute dtype) is live beside them.
     activations = layer_acts + tokens * head + tokens * vocab * (4 + compute_bytes)
-    copies = (2.0 * matmul_weights_arrays(n_layer.astype(np.int64), n_embd.astype(np.int64), n_head.astype(np.int64),
-                                          kv.astype(np.int64), d_ff.astype(np.int64), vocab.astype(np.int64),
-                                          ffn_type=style.get("ffn_type", "swiglu"))
-              if autocast else np.zeros_like(total_params))
     out = {"weights": total_params * wb / shards, "gradients": total_params * gb / shards,
            "optimizer": total_params * ob / shards, "unsharded_buffers": unsharded, "weight_copies": copies,
            "activations": activations}

@@ -47,19 +47,14 @@ def demo_learning_rate(n_embd: int) -> float:
     return 3e-3 * 128 / n_embd
 
 
-def _predicted_and_measured(plan: dict, run_dir: Path) -> tuple[float, float | None]:
-    """The demo law's loss for the trained N and D (as `scalelab fit` reads a run), and the run's
-    final validation loss."""
-    from scalelab.counting import count_params
-    from scalelab.presets import resolve_model_section
+def _predicted_and_measured(run_dir: Path) -> tuple[float, float]:
+    """The demo law's loss at the run's N and D, and its final validation loss, read from the run
+    directory exactly as `scalelab fit` reads it."""
+    from scalelab.scaling.fit import read_run_dir
     from scalelab.scaling.laws import get_law
 
-    n = count_params(resolve_model_section(plan["model"])).total
-    metrics = run_dir / "metrics.jsonl"
-    evals = [json.loads(line) for line in metrics.read_text().splitlines() if '"val_loss"' in line] \
-        if metrics.is_file() else []
-    tokens = evals[-1]["tokens"] if evals else plan["train"]["max_tokens"]
-    return float(get_law(DEMO_LAW).loss(n, tokens)), (evals[-1]["val_loss"] if evals else None)
+    n, d, loss, _, _ = read_run_dir(run_dir)
+    return float(get_law(DEMO_LAW).loss(n, d)), loss
 
 
 def _step(title: str) -> None:
@@ -128,10 +123,9 @@ def run(args: argparse.Namespace) -> int:
     _call(["sample", str(run_dir), "--prompt", args.prompt, "--max-new-tokens", "80", "--num-samples", "2",
            "--top-k", "50"])
 
-    predicted, measured = _predicted_and_measured(plan, run_dir)
+    predicted, measured = _predicted_and_measured(run_dir)
     print_table([
-        ("Val loss: law's prediction / measured", f"{predicted:.3f} / {measured:.3f} nats"
-                                                  if measured is not None else f"{predicted:.3f} / -"),
+        ("Val loss: law's prediction / measured", f"{predicted:.3f} / {measured:.3f} nats"),
         ("Tokenizer", str(tok_dir / "tokenizer.json")),
         ("Token shards", str(data_dir)),
         ("Plan (training config)", str(plan_toml)),

@@ -83,14 +83,14 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
     return None
 
 
-def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int) -> float:
-    """counting.training_memory's total for this run's shape, precision and parallelism."""
+def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int) -> dict[str, Any]:
+    """counting.training_memory for this run's shape, precision and parallelism (bytes per device)."""
     t = cfg.train
     precision = "fp32" if t.dtype == "fp32" else "bf16-mixed"
     m = training_memory(cfg.model, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=world_size,
                         sharding={"fsdp": "fsdp", "ddp": "ddp"}.get(strategy, "none"), precision=precision,
                         activation_checkpointing=t.activation_checkpointing, attention=t.attention)
-    return m["total"]
+    return m
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
@@ -322,7 +322,7 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist, resume: bool, log: Callable
                 f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × world {d.world_size}), "
                 f"{flops_per_step * steps:.3g} FLOPs; run dir {run_dir}")
             log(f"scalelab train: predicted peak memory per device "
-                f"{format_bytes(predicted_memory(cfg, strategy, d.world_size))} (counting.training_memory; "
+                f"{format_bytes(predicted_memory(cfg, strategy, d.world_size)['total'])} (counting.training_memory; "
                 f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
         evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
         peak = peak_flops_per_device(cfg, d.device)
