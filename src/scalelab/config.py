@@ -21,10 +21,7 @@ from typing import Any, Iterable, Mapping
 
 from scalelab.errors import UserError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib  # Python >= 3.11, the floor pyproject.toml declares and CI runs
 
 NORMALIZATIONS = ("layernorm", "rmsnorm")
 POSITION_ENCODINGS = ("learned", "rope")

@@ -19,7 +19,7 @@ import math
 import sys
 from typing import Any, Sequence
 
-from scalelab.errors import UserError
+from scalelab.errors import UserError, describe_os_error
 from scalelab.units import format_bytes, format_count, format_duration  # noqa: F401 (re-exported for verbs)
 
 # Verb modules, in the order `scalelab --help` lists them.
@@ -126,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # disk full, read-only or missing paths, a directory where a file belongs
+        if e.errno is None:
+            raise
+        print(f"scalelab {args.verb}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 
