@@ -709,3 +709,15 @@ def test_a_coefficient_beyond_float_range_is_refused(tmp_path, capsys):
     rc, _, err = run_fit(capsys, path)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "the fitted A = e^" in err and "overflows a float" in err
+
+
+def test_plot_with_a_budget_decades_beyond_the_data(tmp_path, capsys, chinchilla):
+    """--budget 1e300 stretched the (N, D) panel over 150 decades until matplotlib's contour
+    labelling failed (IndexError); the plot now reaches at most PLOT_REACH beyond the data and
+    says the optimum lies beyond it."""
+    path = tmp_path / "runs.csv"
+    path.write_text("N,D,loss\n" + "".join(f"{n!r},{d!r},{l!r}\n" for n, d, l in
+                                           zip(map(float, chinchilla.N), map(float, chinchilla.D), map(float, chinchilla.loss))))
+    rc, out, err = run_fit(capsys, path, "--budget", "1e300", "--plot", tmp_path / "fit.png")
+    assert rc == 0, err
+    assert (tmp_path / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

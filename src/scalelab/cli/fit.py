@@ -231,14 +231,14 @@ def _print_isoflop(r, args) -> None:
         rows.append((f"C = {p['C']:.3g}", f"{p['runs']} runs, N_opt {format_count(p['N_opt'])}, "
                      f"D_opt {format_count(p['D_opt'])}, loss {p['loss_opt']:.4f}{flag}"))
     for s in r["skipped"]:
-        rows.append((f"C = {s['C']:.3g}", f"skipped: {s['runs']} runs, {s['why']}"))
+        rows.append((f"C = {s['C']:.3g}", f"skipped: {s['runs']} run{'s' if s['runs'] != 1 else ''}, {s['why']}"))
     print_table(rows, f"IsoFLOP profiles (Approach 2), {r['n_points']} runs")
     n, d, at = r["N_opt"], r["D_opt"], r["at_budget"]
     print_table([
         ("N_opt", f"{n['coefficient']:.4g} · C^{n['exponent']:.4f} {_stderr(n)}"),
         ("D_opt", f"{d['coefficient']:.4g} · C^{d['exponent']:.4f} {_stderr(d)}"),
         (f"at C = {at['budget']:.4g}", f"N_opt {format_count(at['N_opt'])}, D_opt {format_count(at['D_opt'])}, "
-         f"{at['tokens_per_param']:.2f} tokens/param"),
+         f"{at['tokens_per_param']:.4g} tokens/param"),
     ], "power laws across budgets")
     if args.plot:
         print(f"wrote {args.plot}")

@@ -822,6 +822,9 @@ def _save(fig, path: str | Path) -> None:
         fig.savefig(tmp, dpi=130, format="png", bbox_inches="tight")
 
 
+PLOT_REACH = 1e4  # the plots extend at most this factor beyond the data in N and D (its square in C)
+
+
 def plot_approach3(runs: Runs, fit: Approach3Fit, path: str | Path, *, budget: float | None = None) -> None:
     """Left: runs in the (N, D) plane coloured by loss, the fitted law's iso-loss contours in the
     same colours, iso-FLOP lines and the compute-optimal frontier. Right: loss against compute
@@ -834,8 +837,10 @@ def plot_approach3(runs: Runs, fit: Approach3Fit, path: str | Path, *, budget: f
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1.15, 1]})
     lo_n, hi_n = runs.N.min() / 2, runs.N.max() * 2
     lo_d, hi_d = runs.D.min() / 2, runs.D.max() * 2
-    if budget is not None:
-        hi_n, hi_d = max(hi_n, law.optimal_n(budget) * 2), max(hi_d, law.optimal_d(budget) * 2)
+    opt = law.closed_form(budget) if budget is not None else None
+    if opt is not None:  # show the budget's optimum, unless it lies decades away (then the data would vanish)
+        hi_n = min(max(hi_n, opt["N"] * 2), hi_n * PLOT_REACH)
+        hi_d = min(max(hi_d, opt["D"] * 2), hi_d * PLOT_REACH)
     gn, gd = np.geomspace(lo_n, hi_n, 300), np.geomspace(lo_d, hi_d, 300)
     NN, DD = np.meshgrid(gn, gd)
     LL = law.loss(NN, DD)
@@ -860,10 +865,11 @@ def plot_approach3(runs: Runs, fit: Approach3Fit, path: str | Path, *, budget: f
             label=f"compute-optimal: N ∝ C^{law.a:.3f}, D ∝ C^{law.b:.3f}")
     sc = ax.scatter(runs.N, runs.D, c=runs.loss, cmap=cmap, norm=norm, s=22, edgecolors="k", linewidths=0.4,
                     zorder=3)
-    if budget is not None:
-        opt = law.closed_form(budget)
-        ax.scatter([opt["N"]], [opt["D"]], marker="*", s=220, color="crimson", edgecolors="k", zorder=4,
-                   label=f"C = {budget:.3g}: N = {opt['N']:.3g}, D = {opt['D']:.3g} ({opt['tokens_per_param']:.1f} tok/param)")
+    if opt is not None:
+        shown = lo_n <= opt["N"] <= hi_n and lo_d <= opt["D"] <= hi_d
+        ax.scatter([opt["N"]] if shown else [], [opt["D"]] if shown else [], marker="*", s=220, color="crimson",
+                   edgecolors="k", zorder=4, label=f"C = {budget:.3g}: N = {opt['N']:.3g}, D = {opt['D']:.3g} "
+                   f"({opt['tokens_per_param']:.3g} tok/param){'' if shown else ', beyond the plotted range'}")
     ax.set(xscale="log", yscale="log", xlim=(lo_n, hi_n), ylim=(lo_d, hi_d),
            xlabel="parameters N", ylabel="training tokens D",
            title=f"L = {law.E:.3f} + {law.A:.4g}/N^{law.alpha:.3f} + {law.B:.4g}/D^{law.beta:.3f}")
@@ -875,7 +881,7 @@ def plot_approach3(runs: Runs, fit: Approach3Fit, path: str | Path, *, budget: f
 
     sc2 = ax2.scatter(runs.C, runs.loss, c=runs.N, cmap="plasma", norm=LogNorm(), s=18, edgecolors="k",
                       linewidths=0.3)
-    cr = np.geomspace(runs.C.min() / 2, max(runs.C.max() * 2, budget or 0), 200)
+    cr = np.geomspace(runs.C.min() / 2, min(max(runs.C.max() * 2, budget or 0), runs.C.max() * PLOT_REACH ** 2), 200)
     ax2.plot(cr, law.loss(law.optimal_n(cr), law.optimal_d(cr)), color="crimson", lw=2,
              label="fitted loss at the compute-optimal N, D")
     ax2.axhline(law.E, color="0.5", ls=":", lw=1, label=f"irreducible E = {law.E:.3f}")
