@@ -668,7 +668,8 @@ def test_disk_full_while_writing_the_law_file_keeps_the_old_one(tiny_fs, cli):
                 f.write(b"\0" * 4096)
     r = cli("fit", LADDER, "--out", out)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"scalelab fit: error: {out}: the disk is full; free space or choose another location"
+    assert r.stderr.strip().splitlines()[-1] == (f"scalelab fit: error: {out}: the disk is full; "
+                                                 "free space or choose another location")
     assert out.read_bytes() == before and sorted(p.name for p in tiny_fs.iterdir()) == ["filler", "law.json"]
 
 
@@ -716,8 +717,8 @@ def test_plot_with_a_budget_decades_beyond_the_data(tmp_path, capsys, chinchilla
     labelling failed (IndexError); the plot now reaches at most PLOT_REACH beyond the data and
     says the optimum lies beyond it."""
     path = tmp_path / "runs.csv"
-    path.write_text("N,D,loss\n" + "".join(f"{n!r},{d!r},{l!r}\n" for n, d, l in
-                                           zip(map(float, chinchilla.N), map(float, chinchilla.D), map(float, chinchilla.loss))))
+    rows = zip(*(map(float, a) for a in (chinchilla.N, chinchilla.D, chinchilla.loss)))
+    path.write_text("N,D,loss\n" + "".join(f"{n!r},{d!r},{l!r}\n" for n, d, l in rows))
     rc, out, err = run_fit(capsys, path, "--budget", "1e300", "--plot", tmp_path / "fit.png")
     assert rc == 0, err
     assert (tmp_path / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,8 +30,8 @@ def run_dir(path: Path, lines: list) -> Path:
     return path
 
 
-GOOD = [{"kind": "train", "step": s, "tokens": 1000 * s, "flops": 1e9 * s, "loss": 5.0 - 0.1 * s} for s in (1, 2, 3)] + [
-    {"kind": "eval", "step": 3, "tokens": 3000, "flops": 3e9, "val_loss": 4.8}]
+GOOD = [{"kind": "train", "step": s, "tokens": 1000 * s, "flops": 1e9 * s, "loss": 5.0 - 0.1 * s} for s in (1, 2, 3)]
+GOOD.append({"kind": "eval", "step": 3, "tokens": 3000, "flops": 3e9, "val_loss": 4.8})
 
 
 @pytest.mark.parametrize("target, fragment", [
@@ -46,7 +46,8 @@ def test_bad_out_is_refused_before_reading_runs(tmp_path, capsys, monkeypatch, t
     (tmp_path / "afile").write_text("keep\n")
     rc, out, err = plot(capsys, tmp_path / "no-such-run", "--out", target)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dir.png"] and (tmp_path / "afile").read_text() == "keep\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dir.png"]
+    assert (tmp_path / "afile").read_text() == "keep\n"
 
 
 def test_read_only_out_is_refused(tmp_path, capsys, readonly_dir):

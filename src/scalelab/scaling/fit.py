@@ -415,7 +415,8 @@ def _more_levels(values: np.ndarray, thing: str, var: str, term: str) -> str:
     levels = np.exp(_distinct(values))
     hi, missing = levels.max(), MIN_LEVELS - len(levels)
     ratio = max(hi / levels.min(), 3.0)
-    return (f"only {len(levels)} distinct {thing}{'s' if len(levels) > 1 else ''} {var} ({', '.join(format_count(v) for v in levels)}): the {term} term "
+    seen = ", ".join(format_count(v) for v in levels)
+    return (f"only {len(levels)} distinct {thing}{'s' if len(levels) > 1 else ''} {var} ({seen}): the {term} term "
             f"needs {MIN_LEVELS} or more to be told apart from E; add runs at {missing} more {thing}"
             f"{'s' if missing > 1 else ''} (e.g. {var} = {format_count(hi * ratio)}), spanning a decade or more")
 
@@ -445,7 +446,6 @@ def check_identifiable(runs: Runs) -> None:
     problem = design_problem(runs)
     if problem is not None:
         raise UserError(f"these {len(runs)} runs cannot determine L = E + A/N^alpha + B/D^beta: {problem}")
-
 
 
 # ---- Approach 3: classic multi-start grid (the reference) ----------------------------------
@@ -771,8 +771,8 @@ def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance
         xo = -p1 / (2 * p2)
         if not x.min() - far <= xo <= x.max() + far:
             skipped.append({"C": C, "runs": int(len(idx)),
-                            "why": f"the parabola is nearly flat: its minimum lies more than {FAR_MINIMUM_DEX:g} decade "
-                                   "outside the sampled sizes (add sizes beyond the lowest-loss run)"})
+                            "why": f"the parabola is nearly flat: its minimum lies more than {FAR_MINIMUM_DEX:g} "
+                                   "decade outside the sampled sizes (add sizes beyond the lowest-loss run)"})
             continue
         n_opt = float(math.exp(xo))
         profiles.append({"C": C, "runs": int(len(idx)), "parabola": [float(p2), float(p1), float(p0)],
@@ -917,8 +917,9 @@ def plot_isoflop(runs: Runs, result: dict[str, Any], path: str | Path) -> None:
         law = result[key]
         ax2.scatter(C, [p[key] for p in profiles], color=col, marker=marker, edgecolors="k", zorder=3)
         se = law["exponent_stderr"]
+        spread = f" ± {se:.3f}" if se is not None else " (2 budgets: no s.e.)"
         ax2.plot(cr, law["coefficient"] * cr ** law["exponent"], color=col,
-                 label=f"{key} ∝ C^{law['exponent']:.3f}" + (f" ± {se:.3f}" if se is not None else " (2 budgets: no s.e.)"))
+                 label=f"{key} ∝ C^{law['exponent']:.3f}{spread}")
     ax2.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="parameters / tokens",
             title="compute-optimal N and D per budget")
     ax2.legend(fontsize=9)
