@@ -722,3 +722,19 @@ def test_plot_with_a_budget_decades_beyond_the_data(tmp_path, capsys, chinchilla
     rc, out, err = run_fit(capsys, path, "--budget", "1e300", "--plot", tmp_path / "fit.png")
     assert rc == 0, err
     assert (tmp_path / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("metrics, fragment", [
+    ("", "no record with 'tokens' and 'val_loss'"),
+    ('{"kind": "eval", "tok', "no record with 'tokens' and 'val_loss'"),          # only a torn line
+    ('{"kind":"eval","tokens":1,"val_loss":3}\n{oops\n{"kind":"eval","tokens":2,"val_loss":2.9}\n',
+     "metrics.jsonl:2: not valid JSON"),                                          # corrupt mid-file
+    ('{"kind":"eval","tokens":100,"val_loss":NaN}\n', "every value must be finite"),
+    ('{"kind":"eval","tokens":-100,"val_loss":3}\n', "column 'tokens' must be positive"),
+])
+def test_corrupt_run_directories_are_one_line(tmp_path, capsys, metrics, fragment):
+    run = tmp_path / "runs" / "r1"
+    make_run(run, 2, 64, [1e6], [4.0])
+    (run / "metrics.jsonl").write_text(metrics)
+    rc, _, err = run_fit(capsys, tmp_path / "runs")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
