@@ -336,6 +336,24 @@ def test_disk_full_re_saving_the_same_step_keeps_the_old_one(tiny_fs):
     assert hidden_entries(fs / "run") == []
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_disk_full_in_a_sharded_save_is_enospc_naming_the_checkpoint(tiny_fs):
+    """FSDP's layout (torch.distributed.checkpoint, which wraps each rank's error in its own
+    exception type), written here by one process."""
+    from scalelab.train.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
+    from scalelab.train.parallel import Dist
+
+    fs = tiny_fs("4m")
+    model, optimizer = tiny_model_and_optimizer()
+    first = save_checkpoint(fs / "run", 1, model, optimizer, {"step": 1}, strategy="fsdp", d=Dist(), keep=3)
+    assert (first / "dcp" / ".metadata").is_file() and verify_checkpoint(first) is None
+    fill(fs, 16 * 1024)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(fs / "run", 2, model, optimizer, {"step": 2}, strategy="fsdp", d=Dist(), keep=3)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(fs / "run" / "checkpoints" / "step_00000002")
+    assert hidden_entries(fs / "run") == [] and latest_checkpoint(fs / "run") == first
+
+
 def test_unrelated_runtime_error_is_not_called_disk_full(tmp_path, monkeypatch):
     from scalelab.train import checkpoint
 

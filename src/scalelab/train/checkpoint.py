@@ -154,8 +154,9 @@ def _not_a_run_message(p: Path) -> str:
         return f"{p} is a file, not a checkpoint or run directory"
     below = _runs_below(p)
     if below:
+        shown = ", ".join(map(str, below[:4])) + (f" and {len(below) - 4} more" if len(below) > 4 else "")
         hint = f"its run is {below[0]}; pass that" if len(below) == 1 else \
-            f"the runs below it are {', '.join(map(str, below))}; pass one of them"
+            f"the runs below it are {shown}; pass one of them"
         return f"{p} is not a run directory with checkpoints; {hint}"
     return (f"{p} is neither a checkpoint nor a run directory with checkpoints (expected {p / CHECKPOINTS} "
             f"or {p / TRAINER_STATE})")
@@ -166,7 +167,7 @@ def _runs_below(p: Path, depth: int = 2) -> list[Path]:
     runs: list[Path] = []
     level = [p]
     for _ in range(depth):
-        level = sorted(c for d in level for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+        level = sorted(c for d in level for c in _subdirectories(d))
         for c in level:
             if list_checkpoints(c) or (c / "final" / "model.safetensors").is_file():
                 runs.append(c)
@@ -174,6 +175,13 @@ def _runs_below(p: Path, depth: int = 2) -> list[Path]:
         if runs:
             break
     return runs
+
+
+def _subdirectories(d: Path) -> list[Path]:
+    try:
+        return [c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    except OSError:  # unreadable: nothing to suggest there
+        return []
 
 
 # ---- verification --------------------------------------------------------------------------------
