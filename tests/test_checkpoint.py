@@ -402,6 +402,11 @@ def test_demo_style_directory_names_its_run(straight_run, tmp_path):
         load_model_for_inference(demo)
     with pytest.raises(UserError, match=r"no such checkpoint or run directory"):
         resolve_checkpoint(tmp_path / "missing")
+    dcp_like = demo / "run" / "checkpoints" / "step_00000012"
+    (dcp_like / "model.safetensors").unlink()  # as an FSDP checkpoint, which sample reads via resolve_checkpoint
+    with pytest.raises(UserError, match=rf"{dcp_like}: damaged checkpoint \(model.safetensors is missing\); pass "
+                                        rf"the run directory {demo}/run"):
+        resolve_checkpoint(dcp_like)
     r = cli("sample", demo, "--prompt", "the", "--max-new-tokens", "2")
     assert r.returncode == 2 and f"its run is {demo}/run; pass that" in r.stderr, r.stderr
 

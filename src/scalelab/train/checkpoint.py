@@ -136,8 +136,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / TRAINER_STATE).is_file():
         problem = verify_checkpoint(p)
         if problem is not None:
-            raise UserError(f"{p}: damaged checkpoint ({problem}); pass the run directory "
-                            f"{p.parent.parent} to use its newest intact checkpoint")
+            fix = (f"pass the run directory {p.parent.parent} to use its newest intact checkpoint"
+                   if p.parent.name == CHECKPOINTS else "use another checkpoint")
+            raise UserError(f"{p}: damaged checkpoint ({problem}); {fix}")
         return p
     latest = latest_checkpoint(p)
     if latest is None:
