@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint or run directory")
+    model = load_model_for_inference(path, device=args.device)  # first: it names the run below a demo directory
     if args.tokenizer:
         from scalelab.data.tokenizer import load_tokenizer
 
@@ -76,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
         if tok is None:
             raise UserError(f"no tokenizer found with {path} (no data.json + tokenizer/ beside it or in a parent); "
                             "pass --tokenizer SPEC")
-    model = load_model_for_inference(path, device=args.device)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer vocab {tok.vocab_size} exceeds the model's {model.config.vocab_size}")
     ids = [tok.eos_id] + tok.encode(args.prompt)
