@@ -301,3 +301,30 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert fragment in lines[0]
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("max_tokens", [1035175879.3969849, 1055276381.9095477, 1065326633.1658292])
+def test_budget_on_the_edge_of_a_shapes_interval_is_feasible(max_tokens):
+    """C = fpt·max_tokens is the largest budget this one shape can spend; D = C/fpt rounded past
+    max_tokens used to exclude it while the explanation's interval held C (TypeError on None)."""
+    sp = SearchSpace(hidden=(1024,), layers=(16,), head_dims=(64,), aspect=None, max_tokens=max_tokens)
+    cfg = style_config("llama3", 16, 1024, 16, num_key_value_heads=8, block_size=2048)
+    C = counting.training_flops_per_token(cfg, 2048) * max_tokens
+    b = search(C, CHIN, sp).best
+    assert (b["n_layer"], b["n_embd"]) == (16, 1024) and b["D"] == pytest.approx(max_tokens, rel=1e-12)
+    with pytest.raises(UserError, match="too large for any shape"):
+        search(C * (1 + 1e-9), CHIN, sp)
+
+
+def test_no_shape_between_two_budgets_names_both_neighbours():
+    # two shapes in a tight Chinchilla band: each spends one narrow range of budgets, with a gap between
+    sp = SearchSpace(hidden=(1024, 2048), layers=(16,), head_dims=(64,), aspect=None, enforce_chinchilla=True,
+                     tolerance=0.01)
+    c = {}
+    for h in (1024, 2048):
+        cfg = style_config("llama3", 16, h, h // 64, num_key_value_heads=8, block_size=2048)
+        c[h] = counting.training_flops_per_token(cfg, 2048) * 20 * counting.count_params(cfg).total
+    gap = math.sqrt(c[1024] * c[2048])
+    with pytest.raises(UserError, match=r"nearest budgets that have one: \S+ and \S+ FLOPs") as e:
+        search(gap, CHIN, sp)
+    assert "None" not in str(e.value)

@@ -247,18 +247,20 @@ def evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: L
         d_lo = np.maximum(d_lo, space.tokens_per_param * (1 - space.tolerance) * N)
         d_hi = np.minimum(d_hi, space.tokens_per_param * (1 + space.tolerance) * N)
     out["d_lo"], out["d_hi"] = d_lo, d_hi
-    masks = {"one_sequence": D >= space.seq_len}
+    # The budget-dependent masks compare C with each bound's budget fpt·bound (not D = C/fpt with the
+    # bound): _explain_infeasible uses the same products, so a shape that passes them all is exactly
+    # one whose budget interval [fpt·d_lo, fpt·d_hi] holds C, with no rounding between the two.
+    masks = {"one_sequence": fpt * space.seq_len <= C}
     aspect = shapes["n_embd"] / shapes["n_layer"]
     if space.aspect is not None:
         masks["aspect"] = (aspect >= space.aspect[0]) & (aspect <= space.aspect[1])
     if space.max_params is not None:
         masks["max_params"] = N <= space.max_params
     if space.max_tokens is not None:
-        masks["max_tokens"] = D <= space.max_tokens
+        masks["max_tokens"] = C <= fpt * space.max_tokens
     if space.enforce_chinchilla:
-        ratio = D / N
-        masks["chinchilla"] = ((ratio >= space.tokens_per_param * (1 - space.tolerance))
-                               & (ratio <= space.tokens_per_param * (1 + space.tolerance)))
+        masks["chinchilla"] = ((fpt * (space.tokens_per_param * (1 - space.tolerance) * N) <= C)
+                               & (C <= fpt * (space.tokens_per_param * (1 + space.tolerance) * N)))
     if space.accelerator is not None:
         mem = counting.training_memory_arrays(
             *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus, sharding="fsdp",
@@ -462,10 +464,11 @@ def _explain_infeasible(C: float, space: SearchSpace, shapes, ev) -> None:
         raise UserError(f"C={C:.3g} FLOPs is too large for any shape under {limit}; the largest budget that has "
                         f"one is {c_hi.max():.3g} FLOPs (raise --max-tokens, --tolerance or the maximums of "
                         f"--hidden/--layers)")
-    below = c_hi[c_hi < C].max() if (c_hi < C).any() else None
-    above = c_lo[c_lo > C].min() if (c_lo > C).any() else None
-    raise UserError(f"no shape spends exactly C={C:.3g} FLOPs inside the limits; the nearest budgets that have "
-                    f"one are {below:.3g} and {above:.3g} FLOPs (or widen --tolerance, --hidden, --layers)")
+    nearest = [f"{c:.4g}" for c in (c_hi[c_hi < C].max() if (c_hi < C).any() else None,
+                                       c_lo[c_lo > C].min() if (c_lo > C).any() else None) if c is not None]
+    raise UserError(f"no shape spends exactly C={C:.4g} FLOPs inside the limits; the nearest budget"
+                    f"{'s' if len(nearest) > 1 else ''} that {'have' if len(nearest) > 1 else 'has'} one: "
+                    f"{' and '.join(nearest) or 'none'} FLOPs (or widen --tolerance, --hidden, --layers)")
 
 
 def hardware_budget(gpus: int, accelerator: Accelerator, hours: float, mfu: float) -> float:
