@@ -34,6 +34,11 @@ def test_count_time_and_fit_verdict(cli):
     (["llama3.1-8b", "--gpu-type", "TPUv9", "--tokens", "1T"], "unknown GPU type"),
     (["llama3.1-8b", "--tokens", "lots", "--gpu-type", "H100"], "--tokens must be a number"),
     (["llama3.1-8b", "--bogus-flag"], "unrecognized arguments"),
+    (["gpt2", "--set", "n_layer=1e30"], "n_layer must be a positive integer at most"),
+    (["gpt2", "--set", "vocab_size=1e30"], "vocab_size must be a positive integer at most"),
+    (["gpt2", "--set", "ffn_expansion_ratio=1e300"], "ffn_expansion_ratio must be positive and at most"),
+    (["llama3.1-8b", "--set", "rope_theta=inf"], "rope_theta must be positive"),
+    (["llama3.1-8b", "--seq-len", str(10**30)], "--seq-len must be between 1 and"),
 ])
 def test_bad_input_exits_2_with_one_line(cli, args, fragment):
     r = cli("count", *args)

@@ -291,6 +291,11 @@ def test_too_small_budget_names_the_smallest_that_works(cli):
     (["1e21", "--hours", "5"], "not both"),
     (["1e24", "--max-tokens", "1e11"], "the largest budget that has one is"),
     (["1e21", "--max-params", "1e6"], "max-params excludes"),
+    # law parameters that are finite and positive but put the optimum outside any model
+    (["1e21", "--B", "1e308", "--beta", "0.0001"], "N=0 parameters"),
+    (["1e21", "--A", "1e308", "--alpha", "0.0001"], "N=inf parameters"),
+    (["1e21", "--B", "1e-300"], "which no model can be"),
+    (["1e21", "--A", "1e308", "--alpha", "1e-300", "--B", "1e308", "--beta", "1e-300"], "with a loss of inf"),
 ])
 def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     law = tmp_path / "law.json"
@@ -328,3 +333,17 @@ def test_no_shape_between_two_budgets_names_both_neighbours():
     with pytest.raises(UserError, match=r"nearest budgets that have one: \S+ and \S+ FLOPs") as e:
         search(gap, CHIN, sp)
     assert "None" not in str(e.value)
+
+
+@pytest.mark.parametrize("law", [LAWS["chinchilla"], LAWS["epoch"], LAWS["shakespeare-cpu"]])
+@pytest.mark.parametrize("C", [1e13, 1e21, 1e27])
+def test_closed_form_in_logs_equals_the_textbook_formula(law, C):
+    """closed_form works in logarithms (so extreme laws cannot overflow); for ordinary ones it is
+    Hoffmann et al.'s G·(C/6)^a, written out here, and its N·D spends C/6."""
+    G = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
+    N = G * (C / 6) ** (law.beta / (law.alpha + law.beta))
+    D = (C / 6) ** (law.alpha / (law.alpha + law.beta)) / G
+    cf = law.closed_form(C)
+    assert cf["N"] == pytest.approx(N, rel=1e-12) and cf["D"] == pytest.approx(D, rel=1e-12)
+    assert 6 * cf["N"] * cf["D"] == pytest.approx(C, rel=1e-12)
+    assert cf["loss"] == pytest.approx(law.E + law.A / N ** law.alpha + law.B / D ** law.beta, rel=1e-12)

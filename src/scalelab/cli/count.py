@@ -6,6 +6,7 @@ import argparse
 
 from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_count, format_duration,
                           parse_quantity, print_json, print_table)
+from scalelab.config import INT_LIMITS
 from scalelab.errors import UserError
 
 EXAMPLES = """examples:
@@ -90,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("micro_batch", "gpus"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.seq_len is not None and args.seq_len < 1:
-        raise UserError("--seq-len must be at least 1")
+    if args.seq_len is not None and not 1 <= args.seq_len <= INT_LIMITS["block_size"]:
+        raise UserError(f"--seq-len must be between 1 and {INT_LIMITS['block_size']:,}, got {args.seq_len:.3g}")
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu is a fraction in (0, 1], got {args.mfu}")
     tokens = parse_quantity(args.tokens, name="--tokens") if args.tokens is not None else None

@@ -26,7 +26,7 @@ from scalelab.config import derive_d_ff
 from scalelab.errors import UserError
 from scalelab.hardware import Accelerator
 from scalelab.presets import STYLES, style_config
-from scalelab.scaling.laws import LossLaw
+from scalelab.scaling.laws import LossLaw, closed_form_is_a_model
 
 # Aspect ratio n_embd / n_layer of well-trained models (official configs):
 #   GPT-3 350M 43, 1.3B 85, 2.7B 80, 6.7B 128, 175B 128; Chinchilla 70B 102; LLaMA-2 7B/13B 128,
@@ -290,6 +290,7 @@ def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 
         raise UserError(f"the compute budget C must be a positive number of FLOPs, got {C}")
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
+    check_law_at(law, C)
     if space.n_shapes > MAX_SHAPES:
         raise UserError(f"the search space has {space.n_shapes:,} shapes (limit {MAX_SHAPES:,}); "
                         "use a larger STEP in --hidden/--layers")
@@ -308,6 +309,9 @@ def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 
         _explain_infeasible(C, space, shapes, ev)
     idx = np.flatnonzero(feasible)
     loss = ev["loss"][idx]
+    if not np.isfinite(loss).all():
+        raise UserError(f"the law {_law_text(law)} gives a loss outside float range for some shapes at C={C:.3g}; "
+                        "check its parameters (--E/--A/--B/--alpha/--beta or the law file)")
     k = min(top, len(idx))
     part = np.argpartition(loss, k - 1)[:k] if k < len(idx) else np.arange(len(idx))
     order = part[np.lexsort((idx[part], loss[part]))]  # by loss, ties by enumeration order
@@ -331,6 +335,22 @@ def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 
     curve = {"N": ev["N"][idx], "loss": loss, "D": ev["D"][idx]}
     return PlanResult(C=C, law=law, space=space, best=best, top=top_rows, closed_form=cf, search=info,
                       curve=curve)
+
+
+def _law_text(law: LossLaw) -> str:
+    return f"E={law.E:g}, A={law.A:g}, B={law.B:g}, alpha={law.alpha:g}, beta={law.beta:g}"
+
+
+def check_law_at(law: LossLaw, C: float) -> None:
+    """UserError unless the law's 6ND optimum at C is a model (>= 1 parameter and token, finite loss):
+    parameters such as B = 1e308, beta = 1e-4 put it at N = 1e-887, and nothing said there means anything."""
+    cf = law.closed_form(C)
+    if not closed_form_is_a_model(cf):
+        what = ("which no model can be" if math.isfinite(cf["loss"]) or not (1 <= cf["N"] < math.inf) else
+                f"with a loss of {cf['loss']:g}")
+        raise UserError(f"the law {_law_text(law)} puts the compute-optimal model at C={C:.3g} at N={cf['N']:.3g} "
+                        f"parameters and D={cf['D']:.3g} tokens, {what}; check its parameters "
+                        "(--E/--A/--B/--alpha/--beta or the law file)")
 
 
 def candidate(i: int, shapes: dict[str, np.ndarray], ev: dict[str, Any], space: SearchSpace, C: float,
