@@ -56,3 +56,23 @@ def test_malformed_toml_exits_2(cli, tmp_path):
 
 def test_count_does_not_import_torch():
     assert heavy_modules_loaded(["count", "llama3.1-405b", "--json"]) == []
+
+
+def test_seq_len_past_learned_positions_is_refused(cli):
+    r = cli("count", "gpt2", "--seq-len", "2048")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "1024 learned positions (block_size)" in lines[0] and "--seq-len 1024" in lines[0]
+    assert cli("count", "gpt2", "--seq-len", "1024").returncode == 0
+
+
+def test_seq_len_past_rope_block_size_warns(cli):
+    r = cli("count", "llama3-8b", "--seq-len", "16384", "--json")
+    assert r.returncode == 0
+    assert "beyond block_size 8192" in r.stderr
+    assert json.loads(r.stdout)["flops"]["seq_len"] == 16384
+
+
+def test_width_override_follows_gpt2_ffn_rule(cli):
+    out = json.loads(cli("count", "gpt2", "--set", "n_embd=128", "--set", "n_head=4", "--json").stdout)
+    assert out["params"]["breakdown"]["ffn"] == 12 * (2 * 128 * 512 + 512 + 128)  # fc 128->512, proj 512->128

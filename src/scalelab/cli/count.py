@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_count, format_duration,
                           parse_quantity, print_json, print_table)
@@ -102,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--tokens needs --gpu-type (and --gpus) to estimate time, e.g. --gpu-type H100")
     cfg = load_model_config(args.model, args.overrides)
     seq_len = args.seq_len or min(cfg.block_size, 8192)
+    if seq_len > cfg.block_size:
+        if cfg.position_encoding == "learned":
+            raise UserError(f"--seq-len {seq_len} exceeds the model's {cfg.block_size} learned positions "
+                            f"(block_size): there is no position embedding past it; use --seq-len {cfg.block_size} "
+                            f"or less, or --set block_size={seq_len} (a longer position table)")
+        print(f"scalelab count: warning: --seq-len {seq_len} is beyond block_size {cfg.block_size}, the context "
+              "the model was configured for; RoPE runs there, but quality is not what the counts promise",
+              file=sys.stderr)
     report = count_report(cfg, seq_len=seq_len, micro_batch=args.micro_batch, gpus=args.gpus,
                           gpu_type=args.gpu_type, mfu=args.mfu, tokens=tokens, sharding=args.sharding,
                           precision=args.precision, activation_checkpointing=args.activation_checkpointing)
