@@ -156,9 +156,29 @@ def test_flops_identity_with_6n_plus_attention_for_untied_llama():
     p = counting.count_params(cfg)
     expected = 6 * (p.total - p.breakdown["token_embedding"] - p.breakdown["norms"]) + 12 * 32 * 4096 * S
     assert counting.training_flops_per_token(cfg, S) == expected
-    r = counting.flops_report(cfg, S)
-    assert r["training_per_token_6n"] == 6 * p.total
-    assert r["training_per_token_6n_plus_attention"] == 6 * p.total + 12 * 32 * 4096 * S
+    assert counting.flops_report(cfg, S)["training_per_token_6n"] == 6 * p.total
+
+
+def test_shortcuts_computed_as_their_sources_do():
+    """Each shortcut from its source's own formula, written out with literal numbers."""
+    # nanoGPT estimate_mfu on GPT-2 small: N = get_num_params() = 123.65M (total less wpe 1024 x 768),
+    # flops_per_token = 6*N + 12*L*H*Q*T with L=12, H=12, Q=64, T=1024
+    r = counting.flops_report(get_preset("gpt2"), 1024)
+    assert r["training_per_token_nanogpt"] == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024
+    # torchtitan on Llama-2-7B: get_num_params(exclude_embedding=True) = total − tok_embeddings (32000 x 4096);
+    # that is the exact count plus 6 x the norms' (2·32 + 1)·4096 weights, which are no matmul
+    S = 4096
+    r = counting.flops_report(get_preset("llama2-7b"), S)
+    assert r["training_per_token_torchtitan"] == 6 * (6_738_415_616 - 32000 * 4096) + 12 * 32 * 32 * 128 * S
+    assert r["training_per_token_torchtitan"] - r["training_per_token"] == 6 * (2 * 32 + 1) * 4096
+    # Megatron-LM transformer_flops (MHA/GQA branch), per token (batch_size * seq_length = 1 token):
+    #   3*2*(h*(q + k + v) + q*S/2*2 + q*h) per layer, 3*2*h*ffn*(3 if swiglu else 2) per layer, 3*2*h*V
+    for name, h, q, kv, ffn, L, V, swiglu, S in [("llama3.1-8b", 4096, 4096, 1024, 14336, 32, 128256, True, 8192),
+                                                  ("gpt2", 768, 768, 768, 3072, 12, 50257, False, 1024)]:
+        attn = 3 * 2 * (h * (q + 2 * kv) + q * S // 2 * 2 + q * h)
+        mlp = 3 * 2 * h * ffn * (3 if swiglu else 2)
+        assert counting.flops_report(get_preset(name), S)["training_per_token_megatron"] == \
+            L * (attn + mlp) + 3 * 2 * h * V
 
 
 def test_gqa_saves_what_the_kv_projections_hold():

@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_report(cfg, r: dict) -> None:
+    from scalelab.counting import FLOPS_SHORTCUTS
+
     print_table(cfg.summary(), title=f"Model {r['model']}")
     p = r["params"]
     b = p["breakdown"]
@@ -134,12 +136,8 @@ def print_report(cfg, r: dict) -> None:
     f = r["flops"]
     rows = [("Forward / token (exact)", f"{f['forward_per_token']:.4e}"),
             ("Training / token (exact, 3x fwd)", f"{f['training_per_token']:.4e}"),
-            ("  6N (Chinchilla/Kaplan)", f"{f['training_per_token_6n']:.4e}  "
-             f"({f['training_per_token_6n'] / f['training_per_token'] - 1:+.1%})"),
-            ("  6N + 12·L·H·S (nanoGPT/PaLM)", f"{f['training_per_token_6n_plus_attention']:.4e}  "
-             f"({f['training_per_token_6n_plus_attention'] / f['training_per_token'] - 1:+.1%})"),
-            ("  6N + 6·L·H·S (causal, Megatron)", f"{f['training_per_token_6n_plus_causal_attention']:.4e}  "
-             f"({f['training_per_token_6n_plus_causal_attention'] / f['training_per_token'] - 1:+.1%})"),
+            *[(f"  {label}", f"{f[key]:.4e}  ({f[key] / f['training_per_token'] - 1:+.1%})")
+              for key, label in FLOPS_SHORTCUTS.items()],
             ("Attention share of forward", f"{f['attention_share']:.1%}")]
     print_table(rows, title=f"FLOPs at sequence length {f['seq_len']}")
     g = r["gqa"]
