@@ -347,3 +347,36 @@ def test_closed_form_in_logs_equals_the_textbook_formula(law, C):
     assert cf["N"] == pytest.approx(N, rel=1e-12) and cf["D"] == pytest.approx(D, rel=1e-12)
     assert 6 * cf["N"] * cf["D"] == pytest.approx(C, rel=1e-12)
     assert cf["loss"] == pytest.approx(law.E + law.A / N ** law.alpha + law.B / D ** law.beta, rel=1e-12)
+
+
+TINY = ["1e13", "--law", "shakespeare-cpu", "--hidden", "64:512:32", "--layers", "2:12:1", "--head-dims", "32",
+        "--kv-heads", "2", "--vocab", "2048", "--seq-len", "128", "--max-tokens", "1e6"]
+
+
+def test_human_output_uses_units_that_fit_the_numbers(cli):
+    """The demo's plan printed 'N 0.001B, D 0.0B': N and D now carry K/M/B/T as their size needs."""
+    best = plan_json(cli, *TINY)["best"]
+    out = cli("plan", *TINY).stdout
+    rows = dict(line.strip().split(":", 1) for line in out.splitlines() if line.startswith("  N (params)")
+                or line.startswith("  D (tokens)"))
+    assert rows["N (params)"].split()[0] == f"{best['N'] / 1e6:.3g}M"
+    assert rows["D (tokens)"].split()[0] == f"{best['D'] / 1e3:.3g}K"
+    assert "0.0B" not in out and "0.00" not in out.split("TOP")[1]
+
+
+def test_ffn_row_says_why_it_is_not_the_styles_ratio(cli):
+    # llama3's 3.5x of a 192-wide model is 672, which the style rounds up to a multiple of 128: 768 = 4x
+    out = cli("plan", *TINY, "--hidden", "192", "--layers", "3").stdout
+    assert "FFN:          768 (4x n_embd): the style's 3.5x gives 672, rounded up to a multiple of 128" in out
+    # where the rounding changes nothing, nothing is explained
+    assert "rounded up" not in cli("plan", "1e21", "--hidden", "4096", "--layers", "32").stdout
+
+
+@pytest.mark.parametrize("flag, name", [("--plot", "iso.txt"), ("--emit-config", "plan.txt"), ("--plot", "."),
+                                        ("--emit-config", "sub.toml/x.toml")])
+def test_output_paths_refused_before_any_work(cli, tmp_path, flag, name):
+    (tmp_path / "sub.toml").write_text("keep")
+    r = cli("plan", "1e21", flag, str(tmp_path / name))
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert flag in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.toml"] and (tmp_path / "sub.toml").read_text() == "keep"

@@ -12,9 +12,10 @@ import math
 import re
 import sys
 
-from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_duration, parse_quantity,
-                          print_json)
+from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_count, format_duration,
+                          parse_quantity, print_json)
 from scalelab.errors import UserError
+from scalelab.files import check_output_file
 
 EXAMPLES = """examples:
   scalelab plan 1.36e21
@@ -190,8 +191,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--set {item}: the planner chooses the model; use the search flags instead")
     if args.overrides and not args.emit_config:
         raise UserError("--set overrides the emitted config (e.g. --set data.dir=data/mine); it needs --emit-config")
-    if args.emit_config and not str(args.emit_config).endswith(".toml"):
-        raise UserError(f"--emit-config writes TOML; give a path ending in .toml, got '{args.emit_config}'")
+    # refuse output paths the writers cannot honour before any work (a PNG into x.txt, a directory)
+    if args.emit_config:
+        check_output_file(args.emit_config, flag="--emit-config", suffixes=(".toml",))
+    if args.plot:
+        check_output_file(args.plot, flag="--plot", suffixes=(".png",))
     result = search(C, law, space, top=args.top)
     result.search["budget"] = budget
     if args.emit_config:
@@ -240,14 +244,14 @@ def print_report(result) -> None:
     print("BEST CONFIG:")
     rows = [
         ("Loss", f"{b['loss']:.6f}"),
-        ("N (params)", f"{b['N'] / 1e9:.3f}B ({b['N']:,}; non-embedding {b['N_non_embedding'] / 1e9:.3f}B)"),
-        ("D (tokens)", f"{b['D'] / 1e9:.1f}B (rounded down to {b['sequences']:,} sequences of {b['seq_len']} = "
+        ("N (params)", f"{format_count(b['N'])} ({b['N']:,}; non-embedding {format_count(b['N_non_embedding'])})"),
+        ("D (tokens)", f"{format_count(b['D'])} (rounded down to {b['sequences']:,} sequences of {b['seq_len']} = "
                        f"{b['D_rounded']:,} tokens)"),
         ("C (FLOPs)", f"{b['C']:.4g} (error: {b['flops_error']:.1e}; {b['flops_error_rounded']:.1e} after "
                       f"rounding D to whole sequences)"),
         ("Architecture", f"{b['n_layer']}L x {b['n_embd']}H x {b['n_head']}A (head_dim={b['head_dim']}), "
                          f"aspect {b['aspect']:.0f}"),
-        ("FFN", f"{b['d_ff']} ({b['ffn_ratio']:.2f}x expansion)"),
+        ("FFN", ffn_text(b["d_ff"], b["n_embd"], space.ratio, space.multiple_of)),
         ("D/N ratio", f"{b['tokens_per_param']:.1f} (Chinchilla: 20.0)"),
         ("Attention", "MHA" if b["attention_type"] == "MHA" else
          f"{b['attention_type']}: {b['num_key_value_heads']} KV heads ({b['n_head'] // b['num_key_value_heads']}:1 "
@@ -268,17 +272,26 @@ def print_report(result) -> None:
     for k, v in rows:
         print(f"  {k + ':':<{width + 1}} {v}")
     print()
-    print(f"CLOSED FORM (C = 6ND): N {cf['N'] / 1e9:.3f}B, D {cf['D'] / 1e9:.1f}B, D/N {cf['tokens_per_param']:.1f}, "
+    print(f"CLOSED FORM (C = 6ND): N {format_count(cf['N'])}, D {format_count(cf['D'])}, D/N {cf['tokens_per_param']:.1f}, "
           f"loss {cf['loss']:.6f} (grid {cf['loss_gap']:+.4f})")
     print(f"  why: {cf['explanation']}")
     print()
     print(f"TOP {len(result.top)} CANDIDATES:")
-    print(f"{'Rank':>4} {'Loss':>9} {'N(B)':>8} {'D(B)':>9} {'L':>3} {'H':>5} {'A':>3} {'KV':>3} {'hd':>4} "
+    print(f"{'Rank':>4} {'Loss':>9} {'N':>8} {'D':>8} {'L':>3} {'H':>5} {'A':>3} {'KV':>3} {'hd':>4} "
           f"{'D/N':>6} {'H/L':>5}")
     for r in result.top:
-        print(f"{r['rank']:>4} {r['loss']:>9.6f} {r['N'] / 1e9:>8.3f} {r['D'] / 1e9:>9.3f} {r['n_layer']:>3} "
+        print(f"{r['rank']:>4} {r['loss']:>9.6f} {format_count(r['N']):>8} {format_count(r['D']):>8} {r['n_layer']:>3} "
               f"{r['n_embd']:>5} {r['n_head']:>3} {r['num_key_value_heads']:>3} {r['head_dim']:>4} "
               f"{r['tokens_per_param']:>6.1f} {r['aspect']:>5.0f}")
+
+
+def ffn_text(d_ff: int, n_embd: int, ratio: float, multiple_of: int) -> str:
+    """The FFN width with its ratio, and, when the style's rounding moved it off the style's ratio, why."""
+    text = f"{d_ff} ({d_ff / n_embd:.3g}x n_embd)"
+    raw = int(ratio * n_embd)
+    if d_ff != raw:
+        text += f": the style's {ratio:.3g}x gives {raw}, rounded up to a multiple of {multiple_of}"
+    return text
 
 
 def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | None = None) -> str:
@@ -325,8 +338,6 @@ def _command_argv() -> list[str]:
 def write_config(result, path: str, overrides: list[str] = (), argv: list[str] | None = None) -> None:
     from scalelab.files import atomic_write_text
 
-    if not str(path).endswith(".toml"):
-        raise UserError(f"--emit-config writes TOML; give a path ending in .toml, got '{path}'")
     atomic_write_text(path, emitted_config_text(result, overrides, argv))
 
 
@@ -357,10 +368,10 @@ def plot_isoflop(result, path: str) -> None:
     ax.plot(grid_n, law.loss(grid_n, result.C / (6 * grid_n)), color="#c0504d", lw=1.2, ls="--",
             label="closed form, C = 6ND")
     ax.scatter([b["N"]], [b["loss"]], marker="*", s=220, color="#ffb000", edgecolor="black", zorder=5,
-               label=f"grid optimum: {b['n_layer']}L x {b['n_embd']}H, N={b['N'] / 1e9:.2f}B, "
-                     f"D={b['D'] / 1e9:.0f}B, loss {b['loss']:.4f}")
+               label=f"grid optimum: {b['n_layer']}L x {b['n_embd']}H, N={format_count(b['N'])}, "
+                     f"D={format_count(b['D'])}, loss {b['loss']:.4f}")
     ax.scatter([cf["N"]], [cf["loss"]], marker="D", s=50, color="#c0504d", edgecolor="black", zorder=5,
-               label=f"6ND optimum: N={cf['N'] / 1e9:.2f}B, loss {cf['loss']:.4f}")
+               label=f"6ND optimum: N={format_count(cf['N'])}, loss {cf['loss']:.4f}")
     ax.set_xscale("log")
     lo = min(min(ey), b["loss"], cf["loss"])
     top = max(min(max(ey), lo + 0.3), max(b["loss"], cf["loss"]), lo + 0.02)
