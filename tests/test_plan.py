@@ -58,8 +58,10 @@ def brute_force(C, law, sp: SearchSpace):
                         r = sp.tokens_per_param
                         ok &= r * (1 - sp.tolerance) <= D / N <= r * (1 + sp.tolerance)
                     if sp.accelerator is not None:
+                        # FSDP over several GPUs; one GPU trains unsharded (under autocast)
                         mem = counting.training_memory(cfg, micro_batch=1, seq_len=sp.seq_len, num_devices=sp.gpus,
-                                                       sharding="fsdp", activation_checkpointing=True)["total"]
+                                                       sharding="fsdp" if sp.gpus > 1 else "none",
+                                                       activation_checkpointing=True)["total"]
                         ok &= mem <= sp.accelerator.memory_bytes
                     if not ok:
                         continue
@@ -237,7 +239,26 @@ def test_hardware_budget_and_wall_clock(cli):
     assert out["search"]["C"] == pytest.approx(C, rel=1e-12)
     # the plan spends the budget at the same MFU, so it takes the hours we gave (less the rounding)
     assert out["best"]["wall_clock"]["hours"] == pytest.approx(24, rel=1e-6)
-    assert out["best"]["memory_per_gpu_bytes"] <= 80 * 2**30
+
+
+def test_memory_filter_changes_the_answer_only_by_excluding_what_does_not_fit(cli):
+    """One A6000 (48 GiB) at 1e22: the unfiltered best needs more than 48 GiB when counted on its own
+    (counting.training_memory of its ModelConfig, one GPU, micro-batch 1, activation checkpointing);
+    the filtered best fits, by the same count, and is the unfiltered ranking's best shape that fits."""
+    free = plan_json(cli, "1e22", "--top", "200")
+    fit = plan_json(cli, "1e22", "--gpus", "1", "--gpu-type", "A6000")["best"]
+
+    def memory(row):
+        cfg = style_config("llama3", row["n_layer"], row["n_embd"], row["n_head"],
+                           num_key_value_heads=row["num_key_value_heads"], block_size=2048)
+        return counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=1, sharding="none",
+                                        activation_checkpointing=True)["total"]
+
+    assert memory(free["best"]) > 48 * 2**30
+    assert memory(fit) <= 48 * 2**30 and memory(fit) == fit["memory_per_gpu_bytes"]
+    first_that_fits = next(r for r in free["top"] if memory(r) <= 48 * 2**30)
+    assert (fit["n_layer"], fit["n_embd"], fit["n_head"]) == \
+        (first_that_fits["n_layer"], first_that_fits["n_embd"], first_that_fits["n_head"])
 
 
 def test_emit_config_loads_with_right_counts(cli, tmp_path):
@@ -380,3 +401,42 @@ def test_output_paths_refused_before_any_work(cli, tmp_path, flag, name):
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
     assert flag in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.toml"] and (tmp_path / "sub.toml").read_text() == "keep"
+
+
+@pytest.mark.parametrize("hardware", [["--gpus", "8", "--gpu-type", "H100", "--hours", "24"],
+                                      ["1e21", "--gpus", "1", "--gpu-type", "A6000"]])
+def test_emitted_config_carries_every_memory_assumption(cli, tmp_path, hardware):
+    """The config the plan writes, loaded by the trainer's own loader and predicted by the trainer's own
+    memory function, gives exactly the plan's per-GPU figure; so does `scalelab count` of the file."""
+    from scalelab.train.config import load_config
+    from scalelab.train.parallel import resolve_strategy
+    from scalelab.train.trainer import predicted_memory
+
+    path = tmp_path / "plan.toml"
+    best = plan_json(cli, *hardware, "--emit-config", str(path))["best"]
+    gpus = int(hardware[hardware.index("--gpus") + 1])
+    cfg = load_config(path)
+    assert (cfg.train.micro_batch_size, cfg.train.activation_checkpointing, cfg.train.dtype, cfg.train.attention,
+            cfg.parallel.strategy) == (1, True, "bf16", "sdpa", "fsdp" if gpus > 1 else "none")
+    strategy = resolve_strategy(cfg.parallel.strategy, gpus)
+    assert predicted_memory(cfg, strategy, gpus)["total"] == best["memory_per_gpu_bytes"]
+    gpu_type = hardware[hardware.index("--gpu-type") + 1]
+    counted = json.loads(cli("count", str(path), "--gpus", str(gpus), "--gpu-type", gpu_type, "--json").stdout)
+    assert counted["memory"]["total"] == best["memory_per_gpu_bytes"]
+
+
+def test_emit_config_is_validated_by_the_trainers_loader(cli, tmp_path):
+    path = tmp_path / "plan.toml"
+    path.write_text("# mine\n")
+    for bad, fragment in ((["--set", "train.lr=abc"], "train.lr must be a number"),
+                          (["--set", "train.warmup=-1"], "train.warmup"),
+                          (["--set", "eval.bogus=1"], "unknown key 'eval.bogus'"),
+                          (["--set", "train.max_steps=10"], "the plan writes train.max_steps itself"),
+                          (["--gpus", "2", "--gpu-type", "H100", "--set", "parallel.strategy=ddp"],
+                           "the plan writes parallel.strategy itself")):
+        r = cli("plan", "1e21", *bad, "--emit-config", str(path))
+        assert r.returncode == 2 and r.stdout == "", (bad, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
+        assert path.read_text() == "# mine\n"
+    assert heavy_modules_loaded(["plan", "1e21", "--emit-config", str(path), "--set", "train.lr=1e-4"]) == []
+    assert "lr = 0.0001" in path.read_text()

@@ -186,9 +186,15 @@ def run(args: argparse.Namespace) -> int:
 
     C, budget, law, space = build(args)
     # check --set before searching: it may only touch the emitted config's non-model sections
+    owned = plan_owned_keys(space)
     for item in args.overrides:
-        if item.split("=", 1)[0].strip().startswith("model."):
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("model."):
             raise UserError(f"--set {item}: the planner chooses the model; use the search flags instead")
+        if key in owned:
+            raise UserError(f"--set {item}: the plan writes {key} itself (its figures assume that value); use the "
+                            "plan's flags (--seq-len, --gpus, ...) or edit the emitted file afterwards and check it "
+                            "with `scalelab count`")
     if args.overrides and not args.emit_config:
         raise UserError("--set overrides the emitted config (e.g. --set data.dir=data/mine); it needs --emit-config")
     # refuse output paths the writers cannot honour before any work (a PNG into x.txt, a directory)
@@ -264,9 +270,12 @@ def print_report(result) -> None:
         rows.append(("Wall-clock", f"{format_duration(t['seconds'])} on {t['num_devices']} x {t['gpu_type']} at "
                                    f"{t['mfu']:.0%} MFU ({t['gpu_hours']:,.0f} GPU-hours, "
                                    f"{t['tokens_per_second']:,.0f} tokens/s)"))
+        m = s["space"]["hardware"]["memory_model"]
+        sharding = f"FSDP over {space.gpus}" if m["sharding"] == "fsdp" else "one GPU, unsharded"
         rows.append(("Memory/GPU", f"{format_bytes(b['memory_per_gpu_bytes'])} of "
-                                   f"{space.accelerator.memory_gib:g} GiB (FSDP over {space.gpus}, micro-batch 1, "
-                                   f"activation checkpointing, bf16-mixed)"))
+                                   f"{space.accelerator.memory_gib:g} GiB ({sharding}, micro-batch {m['micro_batch']}, "
+                                   f"{'activation checkpointing, ' if m['activation_checkpointing'] else ''}"
+                                   f"{m['precision']}, {m['attention']}; --emit-config writes these settings)"))
     rows.append(("Name", b["name"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -294,22 +303,47 @@ def ffn_text(d_ff: int, n_embd: int, ratio: float, multiple_of: int) -> str:
     return text
 
 
+PLAN_LENGTH_KEYS = ("train.seq_len", "train.max_tokens", "train.max_steps", "train.max_flops")
+
+
+def plan_owned_keys(space) -> list[str]:
+    """Config keys the emitted file sets from the plan: the figures it prints assume these values."""
+    settings = space.trainer_settings()
+    return [*PLAN_LENGTH_KEYS, *(f"{section}.{key}" for section, keys in settings.items() for key in keys)]
+
+
 def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | None = None) -> str:
     """A training config: [model] with the full fields, [data] dir placeholder, [train] seq_len and
-    max_tokens = D rounded down to whole sequences (what `scalelab train` reads)."""
+    max_tokens = D rounded down to whole sequences, and, when the plan filtered by memory, every
+    setting that memory figure assumed ([train] micro-batch, activation checkpointing, dtype,
+    attention; [parallel] strategy), so that counting the config gives the plan's figure."""
     import tomli_w
 
     from scalelab.config import apply_overrides
 
-    b = result.best
+    b, space = result.best, result.space
+    settings = space.trainer_settings()
     sections = {"data": {"dir": "data/shakespeare"},
-                "train": {"seq_len": b["seq_len"], "max_tokens": b["D_rounded"]}}
+                "train": {"seq_len": b["seq_len"], "max_tokens": b["D_rounded"], **settings.get("train", {})},
+                "parallel": dict(settings.get("parallel", {}))}
     apply_overrides(sections, overrides)
     command = "scalelab " + " ".join(argv) if argv else f"scalelab plan {result.C:.4g}"
     lines = [
         f"# Written by `{command}`.",
         f"# Compute-optimal under the {result.law.name} law at C = {result.C:.4g} FLOPs: predicted loss "
         f"{b['loss']:.4f}, N = {b['N']:,} parameters, D = {b['D_rounded']:,} tokens (D/N {b['tokens_per_param']:.1f}).",
+    ]
+    if settings:
+        per_micro = b["seq_len"] * space.micro_batch * space.gpus
+        accumulation = max(1, round(2**19 / per_micro))
+        launch = (f"torchrun --nproc_per_node {space.gpus} -m scalelab train FILE" if space.gpus > 1
+                  else "scalelab train FILE")
+        lines += [
+            f"# Memory: {format_bytes(b['memory_per_gpu_bytes'])} per GPU predicted (counting.training_memory) with "
+            f"the [train] and [parallel] settings below, on {space.gpus} x {space.accelerator.name}: "
+            f"{launch} (across nodes: torchrun with --nnodes).",
+        ]
+    lines += [
         "",
         tomli_w.dumps({"model": b["config"]}).rstrip(),
         "",
@@ -320,10 +354,16 @@ def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | Non
         "[train]",
         tomli_w.dumps(sections.pop("train")).rstrip(),
         "# max_tokens is D from the plan (whole sequences); the trainer's defaults cover the rest, e.g.",
-        "# micro_batch_size = 8",
-        "# global_batch_tokens = 524288   # 0.5M tokens/step (LLaMA 3 used 4M-16M at 8B+)",
-        "# lr = 3e-4",
     ]
+    if settings:
+        lines.append(f"# global_batch_tokens = {accumulation * per_micro}   # ~0.5M tokens/step by gradient "
+                     "accumulation, which leaves the memory as planned")
+    else:
+        lines += ["# micro_batch_size = 8", "# global_batch_tokens = 524288   # 0.5M tokens/step"]
+    lines.append("# lr = 3e-4")
+    parallel = sections.pop("parallel")
+    if parallel:
+        lines += ["", "[parallel]", tomli_w.dumps(parallel).rstrip()]
     if sections:  # other sections given with --set (eval, checkpoint, ...)
         lines += ["", tomli_w.dumps(sections).rstrip()]
     return "\n".join(lines) + "\n"
@@ -336,9 +376,16 @@ def _command_argv() -> list[str]:
 
 
 def write_config(result, path: str, overrides: list[str] = (), argv: list[str] | None = None) -> None:
-    from scalelab.files import atomic_write_text
+    """Check the config with the trainer's own loader (no torch), then write it atomically: an
+    invalid one (`--set train.lr=abc`) is a UserError and nothing is written."""
+    import tomllib
 
-    atomic_write_text(path, emitted_config_text(result, overrides, argv))
+    from scalelab.files import atomic_write_text
+    from scalelab.train.config import config_from_dict
+
+    text = emitted_config_text(result, overrides, argv)
+    config_from_dict(tomllib.loads(text), where=f"--emit-config {path}")
+    atomic_write_text(path, text)
 
 
 def plot_isoflop(result, path: str) -> None:

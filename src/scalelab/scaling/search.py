@@ -41,6 +41,8 @@ ASPECT_DEFAULT = (40.0, 130.0)
 MAX_SHAPES = 20_000_000  # ~200 bytes of arrays per shape: beyond this, ask for a coarser step
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+# counting's precision -> the training config's train.dtype that runs it (trainer.predicted_memory's map)
+TRAINER_DTYPE = {"bf16-mixed": "bf16", "fp32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,12 @@ class SearchSpace:
     accelerator: Accelerator | None = None  # given: drop shapes whose training state does not fit
     mfu: float = 0.4
     # Memory model for the fit filter: the least memory the trainer can be set up to use, so a
-    # shape is dropped only when it cannot train at all on this hardware.
+    # shape is dropped only when it cannot train at all on this hardware. `trainer_settings` spells
+    # these (and the sharding) as the training config's keys; the emitted config carries them.
     micro_batch: int = 1
     activation_checkpointing: bool = True
     precision: str = "bf16-mixed"
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -100,6 +104,22 @@ class SearchSpace:
             raise UserError("--tokens-per-param must be positive and --tolerance non-negative")
         if self.gpus <= 0:
             raise UserError(f"--gpus must be positive, got {self.gpus}")
+
+    @property
+    def sharding(self) -> str:
+        """FSDP over several GPUs (torchrun); one GPU trains unsharded (plain `scalelab train`)."""
+        return "fsdp" if self.gpus > 1 else "none"
+
+    def trainer_settings(self) -> dict[str, dict[str, Any]]:
+        """The memory filter's assumptions as training-config sections: with them, the trainer's own
+        prediction (counting.training_memory of the config) is the plan's memory figure. Empty without
+        hardware (no memory figure, nothing assumed)."""
+        if self.accelerator is None:
+            return {}
+        return {"train": {"micro_batch_size": self.micro_batch,
+                          "activation_checkpointing": self.activation_checkpointing,
+                          "dtype": TRAINER_DTYPE[self.precision], "attention": self.attention},
+                "parallel": {"strategy": self.sharding}}
 
     # ---- the style's choices, with this space's overrides --------------------------------
     @property
@@ -166,8 +186,8 @@ class SearchSpace:
             "tolerance": self.tolerance,
             "hardware": (None if self.accelerator is None else
                          {"gpus": self.gpus, "gpu_type": self.accelerator.name, "mfu": self.mfu,
-                          "memory_model": {"micro_batch": self.micro_batch, "sharding": "fsdp",
-                                           "precision": self.precision,
+                          "memory_model": {"micro_batch": self.micro_batch, "sharding": self.sharding,
+                                           "precision": self.precision, "attention": self.attention,
                                            "activation_checkpointing": self.activation_checkpointing}}),
         }
 
@@ -263,8 +283,9 @@ def evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: L
                                & (C <= fpt * (space.tokens_per_param * (1 + space.tolerance) * N)))
     if space.accelerator is not None:
         mem = counting.training_memory_arrays(
-            *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus, sharding="fsdp",
-            precision=space.precision, activation_checkpointing=space.activation_checkpointing, **kw)["total"]
+            *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus,
+            sharding=space.sharding, precision=space.precision, attention=space.attention,
+            activation_checkpointing=space.activation_checkpointing, **kw)["total"]
         out["memory"] = mem
         masks["memory"] = mem <= space.accelerator.memory_bytes
     out["masks"] = masks
