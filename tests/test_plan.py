@@ -82,15 +82,18 @@ SPACES = [
 ]
 
 
-@pytest.mark.parametrize("space", SPACES, ids=["llama3", "llama2-mha", "gpt2", "limits", "chinchilla", "memory"])
-@pytest.mark.parametrize("C", [3e19, 1e21, 2e22])
+# Three budgets per space, each one the space can spend (the "limits" space tops out near 2.7e20
+# FLOPs: 1.5e9 parameters on at most 3e10 tokens; the Chinchilla band near 1.1e22), so every case
+# compares two answers; budgets past a space's limits are tested below.
+BUDGETS = {"llama3": (3e19, 1e21, 2e22), "llama2-mha": (3e19, 1e21, 2e22), "gpt2": (3e19, 1e21, 2e22),
+           "limits": (3e19, 1e20, 2.5e20), "chinchilla": (3e19, 1e21, 1e22), "memory": (3e19, 1e21, 2e22)}
+CASES = [(space, C, name) for space, name in zip(SPACES, BUDGETS) for C in BUDGETS[name]]
+
+
+@pytest.mark.parametrize("space, C", [(sp, C) for sp, C, _ in CASES], ids=[f"{n}-{C:g}" for _, C, n in CASES])
 def test_search_equals_brute_force(space, C):
     law = LAWS["epoch"] if space.style == "gpt2" else CHIN
-    try:
-        result = search(C, law, space, top=5)
-    except UserError:
-        assert brute_force(C, law, space)[0] is None  # the loop finds nothing either
-        return
+    result = search(C, law, space, top=5)
     (loss, n_layer, h, n_head, kv, N, D), skipped = brute_force(C, law, space)
     b = result.best
     assert (b["n_layer"], b["n_embd"], b["n_head"], b["num_key_value_heads"]) == (n_layer, h, n_head, kv)
@@ -99,6 +102,18 @@ def test_search_equals_brute_force(space, C):
     assert result.search["skipped_total"] == skipped
     losses = [r["loss"] for r in result.top]
     assert losses == sorted(losses)
+
+
+@pytest.mark.parametrize("space, C", [(SPACES[3], 1e21), (SPACES[3], 2e22), (SPACES[4], 2e22)],
+                         ids=["limits-1e21", "limits-2e22", "chinchilla-2e22"])
+def test_budget_past_the_limits_names_the_largest_that_works(space, C):
+    """Past what the space can spend, the search refuses and names the largest budget that has a shape:
+    the brute-force loop finds a shape just below that budget and none just above it."""
+    with pytest.raises(UserError, match="the largest budget that has one is") as e:
+        search(C, CHIN, space)
+    largest = float(str(e.value).split("the largest budget that has one is ")[1].split()[0])
+    assert brute_force(largest * 0.99, CHIN, space)[0] is not None  # printed to 3 digits
+    assert brute_force(largest * 1.01, CHIN, space)[0] is None
 
 
 @pytest.mark.parametrize("C", [1e20, 1.36e21, 7.7e22])
