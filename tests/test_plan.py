@@ -455,3 +455,52 @@ def test_emit_config_is_validated_by_the_trainers_loader(cli, tmp_path):
         assert path.read_text() == "# mine\n"
     assert heavy_modules_loaded(["plan", "1e21", "--emit-config", str(path), "--set", "train.lr=1e-4"]) == []
     assert "lr = 0.0001" in path.read_text()
+
+
+# ---- the default space grows with the budget; a binding edge is named -----------------------
+
+
+def test_default_space_grows_to_the_closed_form_at_1e25(cli):
+    """The old fixed default (64 layers x 8192 wide, 57B) put the 1e25 plan 2x below the 6ND closed
+    form's N; grown with the budget, the plan's N is within 25% of it (measured: 0.98x) and its loss
+    within 1e-3 of the closed form at the plan's own FLOPs per parameter (6C/k)."""
+    out = plan_json(cli, "1e25")
+    b, cf = out["best"], out["closed_form"]
+    assert 0.8 <= b["N"] / cf["N"] <= 1.25
+    assert b["loss"] < cf["adjusted_for_k"]["loss"] + 1e-3
+    assert out["search"]["grown"]["hidden"]["from"] == "1024:8192:256" and out["search"]["binding"] is None
+    assert b["n_embd"] > 8192 or b["n_layer"] > 64  # beyond the old default's edge
+
+
+def test_a_binding_edge_names_every_flag_that_binds(cli):
+    """Given the old default ranges explicitly, they are not grown, and at 1e25 both bind: the warning
+    and the headline name --hidden AND --layers, and the better shape they name is better when counted
+    on its own."""
+    r = cli("plan", "1e25", "--hidden", "1024:8192:256", "--layers", "16:64:2", "--json")
+    out = json.loads(r.stdout)
+    assert "grown" not in out["search"] and out["best"]["N"] < 6e10
+    binding = out["search"]["binding"]
+    assert binding["axes"] == {"hidden": "up", "layers": "up"}
+    assert "--hidden MIN:MAX:STEP and --layers MIN:MAX:STEP" in r.stderr
+    h, n_layer = binding["n_embd"], binding["n_layer"]
+    assert h > 8192 and n_layer > 64 and 40 <= h / n_layer <= 130
+    cfg = style_config("llama3", n_layer, h, binding["n_head"], num_key_value_heads=binding["num_key_value_heads"],
+                       block_size=2048)
+    N = counting.count_params(cfg).total
+    D = 1e25 / counting.training_flops_per_token(cfg, 2048)
+    assert CHIN.loss(N, D) == pytest.approx(binding["loss"], rel=1e-9) and binding["loss"] < out["best"]["loss"]
+    human = cli("plan", "1e25", "--hidden", "1024:8192:256", "--layers", "16:64:2").stdout
+    assert "LIMITED BY THE SEARCH SPACE (--hidden and --layers)" in human.split("BEST CONFIG")[0]
+
+
+def test_one_binding_edge_names_only_that_flag():
+    sp = SearchSpace(hidden=tuple(range(1024, 4096 + 1, 256)), layers=tuple(range(8, 80 + 1, 2)), aspect=None)
+    result = search(1e23, CHIN, sp)
+    assert result.search["binding"]["axes"] == {"hidden": "up"}
+    assert any("(--hidden MIN:MAX:STEP)" in w and "--layers" not in w for w in result.search["warnings"])
+
+
+def test_interior_best_has_no_binding_edge():
+    result = search(1.36e21, CHIN)  # the default space, which the 1.36e21 optimum sits inside
+    assert result.search["binding"] is None and "grown" not in result.search
+    assert not any("binds (--" in w for w in result.search["warnings"])

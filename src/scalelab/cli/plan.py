@@ -36,8 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("search space")
     g.add_argument("--style", default="llama3", help="family style: llama3, llama2, gpt2 (norms, FFN type, "
                    "positions, default KV heads, FFN ratio and vocabulary)")
-    g.add_argument("--hidden", default="1024:8192:256", help="n_embd values: MIN:MAX:STEP (inclusive) or a,b,c")
-    g.add_argument("--layers", default="16:64:2", help="n_layer values: MIN:MAX:STEP (inclusive) or a,b,c")
+    g.add_argument("--hidden", default=None, help="n_embd values: MIN:MAX:STEP (inclusive) or a,b,c (default "
+                   "1024:8192:256, grown with the budget while a wider or narrower shape would beat the plan)")
+    g.add_argument("--layers", default=None, help="n_layer values: MIN:MAX:STEP (inclusive) or a,b,c (default "
+                   "16:64:2, grown likewise)")
     g.add_argument("--head-dims", default="64,128", help="head dims to try; n_head = n_embd / head_dim")
     g.add_argument("--kv-heads", default=None, help="KV-head count(s), e.g. 8 or 4,8 (default: the style's; "
                    "llama3: 8); shapes where they do not divide n_head are skipped")
@@ -171,7 +173,8 @@ def build(args: argparse.Namespace):
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise UserError(f"--tolerance must be a non-negative fraction, got {args.tolerance}")
     space = SearchSpace(
-        hidden=parse_int_values(args.hidden, "--hidden"), layers=parse_int_values(args.layers, "--layers"),
+        hidden=parse_int_values(args.hidden, "--hidden") if args.hidden is not None else None,
+        layers=parse_int_values(args.layers, "--layers") if args.layers is not None else None,
         head_dims=parse_int_values(args.head_dims, "--head-dims"),
         kv_heads=parse_int_values(args.kv_heads, "--kv-heads") if args.kv_heads is not None else None,
         mha=args.no_gqa, style=args.style, ffn_ratio=args.ffn_ratio, seq_len=args.seq_len,
@@ -245,7 +248,15 @@ def print_report(result) -> None:
     excluded = [f"{n:,} {names[k]}" for k, n in s["excluded"].items() if n]
     if excluded:
         print(f"  excluded (a shape may fail several): {'; '.join(excluded)}")
-    print(f"  {s['feasible']:,} feasible shapes scored\n")
+    print(f"  {s['feasible']:,} feasible shapes scored")
+    for axis, change in s.get("grown", {}).items():
+        print(f"  --{axis} grew with the budget from the default {change['from']} to {change['to']}")
+    print()
+    if s["binding"] is not None:
+        flags = " and ".join(f"--{axis}" for axis in s["binding"]["axes"])
+        print(f"LIMITED BY THE SEARCH SPACE ({flags}): a shape past {'their edges' if ' and ' in flags else 'its edge'} "
+              f"would beat this plan ({s['binding']['n_layer']}L x {s['binding']['n_embd']}H, "
+              f"N {format_count(s['binding']['N'])}, loss {s['binding']['loss']:.6f}); widen {flags}\n")
 
     print("BEST CONFIG:")
     rows = [

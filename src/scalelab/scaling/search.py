@@ -14,6 +14,7 @@ No torch here (`scalelab plan` starts instantly).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,14 @@ from scalelab.scaling.laws import LossLaw, closed_form_is_a_model
 # LLaMA); the upper bound is the one that binds. Gopher (205) went wider and was not repeated.
 ASPECT_DEFAULT = (40.0, 130.0)
 MAX_SHAPES = 20_000_000  # ~200 bytes of arrays per shape: beyond this, ask for a coarser step
+# The default widths and depths (GPT-3 350M to LLaMA-3-70B sizes). When the user gives no --hidden or
+# --layers, search() grows these ranges (doubling the maximum, halving the minimum, same step) for as
+# long as a shape past their edges would beat the plan, up to MAX_GROWN_SHAPES: a 1e25 budget is not
+# held to 57B parameters by a default chosen for 1e21.
+DEFAULT_HIDDEN = tuple(range(1024, 8192 + 1, 256))
+DEFAULT_LAYERS = tuple(range(16, 64 + 1, 2))
+MAX_GROWN_SHAPES = 2_000_000
+PROBE_STEPS = 4  # how far past an edge (in the range's steps) the binding probe looks
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 # counting's precision -> the training config's train.dtype that runs it (trainer.predicted_memory's map)
@@ -53,8 +62,8 @@ class SearchSpace:
     of KV-head counts to try; `mha=True` ties KV heads to the query heads (no GQA).
     """
 
-    hidden: tuple[int, ...] = tuple(range(1024, 8192 + 1, 256))
-    layers: tuple[int, ...] = tuple(range(16, 64 + 1, 2))
+    hidden: tuple[int, ...] | None = None  # None: DEFAULT_HIDDEN, grown with the budget while it binds
+    layers: tuple[int, ...] | None = None  # None: DEFAULT_LAYERS, likewise
     head_dims: tuple[int, ...] = (64, 128)
     kv_heads: tuple[int, ...] | None = None
     mha: bool = False
@@ -84,6 +93,8 @@ class SearchSpace:
             style_config(self.style, 1, 64, 1)  # raises the standard unknown-style UserError
         for name in ("hidden", "layers", "head_dims"):
             values = getattr(self, name)
+            if values is None and name != "head_dims":
+                continue  # the default, grown with the budget by search()
             if not values:
                 raise UserError(f"--{name.replace('_', '-')} is empty; give at least one value")
             if min(values) <= 0:
@@ -166,7 +177,8 @@ class SearchSpace:
     @property
     def n_shapes(self) -> int:
         kv = self.kv_choices
-        return len(set(self.hidden)) * len(set(self.layers)) * len(set(self.head_dims)) * (len(kv) if kv else 1)
+        hidden, layers = self.hidden or DEFAULT_HIDDEN, self.layers or DEFAULT_LAYERS
+        return len(set(hidden)) * len(set(layers)) * len(set(self.head_dims)) * (len(kv) if kv else 1)
 
     def model_config(self, n_layer: int, n_embd: int, n_head: int, kv: int):
         """The ModelConfig of one shape (d_ff explicit so a config file carries the exact width)."""
@@ -304,7 +316,11 @@ BUDGET_DEPENDENT = ("one_sequence", "max_tokens", "chinchilla")
 
 
 def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 10) -> PlanResult:
-    """The backward grid search. Raises UserError when no shape in the space can spend C."""
+    """The backward grid search. Raises UserError when no shape in the space can spend C.
+
+    --hidden / --layers left to the default (None) grow with the budget: while a shape past the
+    edge of either range would beat the plan (the binding probe), that range is extended and the
+    search rerun. Ranges the user gave are never changed; a binding one is named in the warnings."""
     t0 = time.perf_counter()
     space = space or SearchSpace()
     if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
@@ -312,6 +328,25 @@ def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     check_law_at(law, C)
+    growable = {"hidden": space.hidden is None, "layers": space.layers is None}
+    space = dataclasses.replace(space, hidden=space.hidden or DEFAULT_HIDDEN, layers=space.layers or DEFAULT_LAYERS)
+    default = space
+    while True:
+        result = _search_space(C, law, space, top)
+        grown = _grow(space, result.search["binding"], growable)
+        if grown is None:
+            break
+        space = grown
+    if space != default:
+        result.search["grown"] = {axis: {"from": _range_text(getattr(default, axis)),
+                                         "to": _range_text(getattr(space, axis))}
+                                  for axis in ("hidden", "layers") if getattr(space, axis) != getattr(default, axis)}
+    result.search["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _search_space(C: float, law: LossLaw, space: SearchSpace, top: int) -> PlanResult:
+    """One grid search over a space with explicit ranges."""
     if space.n_shapes > MAX_SHAPES:
         raise UserError(f"the search space has {space.n_shapes:,} shapes (limit {MAX_SHAPES:,}); "
                         "use a larger STEP in --hidden/--layers")
@@ -343,19 +378,85 @@ def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 
     best["rank"] = 1
 
     cf = closed_form_comparison(law, C, best)
-    warnings = _warnings(best_i, shapes, ev, space, feasible)
+    binding = probe_beyond_edges(C, law, space, best)
+    warnings = _warnings(best_i, shapes, ev, space, feasible, binding)
     info = {
         "C": C, "law": law.to_dict(), "space": space.describe(),
         "shapes_total": space.n_shapes, "shapes_valid": n_valid, "skipped": skipped,
         "skipped_total": int(sum(skipped.values())),
         "excluded": {name: int((~m).sum()) for name, m in masks.items()},
         "feasible": int(len(idx)),
+        "binding": binding,
         "warnings": warnings,
-        "seconds": time.perf_counter() - t0,
     }
     curve = {"N": ev["N"][idx], "loss": loss, "D": ev["D"][idx]}
     return PlanResult(C=C, law=law, space=space, best=best, top=top_rows, closed_form=cf, search=info,
                       curve=curve)
+
+
+def _step(values: tuple[int, ...]) -> int:
+    """A range's step: its smallest gap, or an eighth of a single value."""
+    v = sorted(set(values))
+    return int(min(np.diff(v))) if len(v) > 1 else max(1, v[0] // 8)
+
+
+EDGE_FLAGS = {"hidden": "--hidden MIN:MAX:STEP", "layers": "--layers MIN:MAX:STEP"}
+
+
+def probe_beyond_edges(C: float, law: LossLaw, space: SearchSpace, best: dict[str, Any]) -> dict[str, Any] | None:
+    """Does an edge of --hidden or --layers bind? Score the shapes up to PROBE_STEPS steps either way of
+    the best (n_embd, n_layer) under every other constraint; the best of those lying outside a range,
+    if it beats the plan, is returned with the ranges it lies outside ({axis: 'up' | 'down'}); else None."""
+    hs, ls = sorted(set(space.hidden)), sorted(set(space.layers))
+    around = range(-PROBE_STEPS, PROBE_STEPS + 1)
+    hp = tuple(h for h in (best["n_embd"] + k * _step(space.hidden) for k in around) if h > 0)
+    lp = tuple(n for n in (best["n_layer"] + k * _step(space.layers) for k in around) if n > 0)
+    probe = dataclasses.replace(space, hidden=hp, layers=lp)
+    shapes, _ = enumerate_shapes(probe)
+    if not len(shapes["n_layer"]):
+        return None
+    ev = evaluate(shapes, probe, C, law)
+    ok = np.isfinite(ev["loss"])
+    for m in ev["masks"].values():
+        ok &= m
+    side = {"hidden": np.where(shapes["n_embd"] > hs[-1], 1, np.where(shapes["n_embd"] < hs[0], -1, 0)),
+            "layers": np.where(shapes["n_layer"] > ls[-1], 1, np.where(shapes["n_layer"] < ls[0], -1, 0))}
+    ok &= (side["hidden"] != 0) | (side["layers"] != 0)
+    if not ok.any():
+        return None
+    j = int(np.flatnonzero(ok)[np.argmin(ev["loss"][ok])])
+    if not ev["loss"][j] < best["loss"] - 1e-12:
+        return None
+    return {"axes": {axis: ("up" if side[axis][j] > 0 else "down") for axis in side if side[axis][j]},
+            "n_layer": int(shapes["n_layer"][j]), "n_embd": int(shapes["n_embd"][j]),
+            "n_head": int(shapes["n_head"][j]), "num_key_value_heads": int(shapes["num_key_value_heads"][j]),
+            "N": float(ev["N"][j]), "D": float(ev["D"][j]), "loss": float(ev["loss"][j])}
+
+
+def _grow(space: SearchSpace, binding: dict[str, Any] | None, growable: dict[str, bool]) -> SearchSpace | None:
+    """The space with each binding default range extended the way it binds (max doubled, or min
+    halved, same step); None when nothing can grow (no binding default range, a floor reached, or
+    MAX_GROWN_SHAPES)."""
+    if binding is None:
+        return None
+    changes = {}
+    for axis, direction in binding["axes"].items():
+        if not growable[axis]:
+            continue
+        values = sorted(set(getattr(space, axis)))
+        step = _step(values)
+        lo, hi = values[0], values[-1]
+        if direction == "up":
+            hi *= 2
+        else:
+            lo = max(lo - step * math.ceil(lo / (2 * step)), step if lo % step == 0 else lo % step)
+        grown = tuple(range(lo, hi + 1, step))
+        if grown != tuple(values):
+            changes[axis] = grown
+    if not changes:
+        return None
+    bigger = dataclasses.replace(space, **changes)
+    return bigger if bigger.n_shapes <= MAX_GROWN_SHAPES else None
 
 
 def _law_text(law: LossLaw) -> str:
@@ -434,26 +535,16 @@ def closed_form_comparison(law: LossLaw, C: float, best: dict[str, Any]) -> dict
     return cf
 
 
-def _warnings(best_i: int, shapes, ev, space: SearchSpace, feasible: np.ndarray) -> list[str]:
+def _warnings(best_i: int, shapes, ev, space: SearchSpace, feasible: np.ndarray,
+              binding: dict[str, Any] | None) -> list[str]:
     out = []
-    H, L = int(shapes["n_embd"][best_i]), int(shapes["n_layer"][best_i])
     best_loss = float(ev["loss"][best_i])
-
-    def aspect_ok(h: int, layers: int) -> bool:
-        return space.aspect is None or space.aspect[0] <= h / layers <= space.aspect[1]
-
-    for name, flag, values, value, step_other in (("n_embd", "--hidden MIN:MAX:STEP", space.hidden, H, L),
-                                                  ("n_layer", "--layers MIN:MAX:STEP", space.layers, L, H)):
-        v = sorted(set(values))
-        if len(v) < 2:
-            continue
-        step = v[-1] - v[-2] if value == v[-1] else v[1] - v[0]
-        for edge, beyond, word in ((v[-1], value + step, "largest"), (v[0], value - step, "smallest")):
-            if value != edge or beyond <= 0:
-                continue
-            h, layers = (beyond, step_other) if name == "n_embd" else (step_other, beyond)
-            if aspect_ok(h, layers):
-                out.append(f"the best {name} ({value}) is the {word} in the space; widen {flag} to search beyond it")
+    if binding is not None:
+        flags = [EDGE_FLAGS[axis] for axis in binding["axes"]]
+        out.append(f"the search space binds ({' and '.join(flags)}): past "
+                   f"{'their edges' if len(flags) > 1 else 'its edge'} the best would be {binding['n_layer']}L x "
+                   f"{binding['n_embd']}H, N={binding['N']:.3g}, D={binding['D']:.3g}, loss {binding['loss']:.4f} "
+                   f"(vs {best_loss:.4f}); widen {' and '.join(f.split()[0] for f in flags)}")
     masks = ev["masks"]
     for name, flag in RELAX_FLAG.items():
         if name not in masks:
