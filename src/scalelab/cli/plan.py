@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-tokens", default=None, help="dataset size: D at most this, e.g. 2T")
     c.add_argument("--max-params", default=None, help="N at most this, e.g. 8B")
     h = p.add_argument_group("hardware (memory filter, wall-clock, or the budget itself)")
-    h.add_argument("--gpus", type=int, default=None, help="number of GPUs (FSDP over all of them)")
+    h.add_argument("--gpus", type=int, default=None, help="number of GPUs (FSDP over all of them; one GPU trains unsharded)")
     h.add_argument("--gpu-type", default=None, help="A6000, A100-40GB, A100-80GB, H100-SXM, H100-PCIe, H200, B200")
     h.add_argument("--hours", type=float, default=None, help="budget from hardware: C = GPUs × peak × MFU × hours")
     h.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for --hours and wall-clock")
