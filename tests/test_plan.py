@@ -504,3 +504,28 @@ def test_interior_best_has_no_binding_edge():
     result = search(1.36e21, CHIN)  # the default space, which the 1.36e21 optimum sits inside
     assert result.search["binding"] is None and "grown" not in result.search
     assert not any("binds (--" in w for w in result.search["warnings"])
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--vocab", str(10**30)], "--vocab values must be at most"),
+    (["--ffn-ratio", "1e300"], "--ffn-ratio must be at most"),
+    (["--kv-heads", str(10**30)], "--kv-heads values must be at most"),
+    (["--head-dims", str(10**30)], "--head-dims values must be at most"),
+    (["--hidden", str(10**30)], "--hidden values must be at most"),
+    (["--layers", f"1:{10**30}"], "--layers: MAX 1e+30 is beyond any model's size"),
+    (["--hidden", f"1:{2**40}:{2**30}"], "--hidden: MAX"),
+    (["--enforce-chinchilla", "--tokens-per-param", "inf"], "both finite"),
+])
+def test_absurd_search_numbers_exit_2_with_one_line(cli, args, fragment):
+    """Siblings of `count --set n_layer=1e30`: every size the planner builds is bounded like a ModelConfig."""
+    r = cli("plan", "1e21", *args)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args", [["--max-tokens", "1e300"], ["--enforce-chinchilla", "--tolerance", "1e300"]])
+def test_huge_but_finite_limits_plan_without_numpy_warnings(cli, args):
+    r = cli("plan", "1e21", *args, "--json")
+    assert r.returncode == 0 and "RuntimeWarning" not in r.stderr
+    assert json.loads(r.stdout)["best"]["N"] == plan_json(cli, "1e21")["best"]["N"]  # a limit that never binds

@@ -14,6 +14,7 @@ import sys
 
 from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_count, format_duration,
                           parse_quantity, print_json)
+from scalelab.config import INT_LIMITS
 from scalelab.errors import UserError
 from scalelab.files import check_output_file
 
@@ -79,8 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---- parsing -------------------------------------------------------------------------------
 
 
-def parse_int_values(text: str, flag: str) -> tuple[int, ...]:
-    """'1024:8192:256' (inclusive), '16:64' (step 1), '64,128' or '2048' -> sorted tuple of ints."""
+def parse_int_values(text: str, flag: str, limit: int) -> tuple[int, ...]:
+    """'1024:8192:256' (inclusive), '16:64' (step 1), '64,128' or '2048' -> sorted tuple of ints.
+    A range is checked against the largest size any model may have before it is built (`1:1e30`)."""
     s = str(text).strip()
     hint = f"{flag} takes MIN:MAX:STEP or a comma list of positive integers, got '{text}'"
     try:
@@ -95,6 +97,8 @@ def parse_int_values(text: str, flag: str) -> tuple[int, ...]:
             raise UserError(f"{flag}: STEP must be positive, got {step}")
         if lo > hi:
             raise UserError(f"{flag}: the range {s} is empty (MIN > MAX); write MIN:MAX:STEP")
+        if hi > limit:
+            raise UserError(f"{flag}: MAX {hi:.3g} is beyond any model's size (at most {limit:,})")
         values = tuple(range(lo, hi + 1, step))
     else:
         values = tuple(sorted(set(parts)))
@@ -173,10 +177,11 @@ def build(args: argparse.Namespace):
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise UserError(f"--tolerance must be a non-negative fraction, got {args.tolerance}")
     space = SearchSpace(
-        hidden=parse_int_values(args.hidden, "--hidden") if args.hidden is not None else None,
-        layers=parse_int_values(args.layers, "--layers") if args.layers is not None else None,
-        head_dims=parse_int_values(args.head_dims, "--head-dims"),
-        kv_heads=parse_int_values(args.kv_heads, "--kv-heads") if args.kv_heads is not None else None,
+        hidden=None if args.hidden is None else parse_int_values(args.hidden, "--hidden", INT_LIMITS["n_embd"]),
+        layers=None if args.layers is None else parse_int_values(args.layers, "--layers", INT_LIMITS["n_layer"]),
+        head_dims=parse_int_values(args.head_dims, "--head-dims", INT_LIMITS["n_embd"]),
+        kv_heads=(None if args.kv_heads is None
+                  else parse_int_values(args.kv_heads, "--kv-heads", INT_LIMITS["num_key_value_heads"])),
         mha=args.no_gqa, style=args.style, ffn_ratio=args.ffn_ratio, seq_len=args.seq_len,
         vocab_size=args.vocab, aspect=parse_aspect(args.aspect), max_tokens=max_tokens, max_params=max_params,
         enforce_chinchilla=args.enforce_chinchilla, tokens_per_param=args.tokens_per_param,

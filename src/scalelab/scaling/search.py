@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from scalelab import counting
-from scalelab.config import derive_d_ff
+from scalelab.config import FLOAT_LIMITS, INT_LIMITS, derive_d_ff
 from scalelab.errors import UserError
 from scalelab.hardware import Accelerator
 from scalelab.presets import STYLES, style_config
@@ -107,12 +107,27 @@ class SearchSpace:
             raise UserError(f"--vocab must be positive, got {self.vocab_size}")
         if self.ffn_ratio is not None and not self.ffn_ratio > 0:
             raise UserError(f"--ffn-ratio must be positive, got {self.ffn_ratio}")
+        # the bounds every ModelConfig obeys (config.INT_LIMITS), so the int64 counts cannot overflow
+        for flag, values, field in (("--hidden", self.hidden, "n_embd"), ("--layers", self.layers, "n_layer"),
+                                    ("--head-dims", self.head_dims, "n_embd"),
+                                    ("--kv-heads", self.kv_heads, "num_key_value_heads"),
+                                    ("--seq-len", (self.seq_len,), "block_size"),
+                                    ("--vocab", (self.vocab_size,) if self.vocab_size else None, "vocab_size")):
+            if values and max(values) > INT_LIMITS[field]:
+                raise UserError(f"{flag} values must be at most {INT_LIMITS[field]:,} (the {field} limit), "
+                                f"got {max(values):.3g}")
+        if self.ffn_ratio is not None and not self.ffn_ratio <= FLOAT_LIMITS["ffn_expansion_ratio"]:
+            raise UserError(f"--ffn-ratio must be at most {FLOAT_LIMITS['ffn_expansion_ratio']:g}, got {self.ffn_ratio:g}")
+        widest = max(self.hidden or DEFAULT_HIDDEN)
+        if derive_d_ff(widest, self.ratio, self.multiple_of) > INT_LIMITS["d_ff"]:
+            raise UserError(f"--ffn-ratio {self.ratio:g} x n_embd {widest} exceeds the d_ff limit "
+                            f"{INT_LIMITS['d_ff']:,}; lower --ffn-ratio or --hidden")
         if self.aspect is not None and not 0 < self.aspect[0] <= self.aspect[1]:
             raise UserError(f"--aspect MIN:MAX needs 0 < MIN <= MAX, got {self.aspect[0]:g}:{self.aspect[1]:g}")
         if self.position_encoding == "rope" and any(d % 2 for d in self.head_dims):
             raise UserError(f"RoPE needs even head dims, got --head-dims {','.join(map(str, self.head_dims))}")
-        if not self.tokens_per_param > 0 or not self.tolerance >= 0:
-            raise UserError("--tokens-per-param must be positive and --tolerance non-negative")
+        if not 0 < self.tokens_per_param < math.inf or not 0 <= self.tolerance < math.inf:
+            raise UserError("--tokens-per-param must be positive and --tolerance non-negative, both finite")
         if self.gpus <= 0:
             raise UserError(f"--gpus must be positive, got {self.gpus}")
 
@@ -260,7 +275,13 @@ class PlanResult:
 
 
 def evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: LossLaw) -> dict[str, np.ndarray]:
-    """N, FLOPs per token, D, loss, and each constraint's mask, for every shape at budget C."""
+    """N, FLOPs per token, D, loss, and each constraint's mask, for every shape at budget C.
+    A bound's budget past float range is inf, which compares as it should: no warning for it."""
+    with np.errstate(over="ignore"):
+        return _evaluate(shapes, space, C, law)
+
+
+def _evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: LossLaw) -> dict[str, np.ndarray]:
     size = (shapes["n_layer"], shapes["n_embd"], shapes["n_head"], shapes["num_key_value_heads"],
             shapes["d_ff"], space.vocab)
     kw = space.count_kwargs()
@@ -455,7 +476,10 @@ def _grow(space: SearchSpace, binding: dict[str, Any] | None, growable: dict[str
             changes[axis] = grown
     if not changes:
         return None
-    bigger = dataclasses.replace(space, **changes)
+    try:
+        bigger = dataclasses.replace(space, **changes)
+    except UserError:  # past a size limit (config.INT_LIMITS): the range stays, and the warning names it
+        return None
     return bigger if bigger.n_shapes <= MAX_GROWN_SHAPES else None
 
 
