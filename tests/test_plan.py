@@ -327,6 +327,9 @@ def test_too_small_budget_names_the_smallest_that_works(cli):
     (["1e21", "--hours", "5"], "not both"),
     (["1e24", "--max-tokens", "1e11"], "the largest budget that has one is"),
     (["1e21", "--max-params", "1e6"], "max-params excludes"),
+    # an empty token range: used to format --max-tokens even when only the Chinchilla band emptied it
+    (["1e21", "--enforce-chinchilla", "--tokens-per-param", "1e-9"], "the Chinchilla band (--tokens-per-param 1e-09"),
+    (["1e21", "--max-tokens", "100"], "--max-tokens 100 leaves no token count"),
     # law parameters that are finite and positive but put the optimum outside any model
     (["1e21", "--B", "1e308", "--beta", "0.0001"], "N=0 parameters"),
     (["1e21", "--A", "1e308", "--alpha", "0.0001"], "N=inf parameters"),

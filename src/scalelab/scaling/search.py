@@ -609,8 +609,14 @@ def _explain_infeasible(C: float, space: SearchSpace, shapes, ev) -> None:
     fpt, d_lo, d_hi = ev["fpt"][static], ev["d_lo"][static], ev["d_hi"][static]
     possible = d_lo <= d_hi
     if not possible.any():
-        raise UserError(f"--max-tokens {space.max_tokens:.3g} is below what every shape needs (one sequence"
-                        f"{' and the Chinchilla band' if space.enforce_chinchilla else ''}); raise --max-tokens")
+        # the token range [d_lo, d_hi] is empty for every shape: --max-tokens, or the Chinchilla band's top
+        # (tokens_per_param·(1 + tolerance)·N), lies below one sequence or below the band's bottom
+        limits = [f"--max-tokens {space.max_tokens:.3g}"] if space.max_tokens is not None else []
+        if space.enforce_chinchilla:
+            limits.append(f"the Chinchilla band (--tokens-per-param {space.tokens_per_param:g}, --tolerance "
+                          f"{space.tolerance:g})")
+        raise UserError(f"{' with '.join(limits)} leaves no token count any shape can train on (at least one "
+                        f"sequence of {space.seq_len}); raise {' or '.join(_upper_limit_flags(space))}")
     c_lo, c_hi = (fpt * d_lo)[possible], (fpt * d_hi)[possible]
     if C < c_lo.min():
         raise UserError(f"C={C:.3g} FLOPs is too small for any shape in the space; the smallest budget that has "
@@ -625,6 +631,12 @@ def _explain_infeasible(C: float, space: SearchSpace, shapes, ev) -> None:
     raise UserError(f"no shape spends exactly C={C:.4g} FLOPs inside the limits; the nearest budget"
                     f"{'s' if len(nearest) > 1 else ''} that {'have' if len(nearest) > 1 else 'has'} one: "
                     f"{' and '.join(nearest) or 'none'} FLOPs (or widen --tolerance, --hidden, --layers)")
+
+
+def _upper_limit_flags(space: SearchSpace) -> list[str]:
+    """The flags that bound D from above."""
+    return ([*(["--max-tokens"] if space.max_tokens is not None else []),
+             *(["--tokens-per-param", "--tolerance"] if space.enforce_chinchilla else [])])
 
 
 def hardware_budget(gpus: int, accelerator: Accelerator, hours: float, mfu: float) -> float:
