@@ -64,11 +64,10 @@ every = 1
 
 def _fill(directory: Path) -> None:
     """Fill a tmpfs to the last byte, so the next write fails with ENOSPC."""
-    with open(directory / "filler", "wb") as f:
+    with open(directory / "filler", "wb", buffering=0) as f:
         with contextlib.suppress(OSError):
             while True:
                 f.write(b"\0" * 4096)
-                f.flush()
 
 
 @pytest.fixture(scope="module")
