@@ -238,33 +238,50 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     d = init_distributed(t.device, cfg.parallel.backend)
     if t.dtype == "auto":  # resolved once the device is known; config.toml records the choice
         t.dtype = "bf16" if d.device.type == "cuda" else "fp32"
+    trainer = Trainer(cfg, run_dir, d, log)
     try:
-        return _train(cfg, run_dir, d, resume, log)
+        trainer.build(resume)
+        return trainer.fit()
     finally:
+        trainer.close()
+        del trainer
         # Free the model (FSDP's hooks and states form reference cycles that only the collector
         # breaks) while the process group it communicates over still exists, then destroy it.
         gc.collect()
         destroy_distributed()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, d: Dist, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    from scalelab.data.loader import TokenLoader
+class Trainer:
+    """One training run, in torchtitan's split: `build` (data, model, optimizer, resume state,
+    metrics), `train_step` (one optimizer step), `evaluate`, `checkpoint`, `finish` (final eval,
+    checkpoint and weights), with `fit` as the loop that calls them and `close` to release the
+    signal handlers and the metrics file."""
 
-    t = cfg.train
-    stop = None
-    metrics = None
-    try:
-        strategy = resolve_strategy(cfg.parallel.strategy, d.world_size)
-        accum = grad_accum_steps(cfg, d.world_size)
-        loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
-                             micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=d.rank,
-                             world_size=d.world_size, seed=t.seed)
-        loader.check_vocab(cfg.model.vocab_size)
+    def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist, log: Callable[[str], None]):
+        self.cfg, self.run_dir, self.d, self.log = cfg, run_dir, d, log
+        self.stop: _StopFlag | None = None
+        self.metrics: MetricsLog | None = None
+        self.evaluator: _Evaluator | None = None
+        self.last_loss = float("nan")
+        self.last_eval: dict | None = None
+
+    # ---- build --------------------------------------------------------------------------------
+
+    def build(self, resume: bool) -> None:
+        from scalelab.data.loader import TokenLoader
+
+        cfg, d, t, run_dir, log = self.cfg, self.d, self.cfg.train, self.run_dir, self.log
+        self.strategy = strategy = resolve_strategy(cfg.parallel.strategy, d.world_size)
+        self.accum = accum = grad_accum_steps(cfg, d.world_size)
+        self.loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
+                                  micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=d.rank,
+                                  world_size=d.world_size, seed=t.seed)
+        self.loader.check_vocab(cfg.model.vocab_size)
         seqs_per_step = t.micro_batch_size * accum * d.world_size
-        tokens_per_step = seqs_per_step * t.seq_len
-        flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
-        steps = total_steps(cfg, tokens_per_step, flops_per_step)
-        warmup = warmup_steps(cfg, steps)
+        self.tokens_per_step = seqs_per_step * t.seq_len
+        self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
+        self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
+        self.warmup = warmup_steps(cfg, self.steps)
         latest = ckpt.latest_checkpoint(run_dir)
         if resume and latest is None:
             raise UserError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start fresh")
@@ -272,168 +289,197 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist, resume: bool, log: Callable
             raise UserError(f"{latest} was trained with a different [model]; use a new --run-dir (or the "
                             "original config) to continue")
         if d.is_main:
-            _prepare_run_dir(run_dir, cfg, loader)
+            _prepare_run_dir(run_dir, cfg, self.loader)
         barrier(d)
 
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        model = build_model(cfg, strategy, d)
-        optimizer = make_optimizer(model, cfg, d.device)
-        scaler = torch.amp.GradScaler(d.device.type) if t.dtype == "fp16" else None
-        use_autocast = t.dtype != "fp32" and strategy != "fsdp"
+        self.model = build_model(cfg, strategy, d)
+        self.optimizer = make_optimizer(self.model, cfg, d.device)
+        self.scaler = torch.amp.GradScaler(d.device.type) if t.dtype == "fp16" else None
+        self.use_autocast = t.dtype != "fp32" and strategy != "fsdp"
 
-        def autocast():
-            if not use_autocast:
-                return contextlib.nullcontext()
-            return torch.autocast(d.device.type, dtype=TORCH_DTYPES[t.dtype])
-
-        start_step, tokens_seen, flops_seen = 0, 0, 0
+        self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0
         if latest is not None:
-            state = ckpt.load_checkpoint(latest, model, optimizer, d)
-            loader.load_state_dict(state["loader"])
-            start_step, tokens_seen, flops_seen = state["step"], state["tokens"], state["flops"]
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
+            state = ckpt.load_checkpoint(latest, self.model, self.optimizer, d)
+            self.loader.load_state_dict(state["loader"])
+            self.start_step, self.tokens_seen, self.flops_seen = state["step"], state["tokens"], state["flops"]
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
             if d.is_main:
-                log(f"scalelab train: resumed from {latest} at step {start_step}")
-
-        def trainer_state(step: int) -> dict[str, Any]:
-            return {"format": 1, "step": step, "tokens": tokens_seen, "flops": flops_seen,
-                    "loader": loader.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "model": cfg.model.to_dict(), "config": cfg.to_toml(), "world_size": d.world_size,
-                    "strategy": strategy, "total_steps": steps}
-
-        last_saved = start_step if latest is not None else -1
-
-        def save(step: int) -> Path:
-            nonlocal last_saved
-            path = ckpt.save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), strategy=strategy,
-                                        d=d, keep=cfg.checkpoint.keep)
-            last_saved = step
-            return path
+                log(f"scalelab train: resumed from {latest} at step {self.start_step}")
+        self.step = self.start_step
+        self.last_saved = self.start_step if latest is not None else -1
 
         if d.is_main:
-            metrics = MetricsLog(run_dir, keep_until_step=start_step if latest is not None else None,
-                                 tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
-                                 config=cfg.to_dict(), warn=log)
-            n_params = sum(p.numel() for p in unwrap(model).parameters())
+            self.metrics = MetricsLog(run_dir, keep_until_step=self.start_step if latest is not None else None,
+                                      tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+                                      config=cfg.to_dict(), warn=log)
+            n_params = sum(p.numel() for p in unwrap(self.model).parameters())
             log(f"scalelab train: {cfg.model.name()} ({n_params:,} params) on {d.world_size} × {d.device.type} "
-                f"[{strategy}, {t.dtype}], {steps} steps × {tokens_per_step:,} tokens "
+                f"[{strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
                 f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × world {d.world_size}), "
-                f"{flops_per_step * steps:.3g} FLOPs; run dir {run_dir}")
+                f"{self.flops_per_step * self.steps:.3g} FLOPs; run dir {run_dir}")
             log(f"scalelab train: predicted peak memory per device "
                 f"{format_bytes(predicted_memory(cfg, strategy, d.world_size)['total'])} (counting.training_memory; "
                 f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
-        evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
-        peak = peak_flops_per_device(cfg, d.device)
-        stop = _StopFlag(cfg.checkpoint.on_signal)
+        self.evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
+        self.peak = peak_flops_per_device(cfg, d.device)
+        self.stop = _StopFlag(cfg.checkpoint.on_signal)
 
-        def evaluate(step: int) -> dict | None:
-            if evaluator is None or evaluator.loader is None:
-                return None
-            r = evaluator(model, autocast)
-            if d.is_main:
-                metrics.write({"kind": "eval", "step": step, "tokens": tokens_seen, "flops": flops_seen, **r})
-                bpb = "" if r["val_bpb"] is None else f" | val bpb {r['val_bpb']:.4f}"
-                log(f"eval step {step} | val loss {r['val_loss']:.4f}{bpb}")
-            return r
+    def autocast(self):
+        if not self.use_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.d.device.type, dtype=TORCH_DTYPES[self.cfg.train.dtype])
 
-        model.train()
-        last_loss, last_eval = float("nan"), None
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """Optimizer step `self.step + 1`: lr, accumulated micro-batches, clip, finite check, AdamW.
+        Returns the step's mean loss, gradient norm and learning rate (the same on every rank)."""
+        t, d, accum, step = self.cfg.train, self.d, self.accum, self.step
+        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        lr = learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup=self.warmup, total=self.steps,
+                           schedule=t.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(accum):
+            x, y = self.loader.get_batch(step, micro)
+            x = torch.from_numpy(x).to(d.device, non_blocking=True)
+            y = torch.from_numpy(y).to(d.device, non_blocking=True)
+            with grad_sync(model, self.strategy, micro == accum - 1):
+                with self.autocast():
+                    _, loss = model(x, y)
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_sum += loss.detach()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss_value, grad_value = all_reduce_sum([float(loss_sum) / accum, float(grad_norm)], d)
+        loss_value /= d.world_size
+        grad_value /= d.world_size  # identical on every rank already; this keeps it so
+        if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_value)):
+            where = ckpt.latest_checkpoint(self.run_dir)
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            raise TrainingDiverged(
+                f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_value} (not finite); "
+                f"stopped before the optimizer step. Last good checkpoint: {where or 'none'}. "
+                f"Try a lower train.lr, a longer train.warmup, or dtype bf16/fp32.")
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.flops_seen += self.flops_per_step
+        self.last_loss = loss_value
+        return {"loss": loss_value, "grad_norm": grad_value, "lr": lr}
+
+    # ---- eval and checkpoint ------------------------------------------------------------------
+
+    def evaluate(self) -> dict | None:
+        if self.evaluator is None or self.evaluator.loader is None:
+            return None
+        r = self.evaluator(self.model, self.autocast)
+        if self.d.is_main:
+            self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen,
+                                "flops": self.flops_seen, **r})
+            bpb = "" if r["val_bpb"] is None else f" | val bpb {r['val_bpb']:.4f}"
+            self.log(f"eval step {self.step} | val loss {r['val_loss']:.4f}{bpb}")
+        self.last_eval = r
+        return r
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"format": 1, "step": self.step, "tokens": self.tokens_seen, "flops": self.flops_seen,
+                "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "model": self.cfg.model.to_dict(), "config": self.cfg.to_toml(), "world_size": self.d.world_size,
+                "strategy": self.strategy, "total_steps": self.steps}
+
+    def checkpoint(self) -> Path:
+        """A checkpoint at the current step, unless the last one saved is already there."""
+        if self.last_saved == self.step:
+            return ckpt.latest_checkpoint(self.run_dir)
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                                    strategy=self.strategy, d=self.d, keep=self.cfg.checkpoint.keep)
+        self.last_saved = self.step
+        return path
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        cfg, d, steps = self.cfg, self.d, self.steps
+        self.model.train()
         window_start, window_steps = time.perf_counter(), 0
         run_start = time.perf_counter()
-        step = start_step
-        while step < steps:
-            lr = learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup=warmup, total=steps, schedule=t.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=d.device)
-            for micro in range(accum):
-                x, y = loader.get_batch(step, micro)
-                x = torch.from_numpy(x).to(d.device, non_blocking=True)
-                y = torch.from_numpy(y).to(d.device, non_blocking=True)
-                with grad_sync(model, strategy, micro == accum - 1):
-                    with autocast():
-                        _, loss = model(x, y)
-                    scaled = loss / accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.detach()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            loss_value, grad_value = all_reduce_sum([float(loss_sum) / accum, float(grad_norm)], d)
-            loss_value /= d.world_size
-            grad_value /= d.world_size  # identical on every rank already; this keeps it so
-            if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_value)):
-                where = ckpt.latest_checkpoint(run_dir)
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                raise TrainingDiverged(
-                    f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_value} (not finite); "
-                    f"stopped before the optimizer step. Last good checkpoint: {where or 'none'}. "
-                    f"Try a lower train.lr, a longer train.warmup, or dtype bf16/fp32.")
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            flops_seen += flops_per_step
+        while self.step < steps:
+            r = self.train_step()
+            step = self.step
             window_steps += 1
-            last_loss = loss_value
-
             if step % cfg.logging.every == 0 or step == steps:
                 now = time.perf_counter()
                 dt = (now - window_start) / window_steps
-                tps = tokens_per_step / dt
-                tflops = flops_per_step / dt / d.world_size / 1e12
+                tflops = self.flops_per_step / dt / d.world_size / 1e12
                 mem, mem_label = peak_memory(d.device)
-                record = {"kind": "train", "step": step, "tokens": tokens_seen, "flops": flops_seen,
-                          "loss": loss_value, "lr": lr, "grad_norm": grad_value, "tokens_per_second": tps,
-                          "tflops_per_second": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+                record = {"kind": "train", "step": step, "tokens": self.tokens_seen, "flops": self.flops_seen,
+                          "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"],
+                          "tokens_per_second": self.tokens_per_step / dt, "tflops_per_second": tflops,
+                          "mfu": tflops * 1e12 / self.peak if self.peak else None,
                           "peak_memory_bytes": mem, "elapsed_seconds": now - run_start}
                 if d.is_main:
-                    metrics.write(record)
-                    log(console_line(record, steps, dt * (steps - step), mem_label))
+                    self.metrics.write(record)
+                    self.log(console_line(record, steps, dt * (steps - step), mem_label))
                 window_start, window_steps = time.perf_counter(), 0
             paused = time.perf_counter()  # eval and checkpoint time is not training throughput
             if cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
-                last_eval = evaluate(step)
+                self.evaluate()
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
-                save(step)
+                self.checkpoint()
             window_start += time.perf_counter() - paused
-            stopping = stop.signum is not None
+            stopping = self.stop.signum is not None
             if d.distributed:
                 stopping = all_reduce_sum([1.0 if stopping else 0.0], d)[0] > 0
             if stopping and step < steps:
-                path = save(step) if last_saved != step else ckpt.latest_checkpoint(run_dir)
-                signum = stop.signum or signal.SIGTERM
-                if d.is_main:
-                    log(f"scalelab train: stopped at step {step}/{steps} by {signal.Signals(signum).name}; "
-                        f"checkpoint {path}; run the same command again to resume")
-                return {"exit_code": 128 + int(signum), "step": step, "steps": steps, "loss": last_loss,
-                        "checkpoint": str(path), "run_dir": str(run_dir)}
+                return self.stopped()
+        return self.finish()
 
-        if cfg.eval.at_end and steps > start_step:
-            last_eval = evaluate(step)
-        path = save(step) if last_saved != step else ckpt.latest_checkpoint(run_dir)
-        final = export_final(run_dir, model, strategy, d)
-        if d.is_main:
-            log(f"scalelab train: done, {step} steps, {tokens_seen:,} tokens, {flops_seen:.3g} FLOPs; "
-                f"checkpoint {path}; final weights {final}")
-        return {"exit_code": 0, "step": step, "steps": steps, "loss": last_loss, "tokens": tokens_seen,
-                "flops": flops_seen, "val_loss": (last_eval or {}).get("val_loss"),
-                "val_bpb": (last_eval or {}).get("val_bpb"), "checkpoint": str(path), "final": str(final),
-                "run_dir": str(run_dir)}
-    finally:
-        if stop is not None:
-            stop.restore()
-        if metrics is not None:
-            metrics.close()
+    def stopped(self) -> dict[str, Any]:
+        """Checkpoint after SIGTERM/SIGINT and say how to resume."""
+        path = self.checkpoint()
+        signum = self.stop.signum or signal.SIGTERM
+        if self.d.is_main:
+            self.log(f"scalelab train: stopped at step {self.step}/{self.steps} by {signal.Signals(signum).name}; "
+                     f"checkpoint {path}; run the same command again to resume")
+        return {"exit_code": 128 + int(signum), "step": self.step, "steps": self.steps, "loss": self.last_loss,
+                "checkpoint": str(path), "run_dir": str(self.run_dir)}
+
+    def finish(self) -> dict[str, Any]:
+        """Final eval, checkpoint and weights (RUN_DIR/final); the summary."""
+        if self.cfg.eval.at_end and self.steps > self.start_step:
+            self.evaluate()
+        path = self.checkpoint()
+        final = export_final(self.run_dir, self.model, self.strategy, self.d)
+        if self.d.is_main:
+            self.log(f"scalelab train: done, {self.step} steps, {self.tokens_seen:,} tokens, "
+                     f"{self.flops_seen:.3g} FLOPs; checkpoint {path}; final weights {final}")
+        last_eval = self.last_eval or {}
+        return {"exit_code": 0, "step": self.step, "steps": self.steps, "loss": self.last_loss,
+                "tokens": self.tokens_seen, "flops": self.flops_seen, "val_loss": last_eval.get("val_loss"),
+                "val_bpb": last_eval.get("val_bpb"), "checkpoint": str(path), "final": str(final),
+                "run_dir": str(self.run_dir)}
+
+    def close(self) -> None:
+        if self.stop is not None:
+            self.stop.restore()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.model = self.optimizer = None
 
 
 def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Path:
