@@ -145,8 +145,12 @@ def _check(cfg, args) -> int:
     if args.json:
         print_json(info)
     else:
-        from scalelab.cli import print_table
+        from scalelab.cli import format_bytes, print_table
 
-        print_table([(k, f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v)))
-                     for k, v in info.items()], title=f"{args.config}: OK")
+        def shown(k, v):
+            if k.endswith("_bytes") or k.endswith("_bytes_per_device"):
+                return "unknown" if v is None else format_bytes(v)
+            return f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+        print_table([(k, shown(k, v)) for k, v in info.items()], title=f"{args.config}: OK")
     return 0

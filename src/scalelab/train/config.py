@@ -355,9 +355,9 @@ def _shown(v: Any) -> str:
     return "unset" if v is None else _toml_value(v)
 
 
-def warmup_steps(cfg: TrainConfig, steps: int) -> int:
-    w = cfg.train.warmup
-    return int(round(w * steps)) if w < 1 else int(w)
+def warmup_steps(warmup: float, steps: int) -> int:
+    """train.warmup in steps: a whole number of steps, or a fraction (< 1) of the run's `steps`."""
+    return int(round(warmup * steps)) if warmup < 1 else int(warmup)
 
 
 # ---- documentation ------------------------------------------------------------------------------

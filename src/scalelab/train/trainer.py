@@ -137,15 +137,16 @@ def memory_problem(cfg: TrainConfig, strategy: str, world_size: int, free: tuple
     need = m["total"] * ranks_sharing
     if need <= free[0]:
         return None
-    states = m["weights"] + m["gradients"] + m["optimizer"]
+    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in m.items()
+                      if k != "total" and isinstance(v, float) and v > 0)
     ways = [f"lower train.micro_batch_size ({t.micro_batch_size})" if t.micro_batch_size > 1 else "",
             f"lower train.seq_len ({t.seq_len})",
             "" if t.activation_checkpointing else "set train.activation_checkpointing = true",
             "" if strategy == "fsdp" else "shard over more GPUs with parallel.strategy = \"fsdp\" under torchrun",
             "use a smaller [model]"]
     who = f" × {ranks_sharing} ranks on this host" if ranks_sharing > 1 else " per device"
-    return (f"the run needs {format_bytes(need)}{who} (counting.training_memory: weights, gradients and optimizer "
-            f"{format_bytes(states)}, activations {format_bytes(m['activations'])}) but {format_bytes(free[0])} is "
+    return (f"the run needs {format_bytes(need)}{who} (counting.training_memory per device: {parts}) but "
+            f"{format_bytes(free[0])} is "
             f"{free[1]}; {', '.join(w for w in ways if w)}; or set train.check_memory = false to start anyway")
 
 
@@ -398,7 +399,7 @@ class Trainer:
         self.tokens_per_step = seqs_per_step * t.seq_len
         self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
         self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
-        self.warmup = warmup_steps(cfg, self.steps)
+        self.warmup = warmup_steps(t.warmup, self.steps)
         # Before anything is allocated or written: does it fit? Each rank checks its own device
         # (on CPU the ranks of a host share its memory); all raise the same error if one cannot.
         ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
@@ -492,8 +493,8 @@ class Trainer:
             accepted.append(f"total steps {old_total} -> {self.steps}")
         if accepted:
             o = old["train"]
-            before = learning_rate(done, lr=o["lr"], min_lr=o["min_lr"], total=old_total, schedule=o["schedule"],
-                                   warmup=int(round(o["warmup"] * old_total)) if o["warmup"] < 1 else int(o["warmup"]))
+            before = learning_rate(done, lr=o["lr"], min_lr=o["min_lr"], warmup=warmup_steps(o["warmup"], old_total),
+                                   total=old_total, schedule=o["schedule"])
             after = learning_rate(done, lr=t.lr, min_lr=t.min_lr, warmup=self.warmup, total=self.steps,
                                   schedule=t.schedule)
             self.log(f"scalelab train: resuming {latest} with changed settings (they change only the steps still "
