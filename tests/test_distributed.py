@@ -32,7 +32,9 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     data = make_corpus_dir(d / "data")
     cfg = write_config(d / "c.toml", data, steps=STEPS, ckpt_every=3)
-    cfg.write_text(cfg.read_text().replace("block_size = 64\n", "block_size = 64\ntie_embeddings = true\n", 1))
+    tied = cfg.read_text().replace("block_size = 64\n", "block_size = 64\ntie_embeddings = true\n", 1)
+    assert "tie_embeddings" in tied
+    cfg.write_text(tied)
     # single process: micro-batch 4 × seq 32 × accumulation 2 = 256 tokens per step
     r = cli("train", cfg, "--run-dir", d / "single")
     assert r.returncode == 0, r.stderr
@@ -48,10 +50,10 @@ def fsdp_run(setup) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(setup, fsdp_run, strategy):
+def test_two_ranks_match_one_process(setup, strategy, request):
     d, cfg, single = setup
     if strategy == "fsdp":
-        run, r = fsdp_run
+        run, r = request.getfixturevalue("fsdp_run")
     else:
         run = d / strategy
         r = torchrun("train", cfg, "--run-dir", run, "--set", f"parallel.strategy={strategy}")
