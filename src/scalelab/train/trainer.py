@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from scalelab.counting import training_flops, training_memory
-from scalelab.errors import UserError
+from scalelab.errors import UserError, describe_os_error
 from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.units import format_bytes
 from scalelab.train import checkpoint as ckpt
@@ -389,21 +389,28 @@ class Trainer:
         from scalelab.data.loader import TokenLoader
 
         cfg, d, t, run_dir, log = self.cfg, self.d, self.cfg.train, self.run_dir, self.log
-        self.strategy = strategy = resolve_strategy(cfg.parallel.strategy, d.world_size)
-        self.accum = accum = grad_accum_steps(cfg, d.world_size)
-        self.loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
-                                  micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=d.rank,
-                                  world_size=d.world_size, seed=t.seed)
-        self.loader.check_vocab(cfg.model.vocab_size)
-        seqs_per_step = t.micro_batch_size * accum * d.world_size
-        self.tokens_per_step = seqs_per_step * t.seq_len
-        self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
-        self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
-        self.warmup = warmup_steps(t.warmup, self.steps)
-        # Before anything is allocated or written: does it fit? Each rank checks its own device
-        # (on CPU the ranks of a host share its memory); all raise the same error if one cannot.
-        ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
-        agree(memory_problem(cfg, strategy, d.world_size, free_memory(d.device), ranks_sharing), d)
+        # Each rank checks its own view (its data, its device's free memory: on CPU the ranks of a
+        # host share its memory) before anything is allocated or written; if any rank finds a
+        # problem, all raise the same error (none is left waiting in a collective).
+        try:
+            self.strategy = strategy = resolve_strategy(cfg.parallel.strategy, d.world_size)
+            self.accum = accum = grad_accum_steps(cfg, d.world_size)
+            self.loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
+                                      micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=d.rank,
+                                      world_size=d.world_size, seed=t.seed)
+            self.loader.check_vocab(cfg.model.vocab_size)
+            seqs_per_step = t.micro_batch_size * accum * d.world_size
+            self.tokens_per_step = seqs_per_step * t.seq_len
+            self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
+            self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
+            self.warmup = warmup_steps(t.warmup, self.steps)
+            ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
+            problem = memory_problem(cfg, strategy, d.world_size, free_memory(d.device), ranks_sharing)
+        except UserError as e:
+            problem = str(e)
+        except OSError as e:
+            problem = describe_os_error(e)
+        agree(problem, d)
         # Rank 0 claims the run directory and decides; every rank gets the verdict.
         claim = decide_on_main(lambda: self._claim_run_dir(resume), d)
         if claim["complete"] is not None:
