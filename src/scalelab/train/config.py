@@ -94,7 +94,7 @@ class TrainSection:
                                 "the host shared by its ranks on CPU); false starts anyway", "bool")
     attention: str = option("sdpa", "attention kernel: sdpa (fused) or math (explicit matmuls)", "str",
                             ATTENTIONS)
-    seed: int = option(1337, "seeds model init and the data order", "int", bounds=(0, 2**63 - 1))
+    seed: int = option(1337, "seeds model init and the data order", "int", bounds=(0, 2**32 - 1))
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible runs; "
                                  "slower on GPU)", "bool")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", "str", DEVICES)
@@ -230,7 +230,7 @@ def _build_section(cls: type, table: Any, name: str, where: str) -> Any:
             raise UserError(f"{where}: {name}.{key} must be one of {', '.join(meta['choices'])}; got {value!r}")
         if meta["bounds"] and not meta["bounds"][0] <= value <= meta["bounds"][1]:
             low, high = meta["bounds"]
-            raise UserError(f"{where}: {name}.{key} must be in [{low:g}, {high:g}], got {value:g}")
+            raise UserError(f"{where}: {name}.{key} must be in [{_number(low)}, {_number(high)}], got {_number(value)}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -395,10 +395,15 @@ def config_reference_markdown() -> str:
             if f.metadata["choices"]:
                 doc += " (" + " \\| ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
             if f.metadata["bounds"]:
-                doc += " (from {:g} to {:g})".format(*f.metadata["bounds"])
+                doc += " (from {} to {})".format(*map(_number, f.metadata["bounds"]))
             lines.append(f"| `{f.name}` | {kind} | {shown} | {doc} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _number(v: float) -> str:
+    """A bound or a value as written in messages and the reference: integers exactly, floats short."""
+    return f"{v:,}" if isinstance(v, int) and abs(v) < 10**15 else f"{v:g}"
 
 
 def _toml_value(v: Any) -> str:
