@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +93,16 @@ def env_1thread() -> dict:
 def cli(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "scalelab", *map(str, args)], capture_output=True, text=True,
                           env=env_1thread(), timeout=kw.get("timeout", 240))
+
+
+def read_stderr_until(proc: subprocess.Popen, prefix: str) -> list[str]:
+    """Block on the process's stderr until a line starts with `prefix` (no polling); the lines read."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"the process ended (exit {proc.wait()}) before printing {prefix!r}:\n{''.join(lines)}")
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -253,11 +262,7 @@ def test_exact_resume_after_sigterm_and_kill9(tmp_path, data_dir):
         run = tmp_path / f"run_{how.name}"
         proc = subprocess.Popen([sys.executable, "-m", "scalelab", "train", str(cfg), "--run-dir", str(run)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_1thread())
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if len(losses(run)) >= 6:
-                break
-            time.sleep(0.005)
+        read_stderr_until(proc, f"step 6/{n} ")  # logged after metrics.jsonl has step 6 and checkpoint 4
         proc.send_signal(how)
         out, err = proc.communicate(timeout=120)
         if how == signal.SIGTERM:
@@ -302,14 +307,38 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir
     ("train.micro_batch_size=big", r"train.micro_batch_size must be an integer"),
     ("model.vocab_size=200", r"vocab 258, larger than the model's vocab_size 200"),
     ("data.dir=/nonexistent/data", r"data directory /nonexistent/data does not exist"),
+    # absurd numbers: refused by the key's range, before anything runs
+    ("train.max_steps=1e30", r"train.max_steps must be in \[1, 1,000,000,000\], got 1e\+30"),
+    ("eval.every=-1", r"eval.every must be in \[0, 1,000,000,000\], got -1"),
+    ("train.seed=-1", r"train.seed must be in \[0, 4,294,967,295\], got -1"),
+    ("checkpoint.keep=0", r"checkpoint.keep must be in \[1, 1,000,000\], got 0"),
+    ("parallel.strategy=fsdp", r"parallel.strategy = fsdp shards over processes: launch with torchrun.*"
+                               r"parallel.strategy = none"),
+    # too big for this machine's memory: refused before the model is built (within seconds)
+    ("model.n_layer=1e12", r"the run needs .* but .* is available on this host.*train.check_memory = false"),
+    ("model.vocab_size=1000000000", r"the run needs .* but .* is available on this host"),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, data_dir, override, pattern):
     cfg = write_config(tmp_path / "c.toml", data_dir)
-    r = cli("train", cfg, "--run-dir", tmp_path / "run", "--set", override)
+    r = cli("train", cfg, "--run-dir", tmp_path / "run", "--set", override, timeout=60)
     assert r.returncode == 2, r.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("scalelab train: error:"), r.stderr
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_training_length_is_bounded_in_steps(tmp_path, data_dir):
+    from scalelab.train.config import config_from_dict, load_config, total_steps
+
+    c = load_config(write_config(tmp_path / "c.toml", data_dir)).to_dict()
+    del c["train"]["max_steps"]
+    c["train"]["max_tokens"] = 1e15
+    with pytest.raises(UserError, match=r"train.max_tokens = 1e\+15 at 256 per step is 3.91e\+12 steps, more than"):
+        total_steps(config_from_dict(c), tokens_per_step=256, flops_per_step=1e9)
+    c["train"]["max_tokens"] = 1e17
+    with pytest.raises(UserError, match=r"train.max_tokens must be in \[1, 1e\+16\]"):
+        config_from_dict(c)
 
 
 def test_resume_flag_without_checkpoint_is_bad_input(tmp_path, data_dir):
@@ -432,5 +461,187 @@ def test_activation_checkpointing_and_mixed_precision(tmp_path, data_dir):
 def test_resume_with_a_different_model_is_bad_input_and_leaves_the_run_alone(finished_run):
     before = (finished_run / "config.toml").read_text()
     r = cli("train", finished_run / ".." / "c.toml", "--run-dir", finished_run, "--set", "model.n_layer=3")
-    assert r.returncode == 2 and "different [model]" in r.stderr, r.stderr
+    assert r.returncode == 2 and "model.n_layer 2 -> 3" in r.stderr, r.stderr
     assert (finished_run / "config.toml").read_text() == before
+
+
+# ---- the run directory: what train may write into, and one writer at a time -------------------------
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (but the lock, whose holder's pid is rewritten by each taker) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_second_writer_is_refused_and_the_first_run_is_untouched(tmp_path, data_dir):
+    """Two `scalelab train` on one run directory: the second exits 2 naming the first's pid and changes
+    nothing. Deterministic: the first is frozen (SIGSTOP) once it has printed its first step, which it
+    does only while holding the lock, and thawed after the second has been refused."""
+    cfg = write_config(tmp_path / "c.toml", data_dir, steps=12, ckpt_every=4)
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "scalelab", "train", str(cfg), "--run-dir", str(run)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_1thread())
+    try:
+        read_stderr_until(first, "step 1/12 ")
+        first.send_signal(signal.SIGSTOP)
+        before = snapshot(run)
+        assert (run / ".lock").read_text().split()[0] == str(first.pid)
+        second = cli("train", cfg, "--run-dir", run, "--set", "train.lr=1e-3")
+        assert second.returncode == 2, second.stderr
+        line, = second.stderr.strip().splitlines()
+        assert line.startswith("scalelab train: error:") and f"in use by another scalelab train (pid {first.pid} " in line
+        assert snapshot(run) == before
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err
+    assert "lr = 0.003" in (run / "config.toml").read_text()
+    assert sorted(losses(run)) == list(range(1, 13))
+    from scalelab.train.checkpoint import list_checkpoints
+
+    assert [s for s, _ in list_checkpoints(run)] == [8, 12]
+
+
+def test_train_writes_only_into_run_directories(tmp_path, data_dir):
+    """A prepared data directory, a demo's output, a directory holding someone's config.toml, a file:
+    refused (exit 2, one line) and left byte for byte as they were. Empty directories are fine."""
+    from scalelab.train.trainer import train
+
+    cfg = write_config(tmp_path / "c.toml", data_dir, steps=1)
+    before = snapshot(data_dir)
+    r = cli("train", cfg, "--run-dir", data_dir)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "is not empty and is not a run directory" in r.stderr and "left it untouched" in r.stderr
+    assert snapshot(data_dir) == before and not (data_dir / ".lock").exists()
+
+    demo = tmp_path / "demo"  # what `scalelab demo` leaves (its run is demo/run)
+    (demo / "tokenizer").mkdir(parents=True)
+    (demo / "tokenizer" / "tokenizer.json").write_text("{}")
+    (demo / "plan.toml").write_text("[model]\n")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.toml").write_text(cfg.read_text())  # a config, but not one a run wrote
+    from scalelab.train.config import load_config
+
+    for bad in (demo, foreign):
+        before = snapshot(bad)
+        with pytest.raises(UserError, match="is not empty and is not a run directory"):
+            train(load_config(cfg), bad, log=lambda m: None)
+        assert snapshot(bad) == before and not (bad / ".lock").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        train(load_config(cfg), tmp_path / "file", log=lambda m: None)
+    assert (tmp_path / "file").read_text() == "x"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    train_inprocess(cfg, empty)
+    assert (empty / "config.toml").read_text().startswith("# scalelab run directory: written by `scalelab train`")
+    from scalelab.train.trainer import is_run_dir
+
+    assert is_run_dir(empty) and not is_run_dir(foreign) and not is_run_dir(data_dir)
+
+
+def test_caller_config_is_not_changed(tmp_path, data_dir):
+    """dtype auto is resolved for the run (config.toml says fp32 on a CPU), not in the caller's cfg."""
+    import torch
+
+    from scalelab.train.config import load_config
+    from scalelab.train.trainer import train
+
+    cfg = load_config(write_config(tmp_path / "c.toml", data_dir, steps=1), ["train.dtype=auto"])
+    before = cfg.to_dict()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, tmp_path / "run", log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    assert cfg.train.dtype == "auto" and cfg.to_dict() == before
+    assert 'dtype = "fp32"' in (tmp_path / "run" / "config.toml").read_text()
+
+
+# ---- resume: what may change, and a finished run -----------------------------------------------------
+
+def test_resume_rule_refuses_what_changes_finished_steps_and_accepts_the_rest(tmp_path, data_dir):
+    cfg = write_config(tmp_path / "c.toml", data_dir, steps=8, ckpt_every=4)
+    run = tmp_path / "run"
+    train_inprocess(cfg, run)
+    first = losses(run)
+    before = snapshot(run)
+    for override, shown in [("train.seed=8", "train.seed 7 -> 8"), ("train.seq_len=16", "train.seq_len 32 -> 16"),
+                            ("train.global_batch_tokens=512", "global batch 8 -> 16 sequences per step"),
+                            ("train.dtype=bf16", 'train.dtype "fp32" -> "bf16"'),
+                            ("train.max_steps=6", "total steps 8 -> 6, fewer than the 8 already done")]:
+        with pytest.raises(UserError, match=re.escape(shown)):
+            train_inprocess(cfg, run, [override])
+        assert snapshot(run) == before, override
+    # accepted: a new peak lr and a longer run; the diff and the schedule's change are printed
+    r = cli("train", cfg, "--run-dir", run, "--set", "train.lr=1e-3", "--set", "train.max_steps=12")
+    assert r.returncode == 0, r.stderr
+    from scalelab.train.schedule import learning_rate
+
+    old_lr = learning_rate(8, lr=3e-3, min_lr=3e-4, warmup=4, total=8, schedule="cosine")
+    new_lr = learning_rate(8, lr=1e-3, min_lr=3e-4, warmup=4, total=12, schedule="cosine")
+    assert (f"train.lr 0.003 -> 0.001; train.max_steps 8 -> 12; total steps 8 -> 12. The learning-rate schedule "
+            f"is recomputed over 12 steps with the new values: lr at step 9 {old_lr:.3g} -> {new_lr:.3g}") in r.stderr
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, 13)) and all(resumed[s] == first[s] for s in range(1, 9))
+    assert "lr = 0.001" in (run / "config.toml").read_text()
+
+
+def test_rerunning_a_finished_run_reports_its_recorded_figures(tmp_path, finished_run):
+    """No 'Final train loss nan': the run is complete, its recorded loss is reported, nothing is rewritten."""
+    from scalelab.train.metrics import read_metrics
+
+    before = snapshot(finished_run)
+    r = cli("train", finished_run / ".." / "c.toml", "--run-dir", finished_run, "--set", "train.micro_batch_size=8",
+            "--set", "train.global_batch_tokens=512", "--set", "logging.every=5")
+    assert r.returncode == 0, r.stderr
+    assert "is already complete (60/60 steps)" in r.stderr and "nan" not in r.stdout.lower()
+    last = [m for m in read_metrics(finished_run) if m["kind"] == "train"][-1]
+    assert last["step"] == 60 and f"{last['loss']:.4f}" in r.stdout and "Already complete" in r.stdout
+    assert snapshot(finished_run) == before
+
+
+# ---- memory feasibility and the ETA ---------------------------------------------------------------
+
+def test_memory_feasibility_is_checked_before_building(tmp_path, data_dir):
+    from scalelab.train.config import load_config
+    from scalelab.train.trainer import meminfo_available, memory_problem
+
+    assert meminfo_available("MemTotal:  100 kB\nMemAvailable:   2048 kB\n") == 2048 * 1024
+    assert meminfo_available("MemTotal:  100 kB\n") is None
+    cfg = load_config(write_config(tmp_path / "c.toml", data_dir))
+    assert memory_problem(cfg, "none", 1, (64 * 2**30, "free")) is None
+    problem = memory_problem(cfg, "none", 1, (1e5, "available on this host (MemAvailable)"))
+    for way in ("lower train.micro_batch_size (4)", "lower train.seq_len (32)", "train.activation_checkpointing = true",
+                'parallel.strategy = "fsdp" under torchrun', "train.check_memory = false"):
+        assert way in problem
+    assert "× 4 ranks on this host" in memory_problem(cfg, "ddp", 4, (1e5, "x"), ranks_sharing=4)
+    assert memory_problem(load_config(tmp_path / "c.toml", ["train.check_memory=false"]), "none", 1, (1e5, "x")) is None
+    # llama3.1-8b: 8.0e9 parameters × 16 bytes of bf16-mixed AdamW state alone is 128 GB
+    available = meminfo_available(Path("/proc/meminfo").read_text())
+    if available is None or available > 1.2e11:
+        pytest.skip("needs a host with less than 120 GB available")
+    r = cli("train", ROOT / "configs" / "llama3.1-8b.toml", "--check", "--set", f"data.dir={data_dir}",
+            "--set", "parallel.strategy=none", timeout=60)
+    assert r.returncode == 2 and "the run needs" in r.stderr and "available on this host" in r.stderr, r.stderr
+
+
+def test_eta_is_the_mean_step_time_so_far():
+    """Per-step times on a shared machine: mostly 1 s, with every fifth 10-step window 20x slower.
+    The old estimate (the last window's rate) jumps 20x up and back; the mean so far moves smoothly."""
+    from scalelab.train.metrics import eta_seconds
+
+    assert eta_seconds(30.0, 10, 5) == 15.0 and math.isnan(eta_seconds(0.0, 0, 5))
+    steps, every = 400, 10
+    durations = [20.0 if (i // every) % 5 == 4 else 1.0 for i in range(steps)]
+    new, old = [], []
+    for step in range(every, steps, every):
+        new.append(eta_seconds(sum(durations[:step]), step, steps - step) / (steps - step))
+        old.append(sum(durations[step - every:step]) / every)
+    later = new[9:]  # from step 100, a quarter of the run and two slow windows in
+    assert max(b / a for a, b in zip(later, later[1:])) < 1.5 and min(b / a for a, b in zip(later, later[1:])) > 0.75
+    assert max(b / a for a, b in zip(old, old[1:])) == 20.0

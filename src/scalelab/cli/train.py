@@ -5,7 +5,13 @@ Resumes automatically from the run directory's latest checkpoint. Progress on st
 in RUN_DIR/metrics.jsonl; the resolved config in RUN_DIR/config.toml; final weights in
 RUN_DIR/final (native format, for `scalelab sample` and `scalelab export-hf`).
 
-Exit status: 0 done; 2 bad config or data (one line); 1 unexpected failure or a non-finite
+Writes only into a new, empty or run directory (one whose config.toml scalelab train wrote), one
+process at a time (RUN_DIR/.lock), and only when counting's predicted peak memory fits in the
+device's free memory (train.check_memory).
+
+Exit status: 0 done (or already complete: its recorded figures are reported); 2 bad config or
+data, a run directory that is in use or is not a run directory, a run that does not fit in memory,
+or a resume that would change what the finished steps meant (one line); 1 unexpected failure or a non-finite
 loss/gradient (the last good checkpoint is kept); 143/130 stopped by SIGTERM/SIGINT after
 writing a checkpoint (run the same command again to resume).
 """
@@ -83,8 +89,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     elif summary["exit_code"] == 0 and _is_main():
-        rows = [("Run directory", summary["run_dir"]), ("Steps", str(summary["step"])),
-                ("Final train loss", f"{summary['loss']:.4f}")]
+        rows = [("Run directory", summary["run_dir"]), ("Steps", str(summary["step"]))]
+        if summary.get("loss") is not None:
+            rows.append(("Final train loss", f"{summary['loss']:.4f}"))
         if summary.get("val_loss") is not None:
             rows.append(("Val loss", f"{summary['val_loss']:.4f}"))
         if summary.get("val_bpb") is not None:
@@ -93,7 +100,8 @@ def _run(args: argparse.Namespace) -> int:
                  ("Metrics", f"{summary['run_dir']}/metrics.jsonl")]
         from scalelab.cli import print_table
 
-        print_table(rows, title="Training finished")
+        print_table(rows, title="Already complete (recorded figures)" if summary.get("already_complete")
+                    else "Training finished")
     return summary["exit_code"]
 
 
@@ -102,13 +110,25 @@ def _is_main() -> bool:
 
 
 def _check(cfg, args) -> int:
-    """Validate what can be validated without training: data, vocab, batch arithmetic, length."""
+    """Validate what can be validated without training: data, vocab, batch arithmetic, length,
+    parallelism, and whether the run fits in the device's free memory (as train checks it)."""
     from scalelab.counting import count_params, training_flops
     from scalelab.data.loader import TokenLoader
+    from scalelab.errors import UserError
     from scalelab.train.config import grad_accum_steps, total_steps
+    from scalelab.train.parallel import pick_device, resolve_strategy
+    from scalelab.train.trainer import free_memory, memory_problem, predicted_memory, resolved_dtype
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     t = cfg.train
+    strategy = resolve_strategy(cfg.parallel.strategy, world)
+    device = pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
+    t.dtype = resolved_dtype(t.dtype, device)
+    free = free_memory(device)
+    ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    problem = memory_problem(cfg, strategy, world, free, ranks_sharing)
+    if problem is not None:
+        raise UserError(problem)
     accum = grad_accum_steps(cfg, world)
     loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                          grad_accum_steps=accum, world_size=world)
@@ -118,12 +138,19 @@ def _check(cfg, args) -> int:
     steps = total_steps(cfg, seqs * t.seq_len, flops)
     info = {"model": cfg.model.name(), "params": count_params(cfg.model).total, "world_size": world,
             "grad_accum_steps": accum, "tokens_per_step": seqs * t.seq_len, "steps": steps,
-            "tokens": steps * seqs * t.seq_len, "flops": steps * flops, "train_tokens_available": loader.num_tokens}
+            "tokens": steps * seqs * t.seq_len, "flops": steps * flops, "train_tokens_available": loader.num_tokens,
+            "strategy": strategy, "dtype": t.dtype,
+            "predicted_memory_bytes_per_device": predicted_memory(cfg, strategy, world)["total"],
+            "free_memory_bytes": None if free is None else free[0]}
     if args.json:
         print_json(info)
     else:
-        from scalelab.cli import print_table
+        from scalelab.cli import format_bytes, print_table
 
-        print_table([(k, f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v)))
-                     for k, v in info.items()], title=f"{args.config}: OK")
+        def shown(k, v):
+            if k.endswith("_bytes") or k.endswith("_bytes_per_device"):
+                return "unknown" if v is None else format_bytes(v)
+            return f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+        print_table([(k, shown(k, v)) for k, v in info.items()], title=f"{args.config}: OK")
     return 0

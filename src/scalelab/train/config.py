@@ -32,10 +32,16 @@ BACKENDS = ("auto", "gloo", "nccl")
 ATTENTIONS = ("sdpa", "math")
 
 
-def option(default: Any, doc: str, kind: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config key: its default, a one-line doc and its TOML type
-    (int, float, bool, str, int?, float? (may be absent), float2 (a pair of numbers))."""
-    meta = {"doc": doc, "kind": kind, "choices": choices}
+MAX_STEPS = 10**9  # a billion optimizer steps: ~1000x the longest published pretraining runs
+
+
+def option(default: Any, doc: str, kind: str, choices: tuple[str, ...] | None = None,
+           bounds: tuple[float, float] | None = None) -> Any:
+    """A config key: its default, a one-line doc, its TOML type (int, float, bool, str, int?,
+    float? (may be absent), float2 (a pair of numbers)) and, for numbers, the closed range
+    [low, high] it must lie in (a number outside is an error naming the range: absurd values
+    such as max_steps = 1e30 are refused before anything runs)."""
+    meta = {"doc": doc, "kind": kind, "choices": choices, "bounds": bounds}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,20 +59,24 @@ class DataSection:
 @dataclass
 class TrainSection:
     """How long, how big a batch, and how the optimizer steps."""
-    seq_len: int = option(1024, "tokens per sequence (≤ model block_size for learned positions)", "int")
-    micro_batch_size: int = option(8, "sequences per forward/backward on each device", "int")
+    seq_len: int = option(1024, "tokens per sequence (≤ model block_size for learned positions)", "int",
+                          bounds=(1, 2**24))
+    micro_batch_size: int = option(8, "sequences per forward/backward on each device", "int",
+                                  bounds=(1, 2**20))
     global_batch_tokens: int = option(0, "tokens per optimizer step over all devices; gradient accumulation = "
                                       "global_batch_tokens / (micro_batch_size × seq_len × world size). "
-                                      "0 means one micro-batch per device", "int")
+                                      "0 means one micro-batch per device", "int", bounds=(0, 2**40))
     max_steps: int | None = option(None, "training length in optimizer steps (give exactly one of max_steps, "
-                                   "max_tokens, max_flops)", "int?")
+                                   "max_tokens, max_flops)", "int?", bounds=(1, MAX_STEPS))
     max_tokens: float | None = option(None, "training length in tokens, the planner's D (rounded up to whole "
-                                      "steps)", "float?")
+                                      "steps)", "float?", bounds=(1, 1e16))
     max_flops: float | None = option(None, "training length in FLOPs, the planner's C, counted exactly by "
-                                     "scalelab.counting.training_flops (rounded up to whole steps)", "float?")
+                                     "scalelab.counting.training_flops (rounded up to whole steps)", "float?",
+                                     bounds=(1, 1e30))
     lr: float = option(3e-4, "peak learning rate", "float")
     min_lr: float = option(3e-5, "learning rate at the end of the decay", "float")
-    warmup: float = option(100, "linear warmup from 0: steps (≥ 1) or a fraction of the run (< 1)", "float")
+    warmup: float = option(100, "linear warmup from 0: steps (≥ 1) or a fraction of the run (< 1)", "float",
+                           bounds=(0, MAX_STEPS))
     schedule: str = option("cosine", "decay after warmup", "str", SCHEDULES)
     weight_decay: float = option(0.1, "AdamW decoupled weight decay, applied to matrices (dim ≥ 2: linear "
                                  "weights and embeddings) only, never to norms or biases", "float")
@@ -79,9 +89,12 @@ class TrainSection:
                         "GradScaler; fp32: full precision", "str", DTYPES)
     compile: bool = option(False, "torch.compile each transformer block", "bool")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward", "bool")
+    check_memory: bool = option(True, "refuse to start when counting's predicted peak memory per device "
+                                "exceeds the device's free memory (free GPU memory on CUDA, MemAvailable of "
+                                "the host shared by its ranks on CPU); false starts anyway", "bool")
     attention: str = option("sdpa", "attention kernel: sdpa (fused) or math (explicit matmuls)", "str",
                             ATTENTIONS)
-    seed: int = option(1337, "seeds model init and the data order", "int")
+    seed: int = option(1337, "seeds model init and the data order", "int", bounds=(0, 2**32 - 1))
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible runs; "
                                  "slower on GPU)", "bool")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", "str", DEVICES)
@@ -90,9 +103,10 @@ class TrainSection:
 @dataclass
 class EvalSection:
     """Held-out loss (and bits per byte when the tokenizer can decode)."""
-    every: int = option(500, "evaluate every this many steps (0 = only at the end)", "int")
+    every: int = option(500, "evaluate every this many steps (0 = only at the end)", "int",
+                        bounds=(0, MAX_STEPS))
     batches: int = option(20, "micro-batches of the val split per device per eval (the same ones every "
-                          "time)", "int")
+                          "time)", "int", bounds=(1, 10**6))
     at_end: bool = option(True, "evaluate after the last step", "bool")
 
 
@@ -100,8 +114,9 @@ class EvalSection:
 class CheckpointSection:
     """Atomic checkpoints under RUN_DIR/checkpoints; resume is automatic."""
     every: int = option(1000, "checkpoint every this many steps (0 = only at the end and on "
-                        "SIGTERM/SIGINT)", "int")
-    keep: int = option(3, "keep the newest this many checkpoints (older ones are deleted)", "int")
+                        "SIGTERM/SIGINT)", "int", bounds=(0, MAX_STEPS))
+    keep: int = option(3, "keep the newest this many checkpoints (older ones are deleted)", "int",
+                       bounds=(1, 10**6))
     on_signal: bool = option(True, "on SIGTERM/SIGINT finish the current step, checkpoint, and exit", "bool")
 
 
@@ -119,10 +134,12 @@ class ParallelSection:
 @dataclass
 class LoggingSection:
     """Console lines on stderr and RUN_DIR/metrics.jsonl."""
-    every: int = option(10, "log a console line and a metrics.jsonl record every this many steps", "int")
+    every: int = option(10, "log a console line and a metrics.jsonl record every this many steps", "int",
+                        bounds=(1, MAX_STEPS))
     run_dir: str = option("", "run directory (default runs/<config file name>); --run-dir overrides", "str")
     peak_tflops: float = option(0.0, "peak TFLOP/s per device for MFU; 0 = the hardware table's dense bf16 "
-                                "peak for the detected GPU (MFU is n/a on CPU unless set)", "float")
+                                "peak for the detected GPU (MFU is n/a on CPU unless set)", "float",
+                                bounds=(0, 1e6))
     tensorboard: bool = option(False, "also write TensorBoard scalars to RUN_DIR/tensorboard (if installed)",
                                "bool")
     wandb_project: str = option("", "also log to this Weights & Biases project (if installed)", "str")
@@ -211,6 +228,9 @@ def _build_section(cls: type, table: Any, name: str, where: str) -> Any:
         value = _check_value(value, meta["kind"], f"{where}: {name}.{key}")
         if meta["choices"] and value not in meta["choices"]:
             raise UserError(f"{where}: {name}.{key} must be one of {', '.join(meta['choices'])}; got {value!r}")
+        if meta["bounds"] and not meta["bounds"][0] <= value <= meta["bounds"][1]:
+            low, high = meta["bounds"]
+            raise UserError(f"{where}: {name}.{key} must be in [{_number(low)}, {_number(high)}], got {_number(value)}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -250,20 +270,13 @@ def validate(cfg: TrainConfig) -> None:
     t, where = cfg.train, cfg.source or "config"
     if not cfg.data.dir:
         raise UserError(f"{where}: data.dir is not set; point it at a directory made by `scalelab prepare`")
-    for key in ("seq_len", "micro_batch_size"):
-        if getattr(t, key) < 1:
-            raise UserError(f"{where}: train.{key} must be positive, got {getattr(t, key)}")
-    if t.global_batch_tokens < 0:
-        raise UserError(f"{where}: train.global_batch_tokens must be ≥ 0, got {t.global_batch_tokens}")
     lengths = [k for k in ("max_steps", "max_tokens", "max_flops") if getattr(t, k) is not None]
     if len(lengths) != 1:
         raise UserError(f"{where}: give exactly one of train.max_steps, train.max_tokens, train.max_flops "
                         f"(got {', '.join(lengths) or 'none'})")
-    if getattr(t, lengths[0]) <= 0:
-        raise UserError(f"{where}: train.{lengths[0]} must be positive")
     if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
         raise UserError(f"{where}: need train.lr > 0 and 0 ≤ train.min_lr ≤ train.lr (got {t.lr:g}, {t.min_lr:g})")
-    if t.warmup < 0 or (t.warmup >= 1 and not float(t.warmup).is_integer()):
+    if t.warmup >= 1 and not float(t.warmup).is_integer():
         raise UserError(f"{where}: train.warmup must be a whole number of steps or a fraction in [0, 1), got {t.warmup:g}")
     if not all(0 <= b < 1 for b in t.betas):
         raise UserError(f"{where}: train.betas must be in [0, 1), got {t.betas}")
@@ -272,19 +285,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model.position_encoding == "learned" and t.seq_len > cfg.model.block_size:
         raise UserError(f"{where}: train.seq_len {t.seq_len} exceeds the model's {cfg.model.block_size} learned "
                         f"positions; lower train.seq_len or raise model.block_size")
-    for name in ("eval", "checkpoint", "logging"):
-        if getattr(cfg, name).every < 0:
-            raise UserError(f"{where}: {name}.every must be ≥ 0")
-    if cfg.logging.every < 1:
-        raise UserError(f"{where}: logging.every must be ≥ 1")
-    if cfg.eval.batches < 1:
-        raise UserError(f"{where}: eval.batches must be ≥ 1")
-    if cfg.checkpoint.keep < 1:
-        raise UserError(f"{where}: checkpoint.keep must be ≥ 1")
     if cfg.parallel.strategy == "fsdp" and t.dtype == "fp16":
         raise UserError(f"{where}: FSDP with fp16 is not supported (no sharded grad scaler); use dtype bf16")
-    if cfg.logging.peak_tflops < 0:
-        raise UserError(f"{where}: logging.peak_tflops must be ≥ 0")
 
 
 # ---- derived quantities -------------------------------------------------------------------------
@@ -304,17 +306,58 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
 
 
 def total_steps(cfg: TrainConfig, tokens_per_step: int, flops_per_step: float) -> int:
+    """Optimizer steps of the run (at most MAX_STEPS: UserError naming the length key otherwise)."""
     t = cfg.train
     if t.max_steps is not None:
         return int(t.max_steps)
-    if t.max_tokens is not None:
-        return max(1, math.ceil(t.max_tokens / tokens_per_step))
-    return max(1, math.ceil(t.max_flops / flops_per_step))
+    key, length, per_step = (("max_tokens", t.max_tokens, tokens_per_step) if t.max_tokens is not None
+                             else ("max_flops", t.max_flops, flops_per_step))
+    steps = max(1, math.ceil(length / per_step))
+    if steps > MAX_STEPS:
+        raise UserError(f"train.{key} = {length:g} at {per_step:,} per step is {steps:.3g} steps, more than "
+                        f"{MAX_STEPS:,}; lower train.{key} or raise the batch (train.global_batch_tokens)")
+    return steps
 
 
-def warmup_steps(cfg: TrainConfig, steps: int) -> int:
-    w = cfg.train.warmup
-    return int(round(w * steps)) if w < 1 else int(w)
+def sequences_per_step(train: Mapping[str, Any], world_size: int) -> int:
+    """Sequences in one optimizer step over all ranks, from a [train] table (as in config.toml)."""
+    if train.get("global_batch_tokens", 0):
+        return int(train["global_batch_tokens"]) // int(train["seq_len"])
+    return int(train["micro_batch_size"]) * world_size
+
+
+# The resume rule (docs/training.md): a checkpoint's finished steps were trained on a model, with
+# data in an order fixed by (seed, step, sequences per step, seq_len), in a precision. Changing any
+# of these keys changes what those steps meant, so resuming with a change is refused (as is a change
+# of the global batch in sequences, or of the data itself, checked where they are known). Every
+# other key changes only the steps still to run, and is accepted with a printed diff.
+RESUME_FIXED = ("data.train_split", "train.seq_len", "train.seed", "train.dtype")
+
+
+def resume_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The keys that differ between the config a checkpoint was trained with and the one resuming
+    it (both as TrainConfig.to_dict() gives them), as "section.key old -> new" lines, split by the
+    resume rule into (refused, accepted). The run directory is where the run is, not a setting."""
+    def flat(d: Mapping[str, Any]) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s, table in d.items() for k, v in table.items()}
+
+    a, b = flat(old), flat(new)
+    refused, accepted = [], []
+    for key in sorted(set(a) | set(b)):
+        if key == "logging.run_dir" or a.get(key) == b.get(key):
+            continue
+        line = f"{key} {_shown(a.get(key))} -> {_shown(b.get(key))}"
+        (refused if key.startswith("model.") or key in RESUME_FIXED else accepted).append(line)
+    return refused, accepted
+
+
+def _shown(v: Any) -> str:
+    return "unset" if v is None else _toml_value(v)
+
+
+def warmup_steps(warmup: float, steps: int) -> int:
+    """train.warmup in steps: a whole number of steps, or a fraction (< 1) of the run's `steps`."""
+    return int(round(warmup * steps)) if warmup < 1 else int(warmup)
 
 
 # ---- documentation ------------------------------------------------------------------------------
@@ -351,9 +394,16 @@ def config_reference_markdown() -> str:
             doc = f.metadata["doc"]
             if f.metadata["choices"]:
                 doc += " (" + " \\| ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+            if f.metadata["bounds"]:
+                doc += " (from {} to {})".format(*map(_number, f.metadata["bounds"]))
             lines.append(f"| `{f.name}` | {kind} | {shown} | {doc} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _number(v: float) -> str:
+    """A bound or a value as written in messages and the reference: integers exactly, floats short."""
+    return f"{v:,}" if isinstance(v, int) and abs(v) < 10**15 else f"{v:g}"
 
 
 def _toml_value(v: Any) -> str:

@@ -96,6 +96,32 @@ class MetricsLog:
             self._wandb.finish()
 
 
+def eta_seconds(training_seconds: float, steps_timed: int, steps_left: int) -> float:
+    """Time to the end: the steps left at the mean step time of this process so far (its training
+    time only: eval and checkpoint pauses excluded by the caller). A mean over the whole process,
+    not the last logging window, so one slow window (a busy shared machine, the first steps'
+    warm-up) moves it by its share of the run rather than by its own rate."""
+    if steps_timed <= 0:
+        return float("nan")
+    return training_seconds / steps_timed * steps_left
+
+
+def recorded_figures(records: list[dict[str, Any]], up_to_step: int) -> dict[str, float]:
+    """The last train loss and eval figures that metrics.jsonl records at or before `up_to_step`
+    (keys present only when recorded)."""
+    out: dict[str, float] = {}
+    for r in records:
+        if r.get("step", 0) > up_to_step:
+            continue
+        if r.get("kind") == "train" and r.get("loss") is not None:
+            out["loss"] = r["loss"]
+        elif r.get("kind") == "eval" and r.get("val_loss") is not None:
+            out["val_loss"] = r["val_loss"]
+            if r.get("val_bpb") is not None:
+                out["val_bpb"] = r["val_bpb"]
+    return out
+
+
 def console_line(r: dict[str, Any], total_steps: int, eta_seconds: float, memory_label: str) -> str:
     mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
     parts: Iterable[str] = (

@@ -17,12 +17,13 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from scalelab.errors import UserError
+from scalelab.errors import UserError, describe_os_error
 
 
 @dataclass
@@ -85,7 +86,11 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
         return "ddp" if world_size > 1 else "none"
     if strategy == "ddp" and world_size == 1:
         return "none"  # DDP over one process is the plain model
-    return strategy  # fsdp over one process still shards (trivially): checkpoints stay DCP
+    if strategy == "fsdp" and world_size == 1:
+        raise UserError("parallel.strategy = fsdp shards over processes: launch with torchrun "
+                        "(torchrun --nproc_per_node=N -m scalelab train ...), or use parallel.strategy = none "
+                        "(or auto) in one process")
+    return strategy
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -159,6 +164,45 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def agree(error: str | None, d: Dist) -> None:
+    """Every rank calls this with its own verdict (None = fine); if any rank found a problem, every
+    rank raises the same UserError (the lowest such rank's message), so none is left waiting in a
+    collective for one that gave up."""
+    if d.distributed:
+        verdicts: list[str | None] = [None] * d.world_size
+        dist.all_gather_object(verdicts, error)
+        error = next((v for v in verdicts if v is not None), None)
+    if error is not None:
+        raise UserError(error)
+
+
+def decide_on_main(decide: Callable[[], Any], d: Dist) -> Any:
+    """Run `decide` on rank 0 only and give its result to every rank. A UserError or OSError it
+    raises becomes the same UserError on every rank; any other exception is re-raised on rank 0
+    and reported as a RuntimeError on the others. Either way no rank hangs in a collective."""
+    if not d.distributed:
+        return decide()
+    verdict: list[Any] = [None, None, None]  # result, user error, other failure
+    if d.is_main:
+        try:
+            verdict[0] = decide()
+        except UserError as e:
+            verdict[1] = str(e)
+        except OSError as e:
+            verdict[1] = describe_os_error(e)
+        except Exception as e:
+            verdict[2] = f"{type(e).__name__}: {e}"
+            dist.broadcast_object_list(verdict, src=0)
+            raise
+    dist.broadcast_object_list(verdict, src=0)
+    result, user_error, failure = verdict
+    if user_error is not None:
+        raise UserError(user_error)
+    if failure is not None:
+        raise RuntimeError(f"rank 0 failed: {failure}")
+    return result
 
 
 def barrier(d: Dist) -> None:

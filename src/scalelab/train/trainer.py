@@ -23,29 +23,34 @@ there an overflowing gradient is normal and GradScaler skips that step and lower
 from __future__ import annotations
 
 import contextlib
+import copy
+import fcntl
 import gc
+import json
 import math
 import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import torch
 import torch.nn as nn
 
 from scalelab.counting import training_flops, training_memory
-from scalelab.errors import UserError
+from scalelab.errors import UserError, describe_os_error
 from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.units import format_bytes
 from scalelab.train import checkpoint as ckpt
-from scalelab.train.config import TrainConfig, grad_accum_steps, total_steps, warmup_steps
-from scalelab.train.metrics import MetricsLog, console_line
-from scalelab.train.parallel import (Dist, all_reduce_sum, barrier, destroy_distributed, grad_sync,
-                                     init_distributed, parallelize, resolve_strategy, unwrap)
+from scalelab.train.config import (TrainConfig, grad_accum_steps, resume_differences, sequences_per_step,
+                                   total_steps, warmup_steps)
+from scalelab.train.metrics import MetricsLog, console_line, eta_seconds, read_metrics, recorded_figures
+from scalelab.train.parallel import (Dist, agree, all_reduce_sum, barrier, decide_on_main, destroy_distributed,
+                                     grad_sync, init_distributed, parallelize, resolve_strategy, unwrap)
 from scalelab.train.schedule import learning_rate
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -93,6 +98,58 @@ def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int) -> dict[s
     return m
 
 
+def resolved_dtype(dtype: str, device: torch.device) -> str:
+    """train.dtype with `auto` made concrete: bf16 on CUDA, fp32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def meminfo_available(meminfo: str) -> float | None:
+    """MemAvailable in bytes from the text of /proc/meminfo (None when absent)."""
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024  # kB
+    return None
+
+
+def free_memory(device: torch.device) -> tuple[float, str] | None:
+    """(bytes free now, what they are) on `device`: free GPU memory on CUDA, the host's MemAvailable
+    otherwise; None where it cannot be read (e.g. no /proc on macOS)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free), f"free on {torch.cuda.get_device_name(device)} ({device})"
+    try:
+        available = meminfo_available(Path("/proc/meminfo").read_text())
+    except OSError:
+        return None
+    return None if available is None else (available, "available on this host (MemAvailable)")
+
+
+def memory_problem(cfg: TrainConfig, strategy: str, world_size: int, free: tuple[float, str] | None,
+                   ranks_sharing: int = 1) -> str | None:
+    """Why this run cannot fit, or None: counting's predicted peak per device (× the ranks sharing
+    one host's memory on CPU) against the free memory, with the ways to need less."""
+    if not cfg.train.check_memory or free is None:
+        return None
+    t = cfg.train
+    m = predicted_memory(cfg, strategy, world_size)
+    need = m["total"] * ranks_sharing
+    if need <= free[0]:
+        return None
+    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in m.items()
+                      if k != "total" and isinstance(v, float) and v > 0)
+    ways = [f"lower train.micro_batch_size ({t.micro_batch_size})" if t.micro_batch_size > 1 else "",
+            f"lower train.seq_len ({t.seq_len})",
+            "" if t.activation_checkpointing else "set train.activation_checkpointing = true",
+            "" if strategy == "fsdp" else "shard over more GPUs with parallel.strategy = \"fsdp\" under torchrun",
+            "use a smaller [model]"]
+    who = f" × {ranks_sharing} ranks on this host" if ranks_sharing > 1 else " per device"
+    return (f"the run needs {format_bytes(need)}{who} (counting.training_memory per device: {parts}) but "
+            f"{format_bytes(free[0])} is "
+            f"{free[1]}; {', '.join(w for w in ways if w)}; or set train.check_memory = false to start anyway")
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device)), "mem"
@@ -125,14 +182,60 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, loader) -> None:
-    """config.toml (resolved), model.toml (the ModelConfig: N for the fit), data.json and the
-    tokenizer (so samples and exports need nothing outside the run directory)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-    atomic_write_text(run_dir / "model.toml", cfg.model.to_toml())
-    import json
+# The first line of RUN_DIR/config.toml: what makes a directory a run directory (see is_run_dir).
+RUN_MARKER = "# scalelab run directory: written by `scalelab train` (the resolved config of this run)"
+LOCK = ".lock"
 
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds a run that `scalelab train` created: its config.toml begins with
+    RUN_MARKER (runs from before the marker: config.toml, model.toml and data.json, which only
+    `scalelab train` writes together)."""
+    try:
+        with open(path / "config.toml", encoding="utf-8") as f:
+            if f.readline().rstrip("\n") == RUN_MARKER:
+                return True
+    except (OSError, UnicodeDecodeError):
+        return False
+    return (path / "model.toml").is_file() and (path / "data.json").is_file()
+
+
+def check_run_dir(path: Path) -> None:
+    """UserError unless `path` is new, empty (a leftover .lock aside) or a run directory: train
+    never writes into a directory it did not create (a prepared data set, a demo's output...)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run directory {path} is a file; give a new or existing run directory with --run-dir")
+    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()) and not is_run_dir(path):
+        raise UserError(f"{path} is not empty and is not a run directory (its config.toml, if any, was not "
+                        f"written by scalelab train); left it untouched: give a new or empty --run-dir")
+
+
+def lock_run_dir(path: Path) -> IO:
+    """Hold RUN_DIR/.lock (an exclusive flock, released when the process ends however it ends)
+    with this process's pid in it; UserError naming the holder when another process has it."""
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().split()
+        f.close()
+        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "a process that has just started"
+        raise UserError(f"{path} is in use by another scalelab train ({who}, holding {path / LOCK}); wait for "
+                        "it to finish or stop it, or give another --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, loader) -> None:
+    """config.toml (resolved, starting with RUN_MARKER), model.toml (the ModelConfig: N for the fit),
+    data.json and the tokenizer (so samples and exports need nothing outside the run directory)."""
+    atomic_write_text(run_dir / "config.toml", RUN_MARKER + "\n" + cfg.to_toml())
+    atomic_write_text(run_dir / "model.toml", cfg.model.to_toml())
     atomic_write_text(run_dir / "data.json", json.dumps(dict(loader.metadata, data_dir=str(Path(cfg.data.dir).resolve())),
                                                         indent=2) + "\n")
     src = Path(cfg.data.dir) / "tokenizer"
@@ -152,27 +255,35 @@ class _Evaluator:
         self.d = d
         self.loader = None
         self.bytes = None
+        no_eval = no_bpb = None
+        n = 0
         try:
             self.loader = TokenLoader(cfg.data.dir, cfg.data.val_split, seq_len=cfg.train.seq_len,
                                       micro_batch_size=cfg.train.micro_batch_size, rank=d.rank,
                                       world_size=d.world_size, seed=cfg.train.seed)
-        except UserError as e:
-            if d.is_main:
-                log(f"scalelab train: warning: no eval ({e})")
-            return
-        try:
             tok = self.loader.tokenizer()
             special = {tok.bos_id, tok.eos_id}
-            n = 0
             for i in range(self.batches):
                 _, y = self.loader.get_batch(i)
                 for row in y:
                     n += len(tok.decode([int(t) for t in row if int(t) not in special]).encode("utf-8"))
-            total = all_reduce_sum([float(n)], d)[0]
-            self.bytes = total if total > 0 else None
+        except UserError as e:
+            no_eval = str(e) if self.loader is None else None
+            no_bpb = None if self.loader is None else str(e)
         except Exception as e:  # a tokenizer that cannot decode: loss only
+            no_bpb = f"{type(e).__name__}: {e}"
+        # Every rank takes part in the one collective, whatever failed where.
+        ranks_without_eval, ranks_without_bpb, total = all_reduce_sum(
+            [float(no_eval is not None), float(no_bpb is not None), float(n)], d)
+        if ranks_without_eval:
+            self.loader = None
             if d.is_main:
-                log(f"scalelab train: warning: bits per byte unavailable ({type(e).__name__}: {e})")
+                log(f"scalelab train: warning: no eval ({no_eval or 'the val split is missing on another rank'})")
+        elif ranks_without_bpb:
+            if d.is_main:
+                log(f"scalelab train: warning: bits per byte unavailable ({no_bpb or 'on another rank'})")
+        else:
+            self.bytes = total if total > 0 else None
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, autocast) -> dict[str, float | None]:
@@ -218,8 +329,11 @@ def build_model(cfg: TrainConfig, strategy: str, d: Dist) -> nn.Module:
                         reshard_after_forward=cfg.parallel.reshard_after_forward)
     model.to_empty(device=d.device)
     model.tie_weights()
+    # strict: every key of the model is in rank 0's state dict and nothing else is. Tied embeddings
+    # are one parameter under two names on both sides (state_dict keeps both; tie_weights above
+    # re-ties the meta-built model), so both names match.
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                                                               strict=False))
+                                                               strict=True))
     return model
 
 
@@ -232,208 +346,336 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
-    t = cfg.train
-    if t.deterministic:
+    if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    d = init_distributed(t.device, cfg.parallel.backend)
-    if t.dtype == "auto":  # resolved once the device is known; config.toml records the choice
-        t.dtype = "bf16" if d.device.type == "cuda" else "fp32"
+    d = init_distributed(cfg.train.device, cfg.parallel.backend)
+    # The run's own copy, with dtype resolved once the device is known (config.toml records the
+    # choice); the caller's cfg is left as it was.
+    cfg = copy.deepcopy(cfg)
+    cfg.train.dtype = resolved_dtype(cfg.train.dtype, d.device)
+    trainer = Trainer(cfg, run_dir, d, log)
     try:
-        return _train(cfg, run_dir, d, resume, log)
+        done = trainer.build(resume)
+        return done if done is not None else trainer.fit()
     finally:
+        trainer.close()
+        del trainer
         # Free the model (FSDP's hooks and states form reference cycles that only the collector
         # breaks) while the process group it communicates over still exists, then destroy it.
         gc.collect()
         destroy_distributed()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, d: Dist, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    from scalelab.data.loader import TokenLoader
+class Trainer:
+    """One training run, in torchtitan's split: `build` (data, model, optimizer, resume state,
+    metrics), `train_step` (one optimizer step), `evaluate`, `checkpoint`, `finish` (final eval,
+    checkpoint and weights), with `fit` as the loop that calls them and `close` to release the
+    signal handlers and the metrics file."""
 
-    t = cfg.train
-    stop = None
-    metrics = None
-    try:
-        strategy = resolve_strategy(cfg.parallel.strategy, d.world_size)
-        accum = grad_accum_steps(cfg, d.world_size)
-        loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
-                             micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=d.rank,
-                             world_size=d.world_size, seed=t.seed)
-        loader.check_vocab(cfg.model.vocab_size)
-        seqs_per_step = t.micro_batch_size * accum * d.world_size
-        tokens_per_step = seqs_per_step * t.seq_len
-        flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
-        steps = total_steps(cfg, tokens_per_step, flops_per_step)
-        warmup = warmup_steps(cfg, steps)
-        latest = ckpt.latest_checkpoint(run_dir, warn=log if d.is_main else lambda message: None)
-        if resume and latest is None:
-            raise UserError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start fresh")
-        if latest is not None and ckpt.load_trainer_state(latest)["model"] != cfg.model.to_dict():
-            raise UserError(f"{latest} was trained with a different [model]; use a new --run-dir (or the "
-                            "original config) to continue")
-        if d.is_main:
-            _prepare_run_dir(run_dir, cfg, loader)
-        barrier(d)
+    def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist, log: Callable[[str], None]):
+        self.cfg, self.run_dir, self.d, self.log = cfg, run_dir, d, log
+        self.stop: _StopFlag | None = None
+        self.metrics: MetricsLog | None = None
+        self.lock: IO | None = None
+        self.evaluator: _Evaluator | None = None
+        self.last_loss = float("nan")
+        self.last_eval: dict | None = None
+
+    # ---- build --------------------------------------------------------------------------------
+
+    def build(self, resume: bool) -> dict[str, Any] | None:
+        """Everything before the first step. Returns the summary instead when the run in the
+        directory is already complete (nothing is built or written then)."""
+        from scalelab.data.loader import TokenLoader
+
+        cfg, d, t, run_dir, log = self.cfg, self.d, self.cfg.train, self.run_dir, self.log
+        # Each rank checks its own view (its data, its device's free memory: on CPU the ranks of a
+        # host share its memory) before anything is allocated or written; if any rank finds a
+        # problem, all raise the same error (none is left waiting in a collective).
+        try:
+            self.strategy = strategy = resolve_strategy(cfg.parallel.strategy, d.world_size)
+            self.accum = accum = grad_accum_steps(cfg, d.world_size)
+            self.loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
+                                      micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=d.rank,
+                                      world_size=d.world_size, seed=t.seed)
+            self.loader.check_vocab(cfg.model.vocab_size)
+            seqs_per_step = t.micro_batch_size * accum * d.world_size
+            self.tokens_per_step = seqs_per_step * t.seq_len
+            self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
+            self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
+            self.warmup = warmup_steps(t.warmup, self.steps)
+            ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
+            problem = memory_problem(cfg, strategy, d.world_size, free_memory(d.device), ranks_sharing)
+        except UserError as e:
+            problem = str(e)
+        except OSError as e:
+            problem = describe_os_error(e)
+        agree(problem, d)
+        # Rank 0 claims the run directory and decides; every rank gets the verdict.
+        claim = decide_on_main(lambda: self._claim_run_dir(resume), d)
+        if claim["complete"] is not None:
+            return claim["complete"]
+        latest = None if claim["latest"] is None else Path(claim["latest"])
 
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        model = build_model(cfg, strategy, d)
-        optimizer = make_optimizer(model, cfg, d.device)
-        scaler = torch.amp.GradScaler(d.device.type) if t.dtype == "fp16" else None
-        use_autocast = t.dtype != "fp32" and strategy != "fsdp"
+        self.model = build_model(cfg, strategy, d)
+        self.optimizer = make_optimizer(self.model, cfg, d.device)
+        self.scaler = torch.amp.GradScaler(d.device.type) if t.dtype == "fp16" else None
+        self.use_autocast = t.dtype != "fp32" and strategy != "fsdp"
 
-        def autocast():
-            if not use_autocast:
-                return contextlib.nullcontext()
-            return torch.autocast(d.device.type, dtype=TORCH_DTYPES[t.dtype])
-
-        start_step, tokens_seen, flops_seen = 0, 0, 0
+        self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0
         if latest is not None:
-            state = ckpt.load_checkpoint(latest, model, optimizer, d)
-            loader.load_state_dict(state["loader"])
-            start_step, tokens_seen, flops_seen = state["step"], state["tokens"], state["flops"]
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
+            state = ckpt.load_checkpoint(latest, self.model, self.optimizer, d)
+            self.loader.load_state_dict(state["loader"])
+            self.start_step, self.tokens_seen, self.flops_seen = state["step"], state["tokens"], state["flops"]
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
             if d.is_main:
-                log(f"scalelab train: resumed from {latest} at step {start_step}")
-
-        def trainer_state(step: int) -> dict[str, Any]:
-            return {"format": 1, "step": step, "tokens": tokens_seen, "flops": flops_seen,
-                    "loader": loader.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "model": cfg.model.to_dict(), "config": cfg.to_toml(), "world_size": d.world_size,
-                    "strategy": strategy, "total_steps": steps}
-
-        last_saved = start_step if latest is not None else -1
-
-        def save(step: int) -> Path:
-            nonlocal last_saved
-            path = ckpt.save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), strategy=strategy,
-                                        d=d, keep=cfg.checkpoint.keep)
-            last_saved = step
-            return path
+                log(f"scalelab train: resumed from {latest} at step {self.start_step}")
+            figures = recorded_figures(read_metrics(run_dir), self.start_step) if d.is_main else {}
+            self.last_loss = figures.get("loss", float("nan"))
+        self.step = self.start_step
+        self.last_saved = self.start_step if latest is not None else -1
 
         if d.is_main:
-            metrics = MetricsLog(run_dir, keep_until_step=start_step if latest is not None else None,
-                                 tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
-                                 config=cfg.to_dict(), warn=log)
-            n_params = sum(p.numel() for p in unwrap(model).parameters())
+            self.metrics = MetricsLog(run_dir, keep_until_step=self.start_step if latest is not None else None,
+                                      tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+                                      config=cfg.to_dict(), warn=log)
+            n_params = sum(p.numel() for p in unwrap(self.model).parameters())
             log(f"scalelab train: {cfg.model.name()} ({n_params:,} params) on {d.world_size} × {d.device.type} "
-                f"[{strategy}, {t.dtype}], {steps} steps × {tokens_per_step:,} tokens "
+                f"[{strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
                 f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × world {d.world_size}), "
-                f"{flops_per_step * steps:.3g} FLOPs; run dir {run_dir}")
+                f"{self.flops_per_step * self.steps:.3g} FLOPs; run dir {run_dir}")
             log(f"scalelab train: predicted peak memory per device "
                 f"{format_bytes(predicted_memory(cfg, strategy, d.world_size)['total'])} (counting.training_memory; "
                 f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
-        evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
-        peak = peak_flops_per_device(cfg, d.device)
-        stop = _StopFlag(cfg.checkpoint.on_signal)
+        self.evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
+        self.peak = peak_flops_per_device(cfg, d.device)
+        self.stop = _StopFlag(cfg.checkpoint.on_signal)
+        return None
 
-        def evaluate(step: int) -> dict | None:
-            if evaluator is None or evaluator.loader is None:
-                return None
-            r = evaluator(model, autocast)
-            if d.is_main:
-                metrics.write({"kind": "eval", "step": step, "tokens": tokens_seen, "flops": flops_seen, **r})
-                bpb = "" if r["val_bpb"] is None else f" | val bpb {r['val_bpb']:.4f}"
-                log(f"eval step {step} | val loss {r['val_loss']:.4f}{bpb}")
-            return r
+    def _claim_run_dir(self, resume: bool) -> dict[str, Any]:
+        """Rank 0: check and lock the run directory, hold a checkpoint against the resume rule,
+        then write the run's files. {"latest": checkpoint or None, "complete": summary or None}."""
+        cfg, run_dir = self.cfg, self.run_dir
+        check_run_dir(run_dir)
+        if resume and ckpt.latest_checkpoint(run_dir, warn=lambda message: None) is None:
+            raise UserError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start fresh")
+        self.lock = lock_run_dir(run_dir)
+        latest = ckpt.latest_checkpoint(run_dir, warn=self.log)  # the newest intact one, saying what it skipped
+        if latest is not None:
+            state = ckpt.load_trainer_state(latest)
+            self._check_resume(latest, state)
+            if state["step"] == self.steps and (run_dir / "final" / "model.safetensors").is_file():
+                return {"latest": str(latest), "complete": self._already_complete(latest, state)}
+        _prepare_run_dir(run_dir, cfg, self.loader)
+        return {"latest": None if latest is None else str(latest), "complete": None}
 
-        model.train()
-        last_loss, last_eval = float("nan"), None
+    def _check_resume(self, latest: Path, state: dict[str, Any]) -> None:
+        """The resume rule (docs/training.md): refuse changes to what the finished steps meant or to
+        the data order; accept the rest, saying what changed and what it does to the schedule."""
+        import tomllib
+
+        cfg, t, done = self.cfg, self.cfg.train, int(state["step"])
+        old = tomllib.loads(state["config"])
+        refused, accepted = resume_differences(old, cfg.to_dict())
+        old_seqs = sequences_per_step(old["train"], int(state["world_size"]))
+        new_seqs = sequences_per_step(cfg.to_dict()["train"], self.d.world_size)
+        if old_seqs != new_seqs:
+            refused.append(f"global batch {old_seqs} -> {new_seqs} sequences per step")
+        recorded = self.run_dir / "data.json"
+        if recorded.is_file():
+            then = {k: v for k, v in json.loads(recorded.read_text()).items() if k != "data_dir"}
+            if then != json.loads(json.dumps(self.loader.metadata)):
+                refused.append(f"the data: {cfg.data.dir}/meta.json differs from the run's data.json")
+        if self.steps < done:
+            refused.append(f"total steps {state['total_steps']} -> {self.steps}, fewer than the {done} already done")
+        if refused:
+            raise UserError(f"cannot resume {latest}: changed since its {done} steps were trained: "
+                            f"{'; '.join(refused)}; these change what those steps meant or the data order: "
+                            "use a new --run-dir, or the original values to continue")
+        old_total = int(state["total_steps"])
+        if old_total != self.steps:
+            accepted.append(f"total steps {old_total} -> {self.steps}")
+        if accepted:
+            o = old["train"]
+            before = learning_rate(done, lr=o["lr"], min_lr=o["min_lr"], warmup=warmup_steps(o["warmup"], old_total),
+                                   total=old_total, schedule=o["schedule"])
+            after = learning_rate(done, lr=t.lr, min_lr=t.min_lr, warmup=self.warmup, total=self.steps,
+                                  schedule=t.schedule)
+            self.log(f"scalelab train: resuming {latest} with changed settings (they change only the steps still "
+                     f"to run): {'; '.join(accepted)}. The learning-rate schedule is recomputed over "
+                     f"{self.steps} steps with the new values: lr at step {done + 1} {before:.3g} -> {after:.3g}")
+
+    def _already_complete(self, latest: Path, state: dict[str, Any]) -> dict[str, Any]:
+        figures = recorded_figures(read_metrics(self.run_dir), int(state["step"]))
+        self.log(f"scalelab train: {self.run_dir} is already complete ({state['step']}/{self.steps} steps); "
+                 "reporting its recorded figures (raise train.max_steps / max_tokens / max_flops to train on)")
+        return {"exit_code": 0, "already_complete": True, "step": int(state["step"]), "steps": self.steps,
+                "loss": figures.get("loss"), "tokens": int(state["tokens"]), "flops": int(state["flops"]),
+                "val_loss": figures.get("val_loss"), "val_bpb": figures.get("val_bpb"), "checkpoint": str(latest),
+                "final": str(self.run_dir / "final"), "run_dir": str(self.run_dir)}
+
+    def autocast(self):
+        if not self.use_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.d.device.type, dtype=TORCH_DTYPES[self.cfg.train.dtype])
+
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """Optimizer step `self.step + 1`: lr, accumulated micro-batches, clip, finite check, AdamW.
+        Returns the step's mean loss, gradient norm and learning rate (the same on every rank)."""
+        t, d, accum, step = self.cfg.train, self.d, self.accum, self.step
+        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        lr = learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup=self.warmup, total=self.steps,
+                           schedule=t.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(accum):
+            x, y = self.loader.get_batch(step, micro)
+            x = torch.from_numpy(x).to(d.device, non_blocking=True)
+            y = torch.from_numpy(y).to(d.device, non_blocking=True)
+            with grad_sync(model, self.strategy, micro == accum - 1):
+                with self.autocast():
+                    _, loss = model(x, y)
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_sum += loss.detach()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss_value, grad_value = all_reduce_sum([float(loss_sum) / accum, float(grad_norm)], d)
+        loss_value /= d.world_size
+        grad_value /= d.world_size  # identical on every rank already; this keeps it so
+        if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_value)):
+            where = ckpt.latest_checkpoint(self.run_dir, warn=lambda message: None)
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            raise TrainingDiverged(
+                f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_value} (not finite); "
+                f"stopped before the optimizer step. Last good checkpoint: {where or 'none'}. "
+                f"Try a lower train.lr, a longer train.warmup, or dtype bf16/fp32.")
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.flops_seen += self.flops_per_step
+        self.last_loss = loss_value
+        return {"loss": loss_value, "grad_norm": grad_value, "lr": lr}
+
+    # ---- eval and checkpoint ------------------------------------------------------------------
+
+    def evaluate(self) -> dict | None:
+        if self.evaluator is None or self.evaluator.loader is None:
+            return None
+        r = self.evaluator(self.model, self.autocast)
+        if self.d.is_main:
+            self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen,
+                                "flops": self.flops_seen, **r})
+            bpb = "" if r["val_bpb"] is None else f" | val bpb {r['val_bpb']:.4f}"
+            self.log(f"eval step {self.step} | val loss {r['val_loss']:.4f}{bpb}")
+        self.last_eval = r
+        return r
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"format": 1, "step": self.step, "tokens": self.tokens_seen, "flops": self.flops_seen,
+                "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "model": self.cfg.model.to_dict(), "config": self.cfg.to_toml(), "world_size": self.d.world_size,
+                "strategy": self.strategy, "total_steps": self.steps}
+
+    def checkpoint(self) -> Path:
+        """A checkpoint at the current step, unless the last one saved is already there."""
+        if self.last_saved == self.step:
+            return ckpt.latest_checkpoint(self.run_dir, warn=lambda message: None)
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                                    strategy=self.strategy, d=self.d, keep=self.cfg.checkpoint.keep)
+        self.last_saved = self.step
+        return path
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        cfg, d, steps = self.cfg, self.d, self.steps
+        self.model.train()
         window_start, window_steps = time.perf_counter(), 0
         run_start = time.perf_counter()
-        step = start_step
-        while step < steps:
-            lr = learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup=warmup, total=steps, schedule=t.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=d.device)
-            for micro in range(accum):
-                x, y = loader.get_batch(step, micro)
-                x = torch.from_numpy(x).to(d.device, non_blocking=True)
-                y = torch.from_numpy(y).to(d.device, non_blocking=True)
-                with grad_sync(model, strategy, micro == accum - 1):
-                    with autocast():
-                        _, loss = model(x, y)
-                    scaled = loss / accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.detach()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            loss_value, grad_value = all_reduce_sum([float(loss_sum) / accum, float(grad_norm)], d)
-            loss_value /= d.world_size
-            grad_value /= d.world_size  # identical on every rank already; this keeps it so
-            if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_value)):
-                where = ckpt.latest_checkpoint(run_dir)
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                raise TrainingDiverged(
-                    f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_value} (not finite); "
-                    f"stopped before the optimizer step. Last good checkpoint: {where or 'none'}. "
-                    f"Try a lower train.lr, a longer train.warmup, or dtype bf16/fp32.")
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            flops_seen += flops_per_step
+        paused_total = 0.0  # eval and checkpoint time since run_start
+        while self.step < steps:
+            r = self.train_step()
+            step = self.step
             window_steps += 1
-            last_loss = loss_value
-
             if step % cfg.logging.every == 0 or step == steps:
                 now = time.perf_counter()
                 dt = (now - window_start) / window_steps
-                tps = tokens_per_step / dt
-                tflops = flops_per_step / dt / d.world_size / 1e12
+                tflops = self.flops_per_step / dt / d.world_size / 1e12
                 mem, mem_label = peak_memory(d.device)
-                record = {"kind": "train", "step": step, "tokens": tokens_seen, "flops": flops_seen,
-                          "loss": loss_value, "lr": lr, "grad_norm": grad_value, "tokens_per_second": tps,
-                          "tflops_per_second": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+                record = {"kind": "train", "step": step, "tokens": self.tokens_seen, "flops": self.flops_seen,
+                          "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"],
+                          "tokens_per_second": self.tokens_per_step / dt, "tflops_per_second": tflops,
+                          "mfu": tflops * 1e12 / self.peak if self.peak else None,
                           "peak_memory_bytes": mem, "elapsed_seconds": now - run_start}
                 if d.is_main:
-                    metrics.write(record)
-                    log(console_line(record, steps, dt * (steps - step), mem_label))
+                    self.metrics.write(record)
+                    eta = eta_seconds(now - run_start - paused_total, step - self.start_step, steps - step)
+                    self.log(console_line(record, steps, eta, mem_label))
                 window_start, window_steps = time.perf_counter(), 0
-            paused = time.perf_counter()  # eval and checkpoint time is not training throughput
+            paused = time.perf_counter()  # eval and checkpoint time is neither throughput nor in the ETA
             if cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
-                last_eval = evaluate(step)
+                self.evaluate()
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
-                save(step)
-            window_start += time.perf_counter() - paused
-            stopping = stop.signum is not None
+                self.checkpoint()
+            paused = time.perf_counter() - paused
+            window_start += paused
+            paused_total += paused
+            stopping = self.stop.signum is not None
             if d.distributed:
                 stopping = all_reduce_sum([1.0 if stopping else 0.0], d)[0] > 0
             if stopping and step < steps:
-                path = save(step) if last_saved != step else ckpt.latest_checkpoint(run_dir)
-                signum = stop.signum or signal.SIGTERM
-                if d.is_main:
-                    log(f"scalelab train: stopped at step {step}/{steps} by {signal.Signals(signum).name}; "
-                        f"checkpoint {path}; run the same command again to resume")
-                return {"exit_code": 128 + int(signum), "step": step, "steps": steps, "loss": last_loss,
-                        "checkpoint": str(path), "run_dir": str(run_dir)}
+                return self.stopped()
+        return self.finish()
 
-        if cfg.eval.at_end and steps > start_step:
-            last_eval = evaluate(step)
-        path = save(step) if last_saved != step else ckpt.latest_checkpoint(run_dir)
-        final = export_final(run_dir, model, strategy, d)
-        if d.is_main:
-            log(f"scalelab train: done, {step} steps, {tokens_seen:,} tokens, {flops_seen:.3g} FLOPs; "
-                f"checkpoint {path}; final weights {final}")
-        return {"exit_code": 0, "step": step, "steps": steps, "loss": last_loss, "tokens": tokens_seen,
-                "flops": flops_seen, "val_loss": (last_eval or {}).get("val_loss"),
-                "val_bpb": (last_eval or {}).get("val_bpb"), "checkpoint": str(path), "final": str(final),
-                "run_dir": str(run_dir)}
-    finally:
-        if stop is not None:
-            stop.restore()
-        if metrics is not None:
-            metrics.close()
+    def stopped(self) -> dict[str, Any]:
+        """Checkpoint after SIGTERM/SIGINT and say how to resume."""
+        path = self.checkpoint()
+        signum = self.stop.signum or signal.SIGTERM
+        if self.d.is_main:
+            self.log(f"scalelab train: stopped at step {self.step}/{self.steps} by {signal.Signals(signum).name}; "
+                     f"checkpoint {path}; run the same command again to resume")
+        return {"exit_code": 128 + int(signum), "step": self.step, "steps": self.steps, "loss": self.last_loss,
+                "checkpoint": str(path), "run_dir": str(self.run_dir)}
+
+    def finish(self) -> dict[str, Any]:
+        """Final eval, checkpoint and weights (RUN_DIR/final); the summary."""
+        if self.cfg.eval.at_end and self.steps > self.start_step:
+            self.evaluate()
+        path = self.checkpoint()
+        final = export_final(self.run_dir, self.model, self.strategy, self.d)
+        if self.d.is_main:
+            self.log(f"scalelab train: done, {self.step} steps, {self.tokens_seen:,} tokens, "
+                     f"{self.flops_seen:.3g} FLOPs; checkpoint {path}; final weights {final}")
+        last_eval = self.last_eval or {}
+        return {"exit_code": 0, "step": self.step, "steps": self.steps, "loss": self.last_loss,
+                "tokens": self.tokens_seen, "flops": self.flops_seen, "val_loss": last_eval.get("val_loss"),
+                "val_bpb": last_eval.get("val_bpb"), "checkpoint": str(path), "final": str(final),
+                "run_dir": str(self.run_dir)}
+
+    def close(self) -> None:
+        if self.stop is not None:
+            self.stop.restore()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.model = self.optimizer = None
+        if self.lock is not None:
+            self.lock.close()  # releases the flock
 
 
 def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Path:
