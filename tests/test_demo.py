@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-from scalelab.cli.demo import LAW_SEQ_LEN, LAW_VOCAB_SIZE, loss_row
+from scalelab.cli.demo import DEMO_LAW, LAW_SEQ_LEN, LAW_VOCAB_SIZE, loss_row, plan_space_args
 from scalelab.config import ModelConfig
 from scalelab.presets import resolve_model_section
 
@@ -145,7 +145,8 @@ def test_demo_refuses_outputs_without_recorded_settings(cli, tmp_path):
     assert tree_digest(out) == before
 
 
-@pytest.mark.parametrize("case", ["file", "file parent", "foreign dir", "budget too small", "vocab", "seq"])
+@pytest.mark.parametrize("case", ["file", "file parent", "foreign dir", "budget too small", "vocab", "huge vocab",
+                                  "seq"])
 def test_demo_bad_input_is_one_line_before_any_work(cli, tmp_path, case):
     (tmp_path / "notes.txt").write_text("mine\n")
     (tmp_path / "project").mkdir()
@@ -156,6 +157,7 @@ def test_demo_bad_input_is_one_line_before_any_work(cli, tmp_path, case):
         "foreign dir": (tmp_path / "project", ("--overwrite",), "not a scalelab demo directory"),
         "budget too small": (tmp_path / "new", ("--budget", "1e9"), "--budget"),
         "vocab": (tmp_path / "new", ("--vocab-size", "100"), "--vocab-size"),
+        "huge vocab": (tmp_path / "new", ("--vocab-size", "1000000000"), "--vocab-size"),
         "seq": (tmp_path / "new", ("--seq-len", "0"), "--seq-len"),
     }[case]
     before = tree_digest(tmp_path)
@@ -174,3 +176,27 @@ def test_demo_read_only_parent_is_one_line(cli, tmp_path):
         assert os.listdir(ro) == []
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_demo_budget_past_the_data_is_refused_before_the_plan_and_keeps_the_data(cli, tmp_path):
+    seed_corpus(tmp_path / "cache")
+    env = {**os.environ, "SCALELAB_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "demo"
+    r = cli("demo", "--out", out, "--budget", "1e18", "--vocab-size", "320", "--seq-len", "32", env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("scalelab demo: error: --budget 1e+18 is more than") and "at most --budget" in last
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["data", "demo.json", "tokenizer"]  # no plan, no run
+    # The budget the refusal names is one the demo's plan can spend (printed rounded down, not up).
+    largest = float(last.split("at most --budget ")[1].split()[0])
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    plan = cli("plan", f"{largest:g}", "--law", DEMO_LAW, *plan_space_args(meta["vocab_size"], 32),
+               "--max-tokens", meta["splits"]["train"]["tokens"])
+    assert plan.returncode == 0, plan.stderr
+    data = tree_digest(out / "data")
+    # Nothing depends on the refused budget yet, so another budget is no conflict: it gets as far.
+    again = cli("demo", "--out", out, "--budget", f"{largest * 10:g}", "--vocab-size", "320", "--seq-len", "32",
+                env=env)
+    assert again.returncode == 2 and "is more than" in again.stderr and "(done before" in again.stderr
+    assert tree_digest(out / "data") == data

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -57,6 +58,7 @@ DEMO_LAW = "shakespeare-cpu"
 # losses are nats per token of a 2048-token BPE at sequence length 128, and mean nothing for others.
 LAW_VOCAB_SIZE, LAW_SEQ_LEN = 2048, 128
 MICRO_BATCH = 16  # sequences per training step
+MAX_VOCAB_SIZE = 262144  # what `scalelab tokenizer train` accepts
 # A CPU-sized search space: widths 64..512, 2..12 layers, heads of 32, GQA with 2 KV heads.
 SPACE = {"style": "llama3", "hidden": (64, 512, 32), "layers": (2, 12, 1), "head_dims": 32, "kv_heads": 2}
 
@@ -106,19 +108,27 @@ def budget_limits(vocab_size: int, seq_len: int, train_tokens: float | None = No
     return float(fpt.min()) * MICRO_BATCH * seq_len, largest
 
 
+def two_digits(x: float, *, up: bool) -> float:
+    """x to two significant digits, rounded up or down (so a limit printed is a limit kept)."""
+    scale = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return (math.ceil(x / scale) if up else math.floor(x / scale)) * scale
+
+
 def validated_settings(args: argparse.Namespace) -> dict[str, float | int]:
     """The settings that define the demo's outputs, checked before anything is written."""
     budget = parse_quantity(args.budget, name="--budget")
     if budget <= 0:
         raise UserError("--budget must be positive, e.g. 1e13")
-    if args.vocab_size < 300:
-        raise UserError("--vocab-size must be at least 300 (256 bytes + merges + specials)")
+    if not 300 <= args.vocab_size <= MAX_VOCAB_SIZE:
+        raise UserError(f"--vocab-size must be between 300 (256 bytes + merges + specials) and {MAX_VOCAB_SIZE} "
+                        f"(`scalelab tokenizer train`'s limit), got {args.vocab_size}")
     if args.seq_len < 8:
         raise UserError(f"--seq-len must be at least 8, got {args.seq_len}")
     smallest, _ = budget_limits(args.vocab_size, args.seq_len)
     if budget < smallest:
-        raise UserError(f"--budget {budget:g} is less than one training step ({MICRO_BATCH} sequences of "
-                        f"{args.seq_len}) of the demo's smallest model costs; give at least --budget {smallest:.2g}")
+        raise UserError(f"--budget {budget:g} is less than what one training step ({MICRO_BATCH} sequences of "
+                        f"{args.seq_len}) of the demo's smallest model costs; give at least "
+                        f"--budget {two_digits(smallest, up=True):g}")
     return {"budget": budget, "vocab_size": args.vocab_size, "seq_len": args.seq_len}
 
 
@@ -255,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     _, largest = budget_limits(vocab, seq_len, train_tokens)
     if budget > largest:
         raise UserError(f"--budget {budget:g} is more than the demo's largest model can spend in one pass over "
-                        f"its {train_tokens:,} training tokens; give at most --budget {largest:.2g} "
+                        f"its {train_tokens:,} training tokens; give at most --budget {two_digits(largest, up=False):g} "
                         f"(the tokenizer and shards in {out} are kept for the rerun)")
     _call(["plan", f"{budget:g}", "--law", DEMO_LAW, *plan_space_args(vocab, seq_len),
            "--max-tokens", str(train_tokens), "--top", "5", "--emit-config", str(plan_toml), "--plot", str(plan_png)])
