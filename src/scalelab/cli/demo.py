@@ -262,6 +262,9 @@ def run(args: argparse.Namespace) -> int:
     _step(f"3/6 plan the compute-optimal model for C = {budget:.3g} FLOPs")
     # At most one pass over the training tokens (no repeated data). The loss law is the one fitted
     # to exactly this setup (benchmarks/ladder_shakespeare.py); Chinchilla's describes 1e18+ FLOPs.
+    if (settings["vocab_size"], seq_len) != (LAW_VOCAB_SIZE, LAW_SEQ_LEN):
+        print(f"(the {DEMO_LAW} law was fitted at --vocab-size {LAW_VOCAB_SIZE} --seq-len {LAW_SEQ_LEN}; "
+              "at other settings its plan is a guide, not a prediction)", file=sys.stderr)
     _, largest = budget_limits(vocab, seq_len, train_tokens)
     if budget > largest:
         raise UserError(f"--budget {budget:g} is more than the demo's largest model can spend in one pass over "
