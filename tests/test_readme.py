@@ -17,6 +17,7 @@ slow command neither table covers, or when a table entry or override no longer m
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -153,8 +154,10 @@ def test_every_readme_command_runs_in_order_on_a_fresh_directory(tmp_path, capsy
         cpu = after.children_user + after.children_system - before.children_user - before.children_system
         assert r.returncode == 0, f"{where}\nran: {text}\nexit {r.returncode}\n{r.stderr[-3000:]}"
         if command.output:
-            assert normalized(r.stdout.splitlines()) == normalized(command.output), (
-                f"{where}: the output README.md shows differs from the real one:\n{r.stdout}")
+            shown, real = normalized(command.output), normalized(r.stdout.splitlines())
+            assert real == shown, (f"{where}: the output README.md shows is not the real one; paste the real one "
+                                   "into README.md:\n" + "\n".join(difflib.unified_diff(
+                                       shown, real, "README.md", "real output", lineterm="")))
         log.append(f"ran      {where}  ({cpu:.1f} s CPU)")
     with capsys.disabled():
         print("\n" + "\n".join(log))
