@@ -126,11 +126,10 @@ def test_every_readme_command_runs_in_order_on_a_fresh_directory(tmp_path, capsy
     for name in CHECKOUT_DIRS:
         shutil.copytree(ROOT / name, checkout / name)
     seed_corpus(tmp_path / "cache")
-    bin_dir = tmp_path / "bin"  # `scalelab` and `python` as the installed package provides them
+    bin_dir = tmp_path / "bin"  # `scalelab` as the installed package provides it
     bin_dir.mkdir()
     (bin_dir / "scalelab").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m scalelab "$@"\n')
     (bin_dir / "scalelab").chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
     env = {**os.environ, "SCALELAB_CACHE": str(tmp_path / "cache"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}  # one thread: CI's 2 cores stay free
 
