@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         ("Run (checkpoints, metrics.jsonl)", str(run_dir)),
         ("Loss plot", str(loss_png)),
         ("Settings", f"{out / SETTINGS_FILE} ({_flags(settings)})"),
-        ("Total time", format_duration(time.time() - started)),
+        ("Time", f"{format_duration(time.time() - started)} (this invocation; steps done before not counted)"),
         ("Next", f"scalelab sample {run_dir} --prompt 'JULIET:' ; scalelab export-hf {run_dir} hf_out/"),
     ], title="scalelab demo: where everything is")
     return 0
