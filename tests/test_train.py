@@ -314,9 +314,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir
     ("checkpoint.keep=0", r"checkpoint.keep must be in \[1, 1,000,000\], got 0"),
     ("parallel.strategy=fsdp", r"parallel.strategy = fsdp shards over processes: launch with torchrun.*"
                                r"parallel.strategy = none"),
-    # too big for this machine's memory: refused before the model is built (within seconds)
-    ("model.n_layer=1e12", r"the run needs .* but .* is available on this host.*train.check_memory = false"),
-    ("model.vocab_size=1000000000", r"the run needs .* but .* is available on this host"),
+    # beyond any model: refused by the config's bounds
+    ("model.n_layer=1e12", r"n_layer must be a positive integer at most 65,536"),
+    ("model.vocab_size=1000000000", r"vocab_size must be a positive integer at most"),
+    # valid sizes, too big for this machine's memory (~48 and ~33 GB of weights and AdamW state):
+    # refused before the model is built, within seconds
+    ("model.n_layer=60000", r"the run needs .* but .* is available on this host.*train.check_memory = false"),
+    ("model.vocab_size=16000000", r"the run needs .* but .* is available on this host"),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, data_dir, override, pattern):
     cfg = write_config(tmp_path / "c.toml", data_dir)

@@ -675,7 +675,12 @@ class Trainer:
             self.metrics.close()
         self.model = self.optimizer = None
         if self.lock is not None:
+            # Empty it again before releasing: a run that was refused (or finished) leaves the lock
+            # file as it found it; only a live holder's pid and host are ever in it.
+            self.lock.seek(0)
+            self.lock.truncate()
             self.lock.close()  # releases the flock
+            self.lock = None
 
 
 def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Path:
