@@ -279,3 +279,106 @@ def test_gpt2_original_checkpoint_layout(idx, tmp_path):
         tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(tensors, tmp_path / "model.safetensors")
     torch.testing.assert_close(ours_logits(hf.load(tmp_path), idx), hf_logits(reference, idx), atol=1e-4, rtol=0)
+
+
+# ---- hostile config.json files and checkpoint keys --------------------------------------------
+
+def _saved_llama(tmp_path, **overrides):
+    randomize(AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA, num_key_value_heads=2, **overrides))
+              ).save_pretrained(tmp_path)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("field,edit", [
+    ("hidden_size", lambda c: c.update(hidden_size="abc")),
+    ("num_hidden_layers", lambda c: c.pop("num_hidden_layers")),
+    ("vocab_size", lambda c: c.update(vocab_size=1.5)),
+    ("intermediate_size", lambda c: c.update(intermediate_size=None)),
+    ("num_key_value_heads", lambda c: c.update(num_key_value_heads=[2])),
+    ("rms_norm_eps", lambda c: c.update(rms_norm_eps="tiny")),
+    ("tie_word_embeddings", lambda c: c.update(tie_word_embeddings="yes")),
+    ("max_position_embeddings", lambda c: c.update(max_position_embeddings=True)),
+    ("rope_parameters", lambda c: c.update(rope_parameters="llama3")),
+    ("rope_theta", lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": "big"})),
+    ("factor", lambda c: c.update(rope_parameters={**LLAMA31_ROPE, "factor": "x8"})),
+    ("num_attention_heads", lambda c: c.update(num_attention_heads=0)),
+    ("n_head", lambda c: c.update(hidden_size=64, num_attention_heads=5)),  # ModelConfig's check, file named
+    ("model_type", lambda c: c.update(model_type=None, architectures=7)),
+])
+def test_bad_config_json_fields_are_one_line_naming_field_and_file(tmp_path, capsys, field, edit):
+    config = _saved_llama(tmp_path / "hf")
+    edit(config)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert cli_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert field in err and str(tmp_path / "hf" / "config.json") in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_json_that_is_not_an_object(tmp_path, capsys):
+    _saved_llama(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    capsys.readouterr()
+    assert cli_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "JSON object" in err
+
+
+def test_yarn_without_any_context_length_uses_transformers_default(idx, tmp_path):
+    """No original_max_position_embeddings and no max_position_embeddings: transformers falls back
+    to its default context (2048); the import used to set None and die in float(None)."""
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    reference = randomize(AutoModelForCausalLM.from_config(
+        LlamaConfig(**{**LLAMA, "max_position_embeddings": 2048}, rope_parameters=rope)))
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["max_position_embeddings"]
+    config["rope_parameters"].pop("original_max_position_embeddings", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = hf.load(tmp_path)
+    assert ours.config.rope_scaling["original_max_position_embeddings"] == 2048
+    torch.testing.assert_close(ours_logits(ours, idx), hf_logits(reference, idx), atol=1e-4, rtol=0)
+
+
+def test_only_leading_wrapper_prefixes_are_stripped(idx, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = randomize(Transformer(style_config("llama3", 2, 64, 4, num_key_value_heads=2, vocab_size=V)))
+    hf.save_native(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({f"module._orig_mod.{k}": v for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    torch.testing.assert_close(ours_logits(hf.load_native(tmp_path), idx), ours_logits(model, idx))
+    # a wrapper name further inside a key is part of a real parameter name, not a wrapper
+    assert hf.strip_wrapper_prefixes("layers.0.submodule.weight") == "layers.0.submodule.weight"
+    assert hf.strip_wrapper_prefixes("_orig_mod.module.norm.weight") == "norm.weight"
+    save_file({f"layers.0.module.{k}": v for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match="does not match"):
+        hf.load_native(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["missing-shard", "no-weight-map", "index-not-json", "corrupt-shard", "traversal"])
+def test_broken_sharded_hf_directories_are_user_errors(tmp_path, capsys, how):
+    model = randomize(AutoModelForCausalLM.from_config(HF_CONFIGS["llama2-mha"]()))
+    model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    index = tmp_path / "hf" / hf.SAFETENSORS_INDEX
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    if how == "missing-shard":
+        shards[-1].unlink()
+    elif how == "no-weight-map":
+        index.write_text(json.dumps({"metadata": {}}))
+    elif how == "index-not-json":
+        index.write_text("{not json")
+    elif how == "corrupt-shard":
+        shards[0].write_bytes(shards[0].read_bytes()[:100])
+    else:
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: "../" + v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert cli_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(index.parent) in err, err
+    assert not (tmp_path / "out").exists()
