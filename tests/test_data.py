@@ -353,10 +353,22 @@ def _corrupt(out: Path, how: str) -> None:
     elif how == "tokenizer-swapped":
         meta["tokenizer"]["kind"] = "hf"
         meta_path.write_text(json.dumps(meta))
+    elif how == "max-id-outside-vocab":
+        meta["splits"]["val"]["shards"][0]["max_id"] = 300
+        meta_path.write_text(json.dumps(meta))
+    elif how == "max-id-not-int":
+        meta["splits"]["val"]["shards"][0]["max_id"] = "lots"
+        meta_path.write_text(json.dumps(meta))
+    elif how == "meta-not-object":
+        meta_path.write_text("[]")
+    elif how == "splits-not-object":
+        meta["splits"] = {"train": 5}
+        meta_path.write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("how", ["not-json", "missing-meta", "truncated-shard", "missing-shard", "token-count",
-                                 "dtype-too-small", "version", "tokenizer-swapped"])
+                                 "dtype-too-small", "version", "tokenizer-swapped", "max-id-outside-vocab",
+                                 "max-id-not-int", "meta-not-object", "splits-not-object"])
 def test_corrupt_metadata_is_exit_2_with_one_line(prepared, how, capsys):
     assert cli_main(["data-info", str(prepared)]) == 0
     capsys.readouterr()
@@ -378,6 +390,44 @@ def test_cli_exit_codes_in_a_real_process(prepared, tmp_path, cli):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
     r = cli("prepare", "--input", tmp_path / "missing", "--out", tmp_path / "o")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_prepare_records_each_shards_largest_token_id(prepared):
+    meta = json.loads((prepared / "meta.json").read_text())
+    shards = [s for split in meta["splits"].values() for s in split["shards"]]
+    assert len(shards) > 2
+    for s in shards:
+        assert s["max_id"] == int(np.fromfile(prepared / s["file"], dtype=np.uint16).max())
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_token_id_outside_the_vocabulary_in_a_shard_is_refused(prepared, capsys, recorded):
+    """A crafted shard holding id 300 under a 258-token tokenizer: data-info and the trainer's
+    check_vocab name the shard, the id and the vocabulary (it used to be an IndexError mid-training).
+    Without max_id in meta.json (data prepared before it was recorded) the ids are scanned once."""
+    meta = json.loads((prepared / "meta.json").read_text())
+    shard = prepared / meta["splits"]["train"]["shards"][1]["file"]
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[5] = 300
+    tokens.tofile(shard)
+    for split in meta["splits"].values():
+        for s in split["shards"]:
+            if recorded:
+                s["max_id"] = int(np.fromfile(prepared / s["file"], dtype=np.uint16).max())
+            else:
+                s.pop("max_id")
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    assert cli_main(["data-info", str(prepared)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(shard) in err and "token id 300" in err and "258" in err, err
+    if recorded:
+        with pytest.raises(UserError, match="token id 300"):
+            TokenLoader(prepared, seq_len=4, micro_batch_size=1)
+        return
+    loader = TokenLoader(prepared, seq_len=4, micro_batch_size=1)
+    with pytest.raises(UserError, match=f"{shard}.*token id 300.*vocabulary of 258"):
+        loader.check_vocab(258)
+    loader.check_vocab(512)  # a model with room for id 300 trains on it
 
 
 def test_vocab_mismatch_is_user_error(prepared):

@@ -97,9 +97,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from scalelab.data.loader import read_metadata
+    from scalelab.data.loader import check_token_ids, read_metadata
 
-    _print_meta(args.dir, read_metadata(args.dir), args.json)
+    meta = read_metadata(args.dir)
+    check_token_ids(args.dir, meta, meta["vocab_size"], "the data's tokenizer")
+    _print_meta(args.dir, meta, args.json)
     return 0
 
 

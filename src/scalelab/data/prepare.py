@@ -328,7 +328,9 @@ def _batches(pieces: Iterable[Piece], batch_chars: int = BATCH_CHARS, max_pieces
 
 @dataclass
 class ShardWriter:
-    """Appends tokens to SPLIT_NNNNNN.bin.tmp files of at most `shard_tokens`; renames when full."""
+    """Appends tokens to SPLIT_NNNNNN.bin.tmp files of at most `shard_tokens`; renames when full.
+    Each shard's entry records its token count and its largest token id (`max_id`), so a reader
+    can check the ids against a model's vocabulary without scanning the data."""
 
     directory: Path
     split: str
@@ -343,7 +345,7 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.split}_{len(self.shards):06d}.bin"
         self._file = open(self.directory / (name + ".tmp"), "wb")
-        self.shards.append({"file": name, "tokens": 0})
+        self.shards.append({"file": name, "tokens": 0, "max_id": -1})
         self._in_shard = 0
 
     def _close(self) -> None:
@@ -363,6 +365,7 @@ class ShardWriter:
                 self._open()
             n = min(arr.size, self.shard_tokens - self._in_shard)
             self._file.write(arr[:n].tobytes())
+            self.shards[-1]["max_id"] = max(self.shards[-1]["max_id"], int(arr[:n].max()))
             self._in_shard += n
             self.shards[-1]["tokens"] += n
             self.tokens += n
