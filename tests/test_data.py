@@ -134,6 +134,31 @@ def test_workers_give_identical_shards(tmp_path, bpe_spec):
         assert np.array_equal(split_tokens(tmp_path / "w1", split), split_tokens(tmp_path / "w2", split))
 
 
+def test_worker_count_is_capped_to_cpus_and_work():
+    assert P.worker_count(4, cpus=16, total_bytes=None) == (4, None)
+    n, why = P.worker_count(500, cpus=2, total_bytes=None)
+    assert n == 2 and "not 500" in why and "2 CPU(s)" in why
+    n, why = P.worker_count(8, cpus=16, total_bytes=3 * P.BATCH_CHARS + 1)
+    assert n == 4 and "4 batch(es)" in why
+    n, why = P.worker_count(500, cpus=64, total_bytes=10)
+    assert n == 1 and "64 CPU(s)" in why and "1 batch(es)" in why
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(UserError, match="--workers"):
+            P.worker_count(bad, cpus=4, total_bytes=None)
+
+
+def test_prepare_with_absurd_workers_finishes_fast(tmp_path, cli):
+    """`--workers 500` started 500 processes, each loading the tokenizer: 113 s for a 0.5 s job."""
+    write_corpus(tmp_path / "in")
+    start = time.perf_counter()
+    r = cli("prepare", "--input", tmp_path / "in", "--out", tmp_path / "out", "--workers", "500", "--no-progress")
+    elapsed = time.perf_counter() - start
+    assert r.returncode == 0, r.stderr
+    assert "not 500" in r.stderr and elapsed < 30, (elapsed, r.stderr)
+    r = cli("prepare", "--input", tmp_path / "in", "--out", tmp_path / "o2", "--workers", "0")
+    assert r.returncode == 2 and "--workers" in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_large_text_file_is_read_in_pieces_with_identical_tokens(tmp_path, bpe_spec):
     # CRLF and blank-line runs included: cuts must avoid them (GPT-2's regex joins whitespace runs)
     text = "".join(f"Line {i}: Ünïcödé words, don't stop; 12345 {'x' * (i % 7)}\nnext\n  indented\r\n\n"

@@ -12,7 +12,6 @@ of the tokenizer in OUT/tokenizer/. Nothing appears under OUT until the run has 
 from __future__ import annotations
 
 import argparse
-import os
 
 from scalelab.cli import HelpFormatter, add_common_flags, format_count, parse_quantity, print_json, print_table
 from scalelab.errors import UserError
@@ -48,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the output directory (must be new, empty, or --overwrite)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="share of tokens (whole documents) for the val split [0.005; 0.1 for --dataset shakespeare]")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes [the CPUs available, at most 8]; capped to the CPUs and the input")
     p.add_argument("--shard-tokens", default="256M", help="most tokens per shard file, e.g. 100M")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -66,8 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from scalelab.data import prepare as P
 
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers} must be at least 1")
+    workers = min(8, P.available_cpus()) if args.workers is None else args.workers
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be at least 1")
     shard_tokens = int(parse_quantity(args.shard_tokens, name="--shard-tokens"))
     val_fraction = args.val_fraction
     total_bytes = None
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             total_bytes = P.total_size(files)
         sources = [str(f) for f in files]
     meta = P.prepare(pieces, args.tokenizer, args.out, val_fraction=0.005 if val_fraction is None else val_fraction,
-                     workers=args.workers, shard_tokens=shard_tokens, total_bytes=total_bytes, sources=sources,
+                     workers=workers, shard_tokens=shard_tokens, total_bytes=total_bytes, sources=sources,
                      overwrite=args.overwrite, progress=not args.no_progress)
     if meta["val_fraction"] > 0 and meta["splits"]["val"]["tokens"] == 0:
         print("scalelab prepare: warning: the val split is empty (documents are large compared with "
