@@ -241,3 +241,28 @@ def test_cli_tokenizer_train_and_encode(tmp_path, cli):
     assert load_tokenizer(f"hf:{tmp_path / 'tok'}").decode(ids) == "héllo <|end_of_text|>"
     r = cli("tokenizer", "encode", "--tokenizer", "tiktoken:/nonexistent/tokenizer.model", "x")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "scalelab tokenizer: error:" in r.stderr
+
+
+def test_tokenizer_train_output_rules_match_prepare(tmp_path, cli):
+    """`tokenizer train --out` used to overwrite silently while `prepare` asked for --overwrite:
+    both now refuse an existing non-empty output without --overwrite, and a file as --out."""
+    (tmp_path / "a.txt").write_text(CORPUS)
+    train = ("tokenizer", "train", "--input", tmp_path / "a.txt", "--vocab-size", "300")
+    assert cli(*train, "--out", tmp_path / "tok").returncode == 0
+    before = (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    r = cli(*train[:-1], "290", "--out", tmp_path / "tok")
+    assert r.returncode == 2 and "--overwrite" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == before
+    r = cli(*train[:-1], "290", "--out", tmp_path / "tok", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert load_tokenizer(f"hf:{tmp_path / 'tok'}").vocab_size == 290
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "notes", tmp_path / "file"):
+        for extra in ((), ("--overwrite",)):
+            for verb in (train, ("prepare", "--input", tmp_path / "a.txt", "--no-progress")):
+                r = cli(*verb, "--out", out, *extra)
+                assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "file", "notes", "tok"]

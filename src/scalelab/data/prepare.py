@@ -46,6 +46,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from scalelab.errors import UserError
+from scalelab import files
 from scalelab.files import atomic_write_text
 
 from scalelab.data.loader import FORMAT_VERSION, META_NAME
@@ -407,18 +408,17 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------- output directory
 
-def _looks_prepared(path: Path) -> bool:
-    return (path / META_NAME).is_file()
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory")
+def check_output_dir(out: Path, overwrite: bool, *, marker: str = META_NAME, what: str = "prepared data") -> None:
+    """The output rule `prepare` and `tokenizer train` share, checked before any work: OUT must be
+    new or empty, or hold an earlier output of the same command (its `marker` file) and come
+    with --overwrite. A file, a directory of other things, or an unwritable parent is refused."""
+    files.check_output_dir(out, flag="--out")
     if out.is_dir() and any(out.iterdir()):
-        if not _looks_prepared(out):
-            raise UserError(f"--out {out} exists and is not a prepared data directory; choose a new or empty directory")
+        if not (out / marker).is_file():
+            raise UserError(f"--out {out} exists and is not a {what} directory (no {marker}); "
+                            "choose a new or empty directory")
         if not overwrite:
-            raise UserError(f"--out {out} already holds prepared data; pass --overwrite to replace it")
+            raise UserError(f"--out {out} already holds {what}; pass --overwrite to replace it")
 
 
 def _remove_stale_staging(out: Path) -> None:

@@ -387,18 +387,22 @@ def load_saved_tokenizer(out_dir: str | os.PathLike, relative_spec: str) -> Toke
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
-              bos: str = "<|begin_of_text|>", eos: str = "<|end_of_text|>") -> HFTokenizer:
+              bos: str = "<|begin_of_text|>", eos: str = "<|end_of_text|>", *, overwrite: bool = False) -> HFTokenizer:
     """Train a byte-level BPE with the `tokenizers` library; write OUT_DIR/tokenizer.json.
 
     BOS and EOS are special tokens with ids 0 and 1. Byte-level means all 256 bytes are in the
-    base alphabet, so any Unicode text round-trips exactly.
+    base alphabet, so any Unicode text round-trips exactly. OUT_DIR follows prepare's rule: new
+    or empty, or an earlier tokenizer directory replaced (whole, once complete) with `overwrite`.
     """
     from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers, trainers
 
-    from scalelab.files import atomic_write_text
+    from scalelab.data.prepare import check_output_dir
+    from scalelab.files import atomic_directory
 
+    out_dir = Path(out_dir)
     if vocab_size < 258 + 2:
         raise UserError(f"--vocab-size {vocab_size} is too small for a byte-level BPE; use at least 260")
+    check_output_dir(out_dir, overwrite, marker="tokenizer.json", what="tokenizer")
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -407,7 +411,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    out = Path(out_dir) / "tokenizer.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, tok.to_str(pretty=True))
-    return HFTokenizer(out)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
+    return HFTokenizer(out_dir / "tokenizer.json")
