@@ -296,7 +296,7 @@ def test_killed_prepare_leaves_nothing_valid_and_rerun_completes(tmp_path, bpe_s
     try:
         deadline = time.time() + 60
         while time.time() < deadline:  # wait until at least one shard is complete inside staging
-            if list(tmp_path.glob(".out.partial-*/train_000001.bin")) or proc.poll() is not None:
+            if list(tmp_path.glob(".out.*.partial/train_000001.bin")) or proc.poll() is not None:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "prepare finished before it could be interrupted"
@@ -314,7 +314,7 @@ def test_killed_prepare_leaves_nothing_valid_and_rerun_completes(tmp_path, bpe_s
         proc.wait()
     assert not out.exists()
     assert not list(tmp_path.rglob("meta.json"))  # nothing anywhere looks like finished output
-    staging = list(tmp_path.glob(".out.partial-*"))
+    staging = list(tmp_path.glob(".out.*.partial"))
     assert len(staging) == 1 and list(staging[0].glob("*.bin*"))
     with pytest.raises(UserError, match="does not exist"):
         read_metadata(out)
@@ -565,3 +565,70 @@ def test_loader_does_not_import_torch():
             "bad = [m for m in ('torch', 'tokenizers', 'tiktoken', 'datasets') if m in sys.modules]; print(bad)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- durable outputs
+
+@contextlib.contextmanager
+def _umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_prepare_and_tokenizer_outputs_follow_the_umask(tmp_path, bpe_spec, mask):
+    """Staging used mkstemp/mkdtemp-private modes: meta.json and tokenizer.json came out 0600, so a
+    teammate could not read a shared dataset. The final rename applies the umask."""
+    write_corpus(tmp_path / "in")
+    with _umask(mask):
+        P.prepare(P.iter_files(P.resolve_inputs([str(tmp_path / "in")])), bpe_spec, tmp_path / "out",
+                  val_fraction=0.2, progress=False)
+        train_bpe(DOCS, 300, tmp_path / "tok")
+    for root in (tmp_path / "out", tmp_path / "tok"):
+        modes = _modes(root)
+        assert "meta.json" in modes or "tokenizer.json" in modes
+        for name, mode in modes.items():
+            want = 0o777 & ~mask if (root / name).is_dir() else 0o666 & ~mask
+            assert mode == want, (root, name, oct(mode))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 64 KiB tmpfs: a real ENOSPC. Skipped where mounting is not permitted."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_disk_full_during_prepare_is_one_line_and_leaves_nothing(tmp_path, tiny_fs, capsys):
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("a small corpus\n")
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "a.txt").write_text("many words to fill a tiny disk\n" * 4000)  # 124 KB -> 248 KB of uint16
+    out = tiny_fs / "data"
+    assert cli_main(["prepare", "--input", str(small), "--out", str(out), "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"]):
+        target = out if extra else tiny_fs / "other"
+        assert cli_main(["prepare", "--input", str(big), "--out", str(target), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == f"scalelab prepare: error: {target}: the disk is full; free space or choose another location\n"
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["data"]  # no staging directory left
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

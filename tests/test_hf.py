@@ -382,3 +382,50 @@ def test_broken_sharded_hf_directories_are_user_errors(tmp_path, capsys, how):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and str(index.parent) in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mount(options) -> a fresh tmpfs directory (read-only with 'ro', tiny with 'size=64k');
+    skipped where mounting is not permitted."""
+    import subprocess
+
+    mounts = []
+
+    def mount(options: str):
+        mnt = tmp_path / f"mnt{len(mounts)}"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_cli_unwritable_outputs_are_one_line_before_any_work(tmp_path, mounted, capsys, monkeypatch):
+    model = randomize(Transformer(style_config("llama3", 2, 64, 4, num_key_value_heads=2, vocab_size=V)))
+    hf.save_native(model, tmp_path / "ckpt")
+    hf.save(model, tmp_path / "hfdir")
+    (tmp_path / "file").write_text("mine")
+    readonly, full = mounted("ro,size=64k"), mounted("size=64k")
+    loaded = []
+    monkeypatch.setattr(hf, "load_checkpoint", lambda *a, **k: loaded.append(a) or (model, "scalelab"))
+    monkeypatch.setattr(hf, "load", lambda *a, **k: loaded.append(a) or model)
+    for verb, src in (("export-hf", "ckpt"), ("import-hf", "hfdir")):
+        for out, words in ((tmp_path / "file", "is an existing file"), (readonly / "out", "not writable")):
+            capsys.readouterr()
+            assert cli_main([verb, str(tmp_path / src), str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and str(out) in err and words in err, err
+    assert loaded == []  # refused before loading anything
+    monkeypatch.undo()
+    for verb, src in (("export-hf", "ckpt"), ("import-hf", "hfdir")):  # disk full while writing
+        capsys.readouterr()
+        assert cli_main([verb, str(tmp_path / src), str(full / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(full / "out") in err and "disk is full" in err, err
+        assert list(full.iterdir()) == []
+    assert (tmp_path / "file").read_text() == "mine"

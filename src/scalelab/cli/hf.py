@@ -14,7 +14,7 @@ from typing import Callable
 
 from scalelab.cli import HelpFormatter, add_common_flags, format_count, print_json, print_table
 from scalelab.errors import UserError
-from scalelab.files import atomic_directory
+from scalelab.files import atomic_directory, check_output_dir
 
 IMPORT_EXAMPLES = """examples:
   scalelab import-hf ~/models/Llama-3.2-1B checkpoints/llama3.2-1b
@@ -59,14 +59,16 @@ def _add_shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it already exists")
 
 
-def _check_paths(source: str, out: str, force: bool) -> Path:
+def _check_paths(source: str, out: str, force: bool, flag: str) -> Path:
+    """Refuse, before anything is loaded, a missing source and an output that cannot be written:
+    the source itself, an existing file, a non-empty directory without --force, a parent that
+    is a file or not writable."""
     src, dst = Path(source), Path(out)
     if not src.is_dir():
         raise UserError(f"{src}: no such directory")
     if dst.exists() and dst.resolve() == src.resolve():
         raise UserError(f"{dst} is the source directory; choose another output directory")
-    if dst.exists() and not dst.is_dir():
-        raise UserError(f"{dst} exists and is not a directory")
+    check_output_dir(dst, flag=flag)
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise UserError(f"{dst} exists and is not empty; pass --force to replace it")
     return dst
@@ -102,7 +104,7 @@ def run_import(args: argparse.Namespace) -> int:
 
     from scalelab import hf
 
-    out = _check_paths(args.hf_dir, args.out, args.force)
+    out = _check_paths(args.hf_dir, args.out, args.force, "OUT_CHECKPOINT")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = hf.load(args.hf_dir, dtype=dtype, overrides=args.overrides)
     arch = hf.architecture_of(hf.read_json(Path(args.hf_dir) / "config.json"))
@@ -115,7 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     from scalelab import hf
 
-    out = _check_paths(args.checkpoint, args.out, args.force)
+    out = _check_paths(args.checkpoint, args.out, args.force, "HF_DIR")
     max_shard = hf.parse_size(args.max_shard_size)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, source = _load_for_export(Path(args.checkpoint), dtype, args.overrides)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 
 from scalelab.cli import HelpFormatter, add_common_flags, format_count, parse_quantity, print_json, print_table
-from scalelab.errors import UserError
 
 EXAMPLES = """examples:
   scalelab prepare --dataset shakespeare --tokenizer byte --out data/shakespeare
@@ -66,9 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from scalelab.data import prepare as P
 
-    workers = min(8, P.available_cpus()) if args.workers is None else args.workers
-    if workers < 1:
-        raise UserError(f"--workers {workers} must be at least 1")
+    if args.workers is not None:
+        P.worker_count(args.workers, 1, None)  # a bad --workers fails before any input is read
     shard_tokens = int(parse_quantity(args.shard_tokens, name="--shard-tokens"))
     val_fraction = args.val_fraction
     total_bytes = None
@@ -88,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             total_bytes = P.total_size(files)
         sources = [str(f) for f in files]
     meta = P.prepare(pieces, args.tokenizer, args.out, val_fraction=0.005 if val_fraction is None else val_fraction,
-                     workers=workers, shard_tokens=shard_tokens, total_bytes=total_bytes, sources=sources,
+                     workers=args.workers, shard_tokens=shard_tokens, total_bytes=total_bytes, sources=sources,
                      overwrite=args.overwrite, progress=not args.no_progress)
     if meta["val_fraction"] > 0 and meta["splits"]["val"]["tokens"] == 0:
         print("scalelab prepare: warning: the val split is empty (documents are large compared with "
