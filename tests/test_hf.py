@@ -429,3 +429,46 @@ def test_cli_unwritable_outputs_are_one_line_before_any_work(tmp_path, mounted, 
         assert err.count("\n") == 1 and str(full / "out") in err and "disk is full" in err, err
         assert list(full.iterdir()) == []
     assert (tmp_path / "file").read_text() == "mine"
+
+
+# ---- sample: bad numbers and devices ----------------------------------------------------------
+
+@pytest.mark.parametrize("flags,words", [
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--temperature", "inf"], "--temperature inf"),
+    (["--temperature", "-1"], "--temperature -1"),
+    (["--temperature", "1e-300"], "--temperature 1e-300"),  # logits / T overflow to inf, then NaN
+    (["--top-k", "0"], "--top-k 0"),
+    (["--top-p", "nan"], "--top-p nan"),
+    (["--top-p", "1.5"], "--top-p 1.5"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--max-new-tokens", "1000000000000"], "--max-new-tokens 1000000000000"),
+    (["--num-samples", "0"], "--num-samples 0"),
+    (["--device", "quantum"], "--device 'quantum'"),
+    (["--device", "meta"], "not meta"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param(["--device", "mps"], "MPS",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
+    pytest.param(["--device", "cuda:64"], "CUDA", marks=pytest.mark.skipif(
+        torch.cuda.device_count() > 64, reason="64 GPUs")),
+])
+def test_sample_bad_numbers_and_devices_are_one_line(tmp_path, capsys, flags, words):
+    model = randomize(Transformer(style_config("llama3", 1, 32, 4, vocab_size=258, block_size=32)))
+    hf.save_native(model, tmp_path / "ckpt")
+    assert cli_main(["sample", str(tmp_path / "ckpt"), "--tokenizer", "byte", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert cli_main(["sample", str(tmp_path / "ckpt"), "--tokenizer", "byte", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scalelab sample: error: ") and err.count("\n") == 1 and words in err, err
+
+
+def test_sample_with_a_damaged_run_tokenizer_is_one_line(tmp_path, capsys):
+    model = randomize(Transformer(style_config("llama3", 1, 32, 4, vocab_size=258, block_size=32)))
+    hf.save_native(model, tmp_path / "run" / "final")
+    for text, words in (("{not json", "data.json"), ('{"tokenizer": 3}', "data.json"),
+                        ('{"tokenizer": {"saved_spec": "hf:tokenizer.json"}}', "tokenizer.json")):
+        (tmp_path / "run" / "data.json").write_text(text)
+        assert cli_main(["sample", str(tmp_path / "run" / "final")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "Traceback" not in err, err

@@ -386,6 +386,28 @@ def load_saved_tokenizer(out_dir: str | os.PathLike, relative_spec: str) -> Toke
     return load_tokenizer(f"{kind}:{Path(out_dir) / name}")
 
 
+def find_run_tokenizer(start: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer a training run copied beside its checkpoints: `data.json` (the prepared
+    data's metadata) + `tokenizer/`, in `start` or up to 3 parents (a run directory, its
+    final/ or checkpoints/step_N). None if there is none; a one-line UserError if the copy is
+    damaged (data.json not JSON, no saved spec, tokenizer files missing or unreadable)."""
+    start = Path(start)
+    for d in [start, *list(start.resolve().parents)[:3]]:
+        meta_file = d / "data.json"
+        if not meta_file.is_file():
+            continue
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            spec = meta["tokenizer"]["saved_spec"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise UserError(f"{meta_file} is not the data.json a training run writes (no tokenizer.saved_spec); "
+                            "pass --tokenizer SPEC") from None
+        if not isinstance(spec, str):
+            raise UserError(f"{meta_file}: tokenizer.saved_spec {spec!r} is not a tokenizer spec; pass --tokenizer SPEC")
+        return load_saved_tokenizer(d / "tokenizer", spec)
+    return None
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
               bos: str = "<|begin_of_text|>", eos: str = "<|end_of_text|>", *, overwrite: bool = False) -> HFTokenizer:
     """Train a byte-level BPE with the `tokenizers` library; write OUT_DIR/tokenizer.json.
