@@ -472,3 +472,76 @@ def test_sample_with_a_damaged_run_tokenizer_is_one_line(tmp_path, capsys):
         assert cli_main(["sample", str(tmp_path / "run" / "final")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
+
+
+# ---- export with the run's tokenizer: transformers loads both halves ---------------------------
+
+def _tokenizer_spec(kind: str, d) -> str:
+    """A small tokenizer of each kind scalelab has, made without a network."""
+    import base64
+
+    from scalelab.data.tokenizer import train_bpe
+
+    if kind == "byte":
+        return "byte"
+    if kind == "hf":
+        train_bpe(["the quick brown fox jumps over the lazy dog, Ünïcödé 😀\n" * 50], 300, d / "bpe")
+        return f"hf:{d / 'bpe'}"
+    letters = [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz "]
+    tokens = [bytes([b]) for b in range(256)] + [a + b for a in letters for b in letters] + [b"the", b" the", b"fox"]
+    (d / "ranks.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    return f"{'tiktoken' if kind == 'tiktoken' else 'gpt2'}:{d / 'ranks.tiktoken'}"
+
+
+@pytest.mark.parametrize("kind", ["byte", "hf", "tiktoken", "gpt2"])
+def test_export_with_run_tokenizer_loads_end_to_end_in_transformers(tmp_path, kind, capsys):
+    """A run directory as the trainer leaves it (data.json + tokenizer/ copied from the prepared
+    data, the model in final/) exported with export-hf: transformers' AutoTokenizer encodes text to
+    the ids scalelab's tokenizer gives, and AutoModelForCausalLM's logits on them equal ours."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from scalelab.data import prepare as P
+    from scalelab.data.tokenizer import find_run_tokenizer
+
+    (tmp_path / "corpus.txt").write_text("the quick brown fox\n" * 20)
+    P.prepare(P.iter_files([tmp_path / "corpus.txt"]), _tokenizer_spec(kind, tmp_path), tmp_path / "data",
+              val_fraction=0.0, workers=1, progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(tmp_path / "data" / "tokenizer", run / "tokenizer")
+    shutil.copy(tmp_path / "data" / "meta.json", run / "data.json")
+    tok = find_run_tokenizer(run)
+    model = randomize(Transformer(style_config("llama3", 2, 32, 4, num_key_value_heads=2, block_size=64,
+                                               vocab_size=tok.vocab_size + 3)))
+    hf.save_native(model, run / "final")
+    capsys.readouterr()
+    assert cli_main(["export-hf", str(run / "final"), str(tmp_path / "export")]) == 0, capsys.readouterr().err
+    assert "note" not in capsys.readouterr().err
+    names = {p.name for p in (tmp_path / "export").iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"} <= names
+
+    their_tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    text = "the quick brown fox, Ünïcödé 😀 jumps\n  over"
+    ids = their_tok(text)["input_ids"]
+    assert ids == tok.encode(text) and their_tok.decode(ids) == text
+    assert (their_tok.bos_token_id, their_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    assert GenerationConfig.from_pretrained(tmp_path / "export").eos_token_id == tok.eos_id
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    x = torch.tensor([[tok.eos_id] + ids])
+    torch.testing.assert_close(hf_logits(theirs, x), ours_logits(model, x), atol=1e-4, rtol=0)
+
+
+def test_export_without_a_tokenizer_says_so_and_a_too_large_one_is_refused(tmp_path, capsys):
+    model = randomize(Transformer(style_config("llama3", 1, 32, 4, vocab_size=200, block_size=32)))
+    hf.save_native(model, tmp_path / "ckpt")
+    capsys.readouterr()
+    assert cli_main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "--tokenizer" in err and "AutoTokenizer" in err
+    assert cli_main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "b"), "--tokenizer", "byte"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "258" in err and "200" in err and not (tmp_path / "b").exists()

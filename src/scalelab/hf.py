@@ -244,7 +244,8 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
     common = {"architectures": [HF_CLASS[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype_name, "dtype": dtype_name,
               "initializer_range": 0.02, "use_cache": True,
-              # Token ids belong to the tokenizer, which a ModelConfig does not know.
+              # Token ids belong to the tokenizer, which a ModelConfig does not know (save() fills
+              # them in when it exports one).
               "bos_token_id": None, "eos_token_id": None}
     if arch == "gpt2":
         if not cfg.bias:
@@ -520,17 +521,40 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
 
 
 def save(model: Transformer, path: str | Path, *, arch: str | None = None, dtype: torch.dtype | None = None,
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer=None) -> str:
     """Export as a Hugging Face checkpoint directory that transformers' from_pretrained loads.
-    Returns the architecture written ('llama', 'mistral', 'qwen2' or 'gpt2')."""
+    With `tokenizer` (a scalelab.data.tokenizer.Tokenizer) the directory also holds its
+    transformers files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) and
+    generation_config.json, and config.json names its BOS/EOS ids, so AutoTokenizer and
+    AutoModelForCausalLM both load it. Returns the architecture written."""
     cfg = model.config
     arch = arch or default_architecture(cfg)
     sd = {k: v if dtype is None else v.to(dtype) for k, v in model.state_dict().items()}
     hf_config = config_to_hf(cfg, arch, dtype or next(iter(sd.values())).dtype)  # validates before writing
+    extra: dict[str, str] = {}
+    if tokenizer is not None:
+        extra = tokenizer_files(tokenizer, cfg)
+        hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     tensors = _hf_from_native(sd, cfg, arch)
     write_safetensors(tensors, path, max_shard_bytes)
+    for name, text in extra.items():
+        atomic_write_text(Path(path) / name, text)
     atomic_write_text(Path(path) / "config.json", json.dumps(hf_config, indent=2) + "\n")
     return arch
+
+
+def tokenizer_files(tokenizer, cfg: ModelConfig) -> dict[str, str]:
+    """transformers' tokenizer files and generation_config.json for `tokenizer` on this model
+    (a UserError if its ids do not fit the model's vocabulary)."""
+    from scalelab.data.tokenizer import transformers_tokenizer_files
+
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer {tokenizer.spec} has {tokenizer.vocab_size} ids, more than the model's "
+                        f"vocab_size {cfg.vocab_size}; export with the tokenizer the model was trained with")
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                  "pad_token_id": tokenizer.eos_id, "max_length": cfg.block_size}
+    return {**transformers_tokenizer_files(tokenizer, cfg.block_size),
+            "generation_config.json": json.dumps(generation, indent=2) + "\n"}
 
 
 def save_native(model: Transformer, path: str | Path) -> None:

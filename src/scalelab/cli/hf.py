@@ -9,6 +9,7 @@ written by import-hf or the trainer). Only safetensors and json are used; no tra
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Hugging Face architecture (default: the one matching the model)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file; bigger models are sharded with an index")
+    p.add_argument("--tokenizer", default=None, metavar="SPEC",
+                   help="tokenizer to export with the model (byte, gpt2, hf:PATH, tiktoken:PATH) "
+                        "[the run's copy: data.json + tokenizer/ beside CHECKPOINT or in a parent]")
     _add_shared(p)
     add_common_flags(p)
     p.set_defaults(func=run_export)
@@ -120,11 +124,23 @@ def run_export(args: argparse.Namespace) -> int:
     out = _check_paths(args.checkpoint, args.out, args.force, "HF_DIR")
     max_shard = hf.parse_size(args.max_shard_size)
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    tokenizer = _export_tokenizer(Path(args.checkpoint), args.tokenizer)
     model, source = _load_for_export(Path(args.checkpoint), dtype, args.overrides)
     arch = args.arch or hf.default_architecture(model.config)
     hf.config_to_hf(model.config, arch)  # an unsupported architecture fails before anything is written
-    _write_directory(out, lambda d: hf.save(model, d, arch=arch, max_shard_bytes=max_shard))
+    _write_directory(out, lambda d: hf.save(model, d, arch=arch, max_shard_bytes=max_shard, tokenizer=tokenizer))
+    if tokenizer is None:
+        print(f"scalelab export-hf: note: no tokenizer with {args.checkpoint} (no data.json + tokenizer/ beside "
+              "it or in a parent), so the export has none: transformers' AutoTokenizer will not load it; pass "
+              "--tokenizer SPEC to include one", file=sys.stderr)
     return _report(args, model, source if source == "scalelab" else hf.HF_CLASS[source], hf.HF_CLASS[arch])
+
+
+def _export_tokenizer(checkpoint: Path, spec: str | None):
+    """--tokenizer, else the copy a training run keeps beside its checkpoints, else None."""
+    from scalelab.data.tokenizer import find_run_tokenizer, load_tokenizer
+
+    return load_tokenizer(spec) if spec else find_run_tokenizer(checkpoint)
 
 
 def _load_for_export(path: Path, dtype, overrides: list[str]):
