@@ -384,6 +384,18 @@ def _corrupt(out: Path, how: str) -> None:
     elif how == "max-id-not-int":
         meta["splits"]["val"]["shards"][0]["max_id"] = "lots"
         meta_path.write_text(json.dumps(meta))
+    elif how == "shard-not-object":
+        meta["splits"]["train"]["shards"][0] = 5
+        meta_path.write_text(json.dumps(meta))
+    elif how == "shard-file-not-string":
+        meta["splits"]["train"]["shards"][0]["file"] = 7
+        meta_path.write_text(json.dumps(meta))
+    elif how == "tokenizer-files-not-list":
+        meta["tokenizer"]["files"] = 3
+        meta_path.write_text(json.dumps(meta))
+    elif how == "tokenizer-kind-not-string":
+        meta["tokenizer"]["kind"] = ["byte"]
+        meta_path.write_text(json.dumps(meta))
     elif how == "meta-not-object":
         meta_path.write_text("[]")
     elif how == "splits-not-object":
@@ -393,7 +405,8 @@ def _corrupt(out: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["not-json", "missing-meta", "truncated-shard", "missing-shard", "token-count",
                                  "dtype-too-small", "version", "tokenizer-swapped", "max-id-outside-vocab",
-                                 "max-id-not-int", "meta-not-object", "splits-not-object"])
+                                 "max-id-not-int", "meta-not-object", "splits-not-object", "shard-not-object",
+                                 "shard-file-not-string", "tokenizer-files-not-list", "tokenizer-kind-not-string"])
 def test_corrupt_metadata_is_exit_2_with_one_line(prepared, how, capsys):
     assert cli_main(["data-info", str(prepared)]) == 0
     capsys.readouterr()
@@ -415,6 +428,18 @@ def test_cli_exit_codes_in_a_real_process(prepared, tmp_path, cli):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
     r = cli("prepare", "--input", tmp_path / "missing", "--out", tmp_path / "o")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+@pytest.mark.parametrize("name,data", [
+    ("bad.jsonl.gz", b"not gzip data"), ("bad.txt.gz", b"not gzip data"),
+    ("cut.txt.gz", __import__("gzip").compress(b"some text " * 100)[:30]),
+])
+def test_unreadable_gzip_input_is_one_line_naming_the_input(tmp_path, capsys, name, data):
+    (tmp_path / name).write_bytes(data)
+    assert cli_main(["prepare", "--input", str(tmp_path / name), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / name} is not a readable gzip file" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
 def test_prepare_records_each_shards_largest_token_id(prepared):

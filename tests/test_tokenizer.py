@@ -266,3 +266,28 @@ def test_tokenizer_train_output_rules_match_prepare(tmp_path, cli):
                 assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "file", "notes", "tok"]
+
+
+@pytest.mark.parametrize("name,content", [
+    ("tokenizer.json", None),  # a valid tokenizers file with an empty vocabulary
+    ("tokenizer.json", '{"model": {}, "added_tokens": []}'),
+    ("tokenizer.json", b"\xff\xfe\x00binary"),
+    ("ranks.model", "YQ== 0\nYg== x\n"),  # a rank that is not a number
+    ("ranks.model", "YQ== 0 extra\n"),
+    ("ranks.model", "!!!! 0\n"),  # not base64
+    ("ranks.model", b"\xff\xfe garbage\n"),
+    ("ranks.model", "".join(f"{base64.b64encode(bytes([b])).decode()} {b + (b > 100)}\n" for b in range(256))),  # a gap
+])
+def test_damaged_tokenizer_files_are_one_line(tmp_path, cli, name, content):
+    path = tmp_path / name
+    if content is None:
+        from tokenizers import Tokenizer, models
+
+        Tokenizer(models.BPE()).save(str(path))
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    spec = f"{'hf' if name == 'tokenizer.json' else 'tiktoken'}:{path}"
+    r = cli("tokenizer", "encode", "--tokenizer", spec, "x")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr

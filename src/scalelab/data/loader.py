@@ -73,11 +73,13 @@ def read_metadata(data_dir: str | os.PathLike, *, check_tokenizer_hash: bool = T
     for name, split in splits.items():
         try:
             shards = split["shards"]
+            if not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards):
+                raise TypeError
             total = sum(int(s["tokens"]) for s in shards)
             if total != int(split["tokens"]) or int(split["documents"]) < 0:
                 raise bad(f"split {name}: shard token counts sum to {total}, not {split['tokens']}")
         except (KeyError, TypeError, ValueError):
-            raise bad(f"split {name} lacks tokens/documents/shards") from None
+            raise bad(f"split {name} lacks tokens/documents/shards (each shard a file name and a token count)") from None
         for s in shards:
             f = d / s["file"]
             if Path(s["file"]).name != s["file"] or not f.is_file():
@@ -92,6 +94,9 @@ def read_metadata(data_dir: str | os.PathLike, *, check_tokenizer_hash: bool = T
     tok = meta.get("tokenizer")
     if not isinstance(tok, dict) or not isinstance(tok.get("saved_spec"), str):
         raise bad("no tokenizer section")
+    if not isinstance(tok.get("kind", ""), str) or not isinstance(tok.get("files", []), list) or \
+            not all(isinstance(f, str) for f in tok.get("files", [])):
+        raise bad("tokenizer.kind must be a name and tokenizer.files a list of file names")
     if check_tokenizer_hash:
         from scalelab.data.tokenizer import files_sha256
 

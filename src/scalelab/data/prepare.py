@@ -30,6 +30,7 @@ final rename.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
@@ -128,10 +129,19 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")
 
 
+@contextlib.contextmanager
+def _readable_gzip(path: Path) -> Iterator[None]:
+    """A .gz input that is not gzip data (or is cut short) is the user's to fix: one line naming it."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path} is not a readable gzip file ({e}); decompress or replace it") from None
+
+
 def iter_text_file(path: Path, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
     """One document per file, yielded in pieces of about `piece_chars` characters."""
     try:
-        with _open_text(path) as f:
+        with _readable_gzip(path), _open_text(path) as f:
             buf = ""
             while True:
                 chunk = f.read(piece_chars)
@@ -151,7 +161,7 @@ def iter_text_file(path: Path, piece_chars: int = PIECE_CHARS) -> Iterator[Piece
 
 def iter_jsonl_file(path: Path, text_field: str) -> Iterator[Piece]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _readable_gzip(path), opener(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -451,9 +461,12 @@ def prepare(pieces: Iterable[Piece], tokenizer: str, out: str | os.PathLike, *, 
         meta = _prepare_into(staged.path, pieces, tok, val_fraction=val_fraction, workers=workers,
                              shard_tokens=shard_tokens, total_bytes=total_bytes, sources=sources,
                              progress=progress, batch_chars=batch_chars)
-    except OSError as e:  # disk full, quota...: name the user's output, not the staging file
+    except OSError as e:
         staged.abort()
-        raise OSError(e.errno, e.strerror or str(e), str(out)) from e
+        if e.filename is None or str(e.filename).startswith(str(staged.path)):
+            # writing failed (disk full, quota...): name the user's output, not the staging file
+            raise OSError(e.errno, e.strerror or str(e), str(out)) from e
+        raise
     except BaseException:
         staged.abort()
         raise

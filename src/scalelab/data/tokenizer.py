@@ -179,7 +179,10 @@ class HFTokenizer(Tokenizer):
         self.spec = f"hf:{path}"
         self.files = (path,)
         # ids may have holes: the embedding must cover the largest id
-        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise UserError(f"{path} has an empty vocabulary; train it first (`scalelab tokenizer train`)")
+        self.vocab_size = max(vocab.values()) + 1
         self.bos_id, self.eos_id = self._find_bos_eos(path)
 
     def _find_bos_eos(self, path: Path) -> tuple[int, int]:
