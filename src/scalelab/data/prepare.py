@@ -435,11 +435,11 @@ def check_output_dir(out: Path, overwrite: bool, *, marker: str = META_NAME, wha
 # ----------------------------------------------------------------------------- prepare
 
 def prepare(pieces: Iterable[Piece], tokenizer: str, out: str | os.PathLike, *, val_fraction: float = 0.005,
-            workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, total_bytes: int | None = None,
+            workers: int | None = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS, total_bytes: int | None = None,
             sources: list[str] | None = None, overwrite: bool = False, progress: bool = True,
             batch_chars: int = BATCH_CHARS) -> dict:
     """Tokenize `pieces` into OUT (see the module docstring); return the metadata written.
-    `workers`: tokenizer processes (default: the CPUs available, at most 8), capped to the CPUs
+    `workers`: tokenizer processes (None: the CPUs available, at most 8), capped to the CPUs
     and the input's batches; a cap on an explicit request is noted on stderr."""
     from scalelab.data.tokenizer import load_tokenizer
 
