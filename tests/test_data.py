@@ -480,6 +480,13 @@ def test_token_id_outside_the_vocabulary_in_a_shard_is_refused(prepared, capsys,
     loader.check_vocab(512)  # a model with room for id 300 trains on it
 
 
+def test_data_info_on_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "meta.json").write_text("{}")
+    assert cli_main(["data-info", str(tmp_path / "meta.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err
+
+
 def test_vocab_mismatch_is_user_error(prepared):
     loader = TokenLoader(prepared, seq_len=4, micro_batch_size=1)
     loader.check_vocab(258)

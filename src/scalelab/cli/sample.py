@@ -61,6 +61,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k {args.top_k} must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:  # also false for NaN
         raise UserError(f"--top-p {args.top_p} must be in (0, 1]")
+    if not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise UserError(f"--seed {args.seed} must fit in 64 bits")
 
 
 def resolve_device(spec: str):

@@ -40,6 +40,8 @@ def read_metadata(data_dir: str | os.PathLike, *, check_tokenizer_hash: bool = T
     """Load and validate DIR/meta.json against the shards and tokenizer files beside it."""
     d = Path(data_dir)
     path = d / META_NAME
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{d} is a file, not a prepared data directory (the directory `scalelab prepare --out` wrote)")
     if not d.is_dir():
         raise UserError(f"data directory {d} does not exist; create it with `scalelab prepare`")
     if not path.is_file():
