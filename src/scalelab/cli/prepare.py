@@ -12,6 +12,7 @@ of the tokenizer in OUT/tokenizer/. Nothing appears under OUT until the run has 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from scalelab.cli import HelpFormatter, add_common_flags, format_count, parse_quantity, print_json, print_table
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers is not None:
         P.worker_count(args.workers, 1, None)  # a bad --workers fails before any input is read
+    P.check_output_dir(Path(args.out), args.overwrite)  # and a bad --out before a corpus is fetched
     shard_tokens = int(parse_quantity(args.shard_tokens, name="--shard-tokens"))
     val_fraction = args.val_fraction
     total_bytes = None
