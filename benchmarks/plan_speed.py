@@ -23,7 +23,7 @@ from scalelab import counting
 from scalelab.errors import UserError
 from scalelab.presets import STYLES, style_config
 from scalelab.scaling.laws import LAWS
-from scalelab.scaling.search import SearchSpace, search
+from scalelab.scaling.search import DEFAULT_HIDDEN, DEFAULT_LAYERS, SearchSpace, search
 
 
 def shapes_of(sp: SearchSpace):
@@ -73,7 +73,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     C, law = 1.36e21, LAWS["chinchilla"]
-    spaces = [("default (llama3, GQA8)", SearchSpace(), None)]
+    # the default ranges given explicitly: at this budget they do not grow, and the loop needs them
+    spaces = [("default (llama3, GQA8)", SearchSpace(hidden=DEFAULT_HIDDEN, layers=DEFAULT_LAYERS), None)]
     if not args.quick:
         spaces.append(("50K shapes (MHA)", SearchSpace(hidden=tuple(range(256, 16384 + 1, 128)),
                                                         layers=tuple(range(1, 200 + 1)), head_dims=(64, 128),

@@ -31,3 +31,28 @@ def heavy_modules_loaded(argv: list[str], modules=("torch", "matplotlib")) -> li
     import json
 
     return json.loads(r.stdout)
+
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root")
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A directory on a real 256 KiB tmpfs: writing past its size fails with ENOSPC, as a full disk does."""
+    path = tmp_path / "tiny_fs"
+    _mount_tmpfs(path, "size=256k")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A directory on a read-only tmpfs (EROFS on any write). As root, chmod cannot make one."""
+    path = tmp_path / "readonly"
+    _mount_tmpfs(path, "ro,size=64k")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -34,6 +34,11 @@ def test_count_time_and_fit_verdict(cli):
     (["llama3.1-8b", "--gpu-type", "TPUv9", "--tokens", "1T"], "unknown GPU type"),
     (["llama3.1-8b", "--tokens", "lots", "--gpu-type", "H100"], "--tokens must be a number"),
     (["llama3.1-8b", "--bogus-flag"], "unrecognized arguments"),
+    (["gpt2", "--set", "n_layer=1e30"], "n_layer must be a positive integer at most"),
+    (["gpt2", "--set", "vocab_size=1e30"], "vocab_size must be a positive integer at most"),
+    (["gpt2", "--set", "ffn_expansion_ratio=1e300"], "ffn_expansion_ratio must be positive and at most"),
+    (["llama3.1-8b", "--set", "rope_theta=inf"], "rope_theta must be positive"),
+    (["llama3.1-8b", "--seq-len", str(10**30)], "--seq-len must be between 1 and"),
 ])
 def test_bad_input_exits_2_with_one_line(cli, args, fragment):
     r = cli("count", *args)
@@ -51,3 +56,23 @@ def test_malformed_toml_exits_2(cli, tmp_path):
 
 def test_count_does_not_import_torch():
     assert heavy_modules_loaded(["count", "llama3.1-405b", "--json"]) == []
+
+
+def test_seq_len_past_learned_positions_is_refused(cli):
+    r = cli("count", "gpt2", "--seq-len", "2048")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "1024 learned positions (block_size)" in lines[0] and "--seq-len 1024" in lines[0]
+    assert cli("count", "gpt2", "--seq-len", "1024").returncode == 0
+
+
+def test_seq_len_past_rope_block_size_warns(cli):
+    r = cli("count", "llama3-8b", "--seq-len", "16384", "--json")
+    assert r.returncode == 0
+    assert "beyond block_size 8192" in r.stderr
+    assert json.loads(r.stdout)["flops"]["seq_len"] == 16384
+
+
+def test_width_override_follows_gpt2_ffn_rule(cli):
+    out = json.loads(cli("count", "gpt2", "--set", "n_embd=128", "--set", "n_head=4", "--json").stdout)
+    assert out["params"]["breakdown"]["ffn"] == 12 * (2 * 128 * 512 + 512 + 128)  # fc 128->512, proj 512->128

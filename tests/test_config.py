@@ -1,5 +1,7 @@
 """ModelConfig: validation, names, TOML round trips, overrides; presets against official specs."""
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -104,3 +106,36 @@ def test_malformed_toml_is_a_user_error(tmp_path):
     bad.write_text("n_layer = = 3\n")
     with pytest.raises(UserError, match="malformed TOML"):
         ModelConfig.from_toml(bad)
+
+
+NUMERIC_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
+                  if f.type in ("int", "float", "int | None", "float | None")]
+
+
+def test_numeric_fields_are_all_known():
+    assert set(NUMERIC_FIELDS) == {"n_layer", "n_head", "n_embd", "vocab_size", "block_size", "num_key_value_heads",
+                                   "d_ff", "ffn_expansion_ratio", "multiple_of", "norm_eps", "rope_theta",
+                                   "sliding_window"}
+
+
+@pytest.mark.parametrize("value", ["1e30", "-1", "0", "inf", "nan", "99999999999999999999"])
+@pytest.mark.parametrize("name", NUMERIC_FIELDS)
+def test_every_numeric_field_refuses_absurd_values(name, value):
+    """`--set n_layer=1e30` was an OverflowError in the int64 counts; every numeric field is bounded."""
+    with pytest.raises(UserError, match=name) as e:
+        cfg = get_preset("llama3.1-8b").with_overrides([f"{name}={value}"])
+        from scalelab.counting import count_params, training_memory
+        count_params(cfg), training_memory(cfg)  # noqa: B018 (only reached if validation let it through)
+    assert "\n" not in str(e.value)
+
+
+def test_sizes_at_the_bounds_count_without_overflow():
+    from scalelab.config import INT_LIMITS
+    from scalelab.counting import count_params
+
+    cfg = ModelConfig(n_layer=INT_LIMITS["n_layer"], n_head=16, n_embd=INT_LIMITS["n_embd"],
+                      d_ff=INT_LIMITS["d_ff"], vocab_size=INT_LIMITS["vocab_size"], block_size=INT_LIMITS["block_size"],
+                      position_encoding="learned")
+    L, H, F, V, S = (INT_LIMITS[k] for k in ("n_layer", "n_embd", "d_ff", "vocab_size", "block_size"))
+    # python ints cannot overflow: the int64 count must equal the exact sum
+    assert count_params(cfg).total == L * (4 * H * H + 3 * H * F + 2 * H) + H + 2 * V * H + S * H

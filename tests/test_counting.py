@@ -7,25 +7,110 @@ import pytest
 from scalelab import counting
 from scalelab.config import ModelConfig
 from scalelab.hardware import ACCELERATORS, get_accelerator
-from scalelab.presets import OFFICIAL_PARAMS, PRESETS, get_preset, style_config
+from scalelab.presets import PRESETS, get_preset, style_config
 
-# Published totals, restated here from the model cards / papers so this test does not
-# trust presets.py's own table.
+# Each preset's published Hugging Face config.json, the fields that set the parameter count, written
+# out here (not read from presets.py): huggingface.co/<repo>/blob/main/config.json.
+GPT2 = "gpt2"
+HF_CONFIGS = {
+    # openai-community/gpt2, -medium, -large, -xl (n_inner null = 4 * n_embd; n_positions 1024; tied)
+    "gpt2": (GPT2, dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+    "gpt2-medium": (GPT2, dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024)),
+    "gpt2-large": (GPT2, dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024)),
+    "gpt2-xl": (GPT2, dict(n_layer=48, n_embd=1600, n_head=25, vocab_size=50257, n_positions=1024)),
+    # meta-llama/Llama-2-7b-hf, -13b-hf, -70b-hf
+    "llama2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
+    "llama2-13b": ("llama", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                 num_attention_heads=40, num_key_value_heads=40, vocab_size=32000)),
+    "llama2-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                 num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)),
+    # meta-llama/Meta-Llama-3-8B, Llama-3.1-8B, -70B, -405B
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
+    "llama3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
+    "llama3.1-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                   num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)),
+    "llama3.1-405b": ("llama", dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+                                    num_attention_heads=128, num_key_value_heads=8, vocab_size=128256)),
+    # meta-llama/Llama-3.2-1B, -3B (tie_word_embeddings true)
+    "llama3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                  tie_word_embeddings=True)),
+    "llama3.2-3b": ("llama", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                  num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+                                  tie_word_embeddings=True)),
+    # mistralai/Mistral-7B-v0.1
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
+    # Qwen/Qwen2.5-0.5B, -1.5B (tied), -7B (untied)
+    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                   tie_word_embeddings=True)),
+    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                   tie_word_embeddings=True)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                 tie_word_embeddings=False)),
+}
+
+# Published totals (sum of tensor sizes in each release's safetensors, as its model card / the
+# Hub's "Model size" states), restated here: a second, transformers-free truth.
 PUBLISHED = {
-    "gpt2": 124_439_808, "llama2-7b": 6_738_415_616, "llama3.1-8b": 8_030_261_248,
-    "llama3.1-70b": 70_553_706_496, "llama3.1-405b": 405_853_388_800, "llama3.2-1b": 1_235_814_400,
+    "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
+    "llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama2-70b": 68_976_648_192,
+    "llama3-8b": 8_030_261_248, "llama3.1-8b": 8_030_261_248, "llama3.1-70b": 70_553_706_496,
+    "llama3.1-405b": 405_853_388_800, "llama3.2-1b": 1_235_814_400, "llama3.2-3b": 3_212_749_824,
     "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
 }
 
 
+def hf_meta_numel(kind: str, fields: dict) -> int:
+    """transformers' own model class for the config, built on the meta device (no memory), counted."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config_class = {GPT2: transformers.GPT2Config, "llama": transformers.LlamaConfig,
+                    "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[kind]
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config_class(**fields))
+    return sum(p.numel() for p in model.parameters())  # a tied matrix is one parameter, counted once
+
+
+def test_every_preset_has_an_independent_truth():
+    assert set(HF_CONFIGS) == set(PUBLISHED) == set(PRESETS)
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_every_preset_equals_official_count(name):
-    assert counting.count_params(PRESETS[name]).total == OFFICIAL_PARAMS[name]
+def test_every_preset_equals_transformers_and_the_published_count(name):
+    ours = counting.count_params(PRESETS[name]).total
+    assert ours == hf_meta_numel(*HF_CONFIGS[name])
+    assert ours == PUBLISHED[name]
 
 
-@pytest.mark.parametrize("name, total", list(PUBLISHED.items()))
-def test_published_counts(name, total):
-    assert counting.count_params(get_preset(name)).total == total
+@pytest.mark.parametrize("overrides, hf_fields", [
+    # GPT2Config(n_inner=None): the FFN is 4 * n_embd whatever n_embd is
+    (["n_embd=128", "n_head=4"], dict(n_layer=12, n_embd=128, n_head=4, vocab_size=50257, n_positions=1024)),
+    (["n_embd=1536", "n_layer=2"], dict(n_layer=2, n_embd=1536, n_head=12, vocab_size=50257, n_positions=1024)),
+    # an explicit d_ff wins (n_inner given)
+    (["n_embd=128", "n_head=4", "d_ff=1000"], dict(n_layer=12, n_embd=128, n_head=4, vocab_size=50257,
+                                                  n_positions=1024, n_inner=1000)),
+])
+def test_gpt2_width_override_follows_the_4x_rule_as_transformers(overrides, hf_fields):
+    cfg = get_preset("gpt2").with_overrides(overrides)
+    assert counting.count_params(cfg).total == hf_meta_numel(GPT2, hf_fields)
+
+
+def test_llama_style_width_override_follows_the_style_rule():
+    # a style (not a preset) keeps its FFN rule: LLaMA 3's 3.5 x n_embd rounded up to a multiple of 128
+    cfg = style_config("llama3", 4, 4096, 32).replace(n_embd=2048, n_head=16)
+    assert cfg.ffn_hidden == 7168
+    # a preset keeps the published intermediate_size, as transformers' LlamaConfig does
+    assert get_preset("llama3.1-8b").replace(n_embd=2048, n_head=16).ffn_hidden == 14336
 
 
 def llama_state_dict_shapes(cfg: ModelConfig):
@@ -71,9 +156,29 @@ def test_flops_identity_with_6n_plus_attention_for_untied_llama():
     p = counting.count_params(cfg)
     expected = 6 * (p.total - p.breakdown["token_embedding"] - p.breakdown["norms"]) + 12 * 32 * 4096 * S
     assert counting.training_flops_per_token(cfg, S) == expected
-    r = counting.flops_report(cfg, S)
-    assert r["training_per_token_6n"] == 6 * p.total
-    assert r["training_per_token_6n_plus_attention"] == 6 * p.total + 12 * 32 * 4096 * S
+    assert counting.flops_report(cfg, S)["training_per_token_6n"] == 6 * p.total
+
+
+def test_shortcuts_computed_as_their_sources_do():
+    """Each shortcut from its source's own formula, written out with literal numbers."""
+    # nanoGPT estimate_mfu on GPT-2 small: N = get_num_params() = 123.65M (total less wpe 1024 x 768),
+    # flops_per_token = 6*N + 12*L*H*Q*T with L=12, H=12, Q=64, T=1024
+    r = counting.flops_report(get_preset("gpt2"), 1024)
+    assert r["training_per_token_nanogpt"] == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024
+    # torchtitan on Llama-2-7B: get_num_params(exclude_embedding=True) = total − tok_embeddings (32000 x 4096);
+    # that is the exact count plus 6 x the norms' (2·32 + 1)·4096 weights, which are no matmul
+    S = 4096
+    r = counting.flops_report(get_preset("llama2-7b"), S)
+    assert r["training_per_token_torchtitan"] == 6 * (6_738_415_616 - 32000 * 4096) + 12 * 32 * 32 * 128 * S
+    assert r["training_per_token_torchtitan"] - r["training_per_token"] == 6 * (2 * 32 + 1) * 4096
+    # Megatron-LM transformer_flops (MHA/GQA branch), per token (batch_size * seq_length = 1 token):
+    #   3*2*(h*(q + k + v) + q*S/2*2 + q*h) per layer, 3*2*h*ffn*(3 if swiglu else 2) per layer, 3*2*h*V
+    for name, h, q, kv, ffn, L, V, swiglu, S in [("llama3.1-8b", 4096, 4096, 1024, 14336, 32, 128256, True, 8192),
+                                                  ("gpt2", 768, 768, 768, 3072, 12, 50257, False, 1024)]:
+        attn = 3 * 2 * (h * (q + 2 * kv) + q * S // 2 * 2 + q * h)
+        mlp = 3 * 2 * h * ffn * (3 if swiglu else 2)
+        assert counting.flops_report(get_preset(name), S)["training_per_token_megatron"] == \
+            L * (attn + mlp) + 3 * 2 * h * V
 
 
 def test_gqa_saves_what_the_kv_projections_hold():

@@ -632,27 +632,13 @@ def test_prepare_and_tokenizer_outputs_follow_the_umask(tmp_path, bpe_spec, mask
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 64 KiB tmpfs: a real ENOSPC. Skipped where mounting is not permitted."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-
-
 def test_disk_full_during_prepare_is_one_line_and_leaves_nothing(tmp_path, tiny_fs, capsys):
     small = tmp_path / "small"
     small.mkdir()
     (small / "a.txt").write_text("a small corpus\n")
     big = tmp_path / "big"
     big.mkdir()
-    (big / "a.txt").write_text("many words to fill a tiny disk\n" * 4000)  # 124 KB -> 248 KB of uint16
+    (big / "a.txt").write_text("many words to fill a tiny disk\n" * 16000)  # 0.5 MB -> 1 MB of uint16 tokens
     out = tiny_fs / "data"
     assert cli_main(["prepare", "--input", str(small), "--out", str(out), "--no-progress"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}

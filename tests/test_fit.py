@@ -325,7 +325,7 @@ def _bad_csv(tmp_path, text, name="bad.csv"):
     ("params,tokens,loss\n1e8,2e9,3.0\n2e8,-4e9,2.9\n", [], "bad.csv:3: column 'tokens' must be positive"),
     ("N,D,loss\n1e8,2e9,3.0\n2e8,4e9,nan\n", [], "bad.csv:3: column 'loss'"),
     ("N,D,loss\n1e8,2e9,3.0\n2e8,4e9,abc\n", [], "bad.csv:3: column 'loss' must be a number"),
-    ("N,D,loss\n1e8,2e9,3.0\n2e8,4e9,2.9\n4e8,8e9,2.8\n", [], "too few"),
+    ("N,D,loss\n1e8,2e9,3.0\n2e8,4e9,2.9\n4e8,8e9,2.8\n", [], "only 3 distinct (N, D) pairs for 5 parameters"),
     ("N,D,loss\n1e8,2e9,3.0\n", ["--huber-delta", "0"], "--huber-delta"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, cli, text, extra, fragment):
@@ -369,3 +369,372 @@ def test_exponent_cap_on_runs_where_loss_does_not_fall_with_n(cli):
     assert out["at_bounds"] == [f"alpha={F.EXPONENT_MAX:g} (max)"]
     warning = [line for line in r.stderr.splitlines() if "warning" in line]
     assert len(warning) == 1 and "alpha=3 (max) is at its bound" in warning[0] and "widen the ladder in N" in warning[0]
+
+
+def run_fit(capsys, *args):
+    """`scalelab fit ARGS` in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    from scalelab.cli import main
+
+    capsys.readouterr()
+    rc = main(["fit", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---- degenerate bootstrap resamples (issue 13) -------------------------------------------------
+
+def test_real_ladder_bootstrap_counts_resamples_without_an_optimum(tmp_path, cli):
+    """`fit tests/data/shakespeare_cpu_ladder.csv --bootstrap 20` died with ZeroDivisionError when a
+    resample's fit dropped the N term (alpha = 0, or A/N^alpha ~ 1e-65): such resamples are counted
+    with their reason, the intervals come from the others, and both outputs say so."""
+    out = tmp_path / "law.json"
+    r = cli("fit", LADDER, "--bootstrap", "20", "--out", out)  # the issue's command, plus --out
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("bootstrap"))
+    assert "17 of 20 resamples" in line and "3 left out" in line and "the intervals are from the 17 others" in line
+    saved = json.loads(out.read_text())  # the law file is written, with the same accounting
+    boot = saved["bootstrap"]
+    assert boot["resamples"] == 20 and boot["valid"] + sum(boot["degenerate"].values()) == 20
+    assert boot["valid"] == 17 and list(boot["degenerate"]) == [  # measured with seed 0
+        "its A/N^alpha term is flat across the runs' N (loss does not fall with N)"]
+    assert all(math.isfinite(v) and v > 0 for v in saved["stderr"].values())
+    # --json: the same numbers, intervals bracketing the estimates
+    runs = F.read_table(LADDER)
+    fit = F.fit_approach3(runs)
+    got = F.bootstrap(runs, fit, float(runs.C.max()), 20, seed=0)
+    assert {k: got[k] for k in boot} == boot and got["stderr"] == saved["stderr"]
+    n_opt = F.summarize(fit, float(runs.C.max()), runs)["N_opt"]
+    assert got["interval_95"]["N_opt"][0] <= n_opt <= got["interval_95"]["N_opt"][1]
+
+
+def test_compute_optimum_is_the_brute_force_minimum_or_refused():
+    """The closed form against a brute-force search along C = 6ND; a law without an N term (or
+    with one too small to see across the runs) has no optimum, and says so instead of dividing by 0."""
+    runs = synthetic_runs(LAWS["chinchilla"], 0.0, seed=0)
+    law, C = LAWS["chinchilla"], 5.76e23
+    opt = F.compute_optimum(law, C, runs)
+    N = np.geomspace(1e9, 1e12, 200_001)
+    best = N[np.argmin(law.loss(N, C / (6 * N)))]
+    assert opt["N"] == pytest.approx(best, rel=1e-4)
+    for flat in (LossLaw(E=2.0, A=1e-4, B=400.0, alpha=0.0, beta=0.3),     # alpha = 0: A is a constant
+                 LossLaw(E=2.0, A=1e-300, B=400.0, alpha=3.0, beta=0.3),   # A underflowed: N_opt was 1e-65
+                 LossLaw(E=2.0, A=400.0, B=400.0, alpha=0.3, beta=0.0)):   # beta = 0: G divided by zero
+        with pytest.raises(F.NoOptimum, match="flat across the runs'"):
+            F.compute_optimum(flat, C, runs)
+    steep = LossLaw(E=2.0, A=1e8, B=1e3, alpha=1e-3, beta=1.0)  # N_opt ∝ C^0.999 with G ~ 100
+    with pytest.raises(F.NoOptimum, match="leaves the floating-point range"):
+        F.compute_optimum(steep, 1e308, runs)
+
+
+def _law_bytes(path: Path) -> bytes:
+    path.write_text('{"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}\n')
+    return path.read_bytes()
+
+
+def test_a_refused_fit_leaves_the_existing_law_file_untouched(tmp_path, capsys):
+    """Loss that does not depend on N at all (an exact 3 x 3 grid): the fit drops the N term, so
+    there is no compute optimum: exit 2, one line, and law.json byte-identical, no temporary."""
+    law = LossLaw(E=2.0, A=400.0, B=400.0, alpha=0.3, beta=0.3)
+    N, D = (a.ravel() for a in np.meshgrid([1e8, 1e9, 1e10], [2e9, 2e10, 2e11]))
+    flat = tmp_path / "flat.csv"
+    flat.write_text("N,D,loss\n" + "".join(f"{n},{d},{2.0 + 400.0 * d ** -0.3}\n" for n, d in zip(N, D)))
+    out = tmp_path / "law.json"
+    before = _law_bytes(out)
+    for args in ([flat], [flat, "--bootstrap", "4"], [_bad_csv(tmp_path, "N,D,loss\n1e8,2e9,3.0\n")]):
+        rc, _, err = run_fit(capsys, *args, "--out", out)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert out.read_bytes() == before
+    assert "no compute optimum: its A/N^alpha term is flat" in run_fit(capsys, flat)[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "flat.csv", "law.json"]
+    # and a successful fit replaces it
+    good = tmp_path / "good.csv"
+    good.write_text("N,D,loss\n" + "".join(f"{n},{d},{law.loss(n, d)}\n" for n, d in zip(N, D)))
+    assert run_fit(capsys, good, "--out", out)[0] == 0
+    assert load_law_file(out).alpha == pytest.approx(0.3, rel=1e-3)
+
+
+# ---- identifiability (issue 13) ----------------------------------------------------------------
+
+def _table(tmp_path, N, D, law=LAWS["epoch"], name="runs.csv") -> Path:
+    path = tmp_path / name
+    path.write_text("N,D,loss\n" + "".join(f"{n!r},{d!r},{float(law.loss(n, d))!r}\n"
+                                           for n, d in zip(map(float, N), map(float, D))))
+    return path
+
+
+def test_two_model_sizes_cannot_separate_e_a_alpha():
+    """Why 2 sizes are refused: two different laws agree exactly at both sizes (and every D), so
+    no fit can choose between them; their N_opt differ by orders of magnitude."""
+    n1, n2 = 1e8, 1e9
+    one = LossLaw(E=1.8, A=482.0, B=2085.0, alpha=0.35, beta=0.37)
+    # another (E, A, alpha) through the same two N-term values
+    t1, t2 = one.A * n1 ** -one.alpha, one.A * n2 ** -one.alpha
+    alpha2 = 0.9
+    A2 = (t1 - t2) / (n1 ** -alpha2 - n2 ** -alpha2)
+    other = LossLaw(E=one.E + t1 - A2 * n1 ** -alpha2, A=A2, B=one.B, alpha=alpha2, beta=one.beta)
+    D = np.geomspace(1e9, 1e11, 5)
+    for n in (n1, n2):
+        assert np.allclose(one.loss(n, D), other.loss(n, D), rtol=1e-12)
+    assert abs(math.log10(other.optimal_n(1e22) / one.optimal_n(1e22))) > 0.5
+    runs = F.Runs(np.repeat([n1, n2], 5), np.tile(D, 2), one.loss(np.repeat([n1, n2], 5), np.tile(D, 2)),
+                  np.ones(10), ["x"] * 10)
+    assert "only 2 distinct model sizes N" in F.design_problem(runs)
+
+
+def test_one_tokens_per_parameter_ratio_lets_the_terms_swap():
+    """Why one line D = k·N is refused: (A, alpha) and (B·k^-beta, beta) swap roles exactly."""
+    law, k = LAWS["chinchilla"], 20.0
+    swapped = LossLaw(E=law.E, A=law.B * k ** -law.beta, B=law.A * k ** law.alpha, alpha=law.beta, beta=law.alpha)
+    N = np.geomspace(1e8, 1e10, 6)
+    assert np.allclose(law.loss(N, k * N), swapped.loss(N, k * N), rtol=1e-12)
+    assert abs(math.log10(swapped.optimal_n(1e22) / law.optimal_n(1e22))) > 0.4  # 3x apart
+    runs = F.Runs(N, k * N, law.loss(N, k * N), 6 * N * k * N, ["x"] * 6)
+    assert "one line D ∝ N^1.00" in F.design_problem(runs)
+
+
+@pytest.mark.parametrize("design, fragment", [
+    ("copies", "only 1 distinct model size N"),            # six copies of one row: objective 0 before
+    ("two_sizes", "only 2 distinct model sizes N"),        # E = 0 and N_opt = 34 parameters before
+    ("two_lengths", "only 2 distinct token counts D"),
+    ("four_pairs", "only 4 distinct (N, D) pairs for 5 parameters"),
+    ("one_ratio", "every run lies on one line D ∝ N^1.00"),
+])
+def test_unidentifiable_designs_are_refused_with_the_runs_to_add(tmp_path, capsys, design, fragment):
+    N3, D3 = [1e8, 1e9, 1e10], [2e9, 2e10, 2e11]
+    N, D = {"copies": ([1e8] * 6, [2e9] * 6),
+            "two_sizes": (np.repeat([1e8, 3e8], 3), np.tile(D3, 2)),
+            "two_lengths": (np.repeat(N3, 2), np.tile([2e9, 2e10], 3)),
+            "four_pairs": (N3 + [1e8] * 3, D3[::-1] + [2e9] * 3),
+            "one_ratio": (np.geomspace(1e8, 1e10, 6), 20 * np.geomspace(1e8, 1e10, 6))}[design]
+    out = tmp_path / "law.json"
+    before = _law_bytes(out)
+    rc, _, err = run_fit(capsys, _table(tmp_path, N, D), "--out", out)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "cannot determine L = E + A/N^alpha + B/D^beta" in lines[0], err
+    assert fragment in lines[0] and "add runs" in lines[0]
+    assert out.read_bytes() == before
+
+
+def test_minimal_identifiable_designs_recover_the_law():
+    """3 sizes x 3 lengths, two tokens-per-parameter ratios, and a single compute budget (one
+    falling and one rising term) each determine the law: exact data give it back."""
+    law = LAWS["epoch"]
+    N = np.geomspace(1e8, 1e10, 6)
+    grid_n, grid_d = (a.ravel() for a in np.meshgrid([1e8, 1e9, 1e10], [2e9, 2e10, 2e11]))
+    for n, d in ((grid_n, grid_d), (np.r_[N, N], np.r_[20 * N, 80 * N]), (N, 1e21 / (6 * N))):
+        runs = F.Runs(n, d, law.loss(n, d), 6 * n * d, ["x"] * len(n))
+        assert F.design_problem(runs) is None
+        got = F.fit_approach3(runs).values()
+        for key in ("E", "alpha", "beta"):
+            assert got[key] == pytest.approx(getattr(law, key), rel=1e-4), (key, got)
+
+
+def test_real_ladder_and_chinchilla_meet_the_design_rule(chinchilla):
+    assert F.design_problem(F.read_table(LADDER)) is None
+    assert F.design_problem(chinchilla) is None
+
+
+# ---- IsoFLOP: budgets that do not cluster, and no unexplained NaN (issue 13) --------------------
+
+def _jsonl(tmp_path, runs: F.Runs, name="iso.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"params": n, "tokens": d, "loss": l, "flops": c}) + "\n"
+                            for n, d, l, c in zip(runs.N, runs.D, runs.loss, runs.C)))
+    return path
+
+
+def test_isoflop_warns_when_budgets_do_not_cluster(tmp_path, cli):
+    """Continuous budgets (log-uniform over 2 decades, 40 runs): consecutive runs chain within the
+    tolerance into groups that span far more than it; the fit says so instead of staying silent."""
+    rng = np.random.default_rng(0)
+    law = LAWS["chinchilla"]
+    C = 10 ** rng.uniform(18, 20, 40)
+    N = law.optimal_n(C) * 10 ** rng.uniform(-0.5, 0.5, 40)
+    runs = F.Runs(N, C / (6 * N), law.loss(N, C / (6 * N)), C, ["x"] * 40)
+    res = F.fit_isoflop(runs, tolerance_dex=0.1)
+    assert res["warnings"] and "runs' FLOPs do not cluster" in res["warnings"][0]
+    spans = [np.ptp(np.log10(C[p["index"]])) for p in res["budgets"]]
+    assert max(spans) > 0.1  # the truth the warning reports: a "budget" mixing budgets
+    r = cli("fit", _jsonl(tmp_path, runs), "--method", "isoflop")
+    assert r.returncode == 0 and "warning: runs' FLOPs do not cluster" in r.stderr
+    # well-separated budgets: no warning
+    assert F.fit_isoflop(isoflop_runs(law))["warnings"] == []
+
+
+def test_isoflop_says_which_runs_explicit_budgets_leave_out():
+    runs = isoflop_runs(LAWS["chinchilla"], budgets=(1e18, 1e19, 1e20))
+    res = F.fit_isoflop(runs, budgets=[1e18, 1e19])
+    assert res["warnings"] == ["9 of 27 runs are more than 0.1 dex from every --budgets value and are left out; "
+                               "add their budgets or raise --flop-tolerance"]
+
+
+def test_isoflop_two_budgets_say_why_there_is_no_standard_error(tmp_path, cli):
+    runs = isoflop_runs(LAWS["epoch"], budgets=(1e18, 1e19))
+    r = cli("fit", _jsonl(tmp_path, runs), "--method", "isoflop")
+    assert r.returncode == 0, r.stderr
+    assert "nan" not in r.stdout.lower()
+    assert r.stdout.count("(± n/a: 2 budgets fit a line exactly, leaving no residual; add a third budget)") == 2
+    out = json.loads(cli("fit", _jsonl(tmp_path, runs), "--method", "isoflop", "--json").stdout)
+    assert out["N_opt"]["exponent_stderr"] is None and "add a third budget" in out["N_opt"]["exponent_stderr_why"]
+
+
+def test_isoflop_skips_a_flat_parabola_whose_minimum_is_far_outside():
+    """A budget whose loss barely curves in log N put its 'minimum' at exp(10^4) (OverflowError) or
+    at absurd sizes that steered the power law; now it is skipped with the reason."""
+    runs = isoflop_runs(LAWS["chinchilla"], budgets=(1e18, 1e19, 1e20))
+    last = np.flatnonzero(runs.C > 5e19)
+    x = np.log(runs.N[last])
+    runs.loss[last] = 3.0 - 0.01 * (x - x.mean()) + 1e-7 * (x - x.mean()) ** 2  # vertex ~ 5e4 e-folds away
+    res = F.fit_isoflop(runs)
+    assert len(res["budgets"]) == 2
+    assert res["skipped"] and "more than 1 decade outside the sampled sizes" in res["skipped"][0]["why"]
+
+
+def test_isoflop_at_a_far_budget_is_refused_not_overflowed():
+    result = {"N_opt": {"coefficient": 1.0, "exponent": 2.0}, "D_opt": {"coefficient": 1.0, "exponent": 0.5}}
+    with pytest.raises(UserError, match="leave the floating-point range at --budget 1e\\+300"):
+        F.isoflop_at(result, 1e300)
+    assert F.isoflop_at(result, 1e10)["N_opt"] == pytest.approx(1e20)
+
+
+# ---- every numeric flag and output path, before any work (issue 13) ---------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--flop-tolerance", "-1", "--method", "isoflop"], "--flop-tolerance must be a positive number"),
+    (["--flop-tolerance", "0"], "--flop-tolerance must be a positive number"),
+    (["--flop-tolerance", "nan"], "--flop-tolerance must be a positive number"),
+    (["--huber-delta", "inf"], "--huber-delta must be a positive number"),
+    (["--huber-delta", "nan"], "--huber-delta must be a positive number"),
+    (["--bootstrap", "1"], "--bootstrap needs 0 (off) or at least 2"),
+    (["--bootstrap", "-3"], "--bootstrap needs 0 (off) or at least 2"),
+    (["--bootstrap", "4", "--seed", "-1"], "--seed must be >= 0"),
+    (["--drop-highest-loss", "-1"], "--drop-highest-loss must be >= 0"),
+    (["--budget", "-5"], "--budget must be positive"),
+    (["--budget", "0"], "--budget must be positive"),
+    (["--budget", "inf"], "--budget must be finite"),
+    (["--budget", "lots"], "--budget must be a number"),
+    (["--method", "isoflop", "--budgets", ","], "--budgets must be positive FLOP counts"),
+    (["--method", "isoflop", "--budgets=1e18,-1e19"], "--budgets must be positive FLOP counts"),
+    (["--method", "isoflop", "--budgets", "1e18,x"], "--budgets must be a number"),
+    (["--budgets", "1e18,1e19"], "--budgets groups runs for --method isoflop"),
+    (["--method", "isoflop", "--out", "law.json"], "--method isoflop does not fit"),
+    (["--method", "isoflop", "--bootstrap", "4"], "--bootstrap is for --method approach3"),
+])
+def test_bad_numeric_flags_are_refused_before_reading_input(tmp_path, capsys, monkeypatch, args, fragment):
+    """The input does not exist: a refusal naming the flag proves the flag is checked first."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_fit(capsys, tmp_path / "missing.csv", *args)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scalelab fit: error:") and fragment in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, target, fragment", [
+    ("--out", "dir.json", "is an existing directory"),
+    ("--out", "law.txt", "expected a .json file name"),
+    ("--out", "afile/law.json", "afile is a file, not a directory"),
+    ("--plot", "x.txt", "expected a .png file name"),
+    ("--plot", "dir.png", "is an existing directory"),
+    ("--plot", "afile/fit.png", "afile is a file, not a directory"),
+])
+def test_bad_output_paths_are_refused_before_any_work(tmp_path, capsys, monkeypatch, flag, target, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir.json").mkdir()
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "afile").write_text("keep\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc, _, err = run_fit(capsys, tmp_path / "missing.csv", flag, target)
+    assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and (tmp_path / "afile").read_text() == "keep\n"
+
+
+def test_read_only_output_directory_is_refused_before_any_work(readonly_dir, capsys):
+    for flag, name in (("--out", "law.json"), ("--plot", "fit.png")):
+        rc, out, err = run_fit(capsys, LADDER, flag, readonly_dir / name)
+        assert rc == 2 and "is not writable" in err and len(err.strip().splitlines()) == 1, err
+        assert out == "" and "warning" not in err  # refused before the fit ran (it warns about alpha)
+    assert list(readonly_dir.iterdir()) == []
+
+
+def test_disk_full_while_writing_the_law_file_keeps_the_old_one(tiny_fs, cli):
+    """Past the up-front checks, an OSError names the law file; the old file stays whole."""
+    out = tiny_fs / "law.json"
+    before = _law_bytes(out)
+    with open(tiny_fs / "filler", "wb", buffering=0) as f:  # fill the 256 KiB file system
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+    r = cli("fit", LADDER, "--out", out)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"scalelab fit: error: {out}: the disk is full; "
+                                                 "free space or choose another location")
+    assert out.read_bytes() == before and sorted(p.name for p in tiny_fs.iterdir()) == ["filler", "law.json"]
+
+
+# ---- bad input files and numbers at the edges of a float (issue 13) ---------------------------
+
+@pytest.mark.parametrize("text, extra, fragment", [
+    ("", [], "empty file; expected a CSV header"),
+    ("N,D,loss\n", [], "no data rows"),
+    ("N,D,loss\n0,2e9,3.0\n", [], "column 'N' must be positive"),
+    ("N,D,loss\n1e8,2e9,0\n", [], "column 'loss' must be positive"),
+    ("N,D,loss\n1e8,2e9,inf\n", [], "every value must be finite"),
+    ("N,D,loss\n1e8,,3.0\n", [], "column 'D' is empty"),
+    ("N,D,loss\n1e8,2e9\n", [], "2 fields but the header has 3"),
+    ("N,C,loss\n1e10,1e-320,3.0\n", ["--tokens-from-flops"], "column 'C/(6·N)' must be positive"),
+    ("N,D,loss\n1e200,1e200,3.0\n", [], "C = 6·N·D overflows a float"),
+])
+def test_more_bad_tables_exit_2_with_one_line(tmp_path, capsys, text, extra, fragment):
+    rc, _, err = run_fit(capsys, _bad_csv(tmp_path, text), *extra)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_a_csv_saved_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    plain = LADDER.read_text()
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.encode())
+    a, b = F.read_table(LADDER), F.read_table(bom)
+    assert np.array_equal(a.N, b.N) and np.array_equal(a.D, b.D) and np.array_equal(a.loss, b.loss)
+
+
+def test_a_coefficient_beyond_float_range_is_refused(tmp_path, capsys):
+    """N near 1e250 with a steep N term: A = e^(alpha·ln N) ≈ e^1150 overflowed math.exp."""
+    N, D = (a.ravel() for a in np.meshgrid(np.geomspace(1e250, 1e253, 4), np.geomspace(1e9, 1e11, 4)))
+    path = tmp_path / "huge.csv"
+    path.write_text("N,D,loss\n" + "".join(f"{n!r},{d!r},{2 + (n / 1e250) ** -2 + 400 * d ** -0.3!r}\n"
+                                           for n, d in zip(map(float, N), map(float, D))))
+    rc, _, err = run_fit(capsys, path)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the fitted A = e^" in err and "overflows a float" in err
+
+
+def test_plot_with_a_budget_decades_beyond_the_data(tmp_path, capsys, chinchilla):
+    """--budget 1e300 stretched the (N, D) panel over 150 decades until matplotlib's contour
+    labelling failed (IndexError); the plot now reaches at most PLOT_REACH beyond the data and
+    says the optimum lies beyond it."""
+    path = tmp_path / "runs.csv"
+    rows = zip(*(map(float, a) for a in (chinchilla.N, chinchilla.D, chinchilla.loss)))
+    path.write_text("N,D,loss\n" + "".join(f"{n!r},{d!r},{l!r}\n" for n, d, l in rows))
+    rc, out, err = run_fit(capsys, path, "--budget", "1e300", "--plot", tmp_path / "fit.png")
+    assert rc == 0, err
+    assert (tmp_path / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("metrics, fragment", [
+    ("", "no record with 'tokens' and 'val_loss'"),
+    ('{"kind": "eval", "tok', "no record with 'tokens' and 'val_loss'"),          # only a torn line
+    ('{"kind":"eval","tokens":1,"val_loss":3}\n{oops\n{"kind":"eval","tokens":2,"val_loss":2.9}\n',
+     "metrics.jsonl:2: not valid JSON"),                                          # corrupt mid-file
+    ('{"kind":"eval","tokens":100,"val_loss":NaN}\n', "every value must be finite"),
+    ('{"kind":"eval","tokens":-100,"val_loss":3}\n', "column 'tokens' must be positive"),
+])
+def test_corrupt_run_directories_are_one_line(tmp_path, capsys, metrics, fragment):
+    run = tmp_path / "runs" / "r1"
+    make_run(run, 2, 64, [1e6], [4.0])
+    (run / "metrics.jsonl").write_text(metrics)
+    rc, _, err = run_fit(capsys, tmp_path / "runs")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err

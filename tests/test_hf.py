@@ -384,33 +384,12 @@ def test_broken_sharded_hf_directories_are_user_errors(tmp_path, capsys, how):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
-def mounted(tmp_path):
-    """mount(options) -> a fresh tmpfs directory (read-only with 'ro', tiny with 'size=64k');
-    skipped where mounting is not permitted."""
-    import subprocess
-
-    mounts = []
-
-    def mount(options: str):
-        mnt = tmp_path / f"mnt{len(mounts)}"
-        mnt.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
-            pytest.skip("cannot mount a tmpfs here")
-        mounts.append(mnt)
-        return mnt
-
-    yield mount
-    for mnt in mounts:
-        subprocess.run(["umount", str(mnt)], check=False)
-
-
-def test_cli_unwritable_outputs_are_one_line_before_any_work(tmp_path, mounted, capsys, monkeypatch):
-    model = randomize(Transformer(style_config("llama3", 2, 64, 4, num_key_value_heads=2, vocab_size=V)))
+def test_cli_unwritable_outputs_are_one_line_before_any_work(tmp_path, readonly_dir, tiny_fs, capsys, monkeypatch):
+    model = randomize(Transformer(style_config("llama3", 2, 128, 4, num_key_value_heads=2, vocab_size=V)))
     hf.save_native(model, tmp_path / "ckpt")
     hf.save(model, tmp_path / "hfdir")
     (tmp_path / "file").write_text("mine")
-    readonly, full = mounted("ro,size=64k"), mounted("size=64k")
+    readonly, full = readonly_dir, tiny_fs  # a 256 KiB tmpfs; the weights are 2 MB
     loaded = []
     monkeypatch.setattr(hf, "load_checkpoint", lambda *a, **k: loaded.append(a) or (model, "scalelab"))
     monkeypatch.setattr(hf, "load", lambda *a, **k: loaded.append(a) or model)

@@ -143,9 +143,22 @@ def test_greedy_generation_with_cache_equals_without(name):
     uncached = model.generate(prompt, 25, temperature=0, use_cache=False)
     assert cached.shape == (2, 32) and torch.equal(cached[:, :7], prompt)
     assert torch.equal(cached, uncached)
-    # beyond block_size (64) the window slides; both paths still agree
-    long = model.generate(prompt, 70, temperature=0)
-    assert long.shape == (2, 77) and torch.equal(long[:, :32], cached)
+
+
+
+@pytest.mark.parametrize("name", ["llama3-gqa", "gpt2"])
+def test_greedy_generation_past_block_size_slides_the_window(name):
+    """Past block_size (64) generate() turns the cache off and re-reads the last 64 tokens each
+    step; equal to a brute-force loop of full forwards over the sliding window."""
+    model = randomize(Transformer(SMALL[name]), std=0.3)
+    prompt = torch.randint(0, V, (2, 7))
+    out = model.generate(prompt, 70, temperature=0, use_cache=True)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(70):
+            logits = model(expected[:, -64:])
+            expected = torch.cat((expected, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert out.shape == (2, 77) and torch.equal(out, expected)
 
 
 def test_sampling_controls():
@@ -255,3 +268,12 @@ def test_any_config_counts_and_flops_match(cfg, batch, seq):
         _, loss = model(idx, idx)
         loss.backward()
     assert training.get_total_flops() == counting.training_flops(cfg, batch, seq)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_sampling_refuses_temperatures_that_are_not_finite_and_non_negative(temperature):
+    from scalelab.errors import UserError
+    from scalelab.model import sample_next_token
+
+    with pytest.raises(UserError, match="temperature"):
+        sample_next_token(torch.zeros(1, 5), temperature)

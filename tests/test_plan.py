@@ -58,8 +58,10 @@ def brute_force(C, law, sp: SearchSpace):
                         r = sp.tokens_per_param
                         ok &= r * (1 - sp.tolerance) <= D / N <= r * (1 + sp.tolerance)
                     if sp.accelerator is not None:
+                        # FSDP over several GPUs; one GPU trains unsharded (under autocast)
                         mem = counting.training_memory(cfg, micro_batch=1, seq_len=sp.seq_len, num_devices=sp.gpus,
-                                                       sharding="fsdp", activation_checkpointing=True)["total"]
+                                                       sharding="fsdp" if sp.gpus > 1 else "none",
+                                                       activation_checkpointing=True)["total"]
                         ok &= mem <= sp.accelerator.memory_bytes
                     if not ok:
                         continue
@@ -80,15 +82,18 @@ SPACES = [
 ]
 
 
-@pytest.mark.parametrize("space", SPACES, ids=["llama3", "llama2-mha", "gpt2", "limits", "chinchilla", "memory"])
-@pytest.mark.parametrize("C", [3e19, 1e21, 2e22])
+# Three budgets per space, each one the space can spend (the "limits" space tops out near 2.7e20
+# FLOPs: 1.5e9 parameters on at most 3e10 tokens; the Chinchilla band near 1.1e22), so every case
+# compares two answers; budgets past a space's limits are tested below.
+BUDGETS = {"llama3": (3e19, 1e21, 2e22), "llama2-mha": (3e19, 1e21, 2e22), "gpt2": (3e19, 1e21, 2e22),
+           "limits": (3e19, 1e20, 2.5e20), "chinchilla": (3e19, 1e21, 1e22), "memory": (3e19, 1e21, 2e22)}
+CASES = [(space, C, name) for space, name in zip(SPACES, BUDGETS) for C in BUDGETS[name]]
+
+
+@pytest.mark.parametrize("space, C", [(sp, C) for sp, C, _ in CASES], ids=[f"{n}-{C:g}" for _, C, n in CASES])
 def test_search_equals_brute_force(space, C):
     law = LAWS["epoch"] if space.style == "gpt2" else CHIN
-    try:
-        result = search(C, law, space, top=5)
-    except UserError:
-        assert brute_force(C, law, space)[0] is None  # the loop finds nothing either
-        return
+    result = search(C, law, space, top=5)
     (loss, n_layer, h, n_head, kv, N, D), skipped = brute_force(C, law, space)
     b = result.best
     assert (b["n_layer"], b["n_embd"], b["n_head"], b["num_key_value_heads"]) == (n_layer, h, n_head, kv)
@@ -97,6 +102,18 @@ def test_search_equals_brute_force(space, C):
     assert result.search["skipped_total"] == skipped
     losses = [r["loss"] for r in result.top]
     assert losses == sorted(losses)
+
+
+@pytest.mark.parametrize("space, C", [(SPACES[3], 1e21), (SPACES[3], 2e22), (SPACES[4], 2e22)],
+                         ids=["limits-1e21", "limits-2e22", "chinchilla-2e22"])
+def test_budget_past_the_limits_names_the_largest_that_works(space, C):
+    """Past what the space can spend, the search refuses and names the largest budget that has a shape:
+    the brute-force loop finds a shape just below that budget and none just above it."""
+    with pytest.raises(UserError, match="the largest budget that has one is") as e:
+        search(C, CHIN, space)
+    largest = float(str(e.value).split("the largest budget that has one is ")[1].split()[0])
+    assert brute_force(largest * 0.99, CHIN, space)[0] is not None  # printed to 3 digits
+    assert brute_force(largest * 1.01, CHIN, space)[0] is None
 
 
 @pytest.mark.parametrize("C", [1e20, 1.36e21, 7.7e22])
@@ -237,7 +254,26 @@ def test_hardware_budget_and_wall_clock(cli):
     assert out["search"]["C"] == pytest.approx(C, rel=1e-12)
     # the plan spends the budget at the same MFU, so it takes the hours we gave (less the rounding)
     assert out["best"]["wall_clock"]["hours"] == pytest.approx(24, rel=1e-6)
-    assert out["best"]["memory_per_gpu_bytes"] <= 80 * 2**30
+
+
+def test_memory_filter_changes_the_answer_only_by_excluding_what_does_not_fit(cli):
+    """One A6000 (48 GiB) at 1e22: the unfiltered best needs more than 48 GiB when counted on its own
+    (counting.training_memory of its ModelConfig, one GPU, micro-batch 1, activation checkpointing);
+    the filtered best fits, by the same count, and is the unfiltered ranking's best shape that fits."""
+    free = plan_json(cli, "1e22", "--top", "200")
+    fit = plan_json(cli, "1e22", "--gpus", "1", "--gpu-type", "A6000")["best"]
+
+    def memory(row):
+        cfg = style_config("llama3", row["n_layer"], row["n_embd"], row["n_head"],
+                           num_key_value_heads=row["num_key_value_heads"], block_size=2048)
+        return counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=1, sharding="none",
+                                        activation_checkpointing=True)["total"]
+
+    assert memory(free["best"]) > 48 * 2**30
+    assert memory(fit) <= 48 * 2**30 and memory(fit) == fit["memory_per_gpu_bytes"]
+    first_that_fits = next(r for r in free["top"] if memory(r) <= 48 * 2**30)
+    assert (fit["n_layer"], fit["n_embd"], fit["n_head"]) == \
+        (first_that_fits["n_layer"], first_that_fits["n_embd"], first_that_fits["n_head"])
 
 
 def test_emit_config_loads_with_right_counts(cli, tmp_path):
@@ -291,6 +327,14 @@ def test_too_small_budget_names_the_smallest_that_works(cli):
     (["1e21", "--hours", "5"], "not both"),
     (["1e24", "--max-tokens", "1e11"], "the largest budget that has one is"),
     (["1e21", "--max-params", "1e6"], "max-params excludes"),
+    # an empty token range: used to format --max-tokens even when only the Chinchilla band emptied it
+    (["1e21", "--enforce-chinchilla", "--tokens-per-param", "1e-9"], "the Chinchilla band (--tokens-per-param 1e-09"),
+    (["1e21", "--max-tokens", "100"], "--max-tokens 100 leaves no token count"),
+    # law parameters that are finite and positive but put the optimum outside any model
+    (["1e21", "--B", "1e308", "--beta", "0.0001"], "N=0 parameters"),
+    (["1e21", "--A", "1e308", "--alpha", "0.0001"], "N=inf parameters"),
+    (["1e21", "--B", "1e-300"], "which no model can be"),
+    (["1e21", "--A", "1e308", "--alpha", "1e-300", "--B", "1e308", "--beta", "1e-300"], "with a loss of inf"),
 ])
 def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     law = tmp_path / "law.json"
@@ -301,3 +345,190 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert fragment in lines[0]
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("max_tokens", [1035175879.3969849, 1055276381.9095477, 1065326633.1658292])
+def test_budget_on_the_edge_of_a_shapes_interval_is_feasible(max_tokens):
+    """C = fpt·max_tokens is the largest budget this one shape can spend; D = C/fpt rounded past
+    max_tokens used to exclude it while the explanation's interval held C (TypeError on None)."""
+    sp = SearchSpace(hidden=(1024,), layers=(16,), head_dims=(64,), aspect=None, max_tokens=max_tokens)
+    cfg = style_config("llama3", 16, 1024, 16, num_key_value_heads=8, block_size=2048)
+    C = counting.training_flops_per_token(cfg, 2048) * max_tokens
+    b = search(C, CHIN, sp).best
+    assert (b["n_layer"], b["n_embd"]) == (16, 1024) and b["D"] == pytest.approx(max_tokens, rel=1e-12)
+    with pytest.raises(UserError, match="too large for any shape"):
+        search(C * (1 + 1e-9), CHIN, sp)
+
+
+def test_no_shape_between_two_budgets_names_both_neighbours():
+    # two shapes in a tight Chinchilla band: each spends one narrow range of budgets, with a gap between
+    sp = SearchSpace(hidden=(1024, 2048), layers=(16,), head_dims=(64,), aspect=None, enforce_chinchilla=True,
+                     tolerance=0.01)
+    c = {}
+    for h in (1024, 2048):
+        cfg = style_config("llama3", 16, h, h // 64, num_key_value_heads=8, block_size=2048)
+        c[h] = counting.training_flops_per_token(cfg, 2048) * 20 * counting.count_params(cfg).total
+    gap = math.sqrt(c[1024] * c[2048])
+    with pytest.raises(UserError, match=r"nearest budgets that have one: \S+ and \S+ FLOPs") as e:
+        search(gap, CHIN, sp)
+    assert "None" not in str(e.value)
+
+
+@pytest.mark.parametrize("law", [LAWS["chinchilla"], LAWS["epoch"], LAWS["shakespeare-cpu"]])
+@pytest.mark.parametrize("C", [1e13, 1e21, 1e27])
+def test_closed_form_in_logs_equals_the_textbook_formula(law, C):
+    """closed_form works in logarithms (so extreme laws cannot overflow); for ordinary ones it is
+    Hoffmann et al.'s G·(C/6)^a, written out here, and its N·D spends C/6."""
+    G = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
+    N = G * (C / 6) ** (law.beta / (law.alpha + law.beta))
+    D = (C / 6) ** (law.alpha / (law.alpha + law.beta)) / G
+    cf = law.closed_form(C)
+    assert cf["N"] == pytest.approx(N, rel=1e-12) and cf["D"] == pytest.approx(D, rel=1e-12)
+    assert 6 * cf["N"] * cf["D"] == pytest.approx(C, rel=1e-12)
+    assert cf["loss"] == pytest.approx(law.E + law.A / N ** law.alpha + law.B / D ** law.beta, rel=1e-12)
+
+
+TINY = ["1e13", "--law", "shakespeare-cpu", "--hidden", "64:512:32", "--layers", "2:12:1", "--head-dims", "32",
+        "--kv-heads", "2", "--vocab", "2048", "--seq-len", "128", "--max-tokens", "1e6"]
+
+
+def test_human_output_uses_units_that_fit_the_numbers(cli):
+    """The demo's plan printed 'N 0.001B, D 0.0B': N and D now carry K/M/B/T as their size needs."""
+    best = plan_json(cli, *TINY)["best"]
+    out = cli("plan", *TINY).stdout
+    rows = dict(line.strip().split(":", 1) for line in out.splitlines() if line.startswith("  N (params)")
+                or line.startswith("  D (tokens)"))
+    assert rows["N (params)"].split()[0] == f"{best['N'] / 1e6:.3g}M"
+    assert rows["D (tokens)"].split()[0] == f"{best['D'] / 1e3:.3g}K"
+    assert "0.0B" not in out and "0.00" not in out.split("TOP")[1]
+
+
+def test_ffn_row_says_why_it_is_not_the_styles_ratio(cli):
+    # llama3's 3.5x of a 192-wide model is 672, which the style rounds up to a multiple of 128: 768 = 4x
+    out = cli("plan", *TINY, "--hidden", "192", "--layers", "3").stdout
+    assert "FFN:          768 (4x n_embd): the style's 3.5x gives 672, rounded up to a multiple of 128" in out
+    # where the rounding changes nothing, nothing is explained
+    assert "rounded up" not in cli("plan", "1e21", "--hidden", "4096", "--layers", "32").stdout
+
+
+@pytest.mark.parametrize("flag, name", [("--plot", "iso.txt"), ("--emit-config", "plan.txt"), ("--plot", "."),
+                                        ("--emit-config", "sub.toml/x.toml")])
+def test_output_paths_refused_before_any_work(cli, tmp_path, flag, name):
+    (tmp_path / "sub.toml").write_text("keep")
+    r = cli("plan", "1e21", flag, str(tmp_path / name))
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert flag in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.toml"] and (tmp_path / "sub.toml").read_text() == "keep"
+
+
+@pytest.mark.parametrize("hardware", [["--gpus", "8", "--gpu-type", "H100", "--hours", "24"],
+                                      ["1e21", "--gpus", "1", "--gpu-type", "A6000"]])
+def test_emitted_config_carries_every_memory_assumption(cli, tmp_path, hardware):
+    """The config the plan writes, loaded by the trainer's own loader and predicted by the trainer's own
+    memory function, gives exactly the plan's per-GPU figure; so does `scalelab count` of the file."""
+    from scalelab.train.config import load_config
+    from scalelab.train.parallel import resolve_strategy
+    from scalelab.train.trainer import predicted_memory
+
+    path = tmp_path / "plan.toml"
+    best = plan_json(cli, *hardware, "--emit-config", str(path))["best"]
+    gpus = int(hardware[hardware.index("--gpus") + 1])
+    cfg = load_config(path)
+    assert (cfg.train.micro_batch_size, cfg.train.activation_checkpointing, cfg.train.dtype, cfg.train.attention,
+            cfg.parallel.strategy) == (1, True, "bf16", "sdpa", "fsdp" if gpus > 1 else "none")
+    strategy = resolve_strategy(cfg.parallel.strategy, gpus)
+    assert predicted_memory(cfg, strategy, gpus)["total"] == best["memory_per_gpu_bytes"]
+    gpu_type = hardware[hardware.index("--gpu-type") + 1]
+    counted = json.loads(cli("count", str(path), "--gpus", str(gpus), "--gpu-type", gpu_type, "--json").stdout)
+    assert counted["memory"]["total"] == best["memory_per_gpu_bytes"]
+
+
+def test_emit_config_is_validated_by_the_trainers_loader(cli, tmp_path):
+    path = tmp_path / "plan.toml"
+    path.write_text("# mine\n")
+    for bad, fragment in ((["--set", "train.lr=abc"], "train.lr must be a number"),
+                          (["--set", "train.warmup=-1"], "train.warmup"),
+                          (["--set", "eval.bogus=1"], "unknown key 'eval.bogus'"),
+                          (["--set", "train.max_steps=10"], "the plan writes train.max_steps itself"),
+                          (["--gpus", "2", "--gpu-type", "H100", "--set", "parallel.strategy=ddp"],
+                           "the plan writes parallel.strategy itself")):
+        r = cli("plan", "1e21", *bad, "--emit-config", str(path))
+        assert r.returncode == 2 and r.stdout == "", (bad, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
+        assert path.read_text() == "# mine\n"
+    assert heavy_modules_loaded(["plan", "1e21", "--emit-config", str(path), "--set", "train.lr=1e-4"]) == []
+    assert "lr = 0.0001" in path.read_text()
+
+
+# ---- the default space grows with the budget; a binding edge is named -----------------------
+
+
+def test_default_space_grows_to_the_closed_form_at_1e25(cli):
+    """The old fixed default (64 layers x 8192 wide, 57B) put the 1e25 plan 2x below the 6ND closed
+    form's N; grown with the budget, the plan's N is within 25% of it (measured: 0.98x) and its loss
+    within 1e-3 of the closed form at the plan's own FLOPs per parameter (6C/k)."""
+    out = plan_json(cli, "1e25")
+    b, cf = out["best"], out["closed_form"]
+    assert 0.8 <= b["N"] / cf["N"] <= 1.25
+    assert b["loss"] < cf["adjusted_for_k"]["loss"] + 1e-3
+    assert out["search"]["grown"]["hidden"]["from"] == "1024:8192:256" and out["search"]["binding"] is None
+    assert b["n_embd"] > 8192 or b["n_layer"] > 64  # beyond the old default's edge
+
+
+def test_a_binding_edge_names_every_flag_that_binds(cli):
+    """Given the old default ranges explicitly, they are not grown, and at 1e25 both bind: the warning
+    and the headline name --hidden AND --layers, and the better shape they name is better when counted
+    on its own."""
+    r = cli("plan", "1e25", "--hidden", "1024:8192:256", "--layers", "16:64:2", "--json")
+    out = json.loads(r.stdout)
+    assert "grown" not in out["search"] and out["best"]["N"] < 6e10
+    binding = out["search"]["binding"]
+    assert binding["axes"] == {"hidden": "up", "layers": "up"}
+    assert "--hidden MIN:MAX:STEP and --layers MIN:MAX:STEP" in r.stderr
+    h, n_layer = binding["n_embd"], binding["n_layer"]
+    assert h > 8192 and n_layer > 64 and 40 <= h / n_layer <= 130
+    cfg = style_config("llama3", n_layer, h, binding["n_head"], num_key_value_heads=binding["num_key_value_heads"],
+                       block_size=2048)
+    N = counting.count_params(cfg).total
+    D = 1e25 / counting.training_flops_per_token(cfg, 2048)
+    assert CHIN.loss(N, D) == pytest.approx(binding["loss"], rel=1e-9) and binding["loss"] < out["best"]["loss"]
+    human = cli("plan", "1e25", "--hidden", "1024:8192:256", "--layers", "16:64:2").stdout
+    assert "LIMITED BY THE SEARCH SPACE (--hidden and --layers)" in human.split("BEST CONFIG")[0]
+
+
+def test_one_binding_edge_names_only_that_flag():
+    sp = SearchSpace(hidden=tuple(range(1024, 4096 + 1, 256)), layers=tuple(range(8, 80 + 1, 2)), aspect=None)
+    result = search(1e23, CHIN, sp)
+    assert result.search["binding"]["axes"] == {"hidden": "up"}
+    assert any("(--hidden MIN:MAX:STEP)" in w and "--layers" not in w for w in result.search["warnings"])
+
+
+def test_interior_best_has_no_binding_edge():
+    result = search(1.36e21, CHIN)  # the default space, which the 1.36e21 optimum sits inside
+    assert result.search["binding"] is None and "grown" not in result.search
+    assert not any("binds (--" in w for w in result.search["warnings"])
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--vocab", str(10**30)], "--vocab values must be at most"),
+    (["--ffn-ratio", "1e300"], "--ffn-ratio must be at most"),
+    (["--kv-heads", str(10**30)], "--kv-heads values must be at most"),
+    (["--head-dims", str(10**30)], "--head-dims values must be at most"),
+    (["--hidden", str(10**30)], "--hidden values must be at most"),
+    (["--layers", f"1:{10**30}"], "--layers: MAX 1e+30 is beyond any model's size"),
+    (["--hidden", f"1:{2**40}:{2**30}"], "--hidden: MAX"),
+    (["--enforce-chinchilla", "--tokens-per-param", "inf"], "both finite"),
+])
+def test_absurd_search_numbers_exit_2_with_one_line(cli, args, fragment):
+    """Siblings of `count --set n_layer=1e30`: every size the planner builds is bounded like a ModelConfig."""
+    r = cli("plan", "1e21", *args)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args", [["--max-tokens", "1e300"], ["--enforce-chinchilla", "--tolerance", "1e300"]])
+def test_huge_but_finite_limits_plan_without_numpy_warnings(cli, args):
+    r = cli("plan", "1e21", *args, "--json")
+    assert r.returncode == 0 and "RuntimeWarning" not in r.stderr
+    assert json.loads(r.stdout)["best"]["N"] == plan_json(cli, "1e21")["best"]["N"]  # a limit that never binds

@@ -260,24 +260,43 @@ def check_fields(data: Mapping[str, Any], *, where: str, partial: bool = False) 
     return out
 
 
+# Upper bounds on the integer sizes: far beyond any model built (LLaMA 3.1 405B: 126 layers, width
+# 16384, FFN 53248, 128K vocabulary and context), and small enough that the exact int64 counts in
+# counting.py cannot overflow (n_layer · 3 · n_embd · d_ff < 2^63 at the bounds).
+INT_LIMITS: dict[str, int] = {
+    "n_layer": 2**16, "n_head": 2**20, "n_embd": 2**20, "num_key_value_heads": 2**20, "d_ff": 2**24,
+    "vocab_size": 2**24, "block_size": 2**27, "sliding_window": 2**27, "multiple_of": 2**20,
+}
+FLOAT_LIMITS: dict[str, float] = {"ffn_expansion_ratio": 2.0**10, "norm_eps": 1.0, "rope_theta": 1e12}
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: huge integers as 1e+30, not 31 digits."""
+    return f"{value:.3g}" if isinstance(value, (int, float)) and abs(value) >= 1e12 else repr(value)
+
+
 def validate(cfg: ModelConfig) -> None:
     """Raise UserError naming the first problem found, and how to fix it."""
-    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "num_key_value_heads",
-                 "multiple_of"):
+    for name, limit in INT_LIMITS.items():
         value = getattr(cfg, name)
-        if value <= 0:
-            raise UserError(f"{name} must be a positive integer, got {value}")
-    if cfg.d_ff is not None and cfg.d_ff <= 0:
-        raise UserError(f"d_ff must be a positive integer, got {cfg.d_ff}")
-    if cfg.sliding_window is not None and cfg.sliding_window <= 0:
-        raise UserError(f"sliding_window must be a positive integer (or none for full attention), "
-                        f"got {cfg.sliding_window}")
-    if cfg.ffn_expansion_ratio is not None and not cfg.ffn_expansion_ratio > 0:
-        raise UserError(f"ffn_expansion_ratio must be positive, got {cfg.ffn_expansion_ratio}")
-    if not cfg.norm_eps > 0:
-        raise UserError(f"norm_eps must be positive, got {cfg.norm_eps}")
-    if not cfg.rope_theta > 0:
-        raise UserError(f"rope_theta must be positive, got {cfg.rope_theta}")
+        if value is None:  # d_ff (derived), sliding_window (full attention)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name} must be an integer, got {_shown(value)}")
+        if not 1 <= value <= limit:
+            extra = " (or none for full attention)" if name == "sliding_window" else ""
+            raise UserError(f"{name} must be a positive integer at most {limit:,}{extra}, got {_shown(value)}")
+    for name, limit in FLOAT_LIMITS.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{name} must be a number, got {_shown(value)}")
+        if not 0 < value <= limit:
+            raise UserError(f"{name} must be positive and at most {limit:g}, got {_shown(value)}")
+    if cfg.d_ff is None and not 1 <= cfg.ffn_hidden <= INT_LIMITS["d_ff"]:
+        raise UserError(f"ffn_expansion_ratio {cfg.effective_ffn_ratio:g} x n_embd {cfg.n_embd} gives d_ff "
+                        f"{_shown(cfg.ffn_hidden)}; it must be between 1 and {INT_LIMITS['d_ff']:,}")
     for name, allowed in (("normalization", NORMALIZATIONS), ("position_encoding", POSITION_ENCODINGS),
                           ("ffn_type", FFN_TYPES), ("norm_position", NORM_POSITIONS)):
         value = getattr(cfg, name)
@@ -311,8 +330,9 @@ def validate_rope_scaling(scaling: Mapping[str, Any]) -> None:
         if key not in allowed:
             raise UserError(f"rope_scaling ({kind}): unknown key '{key}'{closest(key, allowed)}; "
                             f"allowed: {', '.join(allowed)}")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise UserError(f"rope_scaling.{key} must be a positive number, got {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < math.inf):
+            raise UserError(f"rope_scaling.{key} must be a positive finite number, got {value!r}")
     for key, default in allowed.items():
         if default is None and key != "attention_factor" and key not in scaling:
             if kind == "yarn" and key == "original_max_position_embeddings":

@@ -141,20 +141,45 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> in
     return 3 * forward_flops_per_token(cfg, seq_len)
 
 
+# The field's shortcuts for training FLOPs per token, each as its source's own code or paper computes
+# it, with the N that source counts (L layers, H = n_embd, S the sequence length):
+FLOPS_SHORTCUTS: dict[str, str] = {
+    # Hoffmann et al. 2022 (Chinchilla) use C = 6ND with N every parameter, embeddings included.
+    "training_per_token_6n": "6N, N all parameters (Chinchilla)",
+    # Kaplan et al. 2020 (eq. 2.1): C = 6N per token with N the non-embedding parameters.
+    "training_per_token_6n_non_embedding": "6N, N non-embedding (Kaplan)",
+    # nanoGPT model.py estimate_mfu ("PaLM Appendix B"): flops_per_token = 6*N + 12*L*H*Q*T with
+    # N = get_num_params(non_embedding=True), which subtracts only the position embeddings (wpe):
+    # GPT-2's token embedding is its tied lm_head, so it stays. (nanoGPT takes T = block_size.)
+    "training_per_token_nanogpt": "6(N - positions) + 12·L·H·S (nanoGPT, PaLM App. B)",
+    # torchtitan get_num_flop_per_token: 6 * num_params + 12 * l * h * q * t, with num_params from
+    # get_num_params(model, exclude_embedding=True), which subtracts the nn.Embedding (the token
+    # embedding). For an untied model without biases this is the exact count plus 6 x the norms.
+    "training_per_token_torchtitan": "6(N - token emb.) + 12·L·H·S (torchtitan)",
+    # Megatron-LM training.py num_floating_point_operations (transformer_flops): 3 x 2 x every GEMM's
+    # m·n·k -- Q, K, V, O, the FFN and the logits, at their own widths (GQA- and SwiGLU-aware) -- and
+    # core attention at seq_length / 2 ("causal mask, only half of the mask is non-zero"); norms,
+    # biases and the embedding lookup are no GEMM. (Megatron pads the vocabulary; we do not.)
+    "training_per_token_megatron": "6·GEMM weights + 6·L·H·S, causal (Megatron-LM)",
+}
+
+
 def flops_report(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
-    """Exact FLOPs per token and the field's shortcuts beside them, labelled."""
+    """Exact FLOPs per token and the field's shortcuts (FLOPS_SHORTCUTS) beside them."""
     s = cfg.block_size if seq_len is None else seq_len
     n = count_params(cfg)
     fwd = forward_flops_per_token(cfg, s)
-    attn_term = 12 * cfg.n_layer * cfg.n_embd * s  # 6 × (2·L·S·H for QKᵀ and AV) per token
+    attn_term = 12 * cfg.n_layer * cfg.n_embd * s  # 3 passes x 2·(QKᵀ and AV) x L·S·H per token, no causal discount
+    gemm_weights = int(matmul_weights_arrays(*_shape_args(cfg), ffn_type=cfg.ffn_type))
     return {
         "seq_len": s,
         "forward_per_token": fwd,
         "training_per_token": 3 * fwd,
         "training_per_token_6n": 6 * n.total,
         "training_per_token_6n_non_embedding": 6 * n.non_embedding,
-        "training_per_token_6n_plus_attention": 6 * n.total + attn_term,  # nanoGPT / PaLM / torchtitan
-        "training_per_token_6n_plus_causal_attention": 6 * n.total + attn_term // 2,  # Megatron-LM
+        "training_per_token_nanogpt": 6 * (n.total - n.breakdown["position_embedding"]) + attn_term,
+        "training_per_token_torchtitan": 6 * (n.total - n.breakdown["token_embedding"]) + attn_term,
+        "training_per_token_megatron": 6 * gemm_weights + attn_term // 2,
         "attention_share": 4 * cfg.n_layer * s * cfg.n_embd / fwd,
     }
 

@@ -108,9 +108,26 @@ def build_parser() -> ArgumentParser:
         except ModuleNotFoundError as e:  # a verb still being written; skip it
             if e.name == f"scalelab.cli.{name}":
                 continue
-            raise
-        module.register(sub)
+            _register_broken(sub, name, e)
+        except ImportError as e:  # one verb's broken import must not take every other verb down
+            _register_broken(sub, name, e)
+        else:
+            module.register(sub)
     return parser
+
+
+def _register_broken(sub: argparse._SubParsersAction, name: str, error: ImportError) -> None:
+    """A verb whose module failed to import: it answers with the import error (exit 1), the others work."""
+    verb = name.replace("_", "-")
+
+    def broken(args: argparse.Namespace) -> int:
+        print(f"scalelab {verb}: cannot start: {type(error).__name__}: {error} (a broken or incomplete "
+              "installation; reinstall scalelab's dependencies)", file=sys.stderr)
+        return 1
+
+    p = sub.add_parser(verb, help=f"(unavailable: {error})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=broken)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_count, format_duration,
                           parse_quantity, print_json, print_table)
+from scalelab.config import INT_LIMITS
 from scalelab.errors import UserError
 
 EXAMPLES = """examples:
@@ -20,27 +22,32 @@ EXAMPLES = """examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("count", help="exact parameters, FLOPs, memory and training time of a model",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
-    p.add_argument("model", nargs="?", help="preset name (see --list) or a TOML model/training config")
+    p.add_argument("model", nargs="?", help="preset name (see --list) or a TOML model/training config (a "
+                   "training config's [train] micro_batch_size, seq_len, activation_checkpointing, dtype, attention "
+                   "and [parallel] strategy are the defaults of the flags below)")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: model block_size, max 8192)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per device per micro-step")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-step (default 1)")
     p.add_argument("--gpus", type=int, default=1, help="number of devices")
     p.add_argument("--gpu-type", default=None, help="accelerator: A6000, A100-40GB, A100-80GB, H100-SXM, "
                    "H100-PCIe, H200, B200 (H100 = H100-SXM, A100 = A100-80GB)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for time")
     p.add_argument("--tokens", default=None, help="training tokens D for time/cost, e.g. 15T or 1.6e11")
-    p.add_argument("--sharding", choices=("fsdp", "ddp"), default=None,
+    p.add_argument("--sharding", choices=("fsdp", "ddp", "none"), default=None,
                    help="how weights/optimizer are split over GPUs (default: fsdp when --gpus > 1)")
-    p.add_argument("--precision", choices=("bf16-mixed", "bf16", "fp32"), default="bf16-mixed",
+    p.add_argument("--precision", choices=("bf16-mixed", "bf16", "fp32"), default=None,
                    help="training precision (bytes per parameter for weights, grads, optimizer)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute blocks in backward")
+    p.add_argument("--attention", choices=("sdpa", "math"), default=None, help="attention kernel (default sdpa)")
     add_common_flags(p)
     p.set_defaults(func=run)
 
 
 def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_type: str | None = None,
                  mfu: float = 0.4, tokens: float | None = None, sharding: str | None = None,
-                 precision: str = "bf16-mixed", activation_checkpointing: bool = False) -> dict:
+                 precision: str = "bf16-mixed", activation_checkpointing: bool = False,
+                 attention: str = "sdpa") -> dict:
     """Everything `count` prints, as one dict (the --json object)."""
     from scalelab import counting
     from scalelab.hardware import get_accelerator
@@ -50,7 +57,7 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
     sharding = sharding or ("fsdp" if gpus > 1 else "ddp")
     memory = counting.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, num_devices=gpus,
                                       sharding=sharding, precision=precision,
-                                      activation_checkpointing=activation_checkpointing)
+                                      activation_checkpointing=activation_checkpointing, attention=attention)
     report = {
         "model": cfg.name(),
         "config": cfg.to_dict(),
@@ -87,11 +94,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise UserError("give a MODEL (a preset name or a .toml file); `scalelab count --list` lists presets")
+    given = training_config_settings(args.model)
+    for flag, default in (("micro_batch", 1), ("precision", "bf16-mixed"), ("activation_checkpointing", False),
+                          ("attention", "sdpa"), ("sharding", None), ("seq_len", None)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, given.get(flag, default))
     for flag in ("micro_batch", "gpus"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.seq_len is not None and args.seq_len < 1:
-        raise UserError("--seq-len must be at least 1")
+    if args.seq_len is not None and not 1 <= args.seq_len <= INT_LIMITS["block_size"]:
+        raise UserError(f"--seq-len must be between 1 and {INT_LIMITS['block_size']:,}, got {args.seq_len:.3g}")
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu is a fraction in (0, 1], got {args.mfu}")
     tokens = parse_quantity(args.tokens, name="--tokens") if args.tokens is not None else None
@@ -101,9 +113,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--tokens needs --gpu-type (and --gpus) to estimate time, e.g. --gpu-type H100")
     cfg = load_model_config(args.model, args.overrides)
     seq_len = args.seq_len or min(cfg.block_size, 8192)
+    if seq_len > cfg.block_size:
+        if cfg.position_encoding == "learned":
+            raise UserError(f"--seq-len {seq_len} exceeds the model's {cfg.block_size} learned positions "
+                            f"(block_size): there is no position embedding past it; use --seq-len {cfg.block_size} "
+                            f"or less, or --set block_size={seq_len} (a longer position table)")
+        print(f"scalelab count: warning: --seq-len {seq_len} is beyond block_size {cfg.block_size}, the context "
+              "the model was configured for; RoPE runs there, but quality is not what the counts promise",
+              file=sys.stderr)
     report = count_report(cfg, seq_len=seq_len, micro_batch=args.micro_batch, gpus=args.gpus,
                           gpu_type=args.gpu_type, mfu=args.mfu, tokens=tokens, sharding=args.sharding,
-                          precision=args.precision, activation_checkpointing=args.activation_checkpointing)
+                          precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+                          attention=args.attention)
     if args.json:
         print_json(report)
     else:
@@ -111,7 +132,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_config_settings(spec: str | None) -> dict:
+    """What a training config's [train] and [parallel] sections say about memory, as count's flags (the
+    trainer's mapping, trainer.predicted_memory): {} for a preset or a bare model file."""
+    from pathlib import Path
+
+    from scalelab.config import load_toml
+
+    if spec is None or not Path(spec).is_file():
+        return {}
+    data = load_toml(spec)
+    if not isinstance(data.get("model"), dict):
+        return {}
+    train, parallel = data.get("train", {}), data.get("parallel", {})
+    if not isinstance(train, dict) or not isinstance(parallel, dict):
+        return {}
+    out = {}
+    for key, flag in (("micro_batch_size", "micro_batch"), ("seq_len", "seq_len"),
+                      ("activation_checkpointing", "activation_checkpointing"), ("attention", "attention")):
+        if key in train:
+            out[flag] = train[key]
+    for flag, ok in (("micro_batch", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                     ("seq_len", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                     ("activation_checkpointing", lambda v: isinstance(v, bool)),
+                     ("attention", lambda v: v in ("sdpa", "math"))):
+        if flag in out and not ok(out[flag]):
+            raise UserError(f"{spec}: [train] value {out[flag]!r} is not a valid {flag.replace('_', ' ')}; "
+                            "check it with `scalelab train --check`")
+    if "dtype" in train:  # the trainer runs fp32 as fp32 and every 16-bit dtype as autocast / FSDP bf16
+        out["precision"] = "fp32" if train["dtype"] == "fp32" else "bf16-mixed"
+    if parallel.get("strategy") in ("fsdp", "ddp", "none"):
+        out["sharding"] = parallel["strategy"]
+    return out
+
+
 def print_report(cfg, r: dict) -> None:
+    from scalelab.counting import FLOPS_SHORTCUTS
+
     print_table(cfg.summary(), title=f"Model {r['model']}")
     p = r["params"]
     b = p["breakdown"]
@@ -124,12 +181,8 @@ def print_report(cfg, r: dict) -> None:
     f = r["flops"]
     rows = [("Forward / token (exact)", f"{f['forward_per_token']:.4e}"),
             ("Training / token (exact, 3x fwd)", f"{f['training_per_token']:.4e}"),
-            ("  6N (Chinchilla/Kaplan)", f"{f['training_per_token_6n']:.4e}  "
-             f"({f['training_per_token_6n'] / f['training_per_token'] - 1:+.1%})"),
-            ("  6N + 12·L·H·S (nanoGPT/PaLM)", f"{f['training_per_token_6n_plus_attention']:.4e}  "
-             f"({f['training_per_token_6n_plus_attention'] / f['training_per_token'] - 1:+.1%})"),
-            ("  6N + 6·L·H·S (causal, Megatron)", f"{f['training_per_token_6n_plus_causal_attention']:.4e}  "
-             f"({f['training_per_token_6n_plus_causal_attention'] / f['training_per_token'] - 1:+.1%})"),
+            *[(f"  {label}", f"{f[key]:.4e}  ({f[key] / f['training_per_token'] - 1:+.1%})")
+              for key, label in FLOPS_SHORTCUTS.items()],
             ("Attention share of forward", f"{f['attention_share']:.1%}")]
     print_table(rows, title=f"FLOPs at sequence length {f['seq_len']}")
     g = r["gqa"]

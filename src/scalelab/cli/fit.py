@@ -15,9 +15,11 @@ per compute budget, power laws N_opt(C), D_opt(C).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
-from scalelab.cli import HelpFormatter, add_common_flags, format_count, parse_quantity, print_json, print_table
+from scalelab.cli import (HelpFormatter, _jsonable, add_common_flags, format_count, parse_quantity, print_json,
+                          print_table)
 from scalelab.errors import UserError
 
 EXAMPLES = """examples:
@@ -72,34 +74,64 @@ def _progress(label: str):
     return report
 
 
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
+def _check_flags(args: argparse.Namespace) -> tuple[float | None, list[float] | None]:
+    """Every numeric flag and output path, before any work: (--budget, --budgets) parsed."""
+    from scalelab.files import check_output_file
 
-    from scalelab.scaling import fit as F
-
-    if not args.huber_delta > 0:
-        raise UserError(f"--huber-delta must be positive, got {args.huber_delta}")
+    if not (math.isfinite(args.huber_delta) and args.huber_delta > 0):
+        raise UserError(f"--huber-delta must be a positive number, got {args.huber_delta}")
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise UserError(f"--bootstrap needs 0 (off) or at least 2 resamples, got {args.bootstrap}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.drop_highest_loss < 0:
         raise UserError(f"--drop-highest-loss must be >= 0, got {args.drop_highest_loss}")
-    runs = F.load_runs(args.inputs, tokens_from_flops=args.tokens_from_flops, pick=args.pick,
-                       non_embedding=args.non_embedding)
-    runs = F.drop_highest_loss(runs, args.drop_highest_loss)
-    budget = parse_quantity(args.budget, name="--budget") if args.budget is not None else float(runs.C.max())
-    if budget <= 0:
-        raise UserError(f"--budget must be positive, got {args.budget}")
-
+    if not (math.isfinite(args.flop_tolerance) and args.flop_tolerance > 0):
+        raise UserError(f"--flop-tolerance must be a positive number of dex (e.g. 0.1), got {args.flop_tolerance}")
+    budget = None
+    if args.budget is not None:
+        budget = parse_quantity(args.budget, name="--budget")
+        if budget <= 0:
+            raise UserError(f"--budget must be positive, got {args.budget}")
+    budgets = None
+    if args.budgets is not None:
+        if args.method != "isoflop":
+            raise UserError("--budgets groups runs for --method isoflop; drop it or add --method isoflop")
+        budgets = [parse_quantity(b, name="--budgets") for b in args.budgets.split(",") if b.strip()]
+        if not budgets or min(budgets) <= 0:
+            raise UserError(f"--budgets must be positive FLOP counts separated by commas (e.g. 1e18,3e18,1e19), "
+                            f"got '{args.budgets}'")
     if args.method == "isoflop":
         if args.out:
             raise UserError("--out writes a loss law (E, A, B, alpha, beta), which --method isoflop does not fit; "
                             "use --method approach3")
         if args.bootstrap:
             raise UserError("--bootstrap is for --method approach3; isoflop reports exponent standard errors")
-        budgets = None
-        if args.budgets:
-            budgets = [parse_quantity(b, name="--budgets") for b in args.budgets.split(",") if b.strip()]
+    if args.out:
+        check_output_file(args.out, flag="--out", suffixes=(".json",))
+    if args.plot:
+        check_output_file(args.plot, flag="--plot", suffixes=(".png",))
+    return budget, budgets
+
+
+def _warn(message: str) -> None:
+    print(f"scalelab fit: warning: {message}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scalelab.scaling import fit as F
+
+    budget, budgets = _check_flags(args)
+    runs = F.load_runs(args.inputs, tokens_from_flops=args.tokens_from_flops, pick=args.pick,
+                       non_embedding=args.non_embedding)
+    runs = F.drop_highest_loss(runs, args.drop_highest_loss)
+    if budget is None:
+        budget = float(runs.C.max())
+
+    if args.method == "isoflop":
         result = F.fit_isoflop(runs, budgets=budgets, tolerance_dex=args.flop_tolerance)
+        for message in result["warnings"]:
+            _warn(message)
         result["at_budget"] = F.isoflop_at(result, budget)
         if args.plot:
             F.plot_isoflop(runs, result, args.plot)
@@ -115,37 +147,36 @@ def run(args: argparse.Namespace) -> int:
         fit = F.fit_classic_grid(runs, delta=args.huber_delta, progress=_progress("classic grid starts"))
     else:
         fit = F.fit_approach3(runs, delta=args.huber_delta)
-    if not (fit.law.alpha > 0 and fit.law.beta > 0):
-        raise UserError(f"the fitted exponents are not positive (alpha {fit.law.alpha:.3g}, beta {fit.law.beta:.3g}): "
-                        "loss does not fall with N and D in these runs; check the data or add runs")
-    summary = F.summarize(fit, budget)
+    summary = F.summarize(fit, budget, runs)  # NoOptimum (exit 2) when a term vanished
     for bound in summary["at_bounds"]:
         term = "N" if bound.startswith("alpha") else "D"
-        print(f"scalelab fit: warning: {bound} is at its bound: the loss does not fall as a power of {term} "
+        _warn(f"{bound} is at its bound: the loss does not fall as a power of {term} "
               f"across these runs (the fit makes the {term} term a step that only the smallest-{term} runs feel); "
               f"widen the ladder in {term}, or check that its largest runs trained well, before trusting "
-              f"N_opt and D_opt", file=sys.stderr)
-    boot = None
+              f"N_opt and D_opt")
     if args.bootstrap:
         boot = F.bootstrap(runs, fit, budget, args.bootstrap, seed=args.seed, delta=args.huber_delta,
                            progress=_progress("bootstrap resamples"))
-        summary["stderr"] = boot["stderr"]
-        summary["interval_95"] = boot["interval_95"]
-        summary["bootstrap"] = {"resamples": boot["resamples"], "seed": boot["seed"]}
+        summary["bootstrap"] = {k: boot[k] for k in ("resamples", "seed", "valid", "degenerate", "no_interval")
+                                if k in boot}
+        for key in ("stderr", "interval_95"):
+            if key in boot:
+                summary[key] = boot[key]
     if args.out:
         from scalelab.scaling.laws import save_law
 
         extra = {k: summary[k] for k in ("objective", "huber_delta", "n_points", "method", "at_bounds")}
         extra["inputs"] = [str(i) for i in args.inputs]
-        if boot:
-            extra["stderr"] = boot["stderr"]
-        save_law(fit.law, args.out, extra)
+        for key in ("stderr", "bootstrap"):
+            if key in summary:
+                extra[key] = summary[key]
+        save_law(fit.law, args.out, _jsonable(extra))  # atomic: an existing law file changes only now
     if args.plot:
         F.plot_approach3(runs, fit, args.plot, budget=budget)
     if args.json:
         print_json(summary)
         return 0
-    _print_approach3(summary, args, np)
+    _print_approach3(summary, args)
     return 0
 
 
@@ -157,13 +188,28 @@ def _pm(summary, key: str, fmt: str) -> str:
     return value
 
 
-def _print_approach3(s, args, np) -> None:
+def _bootstrap_line(boot: dict) -> str:
+    """How many resamples the intervals come from, and why the others gave no law to use."""
+    line = f"{boot['valid']} of {boot['resamples']} resamples (seed {boot['seed']})"
+    if boot["degenerate"]:
+        reasons = "; ".join(f"{n}: {why}" for why, n in sorted(boot["degenerate"].items(), key=lambda kv: -kv[1]))
+        line += f"; {boot['resamples'] - boot['valid']} left out ({reasons})"
+    if "no_interval" in boot:
+        line += f". {boot['no_interval']}"
+    elif boot["degenerate"]:
+        line += f"; the intervals are from the {boot['valid']} others"
+    return line
+
+
+def _print_approach3(s, args) -> None:
     title = (f"L(N, D) = E + A/N^alpha + B/D^beta, {s['n_points']} runs, Huber delta {s['huber_delta']:g}"
              f" ({'classic grid' if s['method'] == 'grid' else 'approach 3'})")
     rows = [(k, _pm(s, k, ".4f" if k != "A" and k != "B" else ".5g")) for k in ("E", "A", "B", "alpha", "beta")]
     rows.append(("objective", f"{s['objective']:.10g}"))
     rows.append(("N_opt ∝ C^a", _pm(s, "N_opt_exponent", ".4f")))
     rows.append(("D_opt ∝ C^b", _pm(s, "D_opt_exponent", ".4f")))
+    if "bootstrap" in s:
+        rows.append(("bootstrap", _bootstrap_line(s["bootstrap"])))
     print_table(rows, title)
     budget_label = "" if args.budget is not None else " (largest in the data; set --budget)"
     rows = [("budget C", f"{s['budget']:.4g} FLOPs{budget_label}"),
@@ -185,14 +231,19 @@ def _print_isoflop(r, args) -> None:
         rows.append((f"C = {p['C']:.3g}", f"{p['runs']} runs, N_opt {format_count(p['N_opt'])}, "
                      f"D_opt {format_count(p['D_opt'])}, loss {p['loss_opt']:.4f}{flag}"))
     for s in r["skipped"]:
-        rows.append((f"C = {s['C']:.3g}", f"skipped: {s['runs']} runs, {s['why']}"))
+        rows.append((f"C = {s['C']:.3g}", f"skipped: {s['runs']} run{'s' if s['runs'] != 1 else ''}, {s['why']}"))
     print_table(rows, f"IsoFLOP profiles (Approach 2), {r['n_points']} runs")
     n, d, at = r["N_opt"], r["D_opt"], r["at_budget"]
     print_table([
-        ("N_opt", f"{n['coefficient']:.4g} · C^{n['exponent']:.4f} (± {n['exponent_stderr']:.4f})"),
-        ("D_opt", f"{d['coefficient']:.4g} · C^{d['exponent']:.4f} (± {d['exponent_stderr']:.4f})"),
+        ("N_opt", f"{n['coefficient']:.4g} · C^{n['exponent']:.4f} {_stderr(n)}"),
+        ("D_opt", f"{d['coefficient']:.4g} · C^{d['exponent']:.4f} {_stderr(d)}"),
         (f"at C = {at['budget']:.4g}", f"N_opt {format_count(at['N_opt'])}, D_opt {format_count(at['D_opt'])}, "
-         f"{at['tokens_per_param']:.2f} tokens/param"),
+         f"{at['tokens_per_param']:.4g} tokens/param"),
     ], "power laws across budgets")
     if args.plot:
         print(f"wrote {args.plot}")
+
+
+def _stderr(law: dict) -> str:
+    se = law["exponent_stderr"]
+    return f"(± {se:.4f})" if se is not None else f"(± n/a: {law['exponent_stderr_why']})"

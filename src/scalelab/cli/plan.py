@@ -12,9 +12,11 @@ import math
 import re
 import sys
 
-from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_duration, parse_quantity,
-                          print_json)
+from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_count, format_duration,
+                          parse_quantity, print_json)
+from scalelab.config import INT_LIMITS
 from scalelab.errors import UserError
+from scalelab.files import check_output_file
 
 EXAMPLES = """examples:
   scalelab plan 1.36e21
@@ -35,8 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("search space")
     g.add_argument("--style", default="llama3", help="family style: llama3, llama2, gpt2 (norms, FFN type, "
                    "positions, default KV heads, FFN ratio and vocabulary)")
-    g.add_argument("--hidden", default="1024:8192:256", help="n_embd values: MIN:MAX:STEP (inclusive) or a,b,c")
-    g.add_argument("--layers", default="16:64:2", help="n_layer values: MIN:MAX:STEP (inclusive) or a,b,c")
+    g.add_argument("--hidden", default=None, help="n_embd values: MIN:MAX:STEP (inclusive) or a,b,c (default "
+                   "1024:8192:256, grown with the budget while a wider or narrower shape would beat the plan)")
+    g.add_argument("--layers", default=None, help="n_layer values: MIN:MAX:STEP (inclusive) or a,b,c (default "
+                   "16:64:2, grown likewise)")
     g.add_argument("--head-dims", default="64,128", help="head dims to try; n_head = n_embd / head_dim")
     g.add_argument("--kv-heads", default=None, help="KV-head count(s), e.g. 8 or 4,8 (default: the style's; "
                    "llama3: 8); shapes where they do not divide n_head are skipped")
@@ -55,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-tokens", default=None, help="dataset size: D at most this, e.g. 2T")
     c.add_argument("--max-params", default=None, help="N at most this, e.g. 8B")
     h = p.add_argument_group("hardware (memory filter, wall-clock, or the budget itself)")
-    h.add_argument("--gpus", type=int, default=None, help="number of GPUs (FSDP over all of them)")
+    h.add_argument("--gpus", type=int, default=None, help="number of GPUs (FSDP over all of them; one GPU trains unsharded)")
     h.add_argument("--gpu-type", default=None, help="A6000, A100-40GB, A100-80GB, H100-SXM, H100-PCIe, H200, B200")
     h.add_argument("--hours", type=float, default=None, help="budget from hardware: C = GPUs × peak × MFU × hours")
     h.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for --hours and wall-clock")
@@ -76,8 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---- parsing -------------------------------------------------------------------------------
 
 
-def parse_int_values(text: str, flag: str) -> tuple[int, ...]:
-    """'1024:8192:256' (inclusive), '16:64' (step 1), '64,128' or '2048' -> sorted tuple of ints."""
+def parse_int_values(text: str, flag: str, limit: int) -> tuple[int, ...]:
+    """'1024:8192:256' (inclusive), '16:64' (step 1), '64,128' or '2048' -> sorted tuple of ints.
+    A range is checked against the largest size any model may have before it is built (`1:1e30`)."""
     s = str(text).strip()
     hint = f"{flag} takes MIN:MAX:STEP or a comma list of positive integers, got '{text}'"
     try:
@@ -92,6 +97,8 @@ def parse_int_values(text: str, flag: str) -> tuple[int, ...]:
             raise UserError(f"{flag}: STEP must be positive, got {step}")
         if lo > hi:
             raise UserError(f"{flag}: the range {s} is empty (MIN > MAX); write MIN:MAX:STEP")
+        if hi > limit:
+            raise UserError(f"{flag}: MAX {hi:.3g} is beyond any model's size (at most {limit:,})")
         values = tuple(range(lo, hi + 1, step))
     else:
         values = tuple(sorted(set(parts)))
@@ -170,9 +177,11 @@ def build(args: argparse.Namespace):
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise UserError(f"--tolerance must be a non-negative fraction, got {args.tolerance}")
     space = SearchSpace(
-        hidden=parse_int_values(args.hidden, "--hidden"), layers=parse_int_values(args.layers, "--layers"),
-        head_dims=parse_int_values(args.head_dims, "--head-dims"),
-        kv_heads=parse_int_values(args.kv_heads, "--kv-heads") if args.kv_heads is not None else None,
+        hidden=None if args.hidden is None else parse_int_values(args.hidden, "--hidden", INT_LIMITS["n_embd"]),
+        layers=None if args.layers is None else parse_int_values(args.layers, "--layers", INT_LIMITS["n_layer"]),
+        head_dims=parse_int_values(args.head_dims, "--head-dims", INT_LIMITS["n_embd"]),
+        kv_heads=(None if args.kv_heads is None
+                  else parse_int_values(args.kv_heads, "--kv-heads", INT_LIMITS["num_key_value_heads"])),
         mha=args.no_gqa, style=args.style, ffn_ratio=args.ffn_ratio, seq_len=args.seq_len,
         vocab_size=args.vocab, aspect=parse_aspect(args.aspect), max_tokens=max_tokens, max_params=max_params,
         enforce_chinchilla=args.enforce_chinchilla, tokens_per_param=args.tokens_per_param,
@@ -185,13 +194,22 @@ def run(args: argparse.Namespace) -> int:
 
     C, budget, law, space = build(args)
     # check --set before searching: it may only touch the emitted config's non-model sections
+    owned = plan_owned_keys(space)
     for item in args.overrides:
-        if item.split("=", 1)[0].strip().startswith("model."):
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("model."):
             raise UserError(f"--set {item}: the planner chooses the model; use the search flags instead")
+        if key in owned:
+            raise UserError(f"--set {item}: the plan writes {key} itself (its figures assume that value); use the "
+                            "plan's flags (--seq-len, --gpus, ...) or edit the emitted file afterwards and check it "
+                            "with `scalelab count`")
     if args.overrides and not args.emit_config:
         raise UserError("--set overrides the emitted config (e.g. --set data.dir=data/mine); it needs --emit-config")
-    if args.emit_config and not str(args.emit_config).endswith(".toml"):
-        raise UserError(f"--emit-config writes TOML; give a path ending in .toml, got '{args.emit_config}'")
+    # refuse output paths the writers cannot honour before any work (a PNG into x.txt, a directory)
+    if args.emit_config:
+        check_output_file(args.emit_config, flag="--emit-config", suffixes=(".toml",))
+    if args.plot:
+        check_output_file(args.plot, flag="--plot", suffixes=(".png",))
     result = search(C, law, space, top=args.top)
     result.search["budget"] = budget
     if args.emit_config:
@@ -235,19 +253,27 @@ def print_report(result) -> None:
     excluded = [f"{n:,} {names[k]}" for k, n in s["excluded"].items() if n]
     if excluded:
         print(f"  excluded (a shape may fail several): {'; '.join(excluded)}")
-    print(f"  {s['feasible']:,} feasible shapes scored\n")
+    print(f"  {s['feasible']:,} feasible shapes scored")
+    for axis, change in s.get("grown", {}).items():
+        print(f"  --{axis} grew with the budget from the default {change['from']} to {change['to']}")
+    print()
+    if s["binding"] is not None:
+        flags = " and ".join(f"--{axis}" for axis in s["binding"]["axes"])
+        print(f"LIMITED BY THE SEARCH SPACE ({flags}): a shape past {'their edges' if ' and ' in flags else 'its edge'} "
+              f"would beat this plan ({s['binding']['n_layer']}L x {s['binding']['n_embd']}H, "
+              f"N {format_count(s['binding']['N'])}, loss {s['binding']['loss']:.6f}); widen {flags}\n")
 
     print("BEST CONFIG:")
     rows = [
         ("Loss", f"{b['loss']:.6f}"),
-        ("N (params)", f"{b['N'] / 1e9:.3f}B ({b['N']:,}; non-embedding {b['N_non_embedding'] / 1e9:.3f}B)"),
-        ("D (tokens)", f"{b['D'] / 1e9:.1f}B (rounded down to {b['sequences']:,} sequences of {b['seq_len']} = "
+        ("N (params)", f"{format_count(b['N'])} ({b['N']:,}; non-embedding {format_count(b['N_non_embedding'])})"),
+        ("D (tokens)", f"{format_count(b['D'])} (rounded down to {b['sequences']:,} sequences of {b['seq_len']} = "
                        f"{b['D_rounded']:,} tokens)"),
         ("C (FLOPs)", f"{b['C']:.4g} (error: {b['flops_error']:.1e}; {b['flops_error_rounded']:.1e} after "
                       f"rounding D to whole sequences)"),
         ("Architecture", f"{b['n_layer']}L x {b['n_embd']}H x {b['n_head']}A (head_dim={b['head_dim']}), "
                          f"aspect {b['aspect']:.0f}"),
-        ("FFN", f"{b['d_ff']} ({b['ffn_ratio']:.2f}x expansion)"),
+        ("FFN", ffn_text(b["d_ff"], b["n_embd"], space.ratio, space.multiple_of)),
         ("D/N ratio", f"{b['tokens_per_param']:.1f} (Chinchilla: 20.0)"),
         ("Attention", "MHA" if b["attention_type"] == "MHA" else
          f"{b['attention_type']}: {b['num_key_value_heads']} KV heads ({b['n_head'] // b['num_key_value_heads']}:1 "
@@ -260,43 +286,80 @@ def print_report(result) -> None:
         rows.append(("Wall-clock", f"{format_duration(t['seconds'])} on {t['num_devices']} x {t['gpu_type']} at "
                                    f"{t['mfu']:.0%} MFU ({t['gpu_hours']:,.0f} GPU-hours, "
                                    f"{t['tokens_per_second']:,.0f} tokens/s)"))
+        m = s["space"]["hardware"]["memory_model"]
+        sharding = f"FSDP over {space.gpus}" if m["sharding"] == "fsdp" else "one GPU, unsharded"
         rows.append(("Memory/GPU", f"{format_bytes(b['memory_per_gpu_bytes'])} of "
-                                   f"{space.accelerator.memory_gib:g} GiB (FSDP over {space.gpus}, micro-batch 1, "
-                                   f"activation checkpointing, bf16-mixed)"))
+                                   f"{space.accelerator.memory_gib:g} GiB ({sharding}, micro-batch {m['micro_batch']}, "
+                                   f"{'activation checkpointing, ' if m['activation_checkpointing'] else ''}"
+                                   f"{m['precision']}, {m['attention']}; --emit-config writes these settings)"))
     rows.append(("Name", b["name"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k + ':':<{width + 1}} {v}")
     print()
-    print(f"CLOSED FORM (C = 6ND): N {cf['N'] / 1e9:.3f}B, D {cf['D'] / 1e9:.1f}B, D/N {cf['tokens_per_param']:.1f}, "
+    print(f"CLOSED FORM (C = 6ND): N {format_count(cf['N'])}, D {format_count(cf['D'])}, D/N {cf['tokens_per_param']:.1f}, "
           f"loss {cf['loss']:.6f} (grid {cf['loss_gap']:+.4f})")
     print(f"  why: {cf['explanation']}")
     print()
     print(f"TOP {len(result.top)} CANDIDATES:")
-    print(f"{'Rank':>4} {'Loss':>9} {'N(B)':>8} {'D(B)':>9} {'L':>3} {'H':>5} {'A':>3} {'KV':>3} {'hd':>4} "
+    print(f"{'Rank':>4} {'Loss':>9} {'N':>8} {'D':>8} {'L':>3} {'H':>5} {'A':>3} {'KV':>3} {'hd':>4} "
           f"{'D/N':>6} {'H/L':>5}")
     for r in result.top:
-        print(f"{r['rank']:>4} {r['loss']:>9.6f} {r['N'] / 1e9:>8.3f} {r['D'] / 1e9:>9.3f} {r['n_layer']:>3} "
+        print(f"{r['rank']:>4} {r['loss']:>9.6f} {format_count(r['N']):>8} {format_count(r['D']):>8} {r['n_layer']:>3} "
               f"{r['n_embd']:>5} {r['n_head']:>3} {r['num_key_value_heads']:>3} {r['head_dim']:>4} "
               f"{r['tokens_per_param']:>6.1f} {r['aspect']:>5.0f}")
 
 
+def ffn_text(d_ff: int, n_embd: int, ratio: float, multiple_of: int) -> str:
+    """The FFN width with its ratio, and, when the style's rounding moved it off the style's ratio, why."""
+    text = f"{d_ff} ({d_ff / n_embd:.3g}x n_embd)"
+    raw = int(ratio * n_embd)
+    if d_ff != raw:
+        text += f": the style's {ratio:.3g}x gives {raw}, rounded up to a multiple of {multiple_of}"
+    return text
+
+
+PLAN_LENGTH_KEYS = ("train.seq_len", "train.max_tokens", "train.max_steps", "train.max_flops")
+
+
+def plan_owned_keys(space) -> list[str]:
+    """Config keys the emitted file sets from the plan: the figures it prints assume these values."""
+    settings = space.trainer_settings()
+    return [*PLAN_LENGTH_KEYS, *(f"{section}.{key}" for section, keys in settings.items() for key in keys)]
+
+
 def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | None = None) -> str:
     """A training config: [model] with the full fields, [data] dir placeholder, [train] seq_len and
-    max_tokens = D rounded down to whole sequences (what `scalelab train` reads)."""
+    max_tokens = D rounded down to whole sequences, and, when the plan filtered by memory, every
+    setting that memory figure assumed ([train] micro-batch, activation checkpointing, dtype,
+    attention; [parallel] strategy), so that counting the config gives the plan's figure."""
     import tomli_w
 
     from scalelab.config import apply_overrides
 
-    b = result.best
+    b, space = result.best, result.space
+    settings = space.trainer_settings()
     sections = {"data": {"dir": "data/shakespeare"},
-                "train": {"seq_len": b["seq_len"], "max_tokens": b["D_rounded"]}}
+                "train": {"seq_len": b["seq_len"], "max_tokens": b["D_rounded"], **settings.get("train", {})},
+                "parallel": dict(settings.get("parallel", {}))}
     apply_overrides(sections, overrides)
     command = "scalelab " + " ".join(argv) if argv else f"scalelab plan {result.C:.4g}"
     lines = [
         f"# Written by `{command}`.",
         f"# Compute-optimal under the {result.law.name} law at C = {result.C:.4g} FLOPs: predicted loss "
         f"{b['loss']:.4f}, N = {b['N']:,} parameters, D = {b['D_rounded']:,} tokens (D/N {b['tokens_per_param']:.1f}).",
+    ]
+    if settings:
+        per_micro = b["seq_len"] * space.micro_batch * space.gpus
+        accumulation = max(1, round(2**19 / per_micro))
+        launch = (f"torchrun --nproc_per_node {space.gpus} -m scalelab train FILE" if space.gpus > 1
+                  else "scalelab train FILE")
+        lines += [
+            f"# Memory: {format_bytes(b['memory_per_gpu_bytes'])} per GPU predicted (counting.training_memory) with "
+            f"the [train] and [parallel] settings below, on {space.gpus} x {space.accelerator.name}: "
+            f"{launch} (across nodes: torchrun with --nnodes).",
+        ]
+    lines += [
         "",
         tomli_w.dumps({"model": b["config"]}).rstrip(),
         "",
@@ -307,10 +370,16 @@ def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | Non
         "[train]",
         tomli_w.dumps(sections.pop("train")).rstrip(),
         "# max_tokens is D from the plan (whole sequences); the trainer's defaults cover the rest, e.g.",
-        "# micro_batch_size = 8",
-        "# global_batch_tokens = 524288   # 0.5M tokens/step (LLaMA 3 used 4M-16M at 8B+)",
-        "# lr = 3e-4",
     ]
+    if settings:
+        lines.append(f"# global_batch_tokens = {accumulation * per_micro}   # ~0.5M tokens/step by gradient "
+                     "accumulation, which leaves the memory as planned")
+    else:
+        lines += ["# micro_batch_size = 8", "# global_batch_tokens = 524288   # 0.5M tokens/step"]
+    lines.append("# lr = 3e-4")
+    parallel = sections.pop("parallel")
+    if parallel:
+        lines += ["", "[parallel]", tomli_w.dumps(parallel).rstrip()]
     if sections:  # other sections given with --set (eval, checkpoint, ...)
         lines += ["", tomli_w.dumps(sections).rstrip()]
     return "\n".join(lines) + "\n"
@@ -323,11 +392,16 @@ def _command_argv() -> list[str]:
 
 
 def write_config(result, path: str, overrides: list[str] = (), argv: list[str] | None = None) -> None:
-    from scalelab.files import atomic_write_text
+    """Check the config with the trainer's own loader (no torch), then write it atomically: an
+    invalid one (`--set train.lr=abc`) is a UserError and nothing is written."""
+    import tomllib
 
-    if not str(path).endswith(".toml"):
-        raise UserError(f"--emit-config writes TOML; give a path ending in .toml, got '{path}'")
-    atomic_write_text(path, emitted_config_text(result, overrides, argv))
+    from scalelab.files import atomic_write_text
+    from scalelab.train.config import config_from_dict
+
+    text = emitted_config_text(result, overrides, argv)
+    config_from_dict(tomllib.loads(text), where=f"--emit-config {path}")
+    atomic_write_text(path, text)
 
 
 def plot_isoflop(result, path: str) -> None:
@@ -357,10 +431,10 @@ def plot_isoflop(result, path: str) -> None:
     ax.plot(grid_n, law.loss(grid_n, result.C / (6 * grid_n)), color="#c0504d", lw=1.2, ls="--",
             label="closed form, C = 6ND")
     ax.scatter([b["N"]], [b["loss"]], marker="*", s=220, color="#ffb000", edgecolor="black", zorder=5,
-               label=f"grid optimum: {b['n_layer']}L x {b['n_embd']}H, N={b['N'] / 1e9:.2f}B, "
-                     f"D={b['D'] / 1e9:.0f}B, loss {b['loss']:.4f}")
+               label=f"grid optimum: {b['n_layer']}L x {b['n_embd']}H, N={format_count(b['N'])}, "
+                     f"D={format_count(b['D'])}, loss {b['loss']:.4f}")
     ax.scatter([cf["N"]], [cf["loss"]], marker="D", s=50, color="#c0504d", edgecolor="black", zorder=5,
-               label=f"6ND optimum: N={cf['N'] / 1e9:.2f}B, loss {cf['loss']:.4f}")
+               label=f"6ND optimum: N={format_count(cf['N'])}, loss {cf['loss']:.4f}")
     ax.set_xscale("log")
     lo = min(min(ey), b["loss"], cf["loss"])
     top = max(min(max(ey), lo + 0.3), max(b["loss"], cf["loss"]), lo + 0.02)

@@ -7,6 +7,7 @@ convention), train loss as lines and eval loss as markers, one colour per run.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from scalelab.cli import HelpFormatter
@@ -27,15 +28,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _points(records: list, kind: str, loss_key: str) -> dict[str, list[tuple[float, float]]]:
+    """(x, loss) pairs of one kind of record for each x axis, skipping records that lack a finite
+    number for that axis or the loss (a torn, hand-edited or older metrics.jsonl)."""
+    def number(v):
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    out: dict[str, list[tuple[float, float]]] = {"tokens": [], "flops": []}
+    for r in records:
+        if not isinstance(r, dict) or r.get("kind") != kind or number(r.get(loss_key)) is None:
+            continue
+        for axis in out:
+            if number(r.get(axis)) is not None:
+                out[axis].append((number(r[axis]), number(r[loss_key])))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    from scalelab.files import check_output_file
     from scalelab.train.metrics import read_metrics
 
+    out = check_output_file(args.out, flag="--out", suffixes=(".png",))
     runs = []
     for r in args.runs:
+        if not (Path(r) / "metrics.jsonl").is_file():
+            raise UserError(f"{r}: no metrics.jsonl (is it a run directory of `scalelab train`?)")
         records = read_metrics(r)
-        if not records:
-            raise UserError(f"{r}: no metrics.jsonl records (is it a run directory of `scalelab train`?)")
-        runs.append((Path(r).name or str(r), records))
+        train, evals = _points(records, "train", "loss"), _points(records, "eval", "val_loss")
+        if not (train["tokens"] or evals["tokens"]):
+            raise UserError(f"{Path(r) / 'metrics.jsonl'}: no train or eval record with numeric 'tokens' and loss "
+                            "to plot")
+        runs.append((Path(r).name or str(r), train, evals))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,15 +67,13 @@ def run(args: argparse.Namespace) -> int:
     from scalelab.files import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (name, records) in enumerate(runs):
+    for i, (name, train, evals) in enumerate(runs):
         color = f"C{i % 10}"
-        train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
-        evals = [r for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
         for ax, key in zip(axes, ("tokens", "flops")):
-            ax.plot([r[key] for r in train], [r["loss"] for r in train], color=color, lw=1.2, label=f"{name} train")
-            if evals:
-                ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o", color=color, ms=4,
-                        label=f"{name} val")
+            if train[key]:
+                ax.plot(*zip(*train[key]), color=color, lw=1.2, label=f"{name} train")
+            if evals[key]:
+                ax.plot(*zip(*evals[key]), "o", color=color, ms=4, label=f"{name} val")
     for ax, label in zip(axes, ("tokens seen", "training FLOPs (exact, 3 × forward)")):
         ax.set_xlabel(label)
         ax.set_ylabel("loss (nats/token)")
@@ -61,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
             ax.set_xscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(args.out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
     print(f"wrote {out}")
     return 0

@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint or run directory")
+    from scalelab.train.checkpoint import load_model_for_inference
+
+    model = load_model_for_inference(path, device=device)  # first: it names the run below a demo directory
     if args.tokenizer:
         from scalelab.data.tokenizer import load_tokenizer
 
@@ -110,9 +113,6 @@ def run(args: argparse.Namespace) -> int:
         if tok is None:
             raise UserError(f"no tokenizer found with {path} (no data.json + tokenizer/ beside it or in a parent); "
                             "pass --tokenizer SPEC")
-    from scalelab.train.checkpoint import load_model_for_inference
-
-    model = load_model_for_inference(path, device=device)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer vocab {tok.vocab_size} exceeds the model's {model.config.vocab_size}")
     ids = [tok.eos_id] + tok.encode(args.prompt)

@@ -39,6 +39,7 @@ import numpy as np
 
 from scalelab.errors import UserError
 from scalelab.scaling.laws import LossLaw
+from scalelab.units import format_count
 
 HUBER_DELTA = 1e-3
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
@@ -102,7 +103,7 @@ def _number(value: Any, *, where: str, column: str) -> float:
 
 def _table_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
     """(where, record) pairs and the column names of a CSV or JSONL file."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: spreadsheets start CSVs with a BOM
     rows: list[tuple[str, dict[str, Any]]] = []
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         columns: dict[str, None] = {}
@@ -160,7 +161,7 @@ def read_table(path: str | Path, *, tokens_from_flops: bool = False) -> Runs:
             return _number(rec[col], where=where, column=col)
         n, loss = get("N"), get("loss")
         c = get("C") if "C" in cols else None
-        d = get("D") if "D" in cols else c / (6.0 * n)
+        d = get("D") if "D" in cols else _number(c / (6.0 * n), where=where, column=f"{cols['C']}/(6·{cols['N']})")
         N.append(n), D.append(d), L.append(loss), C.append(c if c is not None else 6.0 * n * d), src.append(where)
     return Runs(np.array(N), np.array(D), np.array(L), np.array(C), src)
 
@@ -251,9 +252,13 @@ def load_runs(inputs: Sequence[str | Path], *, tokens_from_flops: bool = False, 
             raise UserError(f"input not found: {path}")
     if not parts:
         raise UserError("no input: give CSV/JSONL files or run directories")
-    return Runs(np.concatenate([p.N for p in parts]), np.concatenate([p.D for p in parts]),
+    runs = Runs(np.concatenate([p.N for p in parts]), np.concatenate([p.D for p in parts]),
                 np.concatenate([p.loss for p in parts]), np.concatenate([p.C for p in parts]),
                 [s for p in parts for s in p.source])
+    overflow = np.flatnonzero(~np.isfinite(runs.C))
+    if len(overflow):
+        raise UserError(f"{runs.source[overflow[0]]}: C = 6·N·D overflows a float; give N and D in raw counts")
+    return runs
 
 
 def drop_highest_loss(runs: Runs, k: int) -> Runs:
@@ -301,8 +306,15 @@ def objective_and_grad(x, logN, logD, logL, delta: float = HUBER_DELTA):
     return float(np.sum(huber(r, delta))), grad
 
 
+_LOG_FLOAT_MAX = math.log(np.finfo(float).max)
+
+
 def law_from_x(x, name: str = "fit") -> LossLaw:
     a, b, e, alpha, beta = (float(v) for v in x)
+    for coef, log_value, exponent, var in (("A", a, alpha, "N"), ("B", b, beta, "D")):
+        if log_value > _LOG_FLOAT_MAX:  # A ≈ (loss term)·N^alpha: huge N at a steep exponent
+            raise UserError(f"the fitted {coef} = e^{log_value:.4g} overflows a float ({coef} ≈ loss term × "
+                            f"{var}^{exponent:.3g} at these {var}): give N as a count of parameters and D of tokens")
     return LossLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, name=name)
 
 
@@ -378,6 +390,64 @@ class Approach3Fit:
         return out
 
 
+# ---- Approach 3: what a design of runs can identify -----------------------------------------
+#
+# L = E + A/N^alpha + B/D^beta is a sum of a function of N, a function of D and a constant. Runs
+# at only two distinct N see the N term at two levels: one difference for A and alpha, and its
+# level is indistinguishable from E, so a whole curve of (E, A, alpha) fits equally well. Three
+# levels give two differences for (A, alpha); with three levels of D likewise for (B, beta), and
+# the overall level then fixes E. Repeated (N, D) pairs add no equation. And when every run lies
+# on one line D = k·N^s with s > 0 (one tokens-per-parameter ratio, s = 1), both terms are
+# decreasing powers of N along it: (A, alpha) and (B·k^-beta, s·beta) swap roles exactly, two
+# laws with different N_opt fit identically. (A line with s < 0, one compute budget, is not
+# ambiguous: there one term falls and the other rises with N.) These are necessary conditions;
+# the bootstrap intervals say how well a design that meets them pins the law down.
+
+MIN_LEVELS = 3  # distinct N, and distinct D
+ONE_LINE_SPREAD = 0.05  # every run's D within ±5% of one rising power law D = k·N^s
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    return np.unique(np.round(np.log(values), 9))
+
+
+def _more_levels(values: np.ndarray, thing: str, var: str, term: str) -> str:
+    levels = np.exp(_distinct(values))
+    hi, missing = levels.max(), MIN_LEVELS - len(levels)
+    ratio = max(hi / levels.min(), 3.0)
+    seen = ", ".join(format_count(v) for v in levels)
+    return (f"only {len(levels)} distinct {thing}{'s' if len(levels) > 1 else ''} {var} ({seen}): the {term} term "
+            f"needs {MIN_LEVELS} or more to be told apart from E; add runs at {missing} more {thing}"
+            f"{'s' if missing > 1 else ''} (e.g. {var} = {format_count(hi * ratio)}), spanning a decade or more")
+
+
+def design_problem(runs: Runs) -> str | None:
+    """Why these runs cannot identify E, A, alpha, B, beta and which runs to add; None if the
+    design meets the necessary conditions above."""
+    if len(_distinct(runs.N)) < MIN_LEVELS:
+        return _more_levels(runs.N, "model size", "N", "A/N^alpha")
+    if len(_distinct(runs.D)) < MIN_LEVELS:
+        return _more_levels(runs.D, "token count", "D", "B/D^beta")
+    logs = np.stack([np.log(runs.N), np.log(runs.D)], axis=1)
+    pairs = len(np.unique(np.round(logs, 9), axis=0))
+    if pairs < len(PARAM_NAMES):
+        return (f"only {pairs} distinct (N, D) pairs for {len(PARAM_NAMES)} parameters (repeating a run adds no "
+                f"equation); add runs at {len(PARAM_NAMES) - pairs} or more new (N, D) pairs")
+    slope, intercept = np.polyfit(logs[:, 0], logs[:, 1], 1)
+    off_line = logs[:, 1] - (slope * logs[:, 0] + intercept)  # log D relative to the power law D = k·N^slope
+    if slope > 0 and np.ptp(off_line) < 2 * math.log1p(ONE_LINE_SPREAD):
+        return (f"every run lies on one line D ∝ N^{slope:.2f} (e.g. one tokens-per-parameter ratio): along it "
+                "the N and D terms are both falling powers of N and can swap roles, so N_opt is undetermined; "
+                "add runs of the same sizes trained for other token counts (e.g. 4x fewer and 4x more)")
+    return None
+
+
+def check_identifiable(runs: Runs) -> None:
+    problem = design_problem(runs)
+    if problem is not None:
+        raise UserError(f"these {len(runs)} runs cannot determine L = E + A/N^alpha + B/D^beta: {problem}")
+
+
 # ---- Approach 3: classic multi-start grid (the reference) ----------------------------------
 
 def classic_grid_starts() -> np.ndarray:
@@ -394,6 +464,7 @@ def fit_classic_grid(runs: Runs, *, delta: float = HUBER_DELTA, starts: np.ndarr
                      analytic: bool = False, progress=None) -> Approach3Fit:
     """L-BFGS-B from every start (default: all 4500 classic starts, finite-difference gradients
     as in Epoch AI's replication); keep the best. Slow; the reference `fit_approach3` must match."""
+    check_identifiable(runs)
     logN, logD, logL = np.log(runs.N), np.log(runs.D), np.log(runs.loss)
     starts = classic_grid_starts() if starts is None else np.atleast_2d(starts)
     best_x, best_f = None, math.inf
@@ -408,12 +479,6 @@ def fit_classic_grid(runs: Runs, *, delta: float = HUBER_DELTA, starts: np.ndarr
 
 
 # ---- Approach 3: variable projection on an (alpha, beta) grid, then a joint polish ----------
-
-def _check_enough(runs: Runs, need: int, what: str) -> None:
-    if len(runs) < need:
-        raise UserError(f"{len(runs)} runs are too few for {what}: it has {need} free parameters, give at "
-                        f"least {need} runs (more than that to say anything)")
-
 
 def _projected_starts(logN, logD, logL, delta, alphas, betas, n_starts: int) -> np.ndarray:
     """For each (alpha, beta) on the grid, the best (A, B, E) ≥ 0 by weighted linear least
@@ -478,7 +543,7 @@ def fit_approach3(runs: Runs, *, delta: float = HUBER_DELTA, grid_size: int = 40
                   alpha_max: float = 2.0, beta_max: float = 2.0, x0: Sequence[float] | None = None) -> Approach3Fit:
     """Minimise the Huber objective: projected (alpha, beta) grid → best n_starts cells → joint
     L-BFGS-B polish with analytic gradients (extra start x0 optional, e.g. for bootstraps)."""
-    _check_enough(runs, 5, "Approach 3 (E, A, B, alpha, beta)")
+    check_identifiable(runs)
     logN, logD, logL = np.log(runs.N), np.log(runs.D), np.log(runs.loss)
     alphas = np.linspace(0.02, alpha_max, grid_size)
     betas = np.linspace(0.02, beta_max, grid_size)
@@ -505,10 +570,59 @@ def fit_approach3(runs: Runs, *, delta: float = HUBER_DELTA, grid_size: int = 40
     return Approach3Fit(law_from_x(best_x), best_x, best_f, len(runs), delta, "approach3")
 
 
-def summarize(fit: Approach3Fit, budget: float) -> dict[str, Any]:
+# ---- the compute optimum a fitted law implies -------------------------------------------------
+#
+# N_opt = G·(C/6)^(beta/(alpha+beta)) exists only when both terms fall with their variable across
+# the data. A fit can drop a term instead (alpha or beta at 0, or A or B so small the term is
+# invisible): the law then does not depend on N (or D), its "optimum" runs off to N -> 0 (or
+# D -> 0), and G divides by zero or returns 1e-65 parameters. Such a law answers no planning
+# question; the CLI refuses it and the bootstrap counts it.
+
+VANISHED = 1e-6  # a term that moves the predicted loss by less than this fraction across the runs
+
+
+class NoOptimum(UserError):
+    """A fitted law with no compute-optimal point; `why` is the short reason (bootstraps count them)."""
+
+    def __init__(self, why: str, fix: str):
+        super().__init__(f"the fitted law has no compute optimum: {why}; {fix}")
+        self.why = why
+
+
+def _term_change(coef: float, exponent: float, values: np.ndarray) -> float:
+    """How much coef / x^exponent changes across the values' range (0 for a constant term)."""
+    lo, hi = float(values.min()), float(values.max())
+    if coef <= 0 or exponent <= 0:
+        return 0.0
+    with np.errstate(over="ignore"):
+        return float(coef * np.float64(lo) ** -exponent * -math.expm1(-exponent * math.log(hi / lo)))
+
+
+def compute_optimum(law: LossLaw, budget: float, runs: Runs) -> dict[str, float]:
+    """The law's closed-form optimum at `budget` (N, D, tokens_per_param, loss); NoOptimum when a
+    term vanished across the runs or the closed form leaves the floats."""
+    floor = VANISHED * float(runs.loss.min())
+    for term, coef, exponent, values, var in (("A/N^alpha", law.A, law.alpha, runs.N, "N"),
+                                              ("B/D^beta", law.B, law.beta, runs.D, "D")):
+        if _term_change(coef, exponent, values) < floor:
+            raise NoOptimum(f"its {term} term is flat across the runs' {var} (loss does not fall with {var})",
+                            f"check that the runs at larger {var} trained well, or widen the ladder in {var}")
+    with np.errstate(all="ignore"):
+        try:
+            opt = law.closed_form(budget)
+        except ArithmeticError:  # G's float power or D/N in plain Python floats
+            opt = None
+    if opt is None or not all(math.isfinite(opt[k]) and opt[k] > 0 for k in ("N", "D", "tokens_per_param", "loss")):
+        raise NoOptimum(f"N_opt = G·(C/6)^a leaves the floating-point range at C = {budget:.3g} "
+                        f"(alpha {law.alpha:.3g}, beta {law.beta:.3g})",
+                        "choose a --budget nearer the runs' compute, or widen the ladder")
+    return opt
+
+
+def summarize(fit: Approach3Fit, budget: float, runs: Runs) -> dict[str, Any]:
     """The fitted law and what it implies: N_opt ∝ C^a, D_opt ∝ C^b, and the optimum at budget."""
     law = fit.law
-    opt = law.closed_form(budget)
+    opt = compute_optimum(law, budget, runs)
     return {
         **fit.values(),
         "objective": fit.objective,
@@ -535,26 +649,41 @@ def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int
     """Refit k resamples of the runs (drawn with replacement): standard errors (std over
     resamples) and 95% percentile intervals for E, A, B, alpha, beta, the exponents, and
     N_opt / D_opt / tokens-per-parameter at the budget. Each refit starts from the full-data
-    optimum plus the best cells of a coarser projected grid."""
+    optimum plus the best cells of a coarser projected grid.
+
+    A resample whose runs cannot identify the law (design_problem) or whose law has no compute
+    optimum (NoOptimum) is counted under `degenerate` by reason, not fatal; the intervals come
+    from the `valid` others (none when fewer than 2: `no_interval` says why)."""
     if k < 2:
         raise UserError(f"--bootstrap needs at least 2 resamples, got {k}")
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, degenerate = [], {}
     for i in range(k):
-        idx = rng.integers(0, len(runs), len(runs))
-        f = fit_approach3(runs.subset(idx), delta=delta, grid_size=24, n_starts=2, x0=fit.x)
-        s = summarize(f, budget)
-        rows.append([s[key] for key in BOOTSTRAP_KEYS])
+        sample = runs.subset(rng.integers(0, len(runs), len(runs)))
+        why = design_problem(sample)
+        if why is None:
+            try:
+                f = fit_approach3(sample, delta=delta, grid_size=24, n_starts=2, x0=fit.x)
+                s = summarize(f, budget, sample)
+                rows.append([s[key] for key in BOOTSTRAP_KEYS])
+            except NoOptimum as e:
+                why = e.why
+            except UserError as e:
+                why = str(e)
+        if why is not None:
+            degenerate[why] = degenerate.get(why, 0) + 1
         if progress is not None:
             progress(i + 1, k)
+    out: dict[str, Any] = {"resamples": k, "seed": seed, "valid": len(rows), "degenerate": degenerate}
+    if len(rows) < 2:
+        out["no_interval"] = (f"only {len(rows)} of {k} resamples gave a law with a compute optimum; "
+                              "no standard errors (the runs do not pin the law down: widen the ladder)")
+        return out
     arr = np.array(rows, dtype=float)
     lo, hi = np.percentile(arr, [2.5, 97.5], axis=0)
-    return {
-        "resamples": k,
-        "seed": seed,
-        "stderr": {key: float(s) for key, s in zip(BOOTSTRAP_KEYS, arr.std(axis=0, ddof=1))},
-        "interval_95": {key: [float(a), float(b)] for key, a, b in zip(BOOTSTRAP_KEYS, lo, hi)},
-    }
+    out["stderr"] = {key: float(s) for key, s in zip(BOOTSTRAP_KEYS, arr.std(axis=0, ddof=1))}
+    out["interval_95"] = {key: [float(a), float(b)] for key, a, b in zip(BOOTSTRAP_KEYS, lo, hi)}
+    return out
 
 
 # ---- Approach 2: IsoFLOP profiles -----------------------------------------------------------
@@ -579,26 +708,55 @@ def group_budgets(C: np.ndarray, *, budgets: Sequence[float] | None = None, tole
     return group
 
 
-def _power_law(logc: np.ndarray, logy: np.ndarray) -> dict[str, float]:
-    """y = coef · C^exponent by least squares in log space, with the exponent's standard error."""
+def _power_law(logc: np.ndarray, logy: np.ndarray) -> dict[str, Any]:
+    """y = coef · C^exponent by least squares in log space, with the exponent's standard error
+    (None, and `exponent_stderr_why`, when two budgets leave no residual to estimate it from)."""
     X = np.stack([np.ones_like(logc), logc], axis=1)
     beta, *_ = np.linalg.lstsq(X, logy, rcond=None)
-    out = {"exponent": float(beta[1]), "coefficient": float(np.exp(beta[0])), "exponent_stderr": math.nan}
+    out: dict[str, Any] = {"exponent": float(beta[1]), "coefficient": float(np.exp(beta[0]))}
     if len(logc) > 2:
         resid = logy - X @ beta
         s2 = resid @ resid / (len(logc) - 2)
         out["exponent_stderr"] = float(math.sqrt(s2 * np.linalg.inv(X.T @ X)[1, 1]))
+    else:
+        out["exponent_stderr"] = None
+        out["exponent_stderr_why"] = "2 budgets fit a line exactly, leaving no residual; add a third budget"
     return out
+
+
+FAR_MINIMUM_DEX = 1.0  # a parabola whose minimum lies more than a decade outside the sampled N is too flat to use
+
+
+def _clustering_warnings(runs: Runs, group: np.ndarray, budgets, tolerance_dex: float) -> list[str]:
+    """Budgets that do not cluster: a group spanning more than the tolerance (consecutive runs
+    chained continuous FLOPs together) mixes budgets; runs farther than the tolerance from every
+    --budgets value are left out."""
+    warnings = []
+    logc = np.log10(runs.C)
+    for g in sorted(set(group.tolist()) - {-1}):
+        span = float(np.ptp(logc[group == g]))
+        if budgets is None and span > tolerance_dex:
+            warnings.append(f"runs' FLOPs do not cluster: the group at C ≈ {10 ** logc[group == g].mean():.3g} spans "
+                            f"{span:.2f} dex, more than --flop-tolerance {tolerance_dex:g} (consecutive runs chain "
+                            "together), so its profile mixes budgets; give --budgets, or run each budget's sizes "
+                            "at one FLOP count")
+    left_out = int((group == -1).sum())
+    if left_out:
+        warnings.append(f"{left_out} of {len(runs)} runs are more than {tolerance_dex:g} dex from every --budgets "
+                        "value and are left out; add their budgets or raise --flop-tolerance")
+    return warnings
 
 
 def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance_dex: float = 0.1,
                 min_runs: int = 3) -> dict[str, Any]:
     """Approach 2. Per budget: loss = p2·x² + p1·x + p0 with x = ln N; N_opt = exp(−p1 / 2p2),
     D_opt = C / (6 N_opt). Across budgets: N_opt = k·C^a, D_opt = k'·C^b (least squares in log).
-    A budget needs min_runs runs at ≥ 3 distinct N and an upward parabola (p2 > 0); others are
-    listed as skipped. Minima outside the sampled N range are extrapolations and flagged."""
+    A budget needs min_runs runs at ≥ 3 distinct N, an upward parabola (p2 > 0) and a minimum
+    within FAR_MINIMUM_DEX of the sampled N; others are listed as skipped. Minima outside the
+    sampled N range are extrapolations and flagged. `warnings` lists budgets that do not cluster."""
     group = group_budgets(runs.C, budgets=budgets, tolerance_dex=tolerance_dex)
     profiles, skipped = [], []
+    far = FAR_MINIMUM_DEX * math.log(10)
     for g in sorted(set(group.tolist()) - {-1}):
         idx = np.flatnonzero(group == g)
         C = float(np.exp(np.log(runs.C[idx]).mean())) if budgets is None else float(budgets[g])
@@ -611,6 +769,11 @@ def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance
             skipped.append({"C": C, "runs": int(len(idx)), "why": "loss is not convex in log N (no minimum)"})
             continue
         xo = -p1 / (2 * p2)
+        if not x.min() - far <= xo <= x.max() + far:
+            skipped.append({"C": C, "runs": int(len(idx)),
+                            "why": f"the parabola is nearly flat: its minimum lies more than {FAR_MINIMUM_DEX:g} "
+                                   "decade outside the sampled sizes (add sizes beyond the lowest-loss run)"})
+            continue
         n_opt = float(math.exp(xo))
         profiles.append({"C": C, "runs": int(len(idx)), "parabola": [float(p2), float(p1), float(p0)],
                          "N_opt": n_opt, "D_opt": C / (6 * n_opt), "loss_opt": float(p0 - p1 * p1 / (4 * p2)),
@@ -618,19 +781,27 @@ def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance
     if len(profiles) < 2:
         raise UserError(f"IsoFLOP needs at least 2 budgets with {max(min_runs, 3)}+ runs at distinct N; found "
                         f"{len(profiles)} (budgets are runs within {tolerance_dex} dex of FLOPs; "
-                        f"set --budgets or --flop-tolerance)")
+                        f"add runs of 3+ sizes at another budget, or set --budgets or --flop-tolerance)")
     logc = np.log([p["C"] for p in profiles])
     n_law = _power_law(logc, np.log([p["N_opt"] for p in profiles]))
     d_law = _power_law(logc, np.log([p["D_opt"] for p in profiles]))
     return {"method": "isoflop", "n_points": len(runs), "budgets": profiles, "skipped": skipped,
             "N_opt": n_law, "D_opt": d_law, "N_opt_exponent": n_law["exponent"],
-            "D_opt_exponent": d_law["exponent"]}
+            "D_opt_exponent": d_law["exponent"],
+            "warnings": _clustering_warnings(runs, group, budgets, tolerance_dex)}
 
 
 def isoflop_at(result: dict[str, Any], budget: float) -> dict[str, float]:
-    n = result["N_opt"]["coefficient"] * budget ** result["N_opt"]["exponent"]
-    d = result["D_opt"]["coefficient"] * budget ** result["D_opt"]["exponent"]
-    return {"budget": budget, "N_opt": n, "D_opt": d, "tokens_per_param": d / n}
+    """N_opt, D_opt and tokens per parameter from the power laws at `budget` (in log space: a
+    far-off budget with a steep fitted exponent must not overflow)."""
+    with np.errstate(divide="ignore"):  # a coefficient that underflowed to 0 has log -inf: out of range below
+        logs = {key: float(np.log(result[key]["coefficient"])) + result[key]["exponent"] * math.log(budget)
+                for key in ("N_opt", "D_opt")}
+    if not all(abs(v) < _LOG_FLOAT_MAX for v in (*logs.values(), logs["D_opt"] - logs["N_opt"])):
+        raise UserError(f"the IsoFLOP power laws leave the floating-point range at --budget {budget:.3g}; "
+                        "choose a budget nearer the runs' compute")
+    n, d = math.exp(logs["N_opt"]), math.exp(logs["D_opt"])
+    return {"budget": budget, "N_opt": n, "D_opt": d, "tokens_per_param": math.exp(logs["D_opt"] - logs["N_opt"])}
 
 
 # ---- plots (matplotlib, imported only here) -------------------------------------------------
@@ -651,6 +822,9 @@ def _save(fig, path: str | Path) -> None:
         fig.savefig(tmp, dpi=130, format="png", bbox_inches="tight")
 
 
+PLOT_REACH = 1e4  # the plots extend at most this factor beyond the data in N and D (its square in C)
+
+
 def plot_approach3(runs: Runs, fit: Approach3Fit, path: str | Path, *, budget: float | None = None) -> None:
     """Left: runs in the (N, D) plane coloured by loss, the fitted law's iso-loss contours in the
     same colours, iso-FLOP lines and the compute-optimal frontier. Right: loss against compute
@@ -663,8 +837,10 @@ def plot_approach3(runs: Runs, fit: Approach3Fit, path: str | Path, *, budget: f
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1.15, 1]})
     lo_n, hi_n = runs.N.min() / 2, runs.N.max() * 2
     lo_d, hi_d = runs.D.min() / 2, runs.D.max() * 2
-    if budget is not None:
-        hi_n, hi_d = max(hi_n, law.optimal_n(budget) * 2), max(hi_d, law.optimal_d(budget) * 2)
+    opt = law.closed_form(budget) if budget is not None else None
+    if opt is not None:  # show the budget's optimum, unless it lies decades away (then the data would vanish)
+        hi_n = min(max(hi_n, opt["N"] * 2), hi_n * PLOT_REACH)
+        hi_d = min(max(hi_d, opt["D"] * 2), hi_d * PLOT_REACH)
     gn, gd = np.geomspace(lo_n, hi_n, 300), np.geomspace(lo_d, hi_d, 300)
     NN, DD = np.meshgrid(gn, gd)
     LL = law.loss(NN, DD)
@@ -689,10 +865,11 @@ def plot_approach3(runs: Runs, fit: Approach3Fit, path: str | Path, *, budget: f
             label=f"compute-optimal: N ∝ C^{law.a:.3f}, D ∝ C^{law.b:.3f}")
     sc = ax.scatter(runs.N, runs.D, c=runs.loss, cmap=cmap, norm=norm, s=22, edgecolors="k", linewidths=0.4,
                     zorder=3)
-    if budget is not None:
-        opt = law.closed_form(budget)
-        ax.scatter([opt["N"]], [opt["D"]], marker="*", s=220, color="crimson", edgecolors="k", zorder=4,
-                   label=f"C = {budget:.3g}: N = {opt['N']:.3g}, D = {opt['D']:.3g} ({opt['tokens_per_param']:.1f} tok/param)")
+    if opt is not None:
+        shown = lo_n <= opt["N"] <= hi_n and lo_d <= opt["D"] <= hi_d
+        ax.scatter([opt["N"]] if shown else [], [opt["D"]] if shown else [], marker="*", s=220, color="crimson",
+                   edgecolors="k", zorder=4, label=f"C = {budget:.3g}: N = {opt['N']:.3g}, D = {opt['D']:.3g} "
+                   f"({opt['tokens_per_param']:.3g} tok/param){'' if shown else ', beyond the plotted range'}")
     ax.set(xscale="log", yscale="log", xlim=(lo_n, hi_n), ylim=(lo_d, hi_d),
            xlabel="parameters N", ylabel="training tokens D",
            title=f"L = {law.E:.3f} + {law.A:.4g}/N^{law.alpha:.3f} + {law.B:.4g}/D^{law.beta:.3f}")
@@ -704,7 +881,7 @@ def plot_approach3(runs: Runs, fit: Approach3Fit, path: str | Path, *, budget: f
 
     sc2 = ax2.scatter(runs.C, runs.loss, c=runs.N, cmap="plasma", norm=LogNorm(), s=18, edgecolors="k",
                       linewidths=0.3)
-    cr = np.geomspace(runs.C.min() / 2, max(runs.C.max() * 2, budget or 0), 200)
+    cr = np.geomspace(runs.C.min() / 2, min(max(runs.C.max() * 2, budget or 0), runs.C.max() * PLOT_REACH ** 2), 200)
     ax2.plot(cr, law.loss(law.optimal_n(cr), law.optimal_d(cr)), color="crimson", lw=2,
              label="fitted loss at the compute-optimal N, D")
     ax2.axhline(law.E, color="0.5", ls=":", lw=1, label=f"irreducible E = {law.E:.3f}")
@@ -739,8 +916,10 @@ def plot_isoflop(runs: Runs, result: dict[str, Any], path: str | Path) -> None:
     for key, col, marker in (("N_opt", "tab:blue", "o"), ("D_opt", "tab:orange", "s")):
         law = result[key]
         ax2.scatter(C, [p[key] for p in profiles], color=col, marker=marker, edgecolors="k", zorder=3)
+        se = law["exponent_stderr"]
+        spread = f" ± {se:.3f}" if se is not None else " (2 budgets: no s.e.)"
         ax2.plot(cr, law["coefficient"] * cr ** law["exponent"], color=col,
-                 label=f"{key} ∝ C^{law['exponent']:.3f} ± {law['exponent_stderr']:.3f}")
+                 label=f"{key} ∝ C^{law['exponent']:.3f}{spread}")
     ax2.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="parameters / tokens",
             title="compute-optimal N and D per budget")
     ax2.legend(fontsize=9)

@@ -32,15 +32,23 @@ class LossLaw:
     name: str = "custom"
 
     def loss(self, N, D):
-        """Predicted loss; N and D may be numpy arrays (broadcast)."""
+        """Predicted loss; N and D may be numpy arrays (broadcast). Terms past float range are inf or 0,
+        without numpy's warnings (the planner refuses a law whose losses are not finite)."""
         N = np.asarray(N, dtype=np.float64)
         D = np.asarray(D, dtype=np.float64)
-        return self.E + self.A / N ** self.alpha + self.B / D ** self.beta
+        with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+            return self.E + self.A / N ** self.alpha + self.B / D ** self.beta
+
+    @property
+    def log_G(self) -> float:
+        """ln G, computed from logarithms so that extreme (valid) parameters cannot overflow."""
+        return ((math.log(self.alpha) + math.log(self.A) - math.log(self.beta) - math.log(self.B))
+                / (self.alpha + self.beta))
 
     @property
     def G(self) -> float:
         """Hoffmann et al.'s G = (alpha·A / (beta·B))^(1/(alpha+beta))."""
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        return _exp(self.log_G)
 
     @property
     def a(self) -> float:
@@ -54,19 +62,37 @@ class LossLaw:
 
     def optimal_n(self, C):
         """N_opt(C) = G · (C/6)^(beta/(alpha+beta)), the minimiser of loss under C = 6ND."""
-        return self.G * (np.asarray(C, dtype=np.float64) / 6.0) ** self.a
+        with np.errstate(over="ignore", under="ignore"):
+            return np.exp(self.log_G + self.a * np.log(np.asarray(C, dtype=np.float64) / 6.0))
 
     def optimal_d(self, C):
         """D_opt(C) = (1/G) · (C/6)^(alpha/(alpha+beta))."""
-        return (np.asarray(C, dtype=np.float64) / 6.0) ** self.b / self.G
+        with np.errstate(over="ignore", under="ignore"):
+            return np.exp(self.b * np.log(np.asarray(C, dtype=np.float64) / 6.0) - self.log_G)
 
     def closed_form(self, C: float) -> dict[str, float]:
-        """The 6ND optimum at budget C: N, D, D/N, and the predicted loss."""
-        n, d = float(self.optimal_n(C)), float(self.optimal_d(C))
-        return {"N": n, "D": d, "C": float(C), "tokens_per_param": d / n, "loss": float(self.loss(n, d))}
+        """The 6ND optimum at budget C: N, D, D/N, and the predicted loss. Worked in logarithms, so any
+        finite positive parameters give an answer without an exception: N or D is 0.0 or inf only where
+        the true value lies outside float range (check with `closed_form_is_a_model`)."""
+        log_c6 = math.log(C / 6.0)
+        log_n = self.log_G + self.a * log_c6
+        log_d = self.b * log_c6 - self.log_G
+        loss = self.E + _exp(math.log(self.A) - self.alpha * log_n) + _exp(math.log(self.B) - self.beta * log_d)
+        return {"N": _exp(log_n), "D": _exp(log_d), "C": float(C), "tokens_per_param": _exp(log_d - log_n),
+                "loss": loss}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _exp(x: float) -> float:
+    """math.exp that saturates to inf instead of raising OverflowError."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def closed_form_is_a_model(cf: dict[str, float]) -> bool:
+    """A closed-form optimum a model can have: at least one parameter and one token, finite loss."""
+    return 1.0 <= cf["N"] < math.inf and 1.0 <= cf["D"] < math.inf and math.isfinite(cf["loss"])
 
 
 LAWS: dict[str, LossLaw] = {

@@ -14,6 +14,7 @@ No torch here (`scalelab plan` starts instantly).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from scalelab import counting
-from scalelab.config import derive_d_ff
+from scalelab.config import FLOAT_LIMITS, INT_LIMITS, derive_d_ff
 from scalelab.errors import UserError
 from scalelab.hardware import Accelerator
 from scalelab.presets import STYLES, style_config
-from scalelab.scaling.laws import LossLaw
+from scalelab.scaling.laws import LossLaw, closed_form_is_a_model
 
 # Aspect ratio n_embd / n_layer of well-trained models (official configs):
 #   GPT-3 350M 43, 1.3B 85, 2.7B 80, 6.7B 128, 175B 128; Chinchilla 70B 102; LLaMA-2 7B/13B 128,
@@ -39,8 +40,18 @@ from scalelab.scaling.laws import LossLaw
 # LLaMA); the upper bound is the one that binds. Gopher (205) went wider and was not repeated.
 ASPECT_DEFAULT = (40.0, 130.0)
 MAX_SHAPES = 20_000_000  # ~200 bytes of arrays per shape: beyond this, ask for a coarser step
+# The default widths and depths (GPT-3 350M to LLaMA-3-70B sizes). When the user gives no --hidden or
+# --layers, search() grows these ranges (doubling the maximum, halving the minimum, same step) for as
+# long as a shape past their edges would beat the plan, up to MAX_GROWN_SHAPES: a 1e25 budget is not
+# held to 57B parameters by a default chosen for 1e21.
+DEFAULT_HIDDEN = tuple(range(1024, 8192 + 1, 256))
+DEFAULT_LAYERS = tuple(range(16, 64 + 1, 2))
+MAX_GROWN_SHAPES = 2_000_000
+PROBE_STEPS = 4  # how far past an edge (in the range's steps) the binding probe looks
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+# counting's precision -> the training config's train.dtype that runs it (trainer.predicted_memory's map)
+TRAINER_DTYPE = {"bf16-mixed": "bf16", "fp32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,8 @@ class SearchSpace:
     of KV-head counts to try; `mha=True` ties KV heads to the query heads (no GQA).
     """
 
-    hidden: tuple[int, ...] = tuple(range(1024, 8192 + 1, 256))
-    layers: tuple[int, ...] = tuple(range(16, 64 + 1, 2))
+    hidden: tuple[int, ...] | None = None  # None: DEFAULT_HIDDEN, grown with the budget while it binds
+    layers: tuple[int, ...] | None = None  # None: DEFAULT_LAYERS, likewise
     head_dims: tuple[int, ...] = (64, 128)
     kv_heads: tuple[int, ...] | None = None
     mha: bool = False
@@ -70,16 +81,20 @@ class SearchSpace:
     accelerator: Accelerator | None = None  # given: drop shapes whose training state does not fit
     mfu: float = 0.4
     # Memory model for the fit filter: the least memory the trainer can be set up to use, so a
-    # shape is dropped only when it cannot train at all on this hardware.
+    # shape is dropped only when it cannot train at all on this hardware. `trainer_settings` spells
+    # these (and the sharding) as the training config's keys; the emitted config carries them.
     micro_batch: int = 1
     activation_checkpointing: bool = True
     precision: str = "bf16-mixed"
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             style_config(self.style, 1, 64, 1)  # raises the standard unknown-style UserError
         for name in ("hidden", "layers", "head_dims"):
             values = getattr(self, name)
+            if values is None and name != "head_dims":
+                continue  # the default, grown with the budget by search()
             if not values:
                 raise UserError(f"--{name.replace('_', '-')} is empty; give at least one value")
             if min(values) <= 0:
@@ -92,14 +107,45 @@ class SearchSpace:
             raise UserError(f"--vocab must be positive, got {self.vocab_size}")
         if self.ffn_ratio is not None and not self.ffn_ratio > 0:
             raise UserError(f"--ffn-ratio must be positive, got {self.ffn_ratio}")
+        # the bounds every ModelConfig obeys (config.INT_LIMITS), so the int64 counts cannot overflow
+        for flag, values, field in (("--hidden", self.hidden, "n_embd"), ("--layers", self.layers, "n_layer"),
+                                    ("--head-dims", self.head_dims, "n_embd"),
+                                    ("--kv-heads", self.kv_heads, "num_key_value_heads"),
+                                    ("--seq-len", (self.seq_len,), "block_size"),
+                                    ("--vocab", (self.vocab_size,) if self.vocab_size else None, "vocab_size")):
+            if values and max(values) > INT_LIMITS[field]:
+                raise UserError(f"{flag} values must be at most {INT_LIMITS[field]:,} (the {field} limit), "
+                                f"got {max(values):.3g}")
+        if self.ffn_ratio is not None and not self.ffn_ratio <= FLOAT_LIMITS["ffn_expansion_ratio"]:
+            raise UserError(f"--ffn-ratio must be at most {FLOAT_LIMITS['ffn_expansion_ratio']:g}, got {self.ffn_ratio:g}")
+        widest = max(self.hidden or DEFAULT_HIDDEN)
+        if derive_d_ff(widest, self.ratio, self.multiple_of) > INT_LIMITS["d_ff"]:
+            raise UserError(f"--ffn-ratio {self.ratio:g} x n_embd {widest} exceeds the d_ff limit "
+                            f"{INT_LIMITS['d_ff']:,}; lower --ffn-ratio or --hidden")
         if self.aspect is not None and not 0 < self.aspect[0] <= self.aspect[1]:
             raise UserError(f"--aspect MIN:MAX needs 0 < MIN <= MAX, got {self.aspect[0]:g}:{self.aspect[1]:g}")
         if self.position_encoding == "rope" and any(d % 2 for d in self.head_dims):
             raise UserError(f"RoPE needs even head dims, got --head-dims {','.join(map(str, self.head_dims))}")
-        if not self.tokens_per_param > 0 or not self.tolerance >= 0:
-            raise UserError("--tokens-per-param must be positive and --tolerance non-negative")
+        if not 0 < self.tokens_per_param < math.inf or not 0 <= self.tolerance < math.inf:
+            raise UserError("--tokens-per-param must be positive and --tolerance non-negative, both finite")
         if self.gpus <= 0:
             raise UserError(f"--gpus must be positive, got {self.gpus}")
+
+    @property
+    def sharding(self) -> str:
+        """FSDP over several GPUs (torchrun); one GPU trains unsharded (plain `scalelab train`)."""
+        return "fsdp" if self.gpus > 1 else "none"
+
+    def trainer_settings(self) -> dict[str, dict[str, Any]]:
+        """The memory filter's assumptions as training-config sections: with them, the trainer's own
+        prediction (counting.training_memory of the config) is the plan's memory figure. Empty without
+        hardware (no memory figure, nothing assumed)."""
+        if self.accelerator is None:
+            return {}
+        return {"train": {"micro_batch_size": self.micro_batch,
+                          "activation_checkpointing": self.activation_checkpointing,
+                          "dtype": TRAINER_DTYPE[self.precision], "attention": self.attention},
+                "parallel": {"strategy": self.sharding}}
 
     # ---- the style's choices, with this space's overrides --------------------------------
     @property
@@ -146,7 +192,8 @@ class SearchSpace:
     @property
     def n_shapes(self) -> int:
         kv = self.kv_choices
-        return len(set(self.hidden)) * len(set(self.layers)) * len(set(self.head_dims)) * (len(kv) if kv else 1)
+        hidden, layers = self.hidden or DEFAULT_HIDDEN, self.layers or DEFAULT_LAYERS
+        return len(set(hidden)) * len(set(layers)) * len(set(self.head_dims)) * (len(kv) if kv else 1)
 
     def model_config(self, n_layer: int, n_embd: int, n_head: int, kv: int):
         """The ModelConfig of one shape (d_ff explicit so a config file carries the exact width)."""
@@ -166,8 +213,8 @@ class SearchSpace:
             "tolerance": self.tolerance,
             "hardware": (None if self.accelerator is None else
                          {"gpus": self.gpus, "gpu_type": self.accelerator.name, "mfu": self.mfu,
-                          "memory_model": {"micro_batch": self.micro_batch, "sharding": "fsdp",
-                                           "precision": self.precision,
+                          "memory_model": {"micro_batch": self.micro_batch, "sharding": self.sharding,
+                                           "precision": self.precision, "attention": self.attention,
                                            "activation_checkpointing": self.activation_checkpointing}}),
         }
 
@@ -228,7 +275,13 @@ class PlanResult:
 
 
 def evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: LossLaw) -> dict[str, np.ndarray]:
-    """N, FLOPs per token, D, loss, and each constraint's mask, for every shape at budget C."""
+    """N, FLOPs per token, D, loss, and each constraint's mask, for every shape at budget C.
+    A bound's budget past float range is inf, which compares as it should: no warning for it."""
+    with np.errstate(over="ignore"):
+        return _evaluate(shapes, space, C, law)
+
+
+def _evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: LossLaw) -> dict[str, np.ndarray]:
     size = (shapes["n_layer"], shapes["n_embd"], shapes["n_head"], shapes["num_key_value_heads"],
             shapes["d_ff"], space.vocab)
     kw = space.count_kwargs()
@@ -247,22 +300,25 @@ def evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: L
         d_lo = np.maximum(d_lo, space.tokens_per_param * (1 - space.tolerance) * N)
         d_hi = np.minimum(d_hi, space.tokens_per_param * (1 + space.tolerance) * N)
     out["d_lo"], out["d_hi"] = d_lo, d_hi
-    masks = {"one_sequence": D >= space.seq_len}
+    # The budget-dependent masks compare C with each bound's budget fpt·bound (not D = C/fpt with the
+    # bound): _explain_infeasible uses the same products, so a shape that passes them all is exactly
+    # one whose budget interval [fpt·d_lo, fpt·d_hi] holds C, with no rounding between the two.
+    masks = {"one_sequence": fpt * space.seq_len <= C}
     aspect = shapes["n_embd"] / shapes["n_layer"]
     if space.aspect is not None:
         masks["aspect"] = (aspect >= space.aspect[0]) & (aspect <= space.aspect[1])
     if space.max_params is not None:
         masks["max_params"] = N <= space.max_params
     if space.max_tokens is not None:
-        masks["max_tokens"] = D <= space.max_tokens
+        masks["max_tokens"] = C <= fpt * space.max_tokens
     if space.enforce_chinchilla:
-        ratio = D / N
-        masks["chinchilla"] = ((ratio >= space.tokens_per_param * (1 - space.tolerance))
-                               & (ratio <= space.tokens_per_param * (1 + space.tolerance)))
+        masks["chinchilla"] = ((fpt * (space.tokens_per_param * (1 - space.tolerance) * N) <= C)
+                               & (C <= fpt * (space.tokens_per_param * (1 + space.tolerance) * N)))
     if space.accelerator is not None:
         mem = counting.training_memory_arrays(
-            *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus, sharding="fsdp",
-            precision=space.precision, activation_checkpointing=space.activation_checkpointing, **kw)["total"]
+            *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus,
+            sharding=space.sharding, precision=space.precision, attention=space.attention,
+            activation_checkpointing=space.activation_checkpointing, **kw)["total"]
         out["memory"] = mem
         masks["memory"] = mem <= space.accelerator.memory_bytes
     out["masks"] = masks
@@ -281,13 +337,37 @@ BUDGET_DEPENDENT = ("one_sequence", "max_tokens", "chinchilla")
 
 
 def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 10) -> PlanResult:
-    """The backward grid search. Raises UserError when no shape in the space can spend C."""
+    """The backward grid search. Raises UserError when no shape in the space can spend C.
+
+    --hidden / --layers left to the default (None) grow with the budget: while a shape past the
+    edge of either range would beat the plan (the binding probe), that range is extended and the
+    search rerun. Ranges the user gave are never changed; a binding one is named in the warnings."""
     t0 = time.perf_counter()
     space = space or SearchSpace()
     if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
         raise UserError(f"the compute budget C must be a positive number of FLOPs, got {C}")
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
+    check_law_at(law, C)
+    growable = {"hidden": space.hidden is None, "layers": space.layers is None}
+    space = dataclasses.replace(space, hidden=space.hidden or DEFAULT_HIDDEN, layers=space.layers or DEFAULT_LAYERS)
+    default = space
+    while True:
+        result = _search_space(C, law, space, top)
+        grown = _grow(space, result.search["binding"], growable)
+        if grown is None:
+            break
+        space = grown
+    if space != default:
+        result.search["grown"] = {axis: {"from": _range_text(getattr(default, axis)),
+                                         "to": _range_text(getattr(space, axis))}
+                                  for axis in ("hidden", "layers") if getattr(space, axis) != getattr(default, axis)}
+    result.search["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _search_space(C: float, law: LossLaw, space: SearchSpace, top: int) -> PlanResult:
+    """One grid search over a space with explicit ranges."""
     if space.n_shapes > MAX_SHAPES:
         raise UserError(f"the search space has {space.n_shapes:,} shapes (limit {MAX_SHAPES:,}); "
                         "use a larger STEP in --hidden/--layers")
@@ -306,6 +386,9 @@ def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 
         _explain_infeasible(C, space, shapes, ev)
     idx = np.flatnonzero(feasible)
     loss = ev["loss"][idx]
+    if not np.isfinite(loss).all():
+        raise UserError(f"the law {_law_text(law)} gives a loss outside float range for some shapes at C={C:.3g}; "
+                        "check its parameters (--E/--A/--B/--alpha/--beta or the law file)")
     k = min(top, len(idx))
     part = np.argpartition(loss, k - 1)[:k] if k < len(idx) else np.arange(len(idx))
     order = part[np.lexsort((idx[part], loss[part]))]  # by loss, ties by enumeration order
@@ -316,19 +399,104 @@ def search(C: float, law: LossLaw, space: SearchSpace | None = None, top: int = 
     best["rank"] = 1
 
     cf = closed_form_comparison(law, C, best)
-    warnings = _warnings(best_i, shapes, ev, space, feasible)
+    binding = probe_beyond_edges(C, law, space, best)
+    warnings = _warnings(best_i, shapes, ev, space, feasible, binding)
     info = {
         "C": C, "law": law.to_dict(), "space": space.describe(),
         "shapes_total": space.n_shapes, "shapes_valid": n_valid, "skipped": skipped,
         "skipped_total": int(sum(skipped.values())),
         "excluded": {name: int((~m).sum()) for name, m in masks.items()},
         "feasible": int(len(idx)),
+        "binding": binding,
         "warnings": warnings,
-        "seconds": time.perf_counter() - t0,
     }
     curve = {"N": ev["N"][idx], "loss": loss, "D": ev["D"][idx]}
     return PlanResult(C=C, law=law, space=space, best=best, top=top_rows, closed_form=cf, search=info,
                       curve=curve)
+
+
+def _step(values: tuple[int, ...]) -> int:
+    """A range's step: its smallest gap, or an eighth of a single value."""
+    v = sorted(set(values))
+    return int(min(np.diff(v))) if len(v) > 1 else max(1, v[0] // 8)
+
+
+EDGE_FLAGS = {"hidden": "--hidden MIN:MAX:STEP", "layers": "--layers MIN:MAX:STEP"}
+
+
+def probe_beyond_edges(C: float, law: LossLaw, space: SearchSpace, best: dict[str, Any]) -> dict[str, Any] | None:
+    """Does an edge of --hidden or --layers bind? Score the shapes up to PROBE_STEPS steps either way of
+    the best (n_embd, n_layer) under every other constraint; the best of those lying outside a range,
+    if it beats the plan, is returned with the ranges it lies outside ({axis: 'up' | 'down'}); else None."""
+    hs, ls = sorted(set(space.hidden)), sorted(set(space.layers))
+    around = range(-PROBE_STEPS, PROBE_STEPS + 1)
+    hp = tuple(h for h in (best["n_embd"] + k * _step(space.hidden) for k in around) if h > 0)
+    lp = tuple(n for n in (best["n_layer"] + k * _step(space.layers) for k in around) if n > 0)
+    probe = dataclasses.replace(space, hidden=hp, layers=lp)
+    shapes, _ = enumerate_shapes(probe)
+    if not len(shapes["n_layer"]):
+        return None
+    ev = evaluate(shapes, probe, C, law)
+    ok = np.isfinite(ev["loss"])
+    for m in ev["masks"].values():
+        ok &= m
+    side = {"hidden": np.where(shapes["n_embd"] > hs[-1], 1, np.where(shapes["n_embd"] < hs[0], -1, 0)),
+            "layers": np.where(shapes["n_layer"] > ls[-1], 1, np.where(shapes["n_layer"] < ls[0], -1, 0))}
+    ok &= (side["hidden"] != 0) | (side["layers"] != 0)
+    if not ok.any():
+        return None
+    j = int(np.flatnonzero(ok)[np.argmin(ev["loss"][ok])])
+    if not ev["loss"][j] < best["loss"] - 1e-12:
+        return None
+    return {"axes": {axis: ("up" if side[axis][j] > 0 else "down") for axis in side if side[axis][j]},
+            "n_layer": int(shapes["n_layer"][j]), "n_embd": int(shapes["n_embd"][j]),
+            "n_head": int(shapes["n_head"][j]), "num_key_value_heads": int(shapes["num_key_value_heads"][j]),
+            "N": float(ev["N"][j]), "D": float(ev["D"][j]), "loss": float(ev["loss"][j])}
+
+
+def _grow(space: SearchSpace, binding: dict[str, Any] | None, growable: dict[str, bool]) -> SearchSpace | None:
+    """The space with each binding default range extended the way it binds (max doubled, or min
+    halved, same step); None when nothing can grow (no binding default range, a floor reached, or
+    MAX_GROWN_SHAPES)."""
+    if binding is None:
+        return None
+    changes = {}
+    for axis, direction in binding["axes"].items():
+        if not growable[axis]:
+            continue
+        values = sorted(set(getattr(space, axis)))
+        step = _step(values)
+        lo, hi = values[0], values[-1]
+        if direction == "up":
+            hi *= 2
+        else:
+            lo = max(lo - step * math.ceil(lo / (2 * step)), step if lo % step == 0 else lo % step)
+        grown = tuple(range(lo, hi + 1, step))
+        if grown != tuple(values):
+            changes[axis] = grown
+    if not changes:
+        return None
+    try:
+        bigger = dataclasses.replace(space, **changes)
+    except UserError:  # past a size limit (config.INT_LIMITS): the range stays, and the warning names it
+        return None
+    return bigger if bigger.n_shapes <= MAX_GROWN_SHAPES else None
+
+
+def _law_text(law: LossLaw) -> str:
+    return f"E={law.E:g}, A={law.A:g}, B={law.B:g}, alpha={law.alpha:g}, beta={law.beta:g}"
+
+
+def check_law_at(law: LossLaw, C: float) -> None:
+    """UserError unless the law's 6ND optimum at C is a model (>= 1 parameter and token, finite loss):
+    parameters such as B = 1e308, beta = 1e-4 put it at N = 1e-887, and nothing said there means anything."""
+    cf = law.closed_form(C)
+    if not closed_form_is_a_model(cf):
+        what = ("which no model can be" if math.isfinite(cf["loss"]) or not (1 <= cf["N"] < math.inf) else
+                f"with a loss of {cf['loss']:g}")
+        raise UserError(f"the law {_law_text(law)} puts the compute-optimal model at C={C:.3g} at N={cf['N']:.3g} "
+                        f"parameters and D={cf['D']:.3g} tokens, {what}; check its parameters "
+                        "(--E/--A/--B/--alpha/--beta or the law file)")
 
 
 def candidate(i: int, shapes: dict[str, np.ndarray], ev: dict[str, Any], space: SearchSpace, C: float,
@@ -391,26 +559,16 @@ def closed_form_comparison(law: LossLaw, C: float, best: dict[str, Any]) -> dict
     return cf
 
 
-def _warnings(best_i: int, shapes, ev, space: SearchSpace, feasible: np.ndarray) -> list[str]:
+def _warnings(best_i: int, shapes, ev, space: SearchSpace, feasible: np.ndarray,
+              binding: dict[str, Any] | None) -> list[str]:
     out = []
-    H, L = int(shapes["n_embd"][best_i]), int(shapes["n_layer"][best_i])
     best_loss = float(ev["loss"][best_i])
-
-    def aspect_ok(h: int, layers: int) -> bool:
-        return space.aspect is None or space.aspect[0] <= h / layers <= space.aspect[1]
-
-    for name, flag, values, value, step_other in (("n_embd", "--hidden MIN:MAX:STEP", space.hidden, H, L),
-                                                  ("n_layer", "--layers MIN:MAX:STEP", space.layers, L, H)):
-        v = sorted(set(values))
-        if len(v) < 2:
-            continue
-        step = v[-1] - v[-2] if value == v[-1] else v[1] - v[0]
-        for edge, beyond, word in ((v[-1], value + step, "largest"), (v[0], value - step, "smallest")):
-            if value != edge or beyond <= 0:
-                continue
-            h, layers = (beyond, step_other) if name == "n_embd" else (step_other, beyond)
-            if aspect_ok(h, layers):
-                out.append(f"the best {name} ({value}) is the {word} in the space; widen {flag} to search beyond it")
+    if binding is not None:
+        flags = [EDGE_FLAGS[axis] for axis in binding["axes"]]
+        out.append(f"the search space binds ({' and '.join(flags)}): past "
+                   f"{'their edges' if len(flags) > 1 else 'its edge'} the best would be {binding['n_layer']}L x "
+                   f"{binding['n_embd']}H, N={binding['N']:.3g}, D={binding['D']:.3g}, loss {binding['loss']:.4f} "
+                   f"(vs {best_loss:.4f}); widen {' and '.join(f.split()[0] for f in flags)}")
     masks = ev["masks"]
     for name, flag in RELAX_FLAG.items():
         if name not in masks:
@@ -451,8 +609,14 @@ def _explain_infeasible(C: float, space: SearchSpace, shapes, ev) -> None:
     fpt, d_lo, d_hi = ev["fpt"][static], ev["d_lo"][static], ev["d_hi"][static]
     possible = d_lo <= d_hi
     if not possible.any():
-        raise UserError(f"--max-tokens {space.max_tokens:.3g} is below what every shape needs (one sequence"
-                        f"{' and the Chinchilla band' if space.enforce_chinchilla else ''}); raise --max-tokens")
+        # the token range [d_lo, d_hi] is empty for every shape: --max-tokens, or the Chinchilla band's top
+        # (tokens_per_param·(1 + tolerance)·N), lies below one sequence or below the band's bottom
+        limits = [f"--max-tokens {space.max_tokens:.3g}"] if space.max_tokens is not None else []
+        if space.enforce_chinchilla:
+            limits.append(f"the Chinchilla band (--tokens-per-param {space.tokens_per_param:g}, --tolerance "
+                          f"{space.tolerance:g})")
+        raise UserError(f"{' with '.join(limits)} leaves no token count any shape can train on (at least one "
+                        f"sequence of {space.seq_len}); raise {' or '.join(_upper_limit_flags(space))}")
     c_lo, c_hi = (fpt * d_lo)[possible], (fpt * d_hi)[possible]
     if C < c_lo.min():
         raise UserError(f"C={C:.3g} FLOPs is too small for any shape in the space; the smallest budget that has "
@@ -462,10 +626,17 @@ def _explain_infeasible(C: float, space: SearchSpace, shapes, ev) -> None:
         raise UserError(f"C={C:.3g} FLOPs is too large for any shape under {limit}; the largest budget that has "
                         f"one is {c_hi.max():.3g} FLOPs (raise --max-tokens, --tolerance or the maximums of "
                         f"--hidden/--layers)")
-    below = c_hi[c_hi < C].max() if (c_hi < C).any() else None
-    above = c_lo[c_lo > C].min() if (c_lo > C).any() else None
-    raise UserError(f"no shape spends exactly C={C:.3g} FLOPs inside the limits; the nearest budgets that have "
-                    f"one are {below:.3g} and {above:.3g} FLOPs (or widen --tolerance, --hidden, --layers)")
+    nearest = [f"{c:.4g}" for c in (c_hi[c_hi < C].max() if (c_hi < C).any() else None,
+                                       c_lo[c_lo > C].min() if (c_lo > C).any() else None) if c is not None]
+    raise UserError(f"no shape spends exactly C={C:.4g} FLOPs inside the limits; the nearest budget"
+                    f"{'s' if len(nearest) > 1 else ''} that {'have' if len(nearest) > 1 else 'has'} one: "
+                    f"{' and '.join(nearest) or 'none'} FLOPs (or widen --tolerance, --hidden, --layers)")
+
+
+def _upper_limit_flags(space: SearchSpace) -> list[str]:
+    """The flags that bound D from above."""
+    return ([*(["--max-tokens"] if space.max_tokens is not None else []),
+             *(["--tokens-per-param", "--tolerance"] if space.enforce_chinchilla else [])])
 
 
 def hardware_budget(gpus: int, accelerator: Accelerator, hours: float, mfu: float) -> float:

@@ -265,7 +265,7 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist, resume: bool, log: Callable
         flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
         steps = total_steps(cfg, tokens_per_step, flops_per_step)
         warmup = warmup_steps(cfg, steps)
-        latest = ckpt.latest_checkpoint(run_dir)
+        latest = ckpt.latest_checkpoint(run_dir, warn=log if d.is_main else lambda message: None)
         if resume and latest is None:
             raise UserError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start fresh")
         if latest is not None and ckpt.load_trainer_state(latest)["model"] != cfg.model.to_dict():
