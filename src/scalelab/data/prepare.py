@@ -48,8 +48,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from scalelab.errors import UserError
-from scalelab import files
 from scalelab.files import StagedDirectory, atomic_directory, atomic_write_text
+from scalelab.files import check_output_dir as check_output_path
 
 from scalelab.data.loader import FORMAT_VERSION, META_NAME
 
@@ -423,7 +423,7 @@ def check_output_dir(out: Path, overwrite: bool, *, marker: str = META_NAME, wha
     """The output rule `prepare` and `tokenizer train` share, checked before any work: OUT must be
     new or empty, or hold an earlier output of the same command (its `marker` file) and come
     with --overwrite. A file, a directory of other things, or an unwritable parent is refused."""
-    files.check_output_dir(out, flag="--out")
+    check_output_path(out, flag="--out")
     if out.is_dir() and any(out.iterdir()):
         if not (out / marker).is_file():
             raise UserError(f"--out {out} exists and is not a {what} directory (no {marker}); "
