@@ -291,3 +291,14 @@ def test_damaged_tokenizer_files_are_one_line(tmp_path, cli, name, content):
     spec = f"{'hf' if name == 'tokenizer.json' else 'tiktoken'}:{path}"
     r = cli("tokenizer", "encode", "--tokenizer", spec, "x")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+
+
+def test_tokenizer_train_on_a_full_disk_is_one_line_naming_out(tmp_path, tiny_fs, cli):
+    (tmp_path / "a.txt").write_text(CORPUS)
+    with open(tiny_fs / "filler", "wb", buffering=0) as f:  # leave a few KiB: the staging directory fits
+        for _ in range((256 - 8) * 1024 // 4096):
+            f.write(b"\0" * 4096)
+    r = cli("tokenizer", "train", "--input", tmp_path / "a.txt", "--vocab-size", "600", "--out", tiny_fs / "tok")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{tiny_fs / 'tok'}: the disk is full" in r.stderr, r.stderr
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"]
