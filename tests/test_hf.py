@@ -301,6 +301,8 @@ def _saved_llama(tmp_path, **overrides):
     ("rope_parameters", lambda c: c.update(rope_parameters="llama3")),
     ("rope_theta", lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": "big"})),
     ("factor", lambda c: c.update(rope_parameters={**LLAMA31_ROPE, "factor": "x8"})),
+    ("original_max_position_embeddings", lambda c: c.update(
+        rope_parameters={**LLAMA31_ROPE, "original_max_position_embeddings": 16.5})),
     ("num_attention_heads", lambda c: c.update(num_attention_heads=0)),
     ("n_head", lambda c: c.update(hidden_size=64, num_attention_heads=5)),  # ModelConfig's check, file named
     ("model_type", lambda c: c.update(model_type=None, architectures=7)),

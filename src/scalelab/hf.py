@@ -121,7 +121,8 @@ def _hf_rope(hf: Mapping[str, Any], max_positions: int, where: str) -> tuple[flo
         else:
             raise UserError(f"{where}: rope scaling ({kind}) key {key}={value!r} is not supported")
     if "original_max_position_embeddings" in scaling:
-        scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+        scaling["original_max_position_embeddings"] = config_field(
+            scaling, "original_max_position_embeddings", int, where=f"{where} {source}")
     elif kind in ("llama3", "yarn"):
         scaling["original_max_position_embeddings"] = max_positions  # as HF does
     return theta, scaling
