@@ -134,6 +134,31 @@ def test_workers_give_identical_shards(tmp_path, bpe_spec):
         assert np.array_equal(split_tokens(tmp_path / "w1", split), split_tokens(tmp_path / "w2", split))
 
 
+def test_worker_count_is_capped_to_cpus_and_work():
+    assert P.worker_count(4, cpus=16, total_bytes=None) == (4, None)
+    n, why = P.worker_count(500, cpus=2, total_bytes=None)
+    assert n == 2 and "not 500" in why and "2 CPU(s)" in why
+    n, why = P.worker_count(8, cpus=16, total_bytes=3 * P.BATCH_CHARS + 1)
+    assert n == 4 and "4 batch(es)" in why
+    n, why = P.worker_count(500, cpus=64, total_bytes=10)
+    assert n == 1 and "64 CPU(s)" in why and "1 batch(es)" in why
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(UserError, match="--workers"):
+            P.worker_count(bad, cpus=4, total_bytes=None)
+
+
+def test_prepare_with_absurd_workers_finishes_fast(tmp_path, cli):
+    """`--workers 500` started 500 processes, each loading the tokenizer: 113 s for a 0.5 s job."""
+    write_corpus(tmp_path / "in")
+    start = time.perf_counter()
+    r = cli("prepare", "--input", tmp_path / "in", "--out", tmp_path / "out", "--workers", "500", "--no-progress")
+    elapsed = time.perf_counter() - start
+    assert r.returncode == 0, r.stderr
+    assert "not 500" in r.stderr and elapsed < 30, (elapsed, r.stderr)
+    r = cli("prepare", "--input", tmp_path / "in", "--out", tmp_path / "o2", "--workers", "0")
+    assert r.returncode == 2 and "--workers" in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_large_text_file_is_read_in_pieces_with_identical_tokens(tmp_path, bpe_spec):
     # CRLF and blank-line runs included: cuts must avoid them (GPT-2's regex joins whitespace runs)
     text = "".join(f"Line {i}: Ünïcödé words, don't stop; 12345 {'x' * (i % 7)}\nnext\n  indented\r\n\n"
@@ -271,7 +296,7 @@ def test_killed_prepare_leaves_nothing_valid_and_rerun_completes(tmp_path, bpe_s
     try:
         deadline = time.time() + 60
         while time.time() < deadline:  # wait until at least one shard is complete inside staging
-            if list(tmp_path.glob(".out.partial-*/train_000001.bin")) or proc.poll() is not None:
+            if list(tmp_path.glob(".out.*.partial/train_000001.bin")) or proc.poll() is not None:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "prepare finished before it could be interrupted"
@@ -289,7 +314,7 @@ def test_killed_prepare_leaves_nothing_valid_and_rerun_completes(tmp_path, bpe_s
         proc.wait()
     assert not out.exists()
     assert not list(tmp_path.rglob("meta.json"))  # nothing anywhere looks like finished output
-    staging = list(tmp_path.glob(".out.partial-*"))
+    staging = list(tmp_path.glob(".out.*.partial"))
     assert len(staging) == 1 and list(staging[0].glob("*.bin*"))
     with pytest.raises(UserError, match="does not exist"):
         read_metadata(out)
@@ -353,10 +378,35 @@ def _corrupt(out: Path, how: str) -> None:
     elif how == "tokenizer-swapped":
         meta["tokenizer"]["kind"] = "hf"
         meta_path.write_text(json.dumps(meta))
+    elif how == "max-id-outside-vocab":
+        meta["splits"]["val"]["shards"][0]["max_id"] = 300
+        meta_path.write_text(json.dumps(meta))
+    elif how == "max-id-not-int":
+        meta["splits"]["val"]["shards"][0]["max_id"] = "lots"
+        meta_path.write_text(json.dumps(meta))
+    elif how == "shard-not-object":
+        meta["splits"]["train"]["shards"][0] = 5
+        meta_path.write_text(json.dumps(meta))
+    elif how == "shard-file-not-string":
+        meta["splits"]["train"]["shards"][0]["file"] = 7
+        meta_path.write_text(json.dumps(meta))
+    elif how == "tokenizer-files-not-list":
+        meta["tokenizer"]["files"] = 3
+        meta_path.write_text(json.dumps(meta))
+    elif how == "tokenizer-kind-not-string":
+        meta["tokenizer"]["kind"] = ["byte"]
+        meta_path.write_text(json.dumps(meta))
+    elif how == "meta-not-object":
+        meta_path.write_text("[]")
+    elif how == "splits-not-object":
+        meta["splits"] = {"train": 5}
+        meta_path.write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("how", ["not-json", "missing-meta", "truncated-shard", "missing-shard", "token-count",
-                                 "dtype-too-small", "version", "tokenizer-swapped"])
+                                 "dtype-too-small", "version", "tokenizer-swapped", "max-id-outside-vocab",
+                                 "max-id-not-int", "meta-not-object", "splits-not-object", "shard-not-object",
+                                 "shard-file-not-string", "tokenizer-files-not-list", "tokenizer-kind-not-string"])
 def test_corrupt_metadata_is_exit_2_with_one_line(prepared, how, capsys):
     assert cli_main(["data-info", str(prepared)]) == 0
     capsys.readouterr()
@@ -378,6 +428,63 @@ def test_cli_exit_codes_in_a_real_process(prepared, tmp_path, cli):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
     r = cli("prepare", "--input", tmp_path / "missing", "--out", tmp_path / "o")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+@pytest.mark.parametrize("name,data", [
+    ("bad.jsonl.gz", b"not gzip data"), ("bad.txt.gz", b"not gzip data"),
+    ("cut.txt.gz", __import__("gzip").compress(b"some text " * 100)[:30]),
+])
+def test_unreadable_gzip_input_is_one_line_naming_the_input(tmp_path, capsys, name, data):
+    (tmp_path / name).write_bytes(data)
+    assert cli_main(["prepare", "--input", str(tmp_path / name), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / name} is not a readable gzip file" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_prepare_records_each_shards_largest_token_id(prepared):
+    meta = json.loads((prepared / "meta.json").read_text())
+    shards = [s for split in meta["splits"].values() for s in split["shards"]]
+    assert len(shards) > 2
+    for s in shards:
+        assert s["max_id"] == int(np.fromfile(prepared / s["file"], dtype=np.uint16).max())
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_token_id_outside_the_vocabulary_in_a_shard_is_refused(prepared, capsys, recorded):
+    """A crafted shard holding id 300 under a 258-token tokenizer: data-info and the trainer's
+    check_vocab name the shard, the id and the vocabulary (it used to be an IndexError mid-training).
+    Without max_id in meta.json (data prepared before it was recorded) the ids are scanned once."""
+    meta = json.loads((prepared / "meta.json").read_text())
+    shard = prepared / meta["splits"]["train"]["shards"][1]["file"]
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[5] = 300
+    tokens.tofile(shard)
+    for split in meta["splits"].values():
+        for s in split["shards"]:
+            if recorded:
+                s["max_id"] = int(np.fromfile(prepared / s["file"], dtype=np.uint16).max())
+            else:
+                s.pop("max_id")
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    assert cli_main(["data-info", str(prepared)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(shard) in err and "token id 300" in err and "258" in err, err
+    if recorded:
+        with pytest.raises(UserError, match="token id 300"):
+            TokenLoader(prepared, seq_len=4, micro_batch_size=1)
+        return
+    loader = TokenLoader(prepared, seq_len=4, micro_batch_size=1)
+    with pytest.raises(UserError, match=f"{shard}.*token id 300.*vocabulary of 258"):
+        loader.check_vocab(258)
+    loader.check_vocab(512)  # a model with room for id 300 trains on it
+
+
+def test_data_info_on_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "meta.json").write_text("{}")
+    assert cli_main(["data-info", str(tmp_path / "meta.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err
 
 
 def test_vocab_mismatch_is_user_error(prepared):
@@ -490,3 +597,56 @@ def test_loader_does_not_import_torch():
             "bad = [m for m in ('torch', 'tokenizers', 'tiktoken', 'datasets') if m in sys.modules]; print(bad)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- durable outputs
+
+@contextlib.contextmanager
+def _umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_prepare_and_tokenizer_outputs_follow_the_umask(tmp_path, bpe_spec, mask):
+    """Staging used mkstemp/mkdtemp-private modes: meta.json and tokenizer.json came out 0600, so a
+    teammate could not read a shared dataset. The final rename applies the umask."""
+    write_corpus(tmp_path / "in")
+    with _umask(mask):
+        P.prepare(P.iter_files(P.resolve_inputs([str(tmp_path / "in")])), bpe_spec, tmp_path / "out",
+                  val_fraction=0.2, progress=False)
+        train_bpe(DOCS, 300, tmp_path / "tok")
+    for root in (tmp_path / "out", tmp_path / "tok"):
+        modes = _modes(root)
+        assert "meta.json" in modes or "tokenizer.json" in modes
+        for name, mode in modes.items():
+            want = 0o777 & ~mask if (root / name).is_dir() else 0o666 & ~mask
+            assert mode == want, (root, name, oct(mode))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_disk_full_during_prepare_is_one_line_and_leaves_nothing(tmp_path, tiny_fs, capsys):
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("a small corpus\n")
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "a.txt").write_text("many words to fill a tiny disk\n" * 16000)  # 0.5 MB -> 1 MB of uint16 tokens
+    out = tiny_fs / "data"
+    assert cli_main(["prepare", "--input", str(small), "--out", str(out), "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"]):
+        target = out if extra else tiny_fs / "other"
+        assert cli_main(["prepare", "--input", str(big), "--out", str(target), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == f"scalelab prepare: error: {target}: the disk is full; free space or choose another location\n"
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["data"]  # no staging directory left
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -279,3 +279,251 @@ def test_gpt2_original_checkpoint_layout(idx, tmp_path):
         tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(tensors, tmp_path / "model.safetensors")
     torch.testing.assert_close(ours_logits(hf.load(tmp_path), idx), hf_logits(reference, idx), atol=1e-4, rtol=0)
+
+
+# ---- hostile config.json files and checkpoint keys --------------------------------------------
+
+def _saved_llama(tmp_path, **overrides):
+    randomize(AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA, num_key_value_heads=2, **overrides))
+              ).save_pretrained(tmp_path)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("field,edit", [
+    ("hidden_size", lambda c: c.update(hidden_size="abc")),
+    ("num_hidden_layers", lambda c: c.pop("num_hidden_layers")),
+    ("vocab_size", lambda c: c.update(vocab_size=1.5)),
+    ("intermediate_size", lambda c: c.update(intermediate_size=None)),
+    ("num_key_value_heads", lambda c: c.update(num_key_value_heads=[2])),
+    ("rms_norm_eps", lambda c: c.update(rms_norm_eps="tiny")),
+    ("tie_word_embeddings", lambda c: c.update(tie_word_embeddings="yes")),
+    ("max_position_embeddings", lambda c: c.update(max_position_embeddings=True)),
+    ("rope_parameters", lambda c: c.update(rope_parameters="llama3")),
+    ("rope_theta", lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": "big"})),
+    ("factor", lambda c: c.update(rope_parameters={**LLAMA31_ROPE, "factor": "x8"})),
+    ("original_max_position_embeddings", lambda c: c.update(
+        rope_parameters={**LLAMA31_ROPE, "original_max_position_embeddings": 16.5})),
+    ("num_attention_heads", lambda c: c.update(num_attention_heads=0)),
+    ("n_head", lambda c: c.update(hidden_size=64, num_attention_heads=5)),  # ModelConfig's check, file named
+    ("model_type", lambda c: c.update(model_type=None, architectures=7)),
+])
+def test_bad_config_json_fields_are_one_line_naming_field_and_file(tmp_path, capsys, field, edit):
+    config = _saved_llama(tmp_path / "hf")
+    edit(config)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert cli_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert field in err and str(tmp_path / "hf" / "config.json") in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_json_that_is_not_an_object(tmp_path, capsys):
+    _saved_llama(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    capsys.readouterr()
+    assert cli_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "JSON object" in err
+
+
+def test_yarn_without_any_context_length_uses_transformers_default(idx, tmp_path):
+    """No original_max_position_embeddings and no max_position_embeddings: transformers falls back
+    to its default context (2048); the import used to set None and die in float(None)."""
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    reference = randomize(AutoModelForCausalLM.from_config(
+        LlamaConfig(**{**LLAMA, "max_position_embeddings": 2048}, rope_parameters=rope)))
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["max_position_embeddings"]
+    config["rope_parameters"].pop("original_max_position_embeddings", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = hf.load(tmp_path)
+    assert ours.config.rope_scaling["original_max_position_embeddings"] == 2048
+    torch.testing.assert_close(ours_logits(ours, idx), hf_logits(reference, idx), atol=1e-4, rtol=0)
+
+
+def test_only_leading_wrapper_prefixes_are_stripped(idx, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = randomize(Transformer(style_config("llama3", 2, 64, 4, num_key_value_heads=2, vocab_size=V)))
+    hf.save_native(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({f"module._orig_mod.{k}": v for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    torch.testing.assert_close(ours_logits(hf.load_native(tmp_path), idx), ours_logits(model, idx))
+    # a wrapper name further inside a key is part of a real parameter name, not a wrapper
+    assert hf.strip_wrapper_prefixes("layers.0.submodule.weight") == "layers.0.submodule.weight"
+    assert hf.strip_wrapper_prefixes("_orig_mod.module.norm.weight") == "norm.weight"
+    save_file({f"layers.0.module.{k}": v for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match="does not match"):
+        hf.load_native(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["missing-shard", "no-weight-map", "index-not-json", "corrupt-shard", "traversal"])
+def test_broken_sharded_hf_directories_are_user_errors(tmp_path, capsys, how):
+    model = randomize(AutoModelForCausalLM.from_config(HF_CONFIGS["llama2-mha"]()))
+    model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    index = tmp_path / "hf" / hf.SAFETENSORS_INDEX
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    if how == "missing-shard":
+        shards[-1].unlink()
+    elif how == "no-weight-map":
+        index.write_text(json.dumps({"metadata": {}}))
+    elif how == "index-not-json":
+        index.write_text("{not json")
+    elif how == "corrupt-shard":
+        shards[0].write_bytes(shards[0].read_bytes()[:100])
+    else:
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: "../" + v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert cli_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(index.parent) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unwritable_outputs_are_one_line_before_any_work(tmp_path, readonly_dir, tiny_fs, capsys, monkeypatch):
+    model = randomize(Transformer(style_config("llama3", 2, 128, 4, num_key_value_heads=2, vocab_size=V)))
+    hf.save_native(model, tmp_path / "ckpt")
+    hf.save(model, tmp_path / "hfdir")
+    (tmp_path / "file").write_text("mine")
+    readonly, full = readonly_dir, tiny_fs  # a 256 KiB tmpfs; the weights are 2 MB
+    loaded = []
+    monkeypatch.setattr(hf, "load_checkpoint", lambda *a, **k: loaded.append(a) or (model, "scalelab"))
+    monkeypatch.setattr(hf, "load", lambda *a, **k: loaded.append(a) or model)
+    for verb, src in (("export-hf", "ckpt"), ("import-hf", "hfdir")):
+        for out, words in ((tmp_path / "file", "is an existing file"), (readonly / "out", "not writable")):
+            capsys.readouterr()
+            assert cli_main([verb, str(tmp_path / src), str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and str(out) in err and words in err, err
+    assert loaded == []  # refused before loading anything
+    monkeypatch.undo()
+    for verb, src in (("export-hf", "ckpt"), ("import-hf", "hfdir")):  # disk full while writing
+        capsys.readouterr()
+        assert cli_main([verb, str(tmp_path / src), str(full / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(full / "out") in err and "disk is full" in err, err
+        assert list(full.iterdir()) == []
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+# ---- sample: bad numbers and devices ----------------------------------------------------------
+
+@pytest.mark.parametrize("flags,words", [
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--temperature", "inf"], "--temperature inf"),
+    (["--temperature", "-1"], "--temperature -1"),
+    (["--temperature", "1e-300"], "--temperature 1e-300"),  # logits / T overflow to inf, then NaN
+    (["--top-k", "0"], "--top-k 0"),
+    (["--top-p", "nan"], "--top-p nan"),
+    (["--top-p", "1.5"], "--top-p 1.5"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--max-new-tokens", "1000000000000"], "--max-new-tokens 1000000000000"),
+    (["--num-samples", "0"], "--num-samples 0"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--device", "quantum"], "--device 'quantum'"),
+    (["--device", "meta"], "not meta"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param(["--device", "mps"], "MPS",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
+    pytest.param(["--device", "cuda:64"], "CUDA", marks=pytest.mark.skipif(
+        torch.cuda.device_count() > 64, reason="64 GPUs")),
+])
+def test_sample_bad_numbers_and_devices_are_one_line(tmp_path, capsys, flags, words):
+    model = randomize(Transformer(style_config("llama3", 1, 32, 4, vocab_size=258, block_size=32)))
+    hf.save_native(model, tmp_path / "ckpt")
+    assert cli_main(["sample", str(tmp_path / "ckpt"), "--tokenizer", "byte", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert cli_main(["sample", str(tmp_path / "ckpt"), "--tokenizer", "byte", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scalelab sample: error: ") and err.count("\n") == 1 and words in err, err
+
+
+def test_sample_with_a_damaged_run_tokenizer_is_one_line(tmp_path, capsys):
+    model = randomize(Transformer(style_config("llama3", 1, 32, 4, vocab_size=258, block_size=32)))
+    hf.save_native(model, tmp_path / "run" / "final")
+    for text, words in (("{not json", "data.json"), ('{"tokenizer": 3}', "data.json"),
+                        ('{"tokenizer": {"saved_spec": "hf:tokenizer.json"}}', "tokenizer.json")):
+        (tmp_path / "run" / "data.json").write_text(text)
+        assert cli_main(["sample", str(tmp_path / "run" / "final")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
+
+
+# ---- export with the run's tokenizer: transformers loads both halves ---------------------------
+
+def _tokenizer_spec(kind: str, d) -> str:
+    """A small tokenizer of each kind scalelab has, made without a network."""
+    import base64
+
+    from scalelab.data.tokenizer import train_bpe
+
+    if kind == "byte":
+        return "byte"
+    if kind == "hf":
+        train_bpe(["the quick brown fox jumps over the lazy dog, Ünïcödé 😀\n" * 50], 300, d / "bpe")
+        return f"hf:{d / 'bpe'}"
+    letters = [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz "]
+    tokens = [bytes([b]) for b in range(256)] + [a + b for a in letters for b in letters] + [b"the", b" the", b"fox"]
+    (d / "ranks.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    return f"{'tiktoken' if kind == 'tiktoken' else 'gpt2'}:{d / 'ranks.tiktoken'}"
+
+
+@pytest.mark.parametrize("kind", ["byte", "hf", "tiktoken", "gpt2"])
+def test_export_with_run_tokenizer_loads_end_to_end_in_transformers(tmp_path, kind, capsys):
+    """A run directory as the trainer leaves it (data.json + tokenizer/ copied from the prepared
+    data, the model in final/) exported with export-hf: transformers' AutoTokenizer encodes text to
+    the ids scalelab's tokenizer gives, and AutoModelForCausalLM's logits on them equal ours."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from scalelab.data import prepare as P
+    from scalelab.data.tokenizer import find_run_tokenizer
+
+    (tmp_path / "corpus.txt").write_text("the quick brown fox\n" * 20)
+    P.prepare(P.iter_files([tmp_path / "corpus.txt"]), _tokenizer_spec(kind, tmp_path), tmp_path / "data",
+              val_fraction=0.0, workers=1, progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(tmp_path / "data" / "tokenizer", run / "tokenizer")
+    shutil.copy(tmp_path / "data" / "meta.json", run / "data.json")
+    tok = find_run_tokenizer(run)
+    model = randomize(Transformer(style_config("llama3", 2, 32, 4, num_key_value_heads=2, block_size=64,
+                                               vocab_size=tok.vocab_size + 3)))
+    hf.save_native(model, run / "final")
+    capsys.readouterr()
+    assert cli_main(["export-hf", str(run / "final"), str(tmp_path / "export")]) == 0, capsys.readouterr().err
+    assert "note" not in capsys.readouterr().err
+    names = {p.name for p in (tmp_path / "export").iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"} <= names
+
+    their_tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    text = "the quick brown fox, Ünïcödé 😀 jumps\n  over"
+    ids = their_tok(text)["input_ids"]
+    assert ids == tok.encode(text) and their_tok.decode(ids) == text
+    assert (their_tok.bos_token_id, their_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    assert GenerationConfig.from_pretrained(tmp_path / "export").eos_token_id == tok.eos_id
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    x = torch.tensor([[tok.eos_id] + ids])
+    torch.testing.assert_close(hf_logits(theirs, x), ours_logits(model, x), atol=1e-4, rtol=0)
+
+
+def test_export_without_a_tokenizer_says_so_and_a_too_large_one_is_refused(tmp_path, capsys):
+    model = randomize(Transformer(style_config("llama3", 1, 32, 4, vocab_size=200, block_size=32)))
+    hf.save_native(model, tmp_path / "ckpt")
+    capsys.readouterr()
+    assert cli_main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "--tokenizer" in err and "AutoTokenizer" in err
+    assert cli_main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "b"), "--tokenizer", "byte"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "258" in err and "200" in err and not (tmp_path / "b").exists()

@@ -241,3 +241,64 @@ def test_cli_tokenizer_train_and_encode(tmp_path, cli):
     assert load_tokenizer(f"hf:{tmp_path / 'tok'}").decode(ids) == "héllo <|end_of_text|>"
     r = cli("tokenizer", "encode", "--tokenizer", "tiktoken:/nonexistent/tokenizer.model", "x")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "scalelab tokenizer: error:" in r.stderr
+
+
+def test_tokenizer_train_output_rules_match_prepare(tmp_path, cli):
+    """`tokenizer train --out` used to overwrite silently while `prepare` asked for --overwrite:
+    both now refuse an existing non-empty output without --overwrite, and a file as --out."""
+    (tmp_path / "a.txt").write_text(CORPUS)
+    train = ("tokenizer", "train", "--input", tmp_path / "a.txt", "--vocab-size", "300")
+    assert cli(*train, "--out", tmp_path / "tok").returncode == 0
+    before = (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    r = cli(*train[:-1], "290", "--out", tmp_path / "tok")
+    assert r.returncode == 2 and "--overwrite" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == before
+    r = cli(*train[:-1], "290", "--out", tmp_path / "tok", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert load_tokenizer(f"hf:{tmp_path / 'tok'}").vocab_size == 290
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "notes", tmp_path / "file"):
+        for extra in ((), ("--overwrite",)):
+            for verb in (train, ("prepare", "--input", tmp_path / "a.txt", "--no-progress")):
+                r = cli(*verb, "--out", out, *extra)
+                assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "file", "notes", "tok"]
+
+
+@pytest.mark.parametrize("name,content", [
+    ("tokenizer.json", None),  # a valid tokenizers file with an empty vocabulary
+    ("tokenizer.json", '{"model": {}, "added_tokens": []}'),
+    ("tokenizer.json", b"\xff\xfe\x00binary"),
+    ("ranks.model", "YQ== 0\nYg== x\n"),  # a rank that is not a number
+    ("ranks.model", "YQ== 0 extra\n"),
+    ("ranks.model", "!!!! 0\n"),  # not base64
+    ("ranks.model", b"\xff\xfe garbage\n"),
+    ("ranks.model", "".join(f"{base64.b64encode(bytes([b])).decode()} {b + (b > 100)}\n" for b in range(256))),  # a gap
+])
+def test_damaged_tokenizer_files_are_one_line(tmp_path, cli, name, content):
+    path = tmp_path / name
+    if content is None:
+        from tokenizers import Tokenizer, models
+
+        Tokenizer(models.BPE()).save(str(path))
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    spec = f"{'hf' if name == 'tokenizer.json' else 'tiktoken'}:{path}"
+    r = cli("tokenizer", "encode", "--tokenizer", spec, "x")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+
+
+def test_tokenizer_train_on_a_full_disk_is_one_line_naming_out(tmp_path, tiny_fs, cli):
+    (tmp_path / "a.txt").write_text(CORPUS)
+    with open(tiny_fs / "filler", "wb", buffering=0) as f:  # leave a few KiB: the staging directory fits
+        for _ in range((256 - 8) * 1024 // 4096):
+            f.write(b"\0" * 4096)
+    r = cli("tokenizer", "train", "--input", tmp_path / "a.txt", "--vocab-size", "600", "--out", tiny_fs / "tok")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{tiny_fs / 'tok'}: the disk is full" in r.stderr, r.stderr
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"]

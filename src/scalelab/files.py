@@ -214,10 +214,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success move it into place as `path`.
 
     An existing `path` is replaced only after its successor is complete; on an exception the
-    temporary directory is removed and `path` is left untouched."""
+    temporary directory is removed and `path` is left untouched. An OSError raised inside the
+    block (disk full while writing a file into it) names `path`, not the temporary."""
     staged = StagedDirectory(path)
     try:
         yield staged.path
+    except OSError as e:
+        staged.abort()
+        raise _renamed_error(e, Path(path)) from e
     except BaseException:
         staged.abort()
         raise

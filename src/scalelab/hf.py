@@ -43,33 +43,70 @@ WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
 
 # ---- configs ----------------------------------------------------------------------------------
 
-def architecture_of(hf_config: Mapping[str, Any]) -> str:
+_REQUIRED = object()
+_KIND_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+
+
+def config_field(hf: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED, *,
+                 where: str = "config.json") -> Any:
+    """config.json's `key` as `kind` (int, float, bool or str); `default` when absent or null.
+    A missing required field or a value of the wrong type is a one-line UserError naming the
+    field and the file (never a ValueError from int("abc") deep inside the import)."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise UserError(f"{where}: required field '{key}' is missing; is this a complete Hugging Face config.json?")
+        return default
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if ok and kind is float and not math.isfinite(value):
+        ok = False
+    if not ok:
+        raise UserError(f"{where}: '{key}' must be {_KIND_WORDS[kind]}, got {value!r}; fix the file")
+    return value
+
+
+def architecture_of(hf_config: Mapping[str, Any], where: str = "config.json") -> str:
     """'llama', 'mistral', 'qwen2' or 'gpt2' from a config.json's model_type (or architectures)."""
-    kind = str(hf_config.get("model_type", "")).lower()
+    kind = str(hf_config.get("model_type") or "").lower()
     if not kind:
-        archs = hf_config.get("architectures") or []
-        kind = {v: k for k, v in HF_CLASS.items()}.get(archs[0] if archs else "", "")
+        archs = hf_config.get("architectures")
+        first = archs[0] if isinstance(archs, list) and archs else ""
+        kind = {v: k for k, v in HF_CLASS.items()}.get(first, "") if isinstance(first, str) else ""
     if kind not in ARCHITECTURES:
-        raise UserError(f"config.json model_type {hf_config.get('model_type')!r} is not supported; "
+        raise UserError(f"{where}: model_type {hf_config.get('model_type')!r} is not supported; "
                         f"scalelab imports {', '.join(HF_CLASS.values())}")
     return kind
 
 
-def _hf_rope(hf: Mapping[str, Any]) -> tuple[float, dict | None]:
+def _hf_rope(hf: Mapping[str, Any], max_positions: int, where: str) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling in our form) from either key style: transformers 5 writes
     `rope_parameters` = {rope_type, rope_theta, ...}; older files have top-level `rope_theta`
-    and `rope_scaling` = {type or rope_type, ...}."""
-    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-    theta = float(params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
+    and `rope_scaling` = {type or rope_type, ...}. `max_positions` is the model's context
+    (max_position_embeddings or its default), which llama3/yarn scaling falls back to for
+    original_max_position_embeddings, as transformers does."""
+    source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    raw = hf.get(source) or {}
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{where}: '{source}' must be an object such as {{\"rope_type\": \"llama3\", ...}}, "
+                        f"got {raw!r}")
+    params = dict(raw)
+    theta = config_field(params, "rope_theta", float, None, where=f"{where} {source}")
+    if theta is None:
+        theta = config_field(hf, "rope_theta", float, 10000.0, where=where)
+    params.pop("rope_theta", None)
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) not in (1, 1.0, None):
-        raise UserError("partial_rotary_factor < 1 (RoPE on part of each head) is not supported")
+        raise UserError(f"{where}: partial_rotary_factor < 1 (RoPE on part of each head) is not supported")
     params.pop("partial_rotary_factor", None)
     if kind == "default":
         return theta, None
     if kind not in ROPE_SCALING_KEYS:
-        raise UserError(f"rope scaling type {kind!r} is not supported; scalelab supports "
+        raise UserError(f"{where}: rope scaling type {kind!r} is not supported; scalelab supports "
                         f"{', '.join(ROPE_SCALING_KEYS)}")
     allowed = ROPE_SCALING_KEYS[kind]
     ignorable = {"truncate": True, "mscale": None, "mscale_all_dim": None}  # values that match our maths
@@ -77,42 +114,61 @@ def _hf_rope(hf: Mapping[str, Any]) -> tuple[float, dict | None]:
     for key, value in params.items():
         if key in allowed:
             if value is not None:
+                config_field(params, key, float, where=f"{where} {source}")  # a number, or one line
                 scaling[key] = value
         elif key in ignorable and value in (ignorable[key], None):
             continue
         else:
-            raise UserError(f"rope scaling ({kind}) key {key}={value!r} is not supported")
-    if kind in ("llama3", "yarn") and "original_max_position_embeddings" not in scaling:
-        scaling["original_max_position_embeddings"] = hf.get("max_position_embeddings")  # as HF does
+            raise UserError(f"{where}: rope scaling ({kind}) key {key}={value!r} is not supported")
+    if "original_max_position_embeddings" in scaling:
+        scaling["original_max_position_embeddings"] = config_field(
+            scaling, "original_max_position_embeddings", int, where=f"{where} {source}")
+    elif kind in ("llama3", "yarn"):
+        scaling["original_max_position_embeddings"] = max_positions  # as HF does
     return theta, scaling
 
 
-def _qwen2_window(hf: Mapping[str, Any]) -> int | None:
+def _qwen2_window(hf: Mapping[str, Any], n_layer: int, where: str) -> int | None:
     """A Qwen2 config's sliding window: only with use_sliding_window, and then only on the layers
     layer_types marks (by default those from max_window_layers on). We model one window for all
     layers, so a window on some layers only is refused rather than imported as something else."""
     if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
         return None
-    n_layer = int(hf["num_hidden_layers"])
-    first = int(hf.get("max_window_layers", n_layer))
+    first = config_field(hf, "max_window_layers", int, n_layer, where=where)
     types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
                                       for i in range(n_layer)]
+    if not isinstance(types, list) or len(types) != n_layer:
+        raise UserError(f"{where}: 'layer_types' must list one attention type per layer ({n_layer}), got {types!r}")
     sliding = sum(kind == "sliding_attention" for kind in types)
     if sliding == 0:
         return None
     if sliding < n_layer:
-        raise UserError(f"this Qwen2 config slides the attention window on {sliding} of {n_layer} layers; "
+        raise UserError(f"{where}: this Qwen2 config slides the attention window on {sliding} of {n_layer} layers; "
                         "scalelab has one window for all layers (set max_window_layers to 0 or "
                         "use_sliding_window to false)")
-    return int(hf["sliding_window"])
+    return config_field(hf, "sliding_window", int, where=where)
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
     """A ModelConfig from a Hugging Face config.json dict (Llama, Mistral, Qwen2 or GPT-2).
+    `where` names the file in error messages.
 
     Raises UserError for features our model does not have, rather than importing a model
-    that would compute something else."""
-    arch = architecture_of(hf)
+    that would compute something else, and for fields that are missing or of the wrong type."""
+    if not isinstance(hf, Mapping):
+        raise UserError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    arch = architecture_of(hf, where)
+
+    def field(key: str, kind: type, default: Any = _REQUIRED) -> Any:
+        return config_field(hf, key, kind, default, where=where)
+
+    try:
+        return _config_from_hf(hf, arch, field, where)
+    except UserError as e:  # ModelConfig's own validation: say which file it came from
+        raise e if str(e).startswith(where) else UserError(f"{where}: {e}") from None
+
+
+def _config_from_hf(hf: Mapping[str, Any], arch: str, field, where: str) -> ModelConfig:
     if arch == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -120,38 +176,45 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
                             "tanh approximation (gelu_new)")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights", True) is False:
             raise UserError("GPT-2 configs with non-standard attention scaling are not supported")
-        n_embd = int(hf.get("n_embd", 768))
+        n_embd = field("n_embd", int, 768)
         return ModelConfig(
-            family="gpt2", n_layer=int(hf.get("n_layer", 12)), n_head=int(hf.get("n_head", 12)), n_embd=n_embd,
-            vocab_size=int(hf.get("vocab_size", 50257)), block_size=int(hf.get("n_positions", 1024)),
-            d_ff=int(hf.get("n_inner") or 4 * n_embd), normalization="layernorm",
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), position_encoding="learned", ffn_type="gelu",
-            norm_position="pre", bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-    n_embd, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    if hf.get("head_dim") not in (None, n_embd // n_head):
-        raise UserError(f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads "
+            family="gpt2", n_layer=field("n_layer", int, 12), n_head=field("n_head", int, 12), n_embd=n_embd,
+            vocab_size=field("vocab_size", int, 50257), block_size=field("n_positions", int, 1024),
+            d_ff=field("n_inner", int, 4 * n_embd), normalization="layernorm",
+            norm_eps=field("layer_norm_epsilon", float, 1e-5), position_encoding="learned", ffn_type="gelu",
+            norm_position="pre", bias=True, tie_embeddings=field("tie_word_embeddings", bool, True))
+    n_embd, n_head = field("hidden_size", int), field("num_attention_heads", int)
+    n_layer = field("num_hidden_layers", int)
+    if n_head < 1:
+        raise UserError(f"num_attention_heads must be a positive integer, got {n_head}")
+    head_dim = field("head_dim", int, None)
+    if head_dim not in (None, n_embd // n_head):
+        raise UserError(f"head_dim {head_dim} differs from hidden_size / num_attention_heads "
                         f"({n_embd // n_head}); scalelab derives head_dim from n_embd and n_head")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act {hf.get('hidden_act')!r} is not supported; LLaMA-style models use silu")
     if arch == "qwen2":  # fixed by the architecture: biases on q, k, v, none on o_proj or the MLP
         attention_bias, qkv_bias = False, True
     else:
-        attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+        attention_bias, mlp_bias = field("attention_bias", bool, False), field("mlp_bias", bool, False)
         if attention_bias != mlp_bias:
             raise UserError("attention_bias and mlp_bias differ; scalelab has one `bias` switch for all linears")
         qkv_bias = False
     # Mistral's window applies to every layer; LlamaForCausalLM has none.
-    window = {"mistral": hf.get("sliding_window"), "qwen2": _qwen2_window(hf)}.get(arch)
-    theta, scaling = _hf_rope(hf)
+    if arch == "mistral":
+        window = field("sliding_window", int, None)
+    else:
+        window = _qwen2_window(hf, n_layer, where) if arch == "qwen2" else None
+    block_size = field("max_position_embeddings", int, 2048)
+    theta, scaling = _hf_rope(hf, block_size, where)
     family = arch if arch in ("mistral", "qwen2") else ("llama3" if theta >= 500000 else "llama2")
     return ModelConfig(
-        family=family, n_layer=int(hf["num_hidden_layers"]), n_head=n_head, n_embd=n_embd,
-        num_key_value_heads=int(hf.get("num_key_value_heads") or n_head), vocab_size=int(hf["vocab_size"]),
-        block_size=int(hf.get("max_position_embeddings", 2048)), d_ff=int(hf["intermediate_size"]),
-        normalization="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), position_encoding="rope",
+        family=family, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+        num_key_value_heads=field("num_key_value_heads", int, n_head), vocab_size=field("vocab_size", int),
+        block_size=block_size, d_ff=field("intermediate_size", int),
+        normalization="rmsnorm", norm_eps=field("rms_norm_eps", float, 1e-6), position_encoding="rope",
         rope_theta=theta, rope_scaling=scaling, ffn_type="swiglu", norm_position="pre", bias=attention_bias,
-        qkv_bias=qkv_bias, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=None if window is None else int(window))
+        qkv_bias=qkv_bias, tie_embeddings=field("tie_word_embeddings", bool, False), sliding_window=window)
 
 
 def default_architecture(cfg: ModelConfig) -> str:
@@ -182,7 +245,8 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
     common = {"architectures": [HF_CLASS[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype_name, "dtype": dtype_name,
               "initializer_range": 0.02, "use_cache": True,
-              # Token ids belong to the tokenizer, which a ModelConfig does not know.
+              # Token ids belong to the tokenizer, which a ModelConfig does not know (save() fills
+              # them in when it exports one).
               "bos_token_id": None, "eos_token_id": None}
     if arch == "gpt2":
         if not cfg.bias:
@@ -339,10 +403,14 @@ def _hf_from_native(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str)
 # ---- safetensors files ------------------------------------------------------------------------
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a one-line UserError (unreadable, not JSON, not an object)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -351,9 +419,12 @@ def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     index = directory / SAFETENSORS_INDEX
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise UserError(f"{index}: no weight_map")
-        files = sorted(set(weight_map.values()))
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index}: no weight_map; re-save the checkpoint")
+        files = sorted(set(map(str, weight_map.values())))
+        bad = [name for name in files if Path(name).name != name]
+        if bad:
+            raise UserError(f"{index}: weight_map names {bad[0]!r}, not a file beside the index")
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -443,25 +514,48 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
     hf_config = read_json(path / "config.json")
-    arch = architecture_of(hf_config)
-    cfg = config_from_hf(hf_config)
+    arch = architecture_of(hf_config, str(path / "config.json"))
+    cfg = config_from_hf(hf_config, str(path / "config.json"))
     weights = _native_from_hf(read_safetensors(path), cfg, arch)
     cfg = cfg.with_overrides(overrides)
     return _build(cfg, weights, dtype=dtype, device=device, attention=attention)
 
 
 def save(model: Transformer, path: str | Path, *, arch: str | None = None, dtype: torch.dtype | None = None,
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer=None) -> str:
     """Export as a Hugging Face checkpoint directory that transformers' from_pretrained loads.
-    Returns the architecture written ('llama', 'mistral', 'qwen2' or 'gpt2')."""
+    With `tokenizer` (a scalelab.data.tokenizer.Tokenizer) the directory also holds its
+    transformers files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) and
+    generation_config.json, and config.json names its BOS/EOS ids, so AutoTokenizer and
+    AutoModelForCausalLM both load it. Returns the architecture written."""
     cfg = model.config
     arch = arch or default_architecture(cfg)
     sd = {k: v if dtype is None else v.to(dtype) for k, v in model.state_dict().items()}
     hf_config = config_to_hf(cfg, arch, dtype or next(iter(sd.values())).dtype)  # validates before writing
+    extra: dict[str, str] = {}
+    if tokenizer is not None:
+        extra = tokenizer_files(tokenizer, cfg)
+        hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     tensors = _hf_from_native(sd, cfg, arch)
     write_safetensors(tensors, path, max_shard_bytes)
+    for name, text in extra.items():
+        atomic_write_text(Path(path) / name, text)
     atomic_write_text(Path(path) / "config.json", json.dumps(hf_config, indent=2) + "\n")
     return arch
+
+
+def tokenizer_files(tokenizer, cfg: ModelConfig) -> dict[str, str]:
+    """transformers' tokenizer files and generation_config.json for `tokenizer` on this model
+    (a UserError if its ids do not fit the model's vocabulary)."""
+    from scalelab.data.tokenizer import transformers_tokenizer_files
+
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer {tokenizer.spec} has {tokenizer.vocab_size} ids, more than the model's "
+                        f"vocab_size {cfg.vocab_size}; export with the tokenizer the model was trained with")
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                  "pad_token_id": tokenizer.eos_id, "max_length": cfg.block_size}
+    return {**transformers_tokenizer_files(tokenizer, cfg.block_size),
+            "generation_config.json": json.dumps(generation, indent=2) + "\n"}
 
 
 def save_native(model: Transformer, path: str | Path) -> None:
@@ -492,14 +586,17 @@ def native_config(path: str | Path) -> ModelConfig | None:
     return None
 
 
-def _strip_wrappers(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
+def strip_wrapper_prefixes(key: str) -> str:
+    """`key` without the wrapper prefixes torch.compile (`_orig_mod.`), DDP (`module.`) and
+    activation checkpointing (`_checkpoint_wrapped_module.`) put at its *start* when a whole
+    model is wrapped (in any order, any number). Only leading prefixes: a name that merely
+    contains one of them further in (`layers.0.submodule.weight`) is a real parameter name."""
+    stripped = True
+    while stripped:
+        stripped = False
         for prefix in WRAPPER_PREFIXES:
-            if prefix in key:
-                key = key.replace(prefix, "")
-                changed = True
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
     return key
 
 
@@ -511,7 +608,7 @@ def load_native(path: str | Path, *, dtype: torch.dtype | None = None, device: s
     if cfg is None:
         raise UserError(f"{path}: not a scalelab checkpoint (expected model.safetensors + model.toml)")
     cfg = cfg.with_overrides(overrides)
-    sd = {_strip_wrappers(k): v for k, v in read_safetensors(path).items()}
+    sd = {strip_wrapper_prefixes(k): v for k, v in read_safetensors(path).items()}
     return _build(cfg, sd, dtype=dtype, device=device, attention=attention)
 
 
@@ -525,7 +622,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, devic
         model = load_native(path, dtype=dtype, device=device, attention=attention, overrides=overrides)
         return model, "scalelab"
     if (path / "config.json").is_file():
-        arch = architecture_of(read_json(path / "config.json"))
+        arch = architecture_of(read_json(path / "config.json"), str(path / "config.json"))
         return load(path, dtype=dtype, device=device, attention=attention, overrides=overrides), arch
     raise UserError(f"{path}: not a checkpoint (expected model.safetensors with model.toml, or a Hugging "
                     "Face config.json)")

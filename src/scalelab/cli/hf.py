@@ -9,12 +9,13 @@ written by import-hf or the trainer). Only safetensors and json are used; no tra
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Callable
 
 from scalelab.cli import HelpFormatter, add_common_flags, format_count, print_json, print_table
 from scalelab.errors import UserError
-from scalelab.files import atomic_directory
+from scalelab.files import atomic_directory, check_output_dir
 
 IMPORT_EXAMPLES = """examples:
   scalelab import-hf ~/models/Llama-3.2-1B checkpoints/llama3.2-1b
@@ -48,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Hugging Face architecture (default: the one matching the model)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file; bigger models are sharded with an index")
+    p.add_argument("--tokenizer", default=None, metavar="SPEC",
+                   help="tokenizer to export with the model (byte, gpt2, hf:PATH, tiktoken:PATH) "
+                        "[the run's copy: data.json + tokenizer/ beside CHECKPOINT or in a parent]")
     _add_shared(p)
     add_common_flags(p)
     p.set_defaults(func=run_export)
@@ -59,14 +63,16 @@ def _add_shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it already exists")
 
 
-def _check_paths(source: str, out: str, force: bool) -> Path:
+def _check_paths(source: str, out: str, force: bool, flag: str) -> Path:
+    """Refuse, before anything is loaded, a missing source and an output that cannot be written:
+    the source itself, an existing file, a non-empty directory without --force, a parent that
+    is a file or not writable."""
     src, dst = Path(source), Path(out)
     if not src.is_dir():
         raise UserError(f"{src}: no such directory")
     if dst.exists() and dst.resolve() == src.resolve():
         raise UserError(f"{dst} is the source directory; choose another output directory")
-    if dst.exists() and not dst.is_dir():
-        raise UserError(f"{dst} exists and is not a directory")
+    check_output_dir(dst, flag=flag)
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise UserError(f"{dst} exists and is not empty; pass --force to replace it")
     return dst
@@ -102,7 +108,7 @@ def run_import(args: argparse.Namespace) -> int:
 
     from scalelab import hf
 
-    out = _check_paths(args.hf_dir, args.out, args.force)
+    out = _check_paths(args.hf_dir, args.out, args.force, "OUT_CHECKPOINT")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = hf.load(args.hf_dir, dtype=dtype, overrides=args.overrides)
     arch = hf.architecture_of(hf.read_json(Path(args.hf_dir) / "config.json"))
@@ -115,14 +121,26 @@ def run_export(args: argparse.Namespace) -> int:
 
     from scalelab import hf
 
-    out = _check_paths(args.checkpoint, args.out, args.force)
+    out = _check_paths(args.checkpoint, args.out, args.force, "HF_DIR")
     max_shard = hf.parse_size(args.max_shard_size)
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    tokenizer = _export_tokenizer(Path(args.checkpoint), args.tokenizer)
     model, source = _load_for_export(Path(args.checkpoint), dtype, args.overrides)
     arch = args.arch or hf.default_architecture(model.config)
     hf.config_to_hf(model.config, arch)  # an unsupported architecture fails before anything is written
-    _write_directory(out, lambda d: hf.save(model, d, arch=arch, max_shard_bytes=max_shard))
+    _write_directory(out, lambda d: hf.save(model, d, arch=arch, max_shard_bytes=max_shard, tokenizer=tokenizer))
+    if tokenizer is None:
+        print(f"scalelab export-hf: note: no tokenizer with {args.checkpoint} (no data.json + tokenizer/ beside "
+              "it or in a parent), so the export has none: transformers' AutoTokenizer will not load it; pass "
+              "--tokenizer SPEC to include one", file=sys.stderr)
     return _report(args, model, source if source == "scalelab" else hf.HF_CLASS[source], hf.HF_CLASS[arch])
+
+
+def _export_tokenizer(checkpoint: Path, spec: str | None):
+    """--tokenizer, else the copy a training run keeps beside its checkpoints, else None."""
+    from scalelab.data.tokenizer import find_run_tokenizer, load_tokenizer
+
+    return load_tokenizer(spec) if spec else find_run_tokenizer(checkpoint)
 
 
 def _load_for_export(path: Path, dtype, overrides: list[str]):

@@ -12,10 +12,9 @@ of the tokenizer in OUT/tokenizer/. Nothing appears under OUT until the run has 
 from __future__ import annotations
 
 import argparse
-import os
+from pathlib import Path
 
 from scalelab.cli import HelpFormatter, add_common_flags, format_count, parse_quantity, print_json, print_table
-from scalelab.errors import UserError
 
 EXAMPLES = """examples:
   scalelab prepare --dataset shakespeare --tokenizer byte --out data/shakespeare
@@ -48,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the output directory (must be new, empty, or --overwrite)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="share of tokens (whole documents) for the val split [0.005; 0.1 for --dataset shakespeare]")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes [the CPUs available, at most 8]; capped to the CPUs and the input")
     p.add_argument("--shard-tokens", default="256M", help="most tokens per shard file, e.g. 100M")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -66,8 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from scalelab.data import prepare as P
 
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers} must be at least 1")
+    if args.workers is not None:
+        P.worker_count(args.workers, 1, None)  # a bad --workers fails before any input is read
+    P.check_output_dir(Path(args.out), args.overwrite)  # and a bad --out before a corpus is fetched
     shard_tokens = int(parse_quantity(args.shard_tokens, name="--shard-tokens"))
     val_fraction = args.val_fraction
     total_bytes = None
@@ -97,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from scalelab.data.loader import read_metadata
+    from scalelab.data.loader import check_token_ids, read_metadata
 
-    _print_meta(args.dir, read_metadata(args.dir), args.json)
+    meta = read_metadata(args.dir)
+    check_token_ids(args.dir, meta, meta["vocab_size"], "the data's tokenizer")
+    _print_meta(args.dir, meta, args.json)
     return 0
 
 

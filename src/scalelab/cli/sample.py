@@ -10,7 +10,7 @@ every document did in training); a sample ends at the model's next end-of-text t
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from pathlib import Path
 
@@ -42,38 +42,74 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def find_tokenizer(start: Path):
-    """The trainer's copy: data.json + tokenizer/ in the checkpoint directory or up to 3 parents."""
-    from scalelab.data.tokenizer import load_saved_tokenizer
+MAX_NEW_TOKENS = 1_000_000  # per sample: beyond this a request is a typo, not a plan
+MAX_SAMPLES = 10_000
+MIN_TEMPERATURE = 1e-3  # logits / T overflows float32 to inf (then NaN) for T ~ 1e-38; 0 is greedy
 
-    for d in [start, *list(start.resolve().parents)[:3]]:
-        meta_file = d / "data.json"
-        if meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
-            return load_saved_tokenizer(d / "tokenizer", meta["tokenizer"]["saved_spec"])
-    return None
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """One line for every number `sample` cannot use (NaN passed `temperature < 0` unnoticed and
+    died in torch.multinomial)."""
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be between 1 and {MAX_NEW_TOKENS:,}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise UserError(f"--num-samples {args.num_samples} must be between 1 and {MAX_SAMPLES:,}")
+    t = args.temperature
+    if not (t == 0 or MIN_TEMPERATURE <= t < math.inf):
+        raise UserError(f"--temperature {t} must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k} must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # also false for NaN
+        raise UserError(f"--top-p {args.top_p} must be in (0, 1]")
+    if not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise UserError(f"--seed {args.seed} must fit in 64 bits")
+
+
+def resolve_device(spec: str):
+    """A torch.device this machine has, or a one-line UserError (cuda without a GPU, mps off a
+    Mac, an index past the last GPU, a name torch does not know)."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {spec!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: CUDA is not available on this machine (no GPU, driver or "
+                            "CUDA build of torch); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {spec}: MPS (Apple GPU) is not available on this machine; use --device cpu")
+        return device
+    raise UserError(f"--device {spec}: sample runs on cpu, cuda or mps, not {device.type}")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise UserError("--max-new-tokens and --num-samples must be positive")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or (
-            args.top_p is not None and not 0 < args.top_p <= 1):
-        raise UserError("need --temperature ≥ 0, --top-k ≥ 1, 0 < --top-p ≤ 1")
+    check_sampling_args(args)
     import torch
 
-    from scalelab.train.checkpoint import load_model_for_inference
-
+    device = resolve_device(args.device)
     path = Path(args.checkpoint)
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint or run directory")
-    model = load_model_for_inference(path, device=args.device)  # first: it names the run below a demo directory
+    from scalelab.train.checkpoint import load_model_for_inference
+
+    model = load_model_for_inference(path, device=device)  # first: it names the run below a demo directory
     if args.tokenizer:
         from scalelab.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
     else:
-        tok = find_tokenizer(path)
+        from scalelab.data.tokenizer import find_run_tokenizer
+
+        tok = find_run_tokenizer(path)
         if tok is None:
             raise UserError(f"no tokenizer found with {path} (no data.json + tokenizer/ beside it or in a parent); "
                             "pass --tokenizer SPEC")
@@ -83,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
     block = model.config.block_size
     if len(ids) >= block:
         ids = ids[-(block - 1):]
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=args.device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, generator=g)
     samples = []

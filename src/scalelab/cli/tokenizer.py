@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--dataset", choices=("shakespeare",), help="a built-in corpus")
     t.add_argument("--text-field", default="text", help="the JSON field holding the text in .jsonl inputs")
     t.add_argument("--vocab-size", type=int, default=8192, help="target vocabulary size, BOS/EOS included")
-    t.add_argument("--out", required=True, help="directory for tokenizer.json")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json (new, empty, or --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer directory")
     add_common_flags(t, set_flag=False)
     t.set_defaults(func=run_train)
 
@@ -46,13 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from scalelab.data import prepare as P
     from scalelab.data.tokenizer import train_bpe
 
+    if not 260 <= args.vocab_size <= 65536 * 4:
+        raise UserError(f"--vocab-size {args.vocab_size}: a byte-level BPE needs 260 to 262144 tokens")
+    P.check_output_dir(Path(args.out), args.overwrite, marker="tokenizer.json", what="tokenizer")  # before any work
     files = P.fetch_shakespeare() if args.dataset == "shakespeare" else P.resolve_inputs(args.input)
-    if args.vocab_size > 65536 * 4:
-        raise UserError(f"--vocab-size {args.vocab_size} is implausibly large; use at most 262144")
-    tok = train_bpe(P.iter_documents(files, args.text_field), args.vocab_size, args.out)
+    tok = train_bpe(P.iter_documents(files, args.text_field), args.vocab_size, args.out, overwrite=args.overwrite)
     info = {"tokenizer": f"hf:{args.out}", "file": str(tok.files[0]), "vocab_size": tok.vocab_size,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "inputs": len(files)}
     if args.json:

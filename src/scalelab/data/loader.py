@@ -40,6 +40,8 @@ def read_metadata(data_dir: str | os.PathLike, *, check_tokenizer_hash: bool = T
     """Load and validate DIR/meta.json against the shards and tokenizer files beside it."""
     d = Path(data_dir)
     path = d / META_NAME
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{d} is a file, not a prepared data directory (the directory `scalelab prepare --out` wrote)")
     if not d.is_dir():
         raise UserError(f"data directory {d} does not exist; create it with `scalelab prepare`")
     if not path.is_file():
@@ -73,20 +75,30 @@ def read_metadata(data_dir: str | os.PathLike, *, check_tokenizer_hash: bool = T
     for name, split in splits.items():
         try:
             shards = split["shards"]
+            if not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards):
+                raise TypeError
             total = sum(int(s["tokens"]) for s in shards)
             if total != int(split["tokens"]) or int(split["documents"]) < 0:
                 raise bad(f"split {name}: shard token counts sum to {total}, not {split['tokens']}")
         except (KeyError, TypeError, ValueError):
-            raise bad(f"split {name} lacks tokens/documents/shards") from None
+            raise bad(f"split {name} lacks tokens/documents/shards (each shard a file name and a token count)") from None
         for s in shards:
             f = d / s["file"]
             if Path(s["file"]).name != s["file"] or not f.is_file():
                 raise bad(f"shard {s['file']} is missing")
             if f.stat().st_size != int(s["tokens"]) * itemsize:
                 raise bad(f"shard {s['file']} is {f.stat().st_size} bytes, expected {int(s['tokens']) * itemsize}")
+            if "max_id" in s:
+                if isinstance(s["max_id"], bool) or not isinstance(s["max_id"], int) or s["max_id"] < -1:
+                    raise bad(f"shard {s['file']} has max_id {s['max_id']!r}, not a token id")
+                if s["max_id"] >= vocab:
+                    raise UserError(_id_outside(f, s["max_id"], vocab, "the data's tokenizer"))
     tok = meta.get("tokenizer")
     if not isinstance(tok, dict) or not isinstance(tok.get("saved_spec"), str):
         raise bad("no tokenizer section")
+    if not isinstance(tok.get("kind", ""), str) or not isinstance(tok.get("files", []), list) or \
+            not all(isinstance(f, str) for f in tok.get("files", [])):
+        raise bad("tokenizer.kind must be a name and tokenizer.files a list of file names")
     if check_tokenizer_hash:
         from scalelab.data.tokenizer import files_sha256
 
@@ -97,6 +109,30 @@ def read_metadata(data_dir: str | os.PathLike, *, check_tokenizer_hash: bool = T
         if files_sha256(tok.get("kind", ""), files) != tok.get("sha256"):
             raise bad("the tokenizer files do not match the sha256 recorded when the data was prepared")
     return meta
+
+
+def _id_outside(shard: Path, token_id: int, vocab: int, whose: str) -> str:
+    return (f"{shard} holds token id {token_id}, outside {whose} vocabulary of {vocab} (ids 0..{vocab - 1}); "
+            "re-prepare the data with the model's tokenizer (or raise the model's vocab_size)")
+
+
+def shard_max_id(path: str | os.PathLike, dtype: str) -> int:
+    """The largest token id in a shard file (-1 if it is empty), by one pass over its memmap."""
+    tokens = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+    return int(tokens.max()) if tokens.size else -1
+
+
+def check_token_ids(data_dir: str | os.PathLike, meta: dict, vocab_size: int, whose: str) -> None:
+    """Raise a one-line UserError naming the first shard holding a token id >= vocab_size.
+
+    Uses each shard's `max_id` from meta.json (recorded by prepare); for data prepared before
+    that was recorded, computes it once over the memmap and stores it in `meta` (in memory)."""
+    for split in meta["splits"].values():
+        for s in split["shards"]:
+            if "max_id" not in s:
+                s["max_id"] = shard_max_id(Path(data_dir) / s["file"], meta["dtype"])
+            if s["max_id"] >= vocab_size:
+                raise UserError(_id_outside(Path(data_dir) / s["file"], s["max_id"], vocab_size, whose))
 
 
 # ----------------------------------------------------------------------------- permutation
@@ -257,12 +293,15 @@ class TokenLoader:
     # -- checks
 
     def check_vocab(self, model_vocab_size: int) -> None:
+        """Refuse data whose tokenizer, or any token id in any split's shards, does not fit the
+        model's embedding (which would be an IndexError in the middle of training)."""
         if self.vocab_size > model_vocab_size:
             tok = self.metadata["tokenizer"]["spec"]
             raise UserError(
                 f"the data in {self.data_dir} uses tokenizer {tok} with vocab {self.vocab_size}, larger than the "
                 f"model's vocab_size {model_vocab_size}; set model vocab_size >= {self.vocab_size} or re-prepare the data"
             )
+        check_token_ids(self.data_dir, self.metadata, model_vocab_size, "the model's")
 
     def tokenizer(self):
         from scalelab.data.tokenizer import load_saved_tokenizer

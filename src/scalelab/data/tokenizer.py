@@ -179,7 +179,10 @@ class HFTokenizer(Tokenizer):
         self.spec = f"hf:{path}"
         self.files = (path,)
         # ids may have holes: the embedding must cover the largest id
-        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise UserError(f"{path} has an empty vocabulary; train it first (`scalelab tokenizer train`)")
+        self.vocab_size = max(vocab.values()) + 1
         self.bos_id, self.eos_id = self._find_bos_eos(path)
 
     def _find_bos_eos(self, path: Path) -> tuple[int, int]:
@@ -386,19 +389,148 @@ def load_saved_tokenizer(out_dir: str | os.PathLike, relative_spec: str) -> Toke
     return load_tokenizer(f"{kind}:{Path(out_dir) / name}")
 
 
+# ----------------------------------------------------------------------------- for transformers
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (the alphabet of byte-level BPE
+    vocabularies in tokenizer.json files)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list that makes a `tokenizers` BPE encode as tiktoken does with these ranks.
+
+    tiktoken repeatedly merges the adjacent pair whose concatenation has the lowest rank; a
+    `tokenizers` BPE merges the pair listed first. So every split of a token into two tokens
+    is listed, ordered by the rank of the token they make (transformers' TikTokenConverter
+    does the same)."""
+    merges = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    return [(left, right) for *_, left, right in merges]
+
+
+def _byte_level_json(ranks: dict[bytes, int], pattern: str | None, specials: dict[str, int]) -> str:
+    """tokenizer.json for a byte-level BPE given as tiktoken ranks (no merges for the byte
+    tokenizer), pre-tokenized by `pattern` (None: the whole text is one piece)."""
+    from tokenizers import AddedToken, Regex, Tokenizer as _HF, decoders, models, pre_tokenizers
+
+    table = _bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(table[b] for b in token)
+
+    vocab = {text(t): r for t, r in ranks.items()}
+    merges = [(text(a), text(b)) for a, b in _bpe_merges(ranks)]
+    # ignore_merges: a piece that is itself a token is taken whole, as tiktoken does
+    tok = _HF(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pattern is None:
+        tok.pre_tokenizer = byte_level
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False), byte_level])
+    tok.decoder = decoders.ByteLevel()
+    for name, token_id in sorted(specials.items(), key=lambda kv: kv[1]):
+        if tok.get_vocab_size(with_added_tokens=True) != token_id:
+            raise UserError(f"special token {name} has id {token_id}, but the next free id is "
+                            f"{tok.get_vocab_size(with_added_tokens=True)}; cannot export this tokenizer")
+        tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+    return tok.to_str(pretty=True)
+
+
+def transformers_tokenizer_files(tok: Tokenizer, model_max_length: int) -> dict[str, str]:
+    """The files `transformers.AutoTokenizer.from_pretrained` reads for this tokenizer, by name:
+    tokenizer.json (a fast tokenizer encoding text to the same ids), tokenizer_config.json and
+    special_tokens_map.json (BOS/EOS by name).
+
+    hf: its tokenizer.json as is (and the keys of its tokenizer_config.json, if it had one).
+    byte: a byte-level BPE with no merges whose ids are the UTF-8 bytes, BOS 256, EOS 257.
+    tiktoken (LLaMA 3 style) and gpt2: converted to a byte-level BPE with the same pattern,
+    merges recovered from the ranks and the same special-token ids.
+    One difference stays: transformers reads text that spells a special token ("<|eos|>") as
+    that token, where scalelab encodes it as text."""
+    config: dict = {}
+    if isinstance(tok, HFTokenizer):
+        tokenizer_json = tok.files[0].read_text(encoding="utf-8")
+        source_config = tok.files[0].parent / "tokenizer_config.json"
+        if source_config.is_file():
+            try:
+                config = json.loads(source_config.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise UserError(f"{source_config} is not valid JSON ({e}); fix or remove it") from None
+            config = config if isinstance(config, dict) else {}
+        bos, eos = tok._tok.id_to_token(tok.bos_id), tok._tok.id_to_token(tok.eos_id)  # noqa: SLF001
+    elif isinstance(tok, ByteTokenizer):
+        bos, eos = tok.BOS_NAME, tok.EOS_NAME
+        tokenizer_json = _byte_level_json({bytes([b]): b for b in range(256)}, None,
+                                          {bos: tok.bos_id, eos: tok.eos_id})
+    elif isinstance(tok, TiktokenTokenizer):
+        enc = tok.encoding
+        specials = dict(enc._special_tokens)  # noqa: SLF001
+        names = {i: name for name, i in specials.items()}
+        bos, eos = names[tok.bos_id], names[tok.eos_id]
+        tokenizer_json = _byte_level_json(enc._mergeable_ranks, enc._pat_str, specials)  # noqa: SLF001
+    else:
+        raise UserError(f"cannot export a {tok.kind} tokenizer for transformers")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **config,
+              "bos_token": bos, "eos_token": eos, "model_max_length": model_max_length}
+    special = {"bos_token": bos, "eos_token": eos}
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+            "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
+
+
+def find_run_tokenizer(start: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer a training run copied beside its checkpoints: `data.json` (the prepared
+    data's metadata) + `tokenizer/`, in `start` or up to 3 parents (a run directory, its
+    final/ or checkpoints/step_N). None if there is none; a one-line UserError if the copy is
+    damaged (data.json not JSON, no saved spec, tokenizer files missing or unreadable)."""
+    start = Path(start)
+    for d in [start, *list(start.resolve().parents)[:3]]:
+        meta_file = d / "data.json"
+        if not meta_file.is_file():
+            continue
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            spec = meta["tokenizer"]["saved_spec"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise UserError(f"{meta_file} is not the data.json a training run writes (no tokenizer.saved_spec); "
+                            "pass --tokenizer SPEC") from None
+        if not isinstance(spec, str):
+            raise UserError(f"{meta_file}: tokenizer.saved_spec {spec!r} is not a tokenizer spec; pass --tokenizer SPEC")
+        return load_saved_tokenizer(d / "tokenizer", spec)
+    return None
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
-              bos: str = "<|begin_of_text|>", eos: str = "<|end_of_text|>") -> HFTokenizer:
+              bos: str = "<|begin_of_text|>", eos: str = "<|end_of_text|>", *, overwrite: bool = False) -> HFTokenizer:
     """Train a byte-level BPE with the `tokenizers` library; write OUT_DIR/tokenizer.json.
 
     BOS and EOS are special tokens with ids 0 and 1. Byte-level means all 256 bytes are in the
-    base alphabet, so any Unicode text round-trips exactly.
+    base alphabet, so any Unicode text round-trips exactly. OUT_DIR follows prepare's rule: new
+    or empty, or an earlier tokenizer directory replaced (whole, once complete) with `overwrite`.
     """
     from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers, trainers
 
-    from scalelab.files import atomic_write_text
+    from scalelab.data.prepare import check_output_dir
+    from scalelab.files import atomic_directory
 
+    out_dir = Path(out_dir)
     if vocab_size < 258 + 2:
         raise UserError(f"--vocab-size {vocab_size} is too small for a byte-level BPE; use at least 260")
+    check_output_dir(out_dir, overwrite, marker="tokenizer.json", what="tokenizer")
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -407,7 +539,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    out = Path(out_dir) / "tokenizer.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, tok.to_str(pretty=True))
-    return HFTokenizer(out)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
+    return HFTokenizer(out_dir / "tokenizer.json")
