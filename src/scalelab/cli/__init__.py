@@ -5,7 +5,7 @@ which adds its parser(s) and sets `func` to a `run(args) -> int | None` function
 import nothing heavy at module level (no torch, no matplotlib): `scalelab count --help` must
 start instantly. They parse, call the library, and print; the logic lives in the library.
 
-Conventions (../shared/DESIGN.md): human tables on stdout, progress/logs on stderr, `--json`
+Conventions: human tables on stdout, progress/logs on stderr, `--json`
 for one machine-readable object on stdout, `--set KEY=VALUE` overrides. Exit codes: 0 success,
 2 bad input (one line, no traceback), 1 unexpected failure.
 """

@@ -24,7 +24,8 @@ IMPORT_EXAMPLES = """examples:
 """
 
 EXPORT_EXAMPLES = """examples:
-  scalelab export-hf runs/demo/checkpoints/step_001000 hf/demo
+  scalelab export-hf runs/demo/run hf/demo          # a run's newest intact checkpoint, with its tokenizer
+  scalelab export-hf runs/demo/run/checkpoints/step_00000300 hf/demo-300
   scalelab export-hf checkpoints/llama3.2-1b hf/llama3.2-1b --dtype bfloat16 --max-shard-size 2GB
 """
 

@@ -14,7 +14,7 @@ from scalelab.cli import HelpFormatter
 from scalelab.errors import UserError
 
 EXAMPLES = """examples:
-  scalelab plot runs/demo --out demo.png
+  scalelab plot runs/demo/run --out demo.png
   scalelab plot runs/a runs/b runs/c --out compare.png --log
 """
 

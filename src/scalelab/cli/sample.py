@@ -18,9 +18,9 @@ from scalelab.cli import HelpFormatter, add_common_flags, print_json
 from scalelab.errors import UserError
 
 EXAMPLES = """examples:
-  scalelab sample runs/demo --prompt "ROMEO:" --max-new-tokens 200
-  scalelab sample runs/demo/final --prompt "To be" --temperature 0.8 --top-k 50 --num-samples 3 --seed 1
-  scalelab sample runs/demo --prompt "KING" --temperature 0   # greedy
+  scalelab sample runs/demo/run --prompt "ROMEO:" --max-new-tokens 200    # the run of `scalelab demo`
+  scalelab sample runs/demo/run/final --prompt "To be" --temperature 0.8 --top-k 50 --num-samples 3 --seed 1
+  scalelab sample runs/demo/run --prompt "KING" --temperature 0   # greedy
 """
 
 
