@@ -68,28 +68,28 @@ def add_common_flags(parser: argparse.ArgumentParser, *, json_flag: bool = True,
         )
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Convert numpy scalars/arrays, dataclasses and paths into plain JSON values."""
     import dataclasses
     from pathlib import PurePath
 
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
+        return jsonable(dataclasses.asdict(obj))
     if isinstance(obj, PurePath):
         return str(obj)
     if hasattr(obj, "tolist"):  # numpy scalar or array
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
 
 
 def print_json(obj: Any) -> None:
-    json.dump(_jsonable(obj), sys.stdout, indent=2)
+    json.dump(jsonable(obj), sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 

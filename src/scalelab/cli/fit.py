@@ -18,7 +18,7 @@ import argparse
 import math
 import sys
 
-from scalelab.cli import (HelpFormatter, _jsonable, add_common_flags, format_count, parse_quantity, print_json,
+from scalelab.cli import (HelpFormatter, jsonable, add_common_flags, format_count, parse_quantity, print_json,
                           print_table)
 from scalelab.errors import UserError
 
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         for key in ("stderr", "bootstrap"):
             if key in summary:
                 extra[key] = summary[key]
-        save_law(fit.law, args.out, _jsonable(extra))  # atomic: an existing law file changes only now
+        save_law(fit.law, args.out, jsonable(extra))  # atomic: an existing law file changes only now
     if args.plot:
         F.plot_approach3(runs, fit, args.plot, budget=budget)
     if args.json:

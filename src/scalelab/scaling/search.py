@@ -108,13 +108,13 @@ class SearchSpace:
         if self.ffn_ratio is not None and not self.ffn_ratio > 0:
             raise UserError(f"--ffn-ratio must be positive, got {self.ffn_ratio}")
         # the bounds every ModelConfig obeys (config.INT_LIMITS), so the int64 counts cannot overflow
-        for flag, values, field in (("--hidden", self.hidden, "n_embd"), ("--layers", self.layers, "n_layer"),
+        for flag, values, name in (("--hidden", self.hidden, "n_embd"), ("--layers", self.layers, "n_layer"),
                                     ("--head-dims", self.head_dims, "n_embd"),
                                     ("--kv-heads", self.kv_heads, "num_key_value_heads"),
                                     ("--seq-len", (self.seq_len,), "block_size"),
                                     ("--vocab", (self.vocab_size,) if self.vocab_size else None, "vocab_size")):
-            if values and max(values) > INT_LIMITS[field]:
-                raise UserError(f"{flag} values must be at most {INT_LIMITS[field]:,} (the {field} limit), "
+            if values and max(values) > INT_LIMITS[name]:
+                raise UserError(f"{flag} values must be at most {INT_LIMITS[name]:,} (the {name} limit), "
                                 f"got {max(values):.3g}")
         if self.ffn_ratio is not None and not self.ffn_ratio <= FLOAT_LIMITS["ffn_expansion_ratio"]:
             raise UserError(f"--ffn-ratio must be at most {FLOAT_LIMITS['ffn_expansion_ratio']:g}, got {self.ffn_ratio:g}")

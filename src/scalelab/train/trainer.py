@@ -49,7 +49,7 @@ from scalelab.train import checkpoint as ckpt
 from scalelab.train.config import (TrainConfig, grad_accum_steps, resume_differences, sequences_per_step,
                                    total_steps, warmup_steps)
 from scalelab.train.metrics import MetricsLog, console_line, eta_seconds, read_metrics, recorded_figures
-from scalelab.train.parallel import (Dist, agree, all_reduce_sum, barrier, decide_on_main, destroy_distributed,
+from scalelab.train.parallel import (Dist, agree, all_reduce_sum, decide_on_main, destroy_distributed,
                                      grad_sync, init_distributed, parallelize, resolve_strategy, unwrap)
 from scalelab.train.schedule import learning_rate
 
@@ -696,7 +696,8 @@ def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Pat
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = dict(inner.state_dict()) if d.is_main else {}
-    if d.is_main:
+
+    def write() -> None:  # rank 0; a failure (disk full...) reaches every rank instead of a barrier
         if inner.config.tie_embeddings:
             sd.pop("lm_head.weight", None)
         with atomic_directory(final) as tmp:
@@ -705,5 +706,6 @@ def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Pat
             if (run_dir / "tokenizer").is_dir():
                 shutil.copytree(run_dir / "tokenizer", tmp / "tokenizer")
                 shutil.copy2(run_dir / "data.json", tmp / "data.json")
-    barrier(d)
+
+    decide_on_main(write, d)
     return final
