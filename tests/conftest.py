@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -33,26 +34,28 @@ def heavy_modules_loaded(argv: list[str], modules=("torch", "matplotlib")) -> li
     return json.loads(r.stdout)
 
 
-def _mount_tmpfs(path: Path, options: str) -> None:
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, options: str):
+    """A real tmpfs mounted at `path` for the block (skips the test where mounting needs root)."""
     path.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A directory on a real 256 KiB tmpfs: writing past its size fails with ENOSPC, as a full disk does."""
-    path = tmp_path / "tiny_fs"
-    _mount_tmpfs(path, "size=256k")
-    yield path
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "tiny_fs", "size=256k") as path:
+        yield path
 
 
 @pytest.fixture
 def readonly_dir(tmp_path):
     """A directory on a read-only tmpfs (EROFS on any write). As root, chmod cannot make one."""
-    path = tmp_path / "readonly"
-    _mount_tmpfs(path, "ro,size=64k")
-    yield path
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "readonly", "ro,size=64k") as path:
+        yield path

@@ -7,7 +7,9 @@ past a damaged checkpoint must reproduce its per-step losses exactly (fp32, dete
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import json
 import os
 import random
@@ -127,24 +129,14 @@ def straight_run(tmp_path_factory, data_dir) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def tiny_fs(tmp_path):
+def sized_fs(tmp_path):
     """Mount a tmpfs of the given size (a real filesystem that fills up: ENOSPC); skip where mount
     is not permitted."""
-    mounted = []
+    from conftest import mounted_tmpfs
 
-    def mount(size: str) -> Path:
-        where = tmp_path / f"fs{len(mounted)}"
-        where.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    names = itertools.count()
+    with contextlib.ExitStack() as mounts:
+        yield lambda size: mounts.enter_context(mounted_tmpfs(tmp_path / f"fs{next(names)}", f"size={size}"))
 
 
 def fill(fs: Path, leave: int) -> None:
@@ -300,10 +292,10 @@ def _zip_holding_garbage() -> bytes:
 # ---- disk full during a checkpoint ------------------------------------------------------------------
 
 @pytest.mark.parametrize("fails_in", ["model.safetensors", "optimizer.pt"])
-def test_disk_full_during_save_is_enospc_naming_the_checkpoint(tiny_fs, fails_in):
+def test_disk_full_during_save_is_enospc_naming_the_checkpoint(sized_fs, fails_in):
     from scalelab.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 
-    fs = tiny_fs("4m")
+    fs = sized_fs("4m")
     run = fs / "run"
     model, optimizer = tiny_model_and_optimizer()
     first = save(run, 1, model, optimizer)
@@ -321,10 +313,10 @@ def test_disk_full_during_save_is_enospc_naming_the_checkpoint(tiny_fs, fails_in
     assert verify_checkpoint(first) is None and latest_checkpoint(run) == first
 
 
-def test_disk_full_re_saving_the_same_step_keeps_the_old_one(tiny_fs):
+def test_disk_full_re_saving_the_same_step_keeps_the_old_one(sized_fs):
     from scalelab.train.checkpoint import verify_checkpoint
 
-    fs = tiny_fs("4m")
+    fs = sized_fs("4m")
     model, optimizer = tiny_model_and_optimizer()
     first = save(fs / "run", 3, model, optimizer)
     before = {p.name: p.read_bytes() for p in first.iterdir()}
@@ -337,13 +329,13 @@ def test_disk_full_re_saving_the_same_step_keeps_the_old_one(tiny_fs):
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_disk_full_in_a_sharded_save_is_enospc_naming_the_checkpoint(tiny_fs):
+def test_disk_full_in_a_sharded_save_is_enospc_naming_the_checkpoint(sized_fs):
     """FSDP's layout (torch.distributed.checkpoint, which wraps each rank's error in its own
     exception type), written here by one process."""
     from scalelab.train.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
     from scalelab.train.parallel import Dist
 
-    fs = tiny_fs("4m")
+    fs = sized_fs("4m")
     model, optimizer = tiny_model_and_optimizer()
     first = save_checkpoint(fs / "run", 1, model, optimizer, {"step": 1}, strategy="fsdp", d=Dist(), keep=3)
     assert (first / "dcp" / ".metadata").is_file() and verify_checkpoint(first) is None
@@ -369,10 +361,10 @@ def test_unrelated_runtime_error_is_not_called_disk_full(tmp_path, monkeypatch):
     assert hidden_entries(tmp_path / "run") == []
 
 
-def test_train_cli_disk_full_at_checkpoint_is_one_line(tiny_fs, data_dir, tmp_path):
+def test_train_cli_disk_full_at_checkpoint_is_one_line(sized_fs, data_dir, tmp_path):
     from scalelab.train.checkpoint import list_checkpoints, verify_checkpoint
 
-    fs = tiny_fs("8m")
+    fs = sized_fs("8m")
     cfg = write_config(tmp_path / "c.toml", data_dir, steps=4)
     r = cli("train", cfg, "--run-dir", fs / "run")
     assert r.returncode == 0, r.stderr
