@@ -13,8 +13,10 @@ The harness is an optional dependency: `pip install "scalelab[eval]"`. See docs/
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,17 +36,19 @@ def evaluate_tasks(model_path: str | os.PathLike, tasks: Sequence[str], *, out_d
 
     Writes OUT_DIR/lm_eval_results.json (default OUT_DIR: the run directory MODEL_PATH belongs to,
     else MODEL_PATH itself) and prints the harness's table. `include_path` is a directory of
-    extra task YAMLs (the harness's --include_path). Bad input (lm_eval not installed, an unknown
+    extra task YAMLs (the harness's --include_path). The table goes to stdout, the JSON's path to
+    stderr. Bad input (lm_eval not installed, an unknown
     task, a model without a tokenizer, an unwritable output) is a one-line UserError raised before
     any model is loaded."""
     lm_eval, make_table, handle_non_serializable = _import_harness()
-    from lm_eval.tasks import TaskManager
-
     model_path = Path(model_path)
+    if not model_path.is_dir():
+        raise UserError(f"{model_path}: no such model directory; give a run directory, a checkpoint or a "
+                        "Hugging Face directory")
     names = _task_names(tasks)
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"task directory {include_path}: no such directory; give a directory of task YAML files")
-    task_manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    task_manager = _task_manager(str(Path(include_path).resolve()) if include_path is not None else None)
     _check_known(names, task_manager)
     out_file = check_output_file(Path(out_dir if out_dir is not None else results_directory(model_path)) / RESULTS_FILE,
                                  flag="lm_eval results")
@@ -60,7 +64,7 @@ def evaluate_tasks(model_path: str | os.PathLike, tasks: Sequence[str], *, out_d
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
-    print(f"wrote {out_file}")
+    print(f"scalelab: wrote {out_file}", file=sys.stderr)
     return results
 
 
@@ -75,6 +79,15 @@ def _import_harness():
         raise UserError(f"downstream tasks need EleutherAI's lm-evaluation-harness ({e}); install it with "
                         f"{INSTALL}") from None
     return lm_eval, make_table, handle_non_serializable
+
+
+@functools.cache
+def _task_manager(include_path: str | None):
+    """The harness's index of its ~15k task YAMLs (and INCLUDE_PATH's): seconds to build, so
+    built once per process and include path."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
 
 
 def _task_names(tasks: Sequence[str]) -> list[str]:
@@ -116,9 +129,6 @@ def hf_form(model_path: Path, scratch: Path) -> Path:
     from scalelab.data.tokenizer import find_run_tokenizer
     from scalelab.train.checkpoint import load_model_for_inference
 
-    if not model_path.is_dir():
-        raise UserError(f"{model_path}: no such model directory; give a run directory, a checkpoint or a "
-                        "Hugging Face directory")
     if hf.native_config(model_path) is None and (model_path / "config.json").is_file():
         if not any((model_path / name).is_file() for name in TOKENIZER_FILES):
             raise UserError(f"{model_path}: a Hugging Face directory without tokenizer files; the harness needs "
