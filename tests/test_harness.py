@@ -70,6 +70,22 @@ def direct_scores(model, tok, doc) -> np.ndarray:
     return np.array(scores)
 
 
+def expected_accuracy(model, tok, docs) -> tuple[float, float]:
+    """(acc, acc_norm) from direct_scores: argmax of the log-likelihoods, and of them divided by
+    each choice's length in characters (the harness's acc_norm)."""
+    acc, acc_norm = [], []
+    for doc in docs:
+        scores = direct_scores(model, tok, doc)
+        lengths = np.array([len(c) for c in doc["choices"]], dtype=float)
+        acc.append(np.argmax(scores) == doc["label"])
+        acc_norm.append(np.argmax(scores / lengths) == doc["label"])
+    return float(np.mean(acc)), float(np.mean(acc_norm))
+
+
+def read_docs() -> list[dict]:
+    return [json.loads(line) for line in (TASKS / f"{TASK}.jsonl").read_text().splitlines()]
+
+
 def test_harness_accuracy_equals_direct_log_likelihoods(run, tmp_path, capsys, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
@@ -85,29 +101,37 @@ def test_harness_accuracy_equals_direct_log_likelihoods(run, tmp_path, capsys, m
     monkeypatch.setattr(HFLM, "loglikelihood", recording)
     results = harness.evaluate_tasks(run_dir / "final", [TASK], include_path=TASKS)
 
-    docs = [json.loads(line) for line in (TASKS / f"{TASK}.jsonl").read_text().splitlines()]
-    acc, acc_norm = [], []
-    for doc in docs:
+    docs = read_docs()
+    for doc in docs:  # each request's log-likelihood, not only the accuracy they add up to
         scores = direct_scores(model, tok, doc)
         top2 = np.sort(scores)[-2:]
         assert top2[1] - top2[0] > 1e-3, "choices too close to call: the comparison would hang on rounding"
         prompt = f"Question: {doc['question']}\nAnswer:"
         theirs = [seen[(prompt, " " + c)] for c in doc["choices"]]
         np.testing.assert_allclose(theirs, scores, atol=1e-4, rtol=0)
-        lengths = np.array([len(c) for c in doc["choices"]], dtype=float)
-        acc.append(float(np.argmax(scores) == doc["label"]))
-        acc_norm.append(float(np.argmax(scores / lengths) == doc["label"]))
     assert len(seen) == sum(len(d["choices"]) for d in docs)
+    acc, acc_norm = expected_accuracy(model, tok, docs)
     got = results["results"][TASK]
-    assert got["acc,none"] == pytest.approx(np.mean(acc), abs=1e-12)
-    assert got["acc_norm,none"] == pytest.approx(np.mean(acc_norm), abs=1e-12)
-    assert 0 < np.mean(acc) < 1 and acc != acc_norm  # random weights: a mix of right and wrong, norm matters
+    assert (got["acc,none"], got["acc_norm,none"]) == pytest.approx((acc, acc_norm), abs=1e-12)
+    assert 0 < acc < 1 and acc != acc_norm  # random weights: a mix of right and wrong, and the norm matters
 
     out = capsys.readouterr().out
     assert TASK in out and "acc_norm" in out and "|" in out  # the harness's own table
     written = json.loads((run_dir / harness.RESULTS_FILE).read_text())  # beside the run, not in final/
     assert written["results"][TASK]["acc,none"] == got["acc,none"]
     assert written["config"]["model_args"]["pretrained"] == str(run_dir / "final")
+
+
+def test_a_hugging_face_directory_is_evaluated_as_it_is(run, tmp_path, capsys):
+    """export-hf's output (model + tokenizer) goes to the harness unchanged; the JSON lands in it."""
+    from scalelab.cli import main as cli_main
+
+    run_dir, model, tok = run
+    assert cli_main(["export-hf", str(run_dir / "final"), str(tmp_path / "hf")]) == 0
+    results = harness.evaluate_tasks(tmp_path / "hf", [TASK], include_path=TASKS, limit=5)
+    got = results["results"][TASK]
+    assert (got["acc,none"], got["acc_norm,none"]) == pytest.approx(expected_accuracy(model, tok, read_docs()[:5]))
+    assert json.loads((tmp_path / "hf" / harness.RESULTS_FILE).read_text())["results"][TASK] == got
 
 
 def test_unknown_task_is_one_line_before_any_work(run, tmp_path):

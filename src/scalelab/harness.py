@@ -58,6 +58,8 @@ def evaluate_tasks(model_path: str | os.PathLike, tasks: Sequence[str], *, out_d
             # an absolute path: the harness asks the Hub for a model's SHA unless the name cannot be a repo id
             model="hf", model_args={"pretrained": str(pretrained.resolve()), "dtype": "float32"}, tasks=names,
             task_manager=task_manager, limit=limit, device=device, batch_size=batch_size, log_samples=False)
+    if results is None:  # a data-parallel launch's rank > 0: rank 0 prints and writes
+        return {}
     results["config"]["model_args"] = {"pretrained": str(model_path), "dtype": "float32"}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_file, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
