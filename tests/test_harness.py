@@ -143,6 +143,21 @@ def test_unknown_task_is_one_line_before_any_work(run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_task_whose_data_cannot_be_fetched_is_one_line(run, monkeypatch, tmp_path):
+    """arc_easy with no network: datasets raises ConnectionError (as it does offline); one line."""
+    import datasets
+
+    def offline(path, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError) as e:
+        harness.evaluate_tasks(run[0] / "final", ["arc_easy"], out_dir=tmp_path / "out", limit=1)
+    message = str(e.value)
+    assert "\n" not in message and "allenai/ai2_arc" in message and "network access" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_without_tokenizer_and_missing_include_path_are_one_line(run, tmp_path):
     _, model, _ = run
     hf.save_native(model, tmp_path / "bare")

@@ -54,10 +54,15 @@ def evaluate_tasks(model_path: str | os.PathLike, tasks: Sequence[str], *, out_d
                                  flag="lm_eval results")
     with tempfile.TemporaryDirectory(prefix="scalelab-lm-eval-") as scratch:
         pretrained = hf_form(model_path, Path(scratch))
-        results = lm_eval.simple_evaluate(
-            # an absolute path: the harness asks the Hub for a model's SHA unless the name cannot be a repo id
-            model="hf", model_args={"pretrained": str(pretrained.resolve()), "dtype": "float32"}, tasks=names,
-            task_manager=task_manager, limit=limit, device=device, batch_size=batch_size, log_samples=False)
+        try:
+            results = lm_eval.simple_evaluate(
+                # an absolute path: the harness asks the Hub for a model's SHA unless the name cannot be a repo id
+                model="hf", model_args={"pretrained": str(pretrained.resolve()), "dtype": "float32"}, tasks=names,
+                task_manager=task_manager, limit=limit, device=device, batch_size=batch_size, log_samples=False)
+        except ConnectionError as e:  # a task's dataset is fetched from the Hub on first use
+            raise UserError(f"cannot fetch the data of {', '.join(names)} ({e}); the harness downloads each task's "
+                            "data set from the Hugging Face Hub once and caches it: run once with network access, "
+                            "or use a local task from an include path") from None
     if results is None:  # a data-parallel launch's rank > 0: rank 0 prints and writes
         return {}
     results["config"]["model_args"] = {"pretrained": str(model_path), "dtype": "float32"}
