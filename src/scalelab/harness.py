@@ -18,8 +18,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from scalelab.errors import UserError
 from scalelab.files import atomic_write_text, check_output_file
@@ -30,16 +31,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 
 
 def evaluate_tasks(model_path: str | os.PathLike, tasks: Sequence[str], *, out_dir: str | os.PathLike | None = None,
-                   limit: int | float | None = None, device: str = "cpu", batch_size: int = 1,
+                   limit: float | None = None, device: str = "cpu", batch_size: int = 1,
                    include_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the harness's TASKS on the model at MODEL_PATH; return the harness's results dict.
 
     Writes OUT_DIR/lm_eval_results.json (default OUT_DIR: the run directory MODEL_PATH belongs to,
-    else MODEL_PATH itself) and prints the harness's table. `include_path` is a directory of
-    extra task YAMLs (the harness's --include_path). The table goes to stdout, the JSON's path to
-    stderr. Bad input (lm_eval not installed, an unknown
-    task, a model without a tokenizer, an unwritable output) is a one-line UserError raised before
-    any model is loaded."""
+    else MODEL_PATH itself) and prints the harness's table to stdout (the JSON's path to stderr).
+    `limit` caps the documents per task (a fraction of them if < 1: the harness's --limit).
+    `include_path` is a directory of extra task YAMLs (the harness's --include_path). Bad input
+    (lm_eval not installed, an unknown task, a model without a tokenizer, an unwritable output)
+    is a one-line UserError raised before any model is loaded; so is a task whose data set
+    cannot be fetched. On a data-parallel launch's ranks > 0 it returns {}."""
     lm_eval, make_table, handle_non_serializable = _import_harness()
     model_path = Path(model_path)
     if not model_path.is_dir():
@@ -67,7 +69,8 @@ def evaluate_tasks(model_path: str | os.PathLike, tasks: Sequence[str], *, out_d
         return {}
     results["config"]["model_args"] = {"pretrained": str(model_path), "dtype": "float32"}
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_file, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n"
+    atomic_write_text(out_file, text)
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
@@ -80,7 +83,7 @@ def _import_harness():
     The `hf` model class also needs accelerate (lm_eval's own `hf` extra), so import it here too."""
     try:
         import lm_eval
-        import lm_eval.models.huggingface  # noqa: F401  (accelerate, transformers)
+        import lm_eval.models.huggingface  # the `hf` model class: accelerate, transformers
         from lm_eval.utils import handle_non_serializable, make_table
     except ImportError as e:
         raise UserError(f"downstream tasks need EleutherAI's lm-evaluation-harness ({e}); install it with "
