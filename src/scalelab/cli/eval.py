@@ -194,7 +194,7 @@ def write_plot(result, out: Path, label: str) -> None:
     width = max(1, len(per_position) // 64)
     smooth = np.convolve(per_position, np.ones(width) / width, mode="valid")
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(np.arange(len(smooth)) + width / 2 + 1, smooth, lw=1.2, label=f"{label} (running mean of {width})")
+    ax.plot(np.arange(len(smooth)) + (width - 1) / 2 + 1, smooth, lw=1.2, label=f"{label} (running mean of {width})")
     for b in result.buckets:
         ax.hlines(b.loss, b.start + 1, b.end, colors="C1", lw=2)
     ax.plot([], [], color="C1", lw=2, label="bucket mean")
