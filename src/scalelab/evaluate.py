@@ -291,7 +291,12 @@ def load_eval_model(path: str | os.PathLike, *, device: str | torch.device = "cp
                         "(config.json + model.safetensors)")
     if not p.is_dir():
         raise UserError(f"{p} is a file; give a run directory, a checkpoint or a Hugging Face directory")
-    model = load_model_for_inference(p, device=device, dtype=dtype)
+    try:
+        model = load_model_for_inference(p, device=device, dtype=dtype)
+    except UserError as e:
+        if (p / "config.json").exists():
+            raise
+        raise UserError(f"{e}; or give a Hugging Face directory (config.json + model.safetensors)") from None
     overrides = list(overrides)
     if overrides:
         model = with_config_overrides(model, overrides)
