@@ -204,7 +204,8 @@ def evaluate(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str 
 
     `tokenizer`: the model's tokenizer, when known, checked against the data's. `dist`: a
     scalelab.train.parallel.Dist under torchrun (each rank holds the whole model and scores its
-    share of windows); None for one process. `device`: where to run (default: the model's)."""
+    share of windows); None for one process. `device`: where to run (the model is moved there;
+    default: the Dist's device, else the model's)."""
     from scalelab.data.loader import TokenLoader
     from scalelab.train.parallel import Dist, all_reduce_sum
 
@@ -216,6 +217,7 @@ def evaluate(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str 
     edges = bucket_edges(buckets, seq_len)
     d = dist or Dist(device=torch.device(device) if device is not None else next(model.parameters()).device)
     device = d.device if device is None else torch.device(device)
+    model.to(device)
     data_dir = Path(data_dir)
     loader = TokenLoader(data_dir, split, seq_len=seq_len, micro_batch_size=1)
     meta = loader.metadata
@@ -226,7 +228,7 @@ def evaluate(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str 
     byte_tok = data_tokenizer(data_dir, meta)
 
     model.eval()
-    position_sum = torch.zeros(seq_len, dtype=torch.float64, device=device)
+    position_sum = torch.zeros(seq_len, dtype=torch.float64)  # on the CPU: MPS has no float64
     n_bytes, bytes_known = 0, byte_tok is not None
     bar = _progress_bar(windows * seq_len, progress and d.is_main)
     try:
@@ -235,7 +237,7 @@ def evaluate(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str 
             buf = np.stack([loader.read(w * seq_len, seq_len + 1) for w in chunk])
             x = torch.from_numpy(buf[:, :-1]).to(device)
             y = torch.from_numpy(buf[:, 1:]).to(device)
-            position_sum += position_losses(model, x, y).sum(0).double()
+            position_sum += position_losses(model, x, y).sum(0).cpu().double()
             if bytes_known:
                 try:
                     n_bytes += target_bytes(byte_tok, buf[:, 1:])

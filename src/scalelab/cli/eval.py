@@ -4,8 +4,9 @@ MODEL is a run directory (its newest intact checkpoint), a checkpoint directory,
 native checkpoint (model.safetensors + model.toml) or a Hugging Face directory (config.json +
 safetensors, imported on the fly). The data is a directory `scalelab prepare` wrote, with the
 model's tokenizer. The split is read as non-overlapping windows of --seq-len + 1 tokens, in order
-from its start (the same tokens every time), --tokens of them or the whole split. The window
-length defaults to the run's train.seq_len for a run's model, else the model's block_size.
+from its start (the same tokens every time): all of them, or the first --tokens target tokens
+rounded up to whole windows. The window length defaults to the run's train.seq_len for a run's
+model, else the model's block_size.
 
 Loss by position: target position t is predicted from the t + 1 tokens before it in its window;
 the table groups positions 0-127, 128-511, 512-2047, ... (×4) up to the window length (or
@@ -98,6 +99,8 @@ def run_tasks(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UserError(f"--tasks needs scalelab's lm-evaluation-harness support, which is not available here "
                         f"({e}); install it with pip install \"scalelab[eval]\"") from None
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit} must be at least 1 (or omit it for every example)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError(f"--tasks {args.tasks!r} names no task; give e.g. --tasks hellaswag,arc_easy")
