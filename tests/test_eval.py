@@ -232,6 +232,14 @@ def test_data_with_another_tokenizer_is_refused(run, data, bpe_data, tmp_path):
     assert eval_json(model_dir, "--data", data, "--tokens", 32)["tokens"] == 32  # its own tokenizer's data: fine
     line = refused(model_dir, "--data", bpe_data, "--seq-len", 16)
     assert "was prepared with tokenizer hf:" in line and "not the model's (byte, vocab 258)" in line
+    # the same model as a Hugging Face directory whose tokenizer.json is the byte tokenizer's export:
+    # another format of the same tokenizer passes, the BPE data is still refused
+    from scalelab.data.tokenizer import load_tokenizer
+
+    model, _ = hf.load_checkpoint(model_dir)
+    hf.save(model, tmp_path / "hf", tokenizer=load_tokenizer("byte"))
+    assert eval_json(tmp_path / "hf", "--data", data, "--tokens", 32)["tokens"] == 32
+    assert "was prepared with tokenizer hf:" in refused(tmp_path / "hf", "--data", bpe_data, "--seq-len", 16)
 
 
 def test_other_bad_input_is_one_line(run, data, tmp_path):

@@ -327,19 +327,22 @@ def with_config_overrides(model: torch.nn.Module, overrides: Sequence[str]) -> t
 
 
 def model_tokenizer(path: Path):
-    """The tokenizer that belongs to the model at `path`: a Hugging Face directory's tokenizer.json,
-    else the copy a training run keeps (data.json + tokenizer/ in the directory or a parent); None
-    when there is none."""
+    """The tokenizer that belongs to the model at `path`: a Hugging Face directory's own
+    tokenizer.json, else the copy a training run keeps (data.json + tokenizer/ in the directory or a
+    parent); None when there is none or it cannot be read (said on stderr: the data is then checked
+    against the model's vocabulary only)."""
+    from scalelab import hf
     from scalelab.data.tokenizer import HFTokenizer, find_run_tokenizer
 
-    if (path / "tokenizer.json").is_file() and (path / "config.json").is_file():
-        try:
-            return HFTokenizer(path / "tokenizer.json")
-        except (UserError, ValueError, OSError) as e:
-            print(f"scalelab eval: warning: cannot read {path / 'tokenizer.json'} ({e}); the data's tokenizer is "
-                  "checked against the model's vocabulary only", file=sys.stderr)
-            return None
-    return find_run_tokenizer(path)
+    hugging_face = (path / "config.json").is_file() and hf.native_config(path) is None
+    try:
+        if hugging_face:
+            return HFTokenizer(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+        return find_run_tokenizer(path)
+    except (UserError, ValueError, OSError) as e:
+        print(f"scalelab eval: warning: cannot read the model's tokenizer ({e}); the data is checked against the "
+              "model's vocabulary only", file=sys.stderr)
+        return None
 
 
 def trained_seq_len(path: str | os.PathLike) -> int | None:
