@@ -92,9 +92,9 @@ def run(data, tmp_path_factory):
     batches = (n - 1) // seq_len // 4
     d = tmp_path_factory.mktemp("run")
     cfg = write_config(d / "c.toml", data, steps=3, ckpt_every=0, at_end=True)
-    summary = train_inprocess(cfg, d / "run", [f"train.seq_len={seq_len}", f"train.global_batch_tokens={4 * seq_len}",
-                                               f"eval.batches={batches}"])
-    return d / "run", seq_len, summary
+    train_inprocess(cfg, d / "run", [f"train.seq_len={seq_len}", f"train.global_batch_tokens={4 * seq_len}",
+                                     f"eval.batches={batches}"])
+    return d / "run", seq_len
 
 
 def test_hf_model_loss_equals_transformers_forward(hf_model, data):
@@ -137,7 +137,7 @@ def test_default_buckets_are_powers_of_four():
 
 
 def test_run_directory_matches_the_trainers_last_eval(run, data, tmp_path):
-    run_dir, seq_len, summary = run
+    run_dir, seq_len = run
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "eval"]
     last = evals[-1]
@@ -151,7 +151,7 @@ def test_run_directory_matches_the_trainers_last_eval(run, data, tmp_path):
 
 
 def test_table_output_and_determinism(run, data):
-    run_dir, _, _ = run
+    run_dir, _ = run
     rc, out, _ = run_main("eval", run_dir, "--data", data, "--no-progress", "--tokens", "200")
     assert rc == 0 and "Loss by position" in out and "bits per byte" in out
     a = eval_json(run_dir, "--data", data, "--tokens", "300", "--batch-size", 2)
@@ -161,7 +161,7 @@ def test_table_output_and_determinism(run, data):
 
 @pytest.mark.slow
 def test_two_ranks_agree_with_one_process(run, data):
-    run_dir, seq_len, _ = run
+    run_dir, seq_len = run
     args = ["--data", str(data), "--batch-size", "3", "--buckets", "8", "--tokens", str(25 * seq_len)]
     single = eval_json(run_dir, *args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalelab",
@@ -179,7 +179,7 @@ def test_two_ranks_agree_with_one_process(run, data):
 # ---- bad input ------------------------------------------------------------------------------------
 
 def test_sequence_past_rope_positions_is_refused_unless_scaling_covers_it(run, data):
-    run_dir, _, _ = run  # RoPE, block_size 64, no rope_scaling
+    run_dir, _ = run  # RoPE, block_size 64, no rope_scaling
     line = refused(run_dir, "--data", data, "--seq-len", 128)
     assert "block_size 64" in line and "rope_scaling" in line and "--set block_size=128" in line
     scaled = eval_json(run_dir, "--data", data, "--seq-len", 128, "--tokens", 256,
@@ -222,7 +222,7 @@ def test_data_with_another_tokenizer_is_refused(run, data, bpe_data, tmp_path):
     from scalelab.config import ModelConfig
     from scalelab.model import Transformer
 
-    run_dir, _, _ = run  # byte tokenizer, vocab 258 < 300
+    run_dir, _ = run  # byte tokenizer, vocab 258 < 300
     assert "vocab 300, larger than the model's vocab_size 258" in refused(run_dir, "--data", bpe_data, "--seq-len", 16)
     # a model with room for 320 ids whose tokenizer (recorded beside it, as a run keeps it) is the byte one
     model_dir = tmp_path / "m"
@@ -243,7 +243,7 @@ def test_data_with_another_tokenizer_is_refused(run, data, bpe_data, tmp_path):
 
 
 def test_other_bad_input_is_one_line(run, data, tmp_path):
-    run_dir, _, _ = run
+    run_dir, _ = run
     assert "has no split 'test'" in refused(run_dir, "--data", data, "--split", "test")
     assert "no such model" in refused(tmp_path / "nothing", "--data", data)
     (tmp_path / "empty").mkdir()
@@ -257,7 +257,7 @@ def test_other_bad_input_is_one_line(run, data, tmp_path):
 
 
 def test_tasks_without_the_harness_module_is_one_line(run, monkeypatch):
-    run_dir, _, _ = run
+    run_dir, _ = run
     monkeypatch.setitem(sys.modules, "scalelab.harness", None)  # import fails, as when it is not installed
     line = refused(run_dir, "--tasks", "hellaswag")
     assert 'pip install "scalelab[eval]"' in line
