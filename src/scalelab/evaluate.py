@@ -158,14 +158,15 @@ def check_tokenizer(model_tokenizer, data_dir: Path, meta: dict) -> None:
                         "(scalelab prepare --tokenizer ...)")
 
 
-def check_vocab(cfg, data_dir: Path, meta: dict) -> None:
+def check_vocab(cfg, data_dir: Path, meta: dict, split: str) -> None:
+    """The data's vocabulary, and every id in the split's shards, must fit the model's."""
     from scalelab.data.loader import check_token_ids
 
     if meta["vocab_size"] > cfg.vocab_size:
         raise UserError(f"{data_dir} was prepared with tokenizer {meta['tokenizer'].get('spec')} of vocab "
                         f"{meta['vocab_size']}, larger than the model's vocab_size {cfg.vocab_size}: it is not the "
                         "model's tokenizer; prepare the data again with the model's tokenizer")
-    check_token_ids(data_dir, meta, cfg.vocab_size, "the model's")
+    check_token_ids(data_dir, {**meta, "splits": {split: meta["splits"][split]}}, cfg.vocab_size, "the model's")
 
 
 def data_tokenizer(data_dir: Path, meta: dict):
@@ -221,7 +222,7 @@ def evaluate(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str 
     data_dir = Path(data_dir)
     loader = TokenLoader(data_dir, split, seq_len=seq_len, micro_batch_size=1)
     meta = loader.metadata
-    check_vocab(cfg, data_dir, meta)
+    check_vocab(cfg, data_dir, meta, split)
     check_tokenizer(tokenizer, data_dir, meta)
     windows = num_windows_for(max_tokens, loader.num_windows, seq_len)
     mine = list(range(d.rank, windows, d.world_size))

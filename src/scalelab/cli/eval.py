@@ -88,6 +88,8 @@ def resolve_device(spec: str):
 
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {spec!r}: eval runs on auto, cpu, cuda, cuda:N or mps")
     return checked_device(spec)
 
 
