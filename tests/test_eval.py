@@ -261,3 +261,24 @@ def test_tasks_without_the_harness_module_is_one_line(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "scalelab.harness", None)  # import fails, as when it is not installed
     line = refused(run_dir, "--tasks", "hellaswag")
     assert 'pip install "scalelab[eval]"' in line
+
+
+def test_tasks_calls_the_harness_and_keeps_json_stdout_clean(run, monkeypatch, tmp_path):
+    """The CLI's side of --tasks, with a stand-in harness module (tests/test_harness.py runs the real one)."""
+    import types
+
+    run_dir, _ = run
+    calls = []
+
+    def evaluate_tasks(model_path, tasks, *, out_dir=None, limit=None, device="cpu", **extra):
+        calls.append((str(model_path), tasks, out_dir, limit, device, extra))
+        print("|task|acc|")  # the harness prints its table on stdout
+        return {"results": {"tiny": {"acc,none": 0.5}}}
+
+    monkeypatch.setitem(sys.modules, "scalelab.harness", types.SimpleNamespace(evaluate_tasks=evaluate_tasks))
+    rc, out, err = run_main("eval", run_dir, "--tasks", "tiny, other", "--limit", 3, "--device", "cpu",
+                            "--include-path", tmp_path, "--json")
+    assert rc == 0 and json.loads(out)["results"] == {"tiny": {"acc,none": 0.5}}
+    assert "|task|acc|" in err
+    assert calls == [(str(run_dir), ["tiny", "other"], None, 3, "cpu", {"include_path": str(tmp_path)})]
+    assert "give one of them" in refused(run_dir, "--tasks", "tiny", "--data", tmp_path)

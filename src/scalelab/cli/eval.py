@@ -20,10 +20,12 @@ prints the one result.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 from pathlib import Path
 
-from scalelab.cli import HelpFormatter, parse_quantity, print_json
+from scalelab.cli import HelpFormatter, jsonable, parse_quantity, print_json
 from scalelab.errors import UserError
 
 EXAMPLES = """examples:
@@ -59,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated lm-evaluation-harness tasks (e.g. hellaswag,arc_easy) instead of --data")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="with --tasks: at most N examples per task")
     p.add_argument("--out", default=None, metavar="DIR", help="with --tasks: where the harness JSON goes")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="with --tasks: a directory of extra task YAML files (the harness's --include_path)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
 
@@ -107,9 +111,14 @@ def run_tasks(args: argparse.Namespace) -> int:
     if not tasks:
         raise UserError(f"--tasks {args.tasks!r} names no task; give e.g. --tasks hellaswag,arc_easy")
     device = args.device if args.device != "auto" else str(resolve_device("auto"))
-    result = harness.evaluate_tasks(args.model, tasks, out_dir=args.out, limit=args.limit, device=device)
-    if args.json:
-        print_json(result)
+    extra = {} if args.include_path is None else {"include_path": args.include_path}
+    # With --json the harness's table goes to stderr, so stdout is the one JSON object.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = harness.evaluate_tasks(args.model, tasks, out_dir=args.out, limit=args.limit, device=device, **extra)
+    if args.json and result:  # under torchrun, ranks > 0 get nothing to print
+        json.dump({"model": args.model, "tasks": tasks, "results": jsonable(result.get("results", {}))}, sys.stdout,
+                  indent=2, default=str)
+        sys.stdout.write("\n")
     return 0
 
 
