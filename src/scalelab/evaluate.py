@@ -181,9 +181,9 @@ def data_tokenizer(data_dir: Path, meta: dict):
 
 def target_bytes(tokenizer, targets: np.ndarray) -> int:
     """UTF-8 bytes of the text of each row of `targets` (B, S), decoded row by row; BOS/EOS count zero."""
-    special = {tokenizer.bos_id, tokenizer.eos_id}
-    return sum(len(tokenizer.decode([int(t) for t in row if int(t) not in special]).encode("utf-8"))
-               for row in np.asarray(targets))
+    rows = np.asarray(targets)
+    keep = (rows != tokenizer.bos_id) & (rows != tokenizer.eos_id)
+    return sum(len(tokenizer.decode(row[mask].tolist()).encode("utf-8")) for row, mask in zip(rows, keep))
 
 
 # ---- evaluation -------------------------------------------------------------------------------
