@@ -110,6 +110,17 @@ def test_hf_model_loss_equals_transformers_forward(hf_model, data):
     assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
 
 
+def test_logits_in_chunks_give_the_same_loss(hf_model, data, monkeypatch):
+    """Logits computed 7 positions at a time (chunks cross window boundaries) as one matmul would."""
+    import scalelab.evaluate
+
+    _, path = hf_model
+    whole = eval_json(path, "--data", data, "--seq-len", S_HF, "--tokens", 4 * S_HF)
+    monkeypatch.setattr(scalelab.evaluate, "LOGIT_CHUNK_ELEMENTS", 258 * 7)
+    chunked = eval_json(path, "--data", data, "--seq-len", S_HF, "--tokens", 4 * S_HF)
+    assert abs(chunked["loss"] - whole["loss"]) < 1e-6
+
+
 def test_position_buckets_match_brute_force(hf_model, data):
     """One transformers forward per prefix (no causal mask involved) gives each position's loss."""
     model, path = hf_model

@@ -262,11 +262,29 @@ def evaluate(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str 
                       split=split, position_loss=per_position.tolist())
 
 
+LOGIT_CHUNK_ELEMENTS = 1 << 28  # float32 logits computed at once: 1 GiB, whatever the batch and vocabulary
+
+
 def position_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (nats, float32) of each target: (B, S). Logits are cast to float32 a row at a
-    time, so the float32 copy is one sequence's (S × vocab), whatever the batch."""
-    logits = model(x)
-    return torch.stack([F.cross_entropy(logits[b].float(), y[b], reduction="none") for b in range(x.size(0))])
+    """Cross-entropy (nats, float32) of each target: (B, S).
+
+    The model runs without its lm_head (swapped for an identity for the call, so the forward is
+    the model's own), giving the final hidden states; the logits are then computed a chunk of
+    positions at a time, at most LOGIT_CHUNK_ELEMENTS floats: a 128K-token window of a 128K-vocab
+    model would otherwise need 64 GiB of float32 logits."""
+    head = model.lm_head
+    model.lm_head = torch.nn.Identity()
+    try:
+        hidden = model(x)
+    finally:
+        model.lm_head = head
+    hidden, targets = hidden.reshape(-1, hidden.size(-1)), y.reshape(-1)
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
+    losses = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+    for i in range(0, targets.numel(), rows):
+        logits = head(hidden[i:i + rows]).float()
+        losses[i:i + rows] = F.cross_entropy(logits, targets[i:i + rows], reduction="none")
+    return losses.view(y.shape)
 
 
 def _progress_bar(total: int, enabled: bool):
