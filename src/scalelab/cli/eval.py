@@ -36,6 +36,9 @@ EXAMPLES = """examples:
 """
 
 
+TOKENS_PER_PASS = 1 << 16
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="measure a model on prepared data: loss, perplexity, bits/byte, loss by position",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
@@ -46,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="window length (default: the run's train.seq_len, else the model's block_size)")
     p.add_argument("--tokens", default=None, metavar="N",
                    help="evaluate about N target tokens (rounded up to whole windows; e.g. 1M; default: the whole split)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help=f"windows per forward pass (default: {TOKENS_PER_PASS:,} tokens' worth, at least one window)")
     p.add_argument("--buckets", default=None, metavar="EDGES",
                    help="position bucket edges, comma-separated (e.g. 128,512); default 128,512,2048,... below S")
     p.add_argument("--plot", default=None, metavar="PNG", help="write loss by position as a PNG")
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     plot = check_output_file(args.plot, flag="--plot", suffixes=(".png",)) if args.plot else None
     max_tokens = parse_tokens(args.tokens)
     buckets = parse_buckets(args.buckets)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     if args.seq_len is not None and args.seq_len < 1:
         raise UserError(f"--seq-len {args.seq_len} must be at least 1")
@@ -152,9 +156,10 @@ def run(args: argparse.Namespace) -> int:
     d = init_distributed(str(device))
     try:
         model, tokenizer = load_eval_model(model_path, device=d.device, dtype=dtype, overrides=args.overrides)
-        seq_len = args.seq_len or trained_seq_len(model_path)
+        seq_len = args.seq_len or trained_seq_len(model_path) or model.config.block_size
+        batch_size = args.batch_size or max(1, TOKENS_PER_PASS // seq_len)
         result = evaluate(model, args.data, split=args.split, seq_len=seq_len, max_tokens=max_tokens,
-                          batch_size=args.batch_size, buckets=buckets, progress=not args.no_progress, dist=d,
+                          batch_size=batch_size, buckets=buckets, progress=not args.no_progress, dist=d,
                           tokenizer=tokenizer)
         if not d.is_main:
             return 0
