@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import sys
 from pathlib import Path
 
-from scalelab.cli import HelpFormatter, jsonable, parse_quantity, print_json
+from scalelab.cli import HelpFormatter, jsonable, leave_torchrun_worker, parse_quantity, print_json
 from scalelab.errors import UserError
 
 EXAMPLES = """examples:
@@ -105,7 +106,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     if args.data is not None:
         raise UserError("--tasks and --data are two kinds of evaluation; give one of them")
     try:
-        from scalelab import harness
+        harness = importlib.import_module("scalelab.harness")  # lazily: it imports lm_eval
     except ImportError as e:
         raise UserError(f"--tasks needs scalelab's lm-evaluation-harness support, which is not available here "
                         f"({e}); install it with pip install \"scalelab[eval]\"") from None
@@ -127,6 +128,10 @@ def run_tasks(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    return leave_torchrun_worker(_run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         return run_tasks(args)
     if args.data is None:

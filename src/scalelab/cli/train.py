@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 
-from scalelab.cli import HelpFormatter, add_common_flags, print_json
+from scalelab.cli import HelpFormatter, add_common_flags, leave_torchrun_worker, print_json
 
 EXAMPLES = """examples:
   scalelab train configs/demo.toml
@@ -46,30 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rc = _run(args)
-    if _under_torchrun():
-        _leave_without_finalization(rc)
-    return rc
-
-
-def _under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _leave_without_finalization(rc: int) -> None:
-    """End a torchrun worker whose run is over (checkpoint, final weights and metrics are on disk,
-    the model is freed and the process group destroyed) with os._exit, skipping interpreter
-    finalization and C++ static destructors.
-
-    Now and then one gloo rank aborted at exit after a run that had finished cleanly ("terminate
-    called without an active exception", seen once in CI on a 2-rank CPU FSDP run, never in over
-    100 runs here), and torchrun then reported the whole run as failed. The FSDP model then still
-    lived in reference cycles until finalization; train() now frees it before destroying the
-    process group, and leaving without finalization removes whatever window remains.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    return leave_torchrun_worker(_run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
