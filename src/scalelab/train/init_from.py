@@ -10,6 +10,7 @@ weights compute, and is refused naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -58,9 +59,11 @@ def _comparable(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def weight_changes(source: ModelConfig, target: ModelConfig) -> list[str]:
-    """'model.FIELD old -> new' for every field other than the position fields that differs."""
+    """'model.FIELD old -> new' for every field other than the position fields that differs, in
+    ModelConfig's field order (the sizes first)."""
     a, b = _comparable(source), _comparable(target)
-    return [f"model.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"model.{f.name} {a.get(f.name)!r} -> {b.get(f.name)!r}" for f in dataclasses.fields(ModelConfig)
+            if a.get(f.name) != b.get(f.name)]
 
 
 def _recorded_tokenizer(source: Path) -> Any:
