@@ -109,6 +109,24 @@ def test_resume_of_an_init_from_run_resumes_it(tmp_path, data_dir, source_run):
     assert recorded == str(source.resolve() / "checkpoints" / "step_00000004")
 
 
+@pytest.mark.slow
+def test_init_from_under_fsdp_matches_one_process(tmp_path, data_dir, source_run):
+    """2 FSDP ranks (rank 0 loads the source's weights and broadcasts them) train the same first
+    steps as one process initialised from the same source."""
+    from test_distributed import torchrun
+
+    config, overrides = extension_config(tmp_path, data_dir, source_run, steps=2)
+    train_inprocess(config, tmp_path / "single", overrides)
+    r = torchrun("train", config, "--run-dir", tmp_path / "fsdp", "--set", "parallel.strategy=fsdp",
+                 *[x for o in overrides for x in ("--set", o)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[fsdp, fp32]" in r.stderr and "initialised from" in r.stderr
+    single, fsdp = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == [1, 2]
+    for step in (1, 2):
+        assert abs(fsdp[step] - single[step]) < 1e-5, (step, fsdp[step], single[step])
+
+
 @pytest.mark.parametrize("scaling,hf_rope", [
     ('{type = "linear", factor = 4.0}', {"rope_type": "linear", "factor": 4.0}),
     ('{type = "yarn", factor = 4.0, original_max_position_embeddings = 128}',
