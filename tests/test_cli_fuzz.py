@@ -170,6 +170,18 @@ CASES = [
     ("train-missing-config", "train {ws}/no_such.toml"),
     ("train-garbage-config", "train {ws}/garbage.toml"),
     ("train-changed-model-on-resume", "train {ws}/tiny.toml --run-dir {ws}/run --set model.n_embd=64"),
+    # eval (the workspace's val split is empty: its corpus is one document, which went to train)
+    ("eval-nothing-there", "eval {ws}/no_such --data {ws}/data"),
+    ("eval-not-a-model", "eval {ws}/a_dir --data {ws}/data --split train"),
+    ("eval-bad-hf-model", "eval {ws}/hf_bad --data {ws}/data --split train"),
+    ("eval-data-not-data", "eval {ws}/run --data {ws}/a_dir"),
+    ("eval-empty-split", "eval {ws}/run --data {ws}/data"),
+    ("eval-unknown-split", "eval {ws}/run --data {ws}/data --split test"),
+    ("eval-zero-tokens", "eval {ws}/run --data {ws}/data --split train --tokens 0"),
+    ("eval-past-positions", "eval {ws}/run --data {ws}/data --split train --seq-len 64"),
+    ("eval-plot-wrong-suffix", "eval {ws}/run --data {ws}/data --split train --plot {ws}/loss.txt"),
+    ("eval-plot-read-only", "eval {ws}/run --data {ws}/data --split train --plot {ro}/loss.png"),
+    ("eval-bad-override", "eval {ws}/run --data {ws}/data --split train --set n_layer=abc"),
     # sample / plot / export / import / demo
     ("sample-nan-temperature", "sample {ws}/run --temperature nan --max-new-tokens 4"),
     ("sample-no-cuda", "sample {ws}/run --device cuda --max-new-tokens 4"),

@@ -31,6 +31,7 @@ VERB_MODULES = [
     "prepare",
     "train",
     "sample",
+    "eval",
     "plot",
     "hf",
     "demo",

@@ -247,10 +247,11 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, loader) -> None:
 
 class _Evaluator:
     """Mean held-out loss over fixed val batches, and bits per byte (bpb = loss/ln2 × tokens/bytes,
-    bytes of the decoded target text; special tokens count as zero bytes)."""
+    bytes of the decoded target text, as scalelab.evaluate.target_bytes counts them)."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, log: Callable[[str], None]):
         from scalelab.data.loader import TokenLoader
+        from scalelab.evaluate import target_bytes
 
         self.batches = cfg.eval.batches
         self.d = d
@@ -263,11 +264,7 @@ class _Evaluator:
                                       micro_batch_size=cfg.train.micro_batch_size, rank=d.rank,
                                       world_size=d.world_size, seed=cfg.train.seed)
             tok = self.loader.tokenizer()
-            special = {tok.bos_id, tok.eos_id}
-            for i in range(self.batches):
-                _, y = self.loader.get_batch(i)
-                for row in y:
-                    n += len(tok.decode([int(t) for t in row if int(t) not in special]).encode("utf-8"))
+            n = sum(target_bytes(tok, self.loader.get_batch(i)[1]) for i in range(self.batches))
         except UserError as e:
             no_eval = str(e) if self.loader is None else None
             no_bpb = None if self.loader is None else str(e)
