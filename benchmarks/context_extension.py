@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 S, S_NEW, FACTOR = 128, 512, 4.0
@@ -44,31 +43,19 @@ def toml_table(d: dict) -> str:
     return "{" + ", ".join(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in d.items()) + "}"
 
 
-# TEMPORARY, to be replaced by scalelab.evaluate.evaluate(model, data_dir, split="val", seq_len=512,
-# buckets=[...]) once `scalelab eval` (issue 12 item 1) is merged: mean loss by position bucket over
-# the first `windows` non-overlapping windows of the val split.
-@torch.no_grad()
-def loss_by_position(model: torch.nn.Module, data_dir: Path, seq_len: int, windows: int) -> torch.Tensor:
-    """Mean cross-entropy (nats) at each position 0..seq_len-1 over `windows` val windows."""
-    from scalelab.data.loader import TokenLoader
+def loss_by_position(model: torch.nn.Module, data_dir: Path, seq_len: int, windows: int):
+    """scalelab eval's measurement: the first `windows` windows of the val split (the same tokens
+    for every model), loss by position bucket and at each position."""
+    from scalelab.evaluate import evaluate
 
-    loader = TokenLoader(data_dir, "val", seq_len=seq_len, micro_batch_size=1)
-    windows = min(windows, loader.num_tokens // (seq_len + 1))
-    tokens = torch.from_numpy(loader.read(0, windows * (seq_len + 1)).astype("int64")).view(windows, seq_len + 1)
-    total = torch.zeros(seq_len)
-    for batch in tokens.split(16):
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
-        total += loss.sum(0)
-    return total / windows
-
-
-def bucket_means(per_position: torch.Tensor) -> list[float]:
-    return [float(per_position[a:b].mean()) for a, b in BUCKETS]
+    edges = [a for a, _ in BUCKETS if 0 < a < seq_len]
+    return evaluate(model, data_dir, split="val", seq_len=seq_len, max_tokens=windows * seq_len, buckets=edges,
+                    progress=False)
 
 
 def with_rope(model, cfg):
-    """A copy of `model` whose positions follow `cfg` (same weights)."""
+    """A copy of `model` whose positions follow `cfg` (same weights; block_size S' also tells
+    scalelab.evaluate that reading S' positions without scaling is meant)."""
     from scalelab.model import Transformer
 
     other = Transformer(cfg)
@@ -111,9 +98,9 @@ def main() -> None:
     torch.set_num_threads(2)
     model = load_model_for_inference(base / "final")
     cfg = model.config.replace(block_size=S_NEW)
-    rows: dict[str, torch.Tensor] = {
+    rows = {
         "trained at 128, evaluated at 128": loss_by_position(model, data, S, args.windows * 4),
-        "(a) unchanged (RoPE extrapolated)": loss_by_position(model, data, S_NEW, args.windows),
+        "(a) unchanged (RoPE extrapolated)": loss_by_position(with_rope(model, cfg), data, S_NEW, args.windows),
     }
     for name, scaling in SCALINGS.items():
         rows[f"(b) {name}, no fine-tune"] = loss_by_position(with_rope(model, cfg.replace(rope_scaling=scaling)),
@@ -124,22 +111,23 @@ def main() -> None:
         rows[f"{label}, fine-tuned {args.finetune_steps} steps at 512"] = loss_by_position(tuned, data, S_NEW,
                                                                                            args.windows)
 
-    header = f"| model | {' | '.join(f'{a}-{b - 1}' for a, b in BUCKETS)} |"
-    lines = [header, "|---" * (len(BUCKETS) + 1) + "|"]
-    result = {}
-    for label, per_position in rows.items():
-        means = bucket_means(per_position) if len(per_position) == S_NEW else \
-            [float(per_position.mean()), None, None]
-        result[label] = means
-        lines.append(f"| {label} | " + " | ".join("—" if m is None else f"{m:.3f}" for m in means) + " |")
+    header = f"| model | {' | '.join(f'{a}-{b - 1}' for a, b in BUCKETS)} | all |"
+    lines = [header, "|---" * (len(BUCKETS) + 2) + "|"]
+    table = {}
+    for label, r in rows.items():
+        by_start = {b.start: b.loss for b in r.buckets}
+        means = [by_start.get(a) for a, _ in BUCKETS]
+        table[label] = {"buckets": means, "loss": r.loss, "tokens": r.tokens}
+        lines.append(f"| {label} | " + " | ".join("—" if m is None else f"{m:.3f}" for m in means)
+                     + f" | {r.loss:.3f} |")
     print("\n".join(lines))
-    print(json.dumps({"loss_by_bucket_nats": result, "windows": args.windows, "base_steps": args.steps,
+    print(json.dumps({"loss_by_bucket_nats": table, "windows": args.windows, "base_steps": args.steps,
                       "finetune_steps": args.finetune_steps, "train_seconds": round(train_seconds, 1),
                       "total_seconds": round(time.perf_counter() - start, 1)}, indent=2))
     plot(rows, png)
 
 
-def plot(rows: dict[str, torch.Tensor], png: Path) -> None:
+def plot(rows: dict, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,10 +137,10 @@ def plot(rows: dict[str, torch.Tensor], png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     bin_size = 16
-    for label, per_position in rows.items():
-        if len(per_position) != S_NEW:
+    for label, r in rows.items():
+        if r.seq_len != S_NEW:
             continue
-        smooth = per_position.view(-1, bin_size).mean(1)
+        smooth = torch.tensor(r.position_loss).view(-1, bin_size).mean(1)
         ax.plot(torch.arange(len(smooth)) * bin_size + bin_size / 2, smooth, label=label,
                 linestyle="--" if label.startswith("(b)") else "-")
     ax.axvline(S, color="grey", linewidth=0.8)

@@ -196,6 +196,25 @@ def test_rope_scaling_on_learned_positions_is_refused(tmp_path, data_dir):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "learned positions" in r.stderr, r.stderr
 
 
+def test_extend_demo_config_continues_the_demo_model():
+    """configs/extend-demo.toml changes only position fields of the model its comment's stage 1
+    trains (configs/demo.toml with the overrides the benchmark uses), so its init_from is allowed."""
+    import re
+
+    from scalelab.train.config import load_config
+    from scalelab.train.init_from import weight_changes
+
+    path = ROOT / "configs" / "extend-demo.toml"
+    stage1 = re.findall(r"--set (\S+)", path.read_text().split("# 2.")[0])
+    assert stage1 == ["model.block_size=128", "model.rope_theta=10000", "train.seq_len=128",
+                      "train.micro_batch_size=32"]
+    base, extended = load_config(ROOT / "configs" / "demo.toml", stage1), load_config(path)
+    assert weight_changes(base.model, extended.model) == []
+    assert extended.model.rope_scaling == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    assert extended.train.seq_len == 4 * base.train.seq_len
+    assert extended.train.global_batch_tokens == base.train.global_batch_tokens
+
+
 # ---- the production-shaped extension config --------------------------------------------------------
 
 LONG = ROOT / "configs" / "llama3.1-8b-128k.toml"
