@@ -109,6 +109,19 @@ def test_resume_of_an_init_from_run_resumes_it(tmp_path, data_dir, source_run):
     assert recorded == str(source.resolve() / "checkpoints" / "step_00000004")
 
 
+def test_checkpoints_from_before_init_from_still_resume(tmp_path, data_dir):
+    """A checkpoint whose config predates train.init_from (no such key) resumes: an absent key had
+    its default, so it is no change (and init_from is one of the keys a resume may not change)."""
+    from scalelab.train.config import load_config, resume_differences
+
+    new = load_config(write_config(tmp_path / "c.toml", data_dir)).to_dict()
+    old = {section: {k: v for k, v in table.items() if k != "init_from"} for section, table in new.items()}
+    assert "init_from" in new["train"] and resume_differences(old, new) == ([], [])
+    changed = {**new, "train": {**new["train"], "init_from": "runs/other"}}
+    refused, _ = resume_differences(old, changed)
+    assert refused == ['train.init_from "" -> "runs/other"']
+
+
 @pytest.mark.slow
 def test_init_from_under_fsdp_matches_one_process(tmp_path, data_dir, source_run):
     """2 FSDP ranks (rank 0 loads the source's weights and broadcasts them) train the same first

@@ -344,11 +344,14 @@ RESUME_FIXED = ("data.train_split", "train.seq_len", "train.seed", "train.dtype"
 def resume_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """The keys that differ between the config a checkpoint was trained with and the one resuming
     it (both as TrainConfig.to_dict() gives them), as "section.key old -> new" lines, split by the
-    resume rule into (refused, accepted). The run directory is where the run is, not a setting."""
+    resume rule into (refused, accepted). The run directory is where the run is, not a setting. A
+    key that the checkpoint's config lacks (written before the key existed) had its default."""
     def flat(d: Mapping[str, Any]) -> dict[str, Any]:
         return {f"{s}.{k}": v for s, table in d.items() for k, v in table.items()}
 
-    a, b = flat(old), flat(new)
+    defaults = {f"{name}.{f.name}": f.default for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+    a, b = {**defaults, **flat(old)}, {**defaults, **flat(new)}
     refused, accepted = [], []
     for key in sorted(set(a) | set(b)):
         if key == "logging.run_dir" or a.get(key) == b.get(key):
