@@ -9,7 +9,7 @@
        schedule) with linear and with YaRN, and, as the control, with no scaling at all;
 3. print the table and write a PNG of loss against position.
 
-    python benchmarks/context_extension.py                    # ~5 CPU-minutes on 2 cores
+    python benchmarks/context_extension.py                    # ~10 min on a busy 2-core CPU
     python benchmarks/context_extension.py --out runs/context --png docs/img/context-extension.png
 Runs go to --out; finished runs are skipped (scalelab train reports them complete).
 """
