@@ -67,6 +67,28 @@ def test_init_from_copies_weights_and_starts_at_step_zero(tmp_path, data_dir, so
     assert f'init_from = "{source_run}"' in (run / "config.toml").read_text()
 
 
+@pytest.mark.parametrize("form", ["run", "checkpoint", "final", "hf"])
+def test_init_from_reads_every_source_form(tmp_path, data_dir, source_run, form):
+    """A run directory, a checkpoint, RUN/final and a Hugging Face export all give the same weights
+    and pass the checks against the extension's [model]."""
+    from scalelab import hf
+    from scalelab.data.loader import read_metadata
+    from scalelab.train.config import load_config
+    from scalelab.train.init_from import check_source, load_weights
+
+    path = {"run": source_run, "checkpoint": source_run / "checkpoints" / "step_00000004",
+            "final": source_run / "final", "hf": tmp_path / "hf"}[form]
+    if form == "hf":
+        assert cli("export-hf", source_run, path).returncode == 0
+    config, overrides = extension_config(tmp_path, data_dir, path)
+    cfg = load_config(config, overrides)
+    source = check_source(str(path), cfg.model, read_metadata(data_dir))
+    weights, expected = load_weights(source), hf.read_safetensors(source_run / "final")
+    assert set(expected) <= set(weights)
+    for key, tensor in expected.items():
+        assert torch.equal(weights[key], tensor), key
+
+
 @pytest.mark.parametrize("change,field", [("model.n_layer=3", "model.n_layer 2 -> 3"),
                                           ("model.n_embd=32", "model.n_embd 64 -> 32"),
                                           ("model.num_key_value_heads=2", "model.num_key_value_heads 4 -> 2"),

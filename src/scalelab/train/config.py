@@ -99,8 +99,8 @@ class TrainSection:
                                  "slower on GPU)", "bool")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", "str", DEVICES)
     init_from: str = option("", "start from these weights: a run directory (its newest checkpoint), a checkpoint, "
-                            "or a model.safetensors + model.toml directory; weights only (new optimizer and "
-                            "schedule, step 0). [model] may differ from the source only in block_size, rope_theta "
+                            "or a model.safetensors + model.toml (or Hugging Face) directory, relative to the current "
+                            "directory; weights only (new optimizer and schedule, step 0). [model] may differ from the source only in block_size, rope_theta "
                             "and rope_scaling: context extension (docs/context.md). Empty: random init", "str")
 
 

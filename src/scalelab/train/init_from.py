@@ -46,11 +46,11 @@ def resolve_source(path: str) -> tuple[Path, ModelConfig]:
 
 
 def _comparable(cfg: ModelConfig) -> dict[str, Any]:
-    """The fields that must match, with the FFN width resolved (d_ff and ffn_expansion_ratio are
-    two spellings of one size) and `family` (a name prefix) left out."""
+    """The fields that must match, with the FFN width resolved (d_ff, or ffn_expansion_ratio rounded
+    up to a multiple_of: spellings of one size) and `family` (a name prefix) left out."""
     fields = cfg.to_dict()
     fields["d_ff"] = cfg.ffn_hidden
-    for name in ("ffn_expansion_ratio", "family"):
+    for name in ("ffn_expansion_ratio", "multiple_of", "family"):
         fields.pop(name, None)
     if cfg.position_encoding == "rope":
         for name in POSITION_FIELDS:
