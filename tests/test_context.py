@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import ROOT, cli, data_dir, losses, train_inprocess, write_config  # noqa: F401 (data_dir: a fixture)
+from test_train import ROOT, cli, losses, make_corpus_dir, train_inprocess, write_config
 
 LINEAR = 'model.rope_scaling={type="linear", factor=2.0}'
 EXTEND = ["model.block_size=128", "train.seq_len=64", "train.micro_batch_size=2", LINEAR]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_corpus_dir(tmp_path_factory.mktemp("data") / "words")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +172,7 @@ def test_init_from_under_fsdp_matches_one_process(tmp_path, data_dir, source_run
     ('{type = "yarn", factor = 4.0, original_max_position_embeddings = 128}',
      {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
     ('{type = "llama3", factor = 4.0, low_freq_factor = 1.0, high_freq_factor = 4.0, '
-     'original_max_position_embeddings = 128}',
+     + 'original_max_position_embeddings = 128}',
      {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
       "original_max_position_embeddings": 128}),
 ])
@@ -266,8 +271,8 @@ def long_context_estimates(config: Path) -> list[str]:
     m, t = cfg.model, cfg.train
     tokens = t.max_steps * t.global_batch_tokens
     gpus = ("H100-SXM", "H200", "B200")
-    lines = [f"# S'        | GFLOP/token | memory per GPU, 8 GPUs (FSDP, bf16-mixed, micro-batch 1, activation "
-             f"checkpointing): {' / '.join(gpus)}"]
+    lines = [(f"# S'        | GFLOP/token | memory per GPU, 8 GPUs (FSDP, bf16-mixed, micro-batch 1, activation "
+              f"checkpointing): {' / '.join(gpus)}")]
     for seq_len in (8192, 16384, 32768, 65536, 131072):
         mem = training_memory(m, micro_batch=t.micro_batch_size, seq_len=seq_len, num_devices=8, sharding="fsdp",
                               precision="bf16-mixed", activation_checkpointing=True)["total"]
@@ -279,10 +284,10 @@ def long_context_estimates(config: Path) -> list[str]:
     per_token = training_flops_per_token(m, t.seq_len)
     tt = training_time(per_token, tokens, get_accelerator("B200"), 8, mfu=0.4)
     logits = t.micro_batch_size * t.seq_len * m.vocab_size * (4 + 2)  # fp32 log-probabilities + bf16 gradient
-    lines += [f"# at {t.seq_len:,}: logits {logits / 2**30:.1f} GiB of it; without activation checkpointing "
-              f"{without / 2**30:.1f} GiB per GPU",
-              f"# this run: {t.max_steps:,} steps x {t.global_batch_tokens:,} tokens = {tokens / 1e9:.2f}B tokens, "
-              f"{per_token * tokens:.3g} FLOPs: {tt['hours']:.1f} h on 8 x B200 at 40% MFU"]
+    lines += [(f"# at {t.seq_len:,}: logits {logits / 2**30:.1f} GiB of it; without activation checkpointing "
+               f"{without / 2**30:.1f} GiB per GPU"),
+              (f"# this run: {t.max_steps:,} steps x {t.global_batch_tokens:,} tokens = {tokens / 1e9:.2f}B "
+               f"tokens, {per_token * tokens:.3g} FLOPs: {tt['hours']:.1f} h on 8 x B200 at 40% MFU")]
     return lines
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ def check_source(path: str, target: ModelConfig, data_metadata: Mapping[str, Any
         raise UserError(f"train.init_from {path}: {changes[0]} (the source's value first); init_from keeps the "
                         f"source's weights, so [model] may differ from it only in {', '.join(POSITION_FIELDS)}"
                         + ("" if target.position_encoding == "rope" else " (block_size only with RoPE)")
-                        + f": set the source's value, or train from scratch without init_from")
+                        + ": set the source's value, or train from scratch without init_from")
     scaling = target.rope_scaling or {}
     kind = scaling.get("type", scaling.get("rope_type"))
     if kind == "yarn" and "original_max_position_embeddings" not in scaling:
