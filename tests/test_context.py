@@ -106,6 +106,32 @@ def test_init_from_refuses_a_shape_change(tmp_path, data_dir, source_run, change
     assert not (tmp_path / "run").exists()
 
 
+def test_init_from_refuses_another_tokenizer(tmp_path, data_dir, source_run):
+    import json
+
+    source = tmp_path / "source"
+    shutil.copytree(source_run, source)
+    recorded = json.loads((source / "data.json").read_text())
+    recorded["tokenizer"] = dict(recorded["tokenizer"], spec="bpe:other", kind="bpe", sha256="0" * 64)
+    (source / "data.json").write_text(json.dumps(recorded))
+    config, overrides = extension_config(tmp_path, data_dir, source)
+    r = cli("train", config, "--run-dir", tmp_path / "run", *[x for o in overrides for x in ("--set", o)])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "trained with tokenizer 'bpe:other' but data.dir was prepared with 'byte'" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_names_a_change_of_position_encoding(tmp_path, data_dir, source_run):
+    from scalelab.train.config import load_config
+    from scalelab.train.init_from import weight_changes
+
+    config, overrides = extension_config(tmp_path, data_dir, source_run)
+    rope = load_config(config, overrides).model
+    learned = rope.replace(position_encoding="learned", rope_scaling=None)
+    assert weight_changes(rope, learned)[0] == "model.position_encoding 'rope' -> 'learned'"
+    assert weight_changes(learned, learned.replace(block_size=256)) == ["model.block_size 128 -> 256"]
+
+
 def test_init_from_bad_source_is_one_line(tmp_path, data_dir):
     config, overrides = extension_config(tmp_path, data_dir, tmp_path / "nowhere")
     r = cli("train", config, "--check", *[x for o in overrides for x in ("--set", o)])

@@ -46,23 +46,22 @@ def resolve_source(path: str) -> tuple[Path, ModelConfig]:
     return source, ModelConfig.from_toml(source / "model.toml")
 
 
-def _comparable(cfg: ModelConfig) -> dict[str, Any]:
+def _comparable(cfg: ModelConfig, rope: bool) -> dict[str, Any]:
     """The fields that must match, with the FFN width resolved (d_ff, or ffn_expansion_ratio rounded
-    up to a multiple_of: spellings of one size) and `family` (a name prefix) left out."""
+    up to a multiple_of: spellings of one size), `family` (a name prefix) left out, and with `rope`
+    (both models use RoPE) the position fields left out."""
     fields = cfg.to_dict()
     fields["d_ff"] = cfg.ffn_hidden
-    for name in ("ffn_expansion_ratio", "multiple_of", "family"):
+    for name in ("ffn_expansion_ratio", "multiple_of", "family", *(POSITION_FIELDS if rope else ())):
         fields.pop(name, None)
-    if cfg.position_encoding == "rope":
-        for name in POSITION_FIELDS:
-            fields.pop(name, None)
     return fields
 
 
 def weight_changes(source: ModelConfig, target: ModelConfig) -> list[str]:
     """'model.FIELD old -> new' for every field other than the position fields that differs, in
     ModelConfig's field order (the sizes first)."""
-    a, b = _comparable(source), _comparable(target)
+    rope = source.position_encoding == target.position_encoding == "rope"
+    a, b = _comparable(source, rope), _comparable(target, rope)
     return [f"model.{f.name} {a.get(f.name)!r} -> {b.get(f.name)!r}" for f in dataclasses.fields(ModelConfig)
             if a.get(f.name) != b.get(f.name)]
 
