@@ -333,10 +333,17 @@ def validate_rope_scaling(scaling: Mapping[str, Any]) -> None:
                                   or not 0 < value < math.inf):
             raise UserError(f"rope_scaling.{key} must be a positive finite number, got {value!r}")
     for key, default in allowed.items():
-        if default is None and key != "attention_factor" and key not in scaling:
+        if default is None and key != "attention_factor" and scaling.get(key) is None:
             if kind == "yarn" and key == "original_max_position_embeddings":
                 continue
             raise UserError(f"rope_scaling ({kind}) needs '{key}'")
+    if scaling["factor"] < 1:
+        raise UserError(f"rope_scaling.factor must be at least 1 (the new context over the original one), "
+                        f"got {scaling['factor']!r}")
+    low, high = scaling.get("low_freq_factor") or 1.0, scaling.get("high_freq_factor") or 4.0
+    if kind == "llama3" and not low < high:
+        raise UserError("rope_scaling (llama3): low_freq_factor must be below high_freq_factor (the band between "
+                        f"them is interpolated), got {low!r} and {high!r}")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

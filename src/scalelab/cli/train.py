@@ -110,6 +110,10 @@ def _check(cfg, args) -> int:
     loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                          grad_accum_steps=accum, world_size=world)
     loader.check_vocab(cfg.model.vocab_size)
+    if t.init_from:
+        from scalelab.train.init_from import check_source
+
+        check_source(t.init_from, cfg.model, loader.metadata)
     seqs = t.micro_batch_size * accum * world
     flops = training_flops(cfg.model, seqs, t.seq_len)
     steps = total_steps(cfg, seqs * t.seq_len, flops)

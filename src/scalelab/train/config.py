@@ -98,6 +98,10 @@ class TrainSection:
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible runs; "
                                  "slower on GPU)", "bool")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", "str", DEVICES)
+    init_from: str = option("", "start from these weights: a run directory (its newest checkpoint), a checkpoint, "
+                            "or a model.safetensors + model.toml (or Hugging Face) directory, relative to the current "
+                            "directory; weights only (new optimizer and schedule, step 0). [model] may differ from the source only in block_size, rope_theta "
+                            "and rope_scaling: context extension (docs/context.md). Empty: random init", "str")
 
 
 @dataclass
@@ -285,6 +289,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model.position_encoding == "learned" and t.seq_len > cfg.model.block_size:
         raise UserError(f"{where}: train.seq_len {t.seq_len} exceeds the model's {cfg.model.block_size} learned "
                         f"positions; lower train.seq_len or raise model.block_size")
+    if cfg.model.rope_scaling and cfg.model.position_encoding != "rope":
+        raise UserError(f"{where}: model.rope_scaling scales RoPE, but this model has learned positions; drop "
+                        "rope_scaling or set model.position_encoding = \"rope\"")
     if cfg.parallel.strategy == "fsdp" and t.dtype == "fp16":
         raise UserError(f"{where}: FSDP with fp16 is not supported (no sharded grad scaler); use dtype bf16")
 
@@ -331,17 +338,20 @@ def sequences_per_step(train: Mapping[str, Any], world_size: int) -> int:
 # of these keys changes what those steps meant, so resuming with a change is refused (as is a change
 # of the global batch in sequences, or of the data itself, checked where they are known). Every
 # other key changes only the steps still to run, and is accepted with a printed diff.
-RESUME_FIXED = ("data.train_split", "train.seq_len", "train.seed", "train.dtype")
+RESUME_FIXED = ("data.train_split", "train.seq_len", "train.seed", "train.dtype", "train.init_from")
 
 
 def resume_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """The keys that differ between the config a checkpoint was trained with and the one resuming
     it (both as TrainConfig.to_dict() gives them), as "section.key old -> new" lines, split by the
-    resume rule into (refused, accepted). The run directory is where the run is, not a setting."""
+    resume rule into (refused, accepted). The run directory is where the run is, not a setting. A
+    key that the checkpoint's config lacks (written before the key existed) had its default."""
     def flat(d: Mapping[str, Any]) -> dict[str, Any]:
         return {f"{s}.{k}": v for s, table in d.items() for k, v in table.items()}
 
-    a, b = flat(old), flat(new)
+    defaults = {f"{name}.{f.name}": f.default for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+    a, b = {**defaults, **flat(old)}, {**defaults, **flat(new)}
     refused, accepted = [], []
     for key in sorted(set(a) | set(b)):
         if key == "logging.run_dir" or a.get(key) == b.get(key):

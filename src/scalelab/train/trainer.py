@@ -46,6 +46,7 @@ from scalelab.errors import UserError, describe_os_error
 from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.units import format_bytes
 from scalelab.train import checkpoint as ckpt
+from scalelab.train import init_from
 from scalelab.train.config import (TrainConfig, grad_accum_steps, resume_differences, sequences_per_step,
                                    total_steps, warmup_steps)
 from scalelab.train.metrics import MetricsLog, console_line, eta_seconds, read_metrics, recorded_figures
@@ -300,9 +301,11 @@ class _Evaluator:
         return {"val_loss": val_loss, "val_bpb": bpb}
 
 
-def build_model(cfg: TrainConfig, strategy: str, d: Dist) -> nn.Module:
+def build_model(cfg: TrainConfig, strategy: str, d: Dist,
+                initial: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The initial model, identical whatever the number of processes: the weights are those that
-    `Transformer(cfg)` draws on the CPU after `torch.manual_seed(train.seed)`.
+    `Transformer(cfg)` draws on the CPU after `torch.manual_seed(train.seed)`, or `initial`, a full
+    state dict (train.init_from; under FSDP only rank 0's is used).
 
     Under FSDP only rank 0 materialises them (on the CPU); the other ranks build the model on the
     meta device, every rank shards it, and rank 0's weights are broadcast shard by shard
@@ -313,12 +316,18 @@ def build_model(cfg: TrainConfig, strategy: str, d: Dist) -> nn.Module:
     t = cfg.train
     torch.manual_seed(t.seed)
     if strategy != "fsdp":
-        model = Transformer(cfg.model, attention=t.attention).to(d.device)
+        model = Transformer(cfg.model, attention=t.attention)
+        if initial is not None:
+            model.load_state_dict(initial)
+        model = model.to(d.device)
         return parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
                            activation_checkpointing=t.activation_checkpointing)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    full = Transformer(cfg.model, attention=t.attention).state_dict() if d.is_main else {}
+    if not d.is_main:
+        full = {}
+    else:
+        full = initial if initial is not None else Transformer(cfg.model, attention=t.attention).state_dict()
     with torch.device("meta"):
         model = Transformer(cfg.model, attention=t.attention)
     model = parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
@@ -377,6 +386,9 @@ class Trainer:
         self.evaluator: _Evaluator | None = None
         self.last_loss = float("nan")
         self.last_eval: dict | None = None
+        self.init_source: Path | None = None  # train.init_from, resolved and checked (a run not yet started)
+        self.init_weights: dict[str, torch.Tensor] | None = None  # its full state dict (FSDP: rank 0's only)
+        self.initialised_from = ""  # the weights this run started from, as every checkpoint records it
 
     # ---- build --------------------------------------------------------------------------------
 
@@ -396,6 +408,9 @@ class Trainer:
                                       micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=d.rank,
                                       world_size=d.world_size, seed=t.seed)
             self.loader.check_vocab(cfg.model.vocab_size)
+            # A run that already has checkpoints resumes them and needs its source no more.
+            if t.init_from and not ckpt.list_checkpoints(run_dir):
+                self.init_source = init_from.check_source(t.init_from, cfg.model, self.loader.metadata)
             seqs_per_step = t.micro_batch_size * accum * d.world_size
             self.tokens_per_step = seqs_per_step * t.seq_len
             self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
@@ -403,6 +418,8 @@ class Trainer:
             self.warmup = warmup_steps(t.warmup, self.steps)
             ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
             problem = memory_problem(cfg, strategy, d.world_size, free_memory(d.device), ranks_sharing)
+            if problem is None and self.init_source is not None and (strategy != "fsdp" or d.is_main):
+                self.init_weights = init_from.load_weights(self.init_source)  # FSDP: rank 0 broadcasts them
         except UserError as e:
             problem = str(e)
         except OSError as e:
@@ -416,7 +433,13 @@ class Trainer:
 
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.model = build_model(cfg, strategy, d)
+        self.model = build_model(cfg, strategy, d, self.init_weights if latest is None else None)
+        self.init_weights = None  # the model holds them now
+        if self.init_source is not None and latest is None:
+            self.initialised_from = str(self.init_source.resolve())
+            if d.is_main:
+                log(f"scalelab train: initialised from {self.init_source} (weights only: new optimizer and "
+                    "schedule, step 0)")
         self.optimizer = make_optimizer(self.model, cfg, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type) if t.dtype == "fp16" else None
         self.use_autocast = t.dtype != "fp32" and strategy != "fsdp"
@@ -425,6 +448,7 @@ class Trainer:
         if latest is not None:
             state = ckpt.load_checkpoint(latest, self.model, self.optimizer, d)
             self.loader.load_state_dict(state["loader"])
+            self.initialised_from = state.get("init_from", "")
             self.start_step, self.tokens_seen, self.flops_seen = state["step"], state["tokens"], state["flops"]
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -587,7 +611,8 @@ class Trainer:
         return {"format": 1, "step": self.step, "tokens": self.tokens_seen, "flops": self.flops_seen,
                 "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "model": self.cfg.model.to_dict(), "config": self.cfg.to_toml(), "world_size": self.d.world_size,
-                "strategy": self.strategy, "total_steps": self.steps}
+                "strategy": self.strategy, "total_steps": self.steps,
+                "init_from": self.initialised_from}
 
     def checkpoint(self) -> Path:
         """A checkpoint at the current step, unless the last one saved is already there."""
