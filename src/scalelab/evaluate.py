@@ -369,14 +369,13 @@ def trained_seq_len(path: str | os.PathLike) -> int | None:
     under RUN/checkpoints), or None."""
     import tomllib
 
-    from scalelab.train.trainer import is_run_dir
+    from scalelab.train.trainer import enclosing_run_dir
 
-    p = Path(path).resolve()
-    for d in [p, *list(p.parents)[:2]]:
-        if is_run_dir(d):
-            try:
-                value = tomllib.loads((d / "config.toml").read_text(encoding="utf-8"))["train"]["seq_len"]
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-            return value if isinstance(value, int) and not isinstance(value, bool) else None
-    return None
+    run_dir = enclosing_run_dir(Path(path).resolve())
+    if run_dir is None:
+        return None
+    try:
+        value = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))["train"]["seq_len"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

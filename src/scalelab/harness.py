@@ -122,13 +122,10 @@ def _check_known(names: list[str], task_manager) -> None:
 
 def results_directory(model_path: Path) -> Path:
     """Where the harness JSON goes by default: the run directory MODEL_PATH is or lies in (a
-    checkpoint's run, up to 3 levels up), else MODEL_PATH itself."""
-    from scalelab.train.trainer import is_run_dir
+    checkpoint's run), else MODEL_PATH itself."""
+    from scalelab.train.trainer import enclosing_run_dir
 
-    for d in [model_path, *list(model_path.resolve().parents)[:3]]:
-        if is_run_dir(d):
-            return d
-    return model_path
+    return enclosing_run_dir(model_path) or model_path
 
 
 def hf_form(model_path: Path, scratch: Path) -> Path:

@@ -201,6 +201,15 @@ def is_run_dir(path: Path) -> bool:
     return (path / "model.toml").is_file() and (path / "data.json").is_file()
 
 
+def enclosing_run_dir(path: Path) -> Path | None:
+    """The run directory `path` is or lies in (itself, RUN/final or RUN/checkpoints/step_N: up to
+    two levels up), or None."""
+    for d in [path, *list(Path(path).resolve().parents)[:2]]:
+        if is_run_dir(d):
+            return d
+    return None
+
+
 def check_run_dir(path: Path) -> None:
     """UserError unless `path` is new, empty (a leftover .lock aside) or a run directory: train
     never writes into a directory it did not create (a prepared data set, a demo's output...)."""
