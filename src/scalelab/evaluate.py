@@ -134,9 +134,10 @@ def bucket_edges(buckets: Sequence[int] | None, seq_len: int) -> list[int]:
     return [0, *inner, seq_len]
 
 
-def check_tokenizer(model_tokenizer, data_dir: Path, meta: dict) -> None:
+def check_tokenizer(model_tokenizer, data_tok, data_dir: Path, meta: dict) -> None:
     """UserError when the data was prepared with another tokenizer than the model's: the same
-    recorded kind and files hash, or else the same vocabulary, EOS and ids for TOKENIZER_PROBE."""
+    recorded kind and files hash, or else the same vocabulary, EOS and ids for TOKENIZER_PROBE.
+    `data_tok`: the data's tokenizer (`data_tokenizer`), or None when it cannot be read."""
     if model_tokenizer is None:
         return
     recorded = meta["tokenizer"]
@@ -146,7 +147,6 @@ def check_tokenizer(model_tokenizer, data_dir: Path, meta: dict) -> None:
             return
     except OSError:
         pass
-    data_tok = data_tokenizer(data_dir, meta)
     if data_tok is None:
         return  # nothing to compare with; the vocabulary check still runs
     same = (data_tok.vocab_size == model_tokenizer.vocab_size and data_tok.eos_id == model_tokenizer.eos_id
@@ -169,12 +169,11 @@ def check_vocab(cfg, data_dir: Path, meta: dict, split: str) -> None:
     check_token_ids(data_dir, {**meta, "splits": {split: meta["splits"][split]}}, cfg.vocab_size, "the model's")
 
 
-def data_tokenizer(data_dir: Path, meta: dict):
-    """The tokenizer the data was prepared with (its copy in DATA/tokenizer), or None if unreadable."""
-    from scalelab.data.tokenizer import load_saved_tokenizer
-
+def data_tokenizer(loader):
+    """The tokenizer the data was prepared with (TokenLoader.tokenizer: its copy in DATA/tokenizer),
+    or None if unreadable."""
     try:
-        return load_saved_tokenizer(Path(data_dir) / "tokenizer", meta["tokenizer"]["saved_spec"])
+        return loader.tokenizer()
     except (UserError, OSError, ValueError, KeyError):
         return None
 
@@ -223,14 +222,14 @@ def evaluate(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str 
     loader = TokenLoader(data_dir, split, seq_len=seq_len, micro_batch_size=1)
     meta = loader.metadata
     check_vocab(cfg, data_dir, meta, split)
-    check_tokenizer(tokenizer, data_dir, meta)
+    data_tok = data_tokenizer(loader)
+    check_tokenizer(tokenizer, data_tok, data_dir, meta)
     windows = num_windows_for(max_tokens, loader.num_windows, seq_len)
     mine = list(range(d.rank, windows, d.world_size))
-    byte_tok = data_tokenizer(data_dir, meta)
 
     model.eval()
     position_sum = torch.zeros(seq_len, dtype=torch.float64)  # on the CPU: MPS has no float64
-    n_bytes, bytes_known = 0, byte_tok is not None
+    n_bytes, bytes_known = 0, data_tok is not None
     bar = _progress_bar(windows * seq_len, progress and d.is_main)
     try:
         for i in range(0, len(mine), batch_size):
@@ -241,7 +240,7 @@ def evaluate(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str 
             position_sum += position_losses(model, x, y).sum(0).cpu().double()
             if bytes_known:
                 try:
-                    n_bytes += target_bytes(byte_tok, buf[:, 1:])
+                    n_bytes += target_bytes(data_tok, buf[:, 1:])
                 except (ValueError, UnicodeError):
                     bytes_known = False
             if bar is not None:
