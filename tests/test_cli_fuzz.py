@@ -116,7 +116,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
     return out
 
 
-# (id, argv with {ws} {ro} {full} placeholders)
+# (id, argv with {ws} {ro} {full} {root} placeholders)
 CASES = [
     # count
     ("count-overflow", "count gpt2 --set n_layer=1e30"),
@@ -182,6 +182,8 @@ CASES = [
     ("eval-plot-wrong-suffix", "eval {ws}/run --data {ws}/data --split train --plot {ws}/loss.txt"),
     ("eval-plot-read-only", "eval {ws}/run --data {ws}/data --split train --plot {ro}/loss.png"),
     ("eval-bad-override", "eval {ws}/run --data {ws}/data --split train --set n_layer=abc"),
+    ("eval-tasks-bad-device", "eval {ws}/run --tasks {root}/tests/data/lm_eval_tasks/scalelab_tiny_mc.yaml "
+                              "--limit 1 --device foo"),
     # sample / plot / export / import / demo
     ("sample-nan-temperature", "sample {ws}/run --temperature nan --max-new-tokens 4"),
     ("sample-no-cuda", "sample {ws}/run --device cuda --max-new-tokens 4"),
@@ -229,7 +231,7 @@ def assert_one_line_refusal(rc: int, stderr: str, verb: str) -> None:
 def test_hostile_input_is_one_line_exit_2_and_changes_nothing(case, workspace, readonly_dir, tiny_fs):
     _fill(tiny_fs)
     _, template = case
-    argv = template.format(ws=workspace, ro=readonly_dir, full=tiny_fs).split()
+    argv = template.format(ws=workspace, ro=readonly_dir, full=tiny_fs, root=ROOT).split()
     before, full_before = _tree_digest(workspace), _tree_digest(tiny_fs)
     rc, stderr = run_verb(argv, workspace)
     assert_one_line_refusal(rc, stderr, argv[0])

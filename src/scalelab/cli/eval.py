@@ -115,7 +115,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError(f"--tasks {args.tasks!r} names no task; give e.g. --tasks hellaswag,arc_easy")
-    device = args.device if args.device != "auto" else str(resolve_device("auto"))
+    device = str(resolve_device(args.device))
     extra = {} if args.include_path is None else {"include_path": args.include_path}
     # With --json the harness's table goes to stderr, so stdout is the one JSON object.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
