@@ -182,8 +182,8 @@ CASES = [
     ("eval-plot-wrong-suffix", "eval {ws}/run --data {ws}/data --split train --plot {ws}/loss.txt"),
     ("eval-plot-read-only", "eval {ws}/run --data {ws}/data --split train --plot {ro}/loss.png"),
     ("eval-bad-override", "eval {ws}/run --data {ws}/data --split train --set n_layer=abc"),
-    ("eval-tasks-bad-device", "eval {ws}/run --tasks {root}/tests/data/lm_eval_tasks/scalelab_tiny_mc.yaml "
-                              "--limit 1 --device foo"),
+    ("eval-tasks-bad-device", ("eval {ws}/run --tasks {root}/tests/data/lm_eval_tasks/scalelab_tiny_mc.yaml "
+                               "--limit 1 --device foo")),
     # sample / plot / export / import / demo
     ("sample-nan-temperature", "sample {ws}/run --temperature nan --max-new-tokens 4"),
     ("sample-no-cuda", "sample {ws}/run --device cuda --max-new-tokens 4"),
