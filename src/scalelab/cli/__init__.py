@@ -91,7 +91,9 @@ def jsonable(obj: Any) -> Any:
 
 
 def print_json(obj: Any) -> None:
-    json.dump(jsonable(obj), sys.stdout, indent=2)
+    """OBJ as indented JSON on stdout (what `jsonable` cannot convert, e.g. a library's own
+    objects in lm-evaluation-harness results, as its str)."""
+    json.dump(jsonable(obj), sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
 
 

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import sys
 from pathlib import Path
 
-from scalelab.cli import HelpFormatter, jsonable, leave_torchrun_worker, parse_quantity, print_json
+from scalelab.cli import HelpFormatter, leave_torchrun_worker, parse_quantity, print_json
 from scalelab.errors import UserError
 
 EXAMPLES = """examples:
@@ -121,9 +120,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = harness.evaluate_tasks(args.model, tasks, out_dir=args.out, limit=args.limit, device=device, **extra)
     if args.json and result:  # under torchrun, ranks > 0 get nothing to print
-        json.dump({"model": args.model, "tasks": tasks, "results": jsonable(result.get("results", {}))}, sys.stdout,
-                  indent=2, default=str)
-        sys.stdout.write("\n")
+        print_json({"model": args.model, "tasks": tasks, "results": result.get("results", {})})
     return 0
 
 
