@@ -145,6 +145,7 @@ CASES = [
     ("fit-two-sizes", "fit {ws}/two_sizes.csv --out {ws}/law.json"),
     ("fit-empty-csv", "fit {ws}/empty.csv"),
     ("fit-garbage-csv", "fit {ws}/garbage.csv"),
+    ("fit-bootstrap-absurd", "fit {ws}/ladder.csv --bootstrap 1000000000"),
     ("fit-missing-input", "fit {ws}/no_such.csv"),
     # tokenizer / prepare / data-info
     ("tokenizer-out-is-a-file", "tokenizer train --input {ws}/corpus.txt --vocab-size 300 --out {ws}/a_file"),
