@@ -183,6 +183,8 @@ CASES = [
     ("eval-plot-wrong-suffix", "eval {ws}/run --data {ws}/data --split train --plot {ws}/loss.txt"),
     ("eval-plot-read-only", "eval {ws}/run --data {ws}/data --split train --plot {ro}/loss.png"),
     ("eval-bad-override", "eval {ws}/run --data {ws}/data --split train --set n_layer=abc"),
+    ("eval-rope-scaling-overflows", ("eval {ws}/run --data {ws}/data --split train --seq-len 64 --set "
+                                     "rope_scaling={{type=\"yarn\",factor=1e300,original_max_position_embeddings=1e30}}")),
     ("eval-tasks-bad-device", ("eval {ws}/run --tasks {root}/tests/data/lm_eval_tasks/scalelab_tiny_mc.yaml "
                                "--limit 1 --device foo")),
     # sample / plot / export / import / demo

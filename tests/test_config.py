@@ -39,6 +39,11 @@ def test_llama_ffn_rounding_reproduces_official_widths():
     (dict(norm_position="sandwich"), "pre, post"),
     (dict(rope_scaling={"type": "ntk", "factor": 2.0}), "linear, llama3, yarn"),
     (dict(rope_scaling={"type": "llama3", "factor": 8.0}), "original_max_position_embeddings"),
+    (dict(rope_scaling={"type": "yarn", "factor": 1e300}), r"rope_scaling.factor must be at most 134,217,728"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1e30}),
+     "original_max_position_embeddings must be at most"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128.5}),
+     "whole number of positions"),
 ])
 def test_validation_names_the_problem(change, fragment):
     with pytest.raises(UserError, match=fragment):

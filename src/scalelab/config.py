@@ -332,6 +332,15 @@ def validate_rope_scaling(scaling: Mapping[str, Any]) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 < value < math.inf):
             raise UserError(f"rope_scaling.{key} must be a positive finite number, got {value!r}")
+        # factor × original_max_position_embeddings is the context covered: both bounded like block_size
+        # (a factor of 1e300 over 1e30 positions made that product inf, an OverflowError in eval).
+        limit = INT_LIMITS["block_size"]
+        if key in ("factor", "original_max_position_embeddings") and value is not None and value > limit:
+            raise UserError(f"rope_scaling.{key} must be at most {limit:,} (the largest block_size), got "
+                            f"{_shown(value)}")
+        if key == "original_max_position_embeddings" and value is not None and value != int(value):
+            raise UserError(f"rope_scaling.original_max_position_embeddings must be a whole number of positions, "
+                            f"got {value!r}")
     for key, default in allowed.items():
         if default is None and key != "attention_factor" and scaling.get(key) is None:
             if kind == "yarn" and key == "original_max_position_embeddings":
