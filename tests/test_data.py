@@ -650,3 +650,16 @@ def test_disk_full_during_prepare_is_one_line_and_leaves_nothing(tmp_path, tiny_
         assert err == f"scalelab prepare: error: {target}: the disk is full; free space or choose another location\n"
     assert sorted(p.name for p in tiny_fs.iterdir()) == ["data"]  # no staging directory left
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_data_info_prints_no_rate_for_a_prepare_under_a_millisecond(capsys):
+    # meta.json records seconds to 1 ms; 0.0 printed 17,891,000,000,000 tokens/s (tokens / 1e-9).
+    from scalelab.cli.prepare import _print_meta
+
+    meta = {"tokenizer": {"spec": "byte"}, "vocab_size": 258, "dtype": "uint16", "seconds": 0.0,
+            "splits": {"train": {"tokens": 17891, "documents": 1, "shards": [{}]}}}
+    _print_meta("data", meta, as_json=False)
+    out = capsys.readouterr().out
+    assert "0.0 s" in out and "tokens/s" not in out
+    _print_meta("data", {**meta, "seconds": 2.0}, as_json=False)
+    assert "8,946 tokens/s" in capsys.readouterr().out

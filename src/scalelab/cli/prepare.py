@@ -116,5 +116,6 @@ def _print_meta(directory: str, meta: dict, as_json: bool) -> None:
                            f"{split['documents']:,} documents, {len(split['shards'])} shard(s)"))
     if "seconds" in meta:
         total = sum(s["tokens"] for s in meta["splits"].values())
-        rows.append(("time", f"{meta['seconds']:.1f} s ({total / max(meta['seconds'], 1e-9):,.0f} tokens/s)"))
+        rate = f" ({total / meta['seconds']:,.0f} tokens/s)" if meta["seconds"] > 0 else ""  # recorded to 1 ms
+        rows.append(("time", f"{meta['seconds']:.1f} s{rate}"))
     print_table(rows, title=f"prepared data: {directory}")
