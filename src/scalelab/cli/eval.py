@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from scalelab.cli import HelpFormatter, leave_torchrun_worker, parse_quantity, print_json
+from scalelab.cli.sample import resolve_device
 from scalelab.errors import UserError
 
 EXAMPLES = """examples:
@@ -89,18 +90,6 @@ def parse_tokens(text: str | None) -> int | None:
     return int(value)
 
 
-def resolve_device(spec: str):
-    import torch
-
-    from scalelab.cli.sample import resolve_device as checked_device
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {spec!r}: eval runs on auto, cpu, cuda, cuda:N or mps")
-    return checked_device(spec)
-
-
 def run_tasks(args: argparse.Namespace) -> int:
     if args.data is not None:
         raise UserError("--tasks and --data are two kinds of evaluation; give one of them")
@@ -114,7 +103,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError(f"--tasks {args.tasks!r} names no task; give e.g. --tasks hellaswag,arc_easy")
-    device = str(resolve_device(args.device))
+    device = str(resolve_device(args.device, "eval"))
     extra = {} if args.include_path is None else {"include_path": args.include_path}
     # With --json the harness's table goes to stderr, so stdout is the one JSON object.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
@@ -151,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     from scalelab.evaluate import evaluate, load_eval_model, trained_seq_len
     from scalelab.train.parallel import destroy_distributed, init_distributed
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "eval")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto" and device.type == "cpu":
         dtype = torch.float32

@@ -65,11 +65,14 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise UserError(f"--seed {args.seed} must fit in 64 bits")
 
 
-def resolve_device(spec: str):
+def resolve_device(spec: str, verb: str = "sample"):
     """A torch.device this machine has, or a one-line UserError (cuda without a GPU, mps off a
-    Mac, an index past the last GPU, a name torch does not know)."""
+    Mac, an index past the last GPU, a name torch does not know). "auto": cuda if available,
+    else cpu."""
     import torch
 
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):
@@ -88,7 +91,7 @@ def resolve_device(spec: str):
         if not torch.backends.mps.is_available():
             raise UserError(f"--device {spec}: MPS (Apple GPU) is not available on this machine; use --device cpu")
         return device
-    raise UserError(f"--device {spec}: sample runs on cpu, cuda or mps, not {device.type}")
+    raise UserError(f"--device {spec}: {verb} runs on cpu, cuda or mps, not {device.type}")
 
 
 def run(args: argparse.Namespace) -> int:
