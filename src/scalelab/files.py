@@ -209,6 +209,15 @@ class StagedDirectory:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def remove_tree(path: str | os.PathLike, *, ignore_errors: bool = False) -> None:
+    """Delete a directory: its name first (one rename into a hidden `.NAME.deleting.*` sibling, so
+    a crash mid-delete never leaves a half-deleted directory under its name), then its contents."""
+    path = Path(path)
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.deleting.", dir=path.parent))
+    os.replace(path, aside / path.name)
+    shutil.rmtree(aside, ignore_errors=ignore_errors)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success move it into place as `path`.

@@ -21,16 +21,14 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import tomllib
 from pathlib import Path
 
 from scalelab.cli import HelpFormatter, format_duration, parse_quantity, print_table
 from scalelab.errors import UserError
-from scalelab.files import atomic_write_text, check_output_dir
+from scalelab.files import atomic_write_text, check_output_dir, remove_tree
 
 EXAMPLES = """examples:
   scalelab demo
@@ -192,9 +190,7 @@ def refuse_or_delete(out: Path, recorded: dict | None, stale: list[str], setting
 def _delete(path: Path) -> None:
     """Remove a file or directory: its name first (one rename), then its contents."""
     if path.is_dir():
-        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.deleting.", dir=path.parent))
-        os.replace(path, aside / path.name)
-        shutil.rmtree(aside)
+        remove_tree(path)
     else:
         path.unlink()
 

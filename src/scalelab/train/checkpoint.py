@@ -49,7 +49,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 import struct
 import sys
 import zipfile
@@ -61,7 +60,7 @@ import torch
 import torch.nn as nn
 
 from scalelab.errors import UserError
-from scalelab.files import StagedDirectory, atomic_write_bytes, atomic_write_text
+from scalelab.files import StagedDirectory, atomic_write_bytes, atomic_write_text, remove_tree
 from scalelab.train.parallel import Dist, all_reduce_sum, unwrap
 
 CHECKPOINTS = "checkpoints"
@@ -436,9 +435,7 @@ def _prune(run_dir: str | os.PathLike, step: int, keep: int) -> None:
     below = [p for s, p in found if s <= step]
     doomed = [p for s, p in found if s > step] + below[:-keep]
     for path in doomed:
-        hidden = path.with_name(f".{path.name}.deleted")
-        os.replace(path, hidden)
-        shutil.rmtree(hidden, ignore_errors=True)
+        remove_tree(path, ignore_errors=True)
 
 
 # ---- load ----------------------------------------------------------------------------------------
