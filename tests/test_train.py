@@ -541,9 +541,12 @@ def test_train_writes_only_into_run_directories(tmp_path, data_dir):
     empty.mkdir()
     train_inprocess(cfg, empty)
     assert (empty / "config.toml").read_text().startswith("# scalelab run directory: written by `scalelab train`")
-    from scalelab.train.trainer import is_run_dir
+    from scalelab.train.trainer import enclosing_run_dir, is_run_dir
 
     assert is_run_dir(empty) and not is_run_dir(foreign) and not is_run_dir(data_dir)
+    for inside in (empty, empty / "final", *(empty / "checkpoints").glob("step_*")):
+        assert enclosing_run_dir(inside).resolve() == empty.resolve(), inside
+    assert enclosing_run_dir(foreign) is None and enclosing_run_dir(data_dir) is None
 
 
 def test_caller_config_is_not_changed(tmp_path, data_dir):
