@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -182,8 +183,6 @@ def print_result(result, model: str, data: str) -> None:
     print(title)
     print("-" * len(title))
     print(f"  {'positions':>15}  {'tokens':>12}  {'loss':>8}  {'ppl':>9}")
-    import math
-
     for b in result.buckets:
         print(f"  {f'{b.start}-{b.end - 1}':>15}  {b.tokens:>12,}  {b.loss:>8.4f}  {math.exp(min(b.loss, 700)):>9.3f}")
     print()
