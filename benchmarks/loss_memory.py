@@ -46,7 +46,7 @@ def step_fn(model, opt, x, y, hf: bool):
 def peak_bytes(step) -> tuple[int, float]:
     """(the allocator's peak above its level before step(), the loss)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = float(step())
+        loss = float(step().detach())
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     live = peak = 0

@@ -214,9 +214,9 @@ SHARDINGS = ("none", "ddp", "fsdp")
 
 # Tokens per chunk of the model's chunked lm_head + cross-entropy (model.LinearCrossEntropy), on by
 # default for training (train.loss_chunk_tokens; 0 = unchunked). One chunk holds an fp32
-# [chunk × vocab] buffer: 0.5 GiB at LLaMA 3's 128,256-token vocabulary, against 4 GiB for one
-# unchunked 8 × 1024-token micro-batch, while each chunk's matmuls (1024 × n_embd × vocab) stay
-# large enough to run at full matmul speed on a CPU or a GPU.
+# [chunk × vocab] buffer: 0.5 GiB at LLaMA 3's 128,256-token vocabulary (0.75 GiB with its bf16
+# form), against 11.7 GiB for the unchunked loss of one 8,192-token micro-batch (loss_bytes), while
+# each chunk's matmuls (1024 × n_embd × vocab) stay large enough to run at full matmul speed.
 DEFAULT_LOSS_CHUNK_TOKENS = 1024
 
 
@@ -290,8 +290,9 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
 
     Weights, gradients and optimizer state are exact given the precision; activations are what
     autograd keeps, tensor by tensor (activation_bytes_per_token, proven against PyTorch), plus
-    what the loss holds (loss_bytes): the logits' fp32 log-probabilities and their gradient, or
-    with `loss_chunk_tokens` > 0 (the model's default) one chunk's. Under autocast (bf16-mixed without
+    what the loss holds (loss_bytes): unchunked, the logits' fp32 log-probabilities and two fp32
+    gradients at its backward; with `loss_chunk_tokens` > 0 (the model's default), one chunk's
+    logits. Under autocast (bf16-mixed without
     FSDP) `weight_copies` is the bf16 copy of every matmul weight that autocast makes and
     backward keeps. FSDP (ZeRO-3) shards weights, gradients and
     optimizer state over devices, and holds two unsharded blocks at a time (current + prefetch).
