@@ -183,7 +183,7 @@ def test_chunked_loss_lowers_the_measured_peak_by_the_predicted_amount():
         torch.manual_seed(0)
         model = Transformer(cfg, loss_chunk_tokens=c)
 
-        def step():
+        def step(model=model):
             model(idx, targets)[1].backward()
 
         step()  # a first step allocates what later steps reuse; measure the second

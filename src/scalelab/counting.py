@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from scalelab.config import ModelConfig
+from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig
 from scalelab.hardware import Accelerator
 
 # ---- parameters -----------------------------------------------------------------------------
@@ -211,13 +211,6 @@ PRECISIONS: dict[str, tuple[int, int, int]] = {
 }
 ACTIVATION_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2}
 SHARDINGS = ("none", "ddp", "fsdp")
-
-# Tokens per chunk of the model's chunked lm_head + cross-entropy (model.LinearCrossEntropy), on by
-# default for training (train.loss_chunk_tokens; 0 = unchunked). One chunk holds an fp32
-# [chunk × vocab] buffer: 0.5 GiB at LLaMA 3's 128,256-token vocabulary (0.75 GiB with its bf16
-# form), against 11.7 GiB for the unchunked loss of one 8,192-token micro-batch (loss_bytes), while
-# each chunk's matmuls (1024 × n_embd × vocab) stay large enough to run at full matmul speed.
-DEFAULT_LOSS_CHUNK_TOKENS = 1024
 
 
 def activation_bytes_per_token(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_type="swiglu",

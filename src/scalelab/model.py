@@ -29,8 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scalelab.config import ModelConfig
-from scalelab.counting import DEFAULT_LOSS_CHUNK_TOKENS
+from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig
 from scalelab.errors import UserError
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "math")

@@ -7,8 +7,7 @@ import sys
 
 from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_count, format_duration,
                           parse_quantity, print_json, print_table)
-from scalelab.config import INT_LIMITS
-from scalelab.counting import DEFAULT_LOSS_CHUNK_TOKENS
+from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, INT_LIMITS
 from scalelab.errors import UserError
 
 LOSS_CHUNK_LIMIT = 2**24  # train.loss_chunk_tokens' bound
@@ -209,9 +208,10 @@ def print_report(cfg, r: dict) -> None:
     else:
         print_table([("KV cache / token (bf16)", format_bytes(r["kv_cache_bytes_per_token"]))], title="Inference")
     m = r["memory"]
+    loss = f"loss in chunks of {m['loss_chunk_tokens']:,} tokens" if m["loss_chunk_tokens"] else "unchunked loss"
     title = (f"Training memory per device ({m['sharding'].upper()} over {m['num_devices']}, {m['precision']}, "
              f"micro-batch {m['micro_batch']} x {m['seq_len']}{', activation checkpointing' if m['activation_checkpointing'] else ''}, "
-             f"{'loss in chunks of ' + format(m['loss_chunk_tokens'], ',') + ' tokens' if m['loss_chunk_tokens'] else 'unchunked loss'})")
+             f"{loss})")
     rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k]))
             for k in ("weights", "gradients", "optimizer", "unsharded_buffers", "weight_copies", "activations")
             if m[k]]

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from scalelab.config import ModelConfig, apply_overrides, closest, load_toml
-from scalelab.counting import DEFAULT_LOSS_CHUNK_TOKENS
+from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig, apply_overrides, closest, load_toml
 from scalelab.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant")
