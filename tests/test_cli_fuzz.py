@@ -253,7 +253,8 @@ HOSTILE_NUMBERS = st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e308", "1e
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flag=st.sampled_from([
     ("count", "gpt2", "--seq-len"), ("count", "gpt2", "--gpus"), ("count", "gpt2", "--tokens"),
-    ("count", "gpt2", "--mfu"), ("count", "gpt2", "--micro-batch"), ("count", "llama3.2-1b", "--set n_layer="),
+    ("count", "gpt2", "--mfu"), ("count", "gpt2", "--micro-batch"), ("count", "gpt2", "--loss-chunk-tokens"),
+    ("count", "llama3.2-1b", "--set n_layer="),
     ("count", "llama3.2-1b", "--set n_head="), ("count", "llama3.2-1b", "--set rope_theta="),
     ("count", "llama3.2-1b", "--set norm_eps="), ("count", "llama3.2-1b", "--set vocab_size="),
     ("plan", "1e19", "--E"), ("plan", "1e19", "--A"), ("plan", "1e19", "--alpha"), ("plan", "1e19", "--beta"),

@@ -289,7 +289,7 @@ LONG = ROOT / "configs" / "llama3.1-8b-128k.toml"
 def long_context_estimates(config: Path) -> list[str]:
     """The comment lines of configs/llama3.1-8b-128k.toml that carry numbers, recomputed by
     scalelab.counting (print them with: python tests/test_context.py)."""
-    from scalelab.counting import training_flops_per_token, training_memory, training_time
+    from scalelab.counting import loss_bytes, training_flops_per_token, training_memory, training_time
     from scalelab.hardware import get_accelerator
     from scalelab.train.config import load_config
 
@@ -301,17 +301,21 @@ def long_context_estimates(config: Path) -> list[str]:
               f"checkpointing): {' / '.join(gpus)}")]
     for seq_len in (8192, 16384, 32768, 65536, 131072):
         mem = training_memory(m, micro_batch=t.micro_batch_size, seq_len=seq_len, num_devices=8, sharding="fsdp",
-                              precision="bf16-mixed", activation_checkpointing=True)["total"]
+                              precision="bf16-mixed", activation_checkpointing=True,
+                              loss_chunk_tokens=t.loss_chunk_tokens)["total"]
         fits = " / ".join("fits" if mem <= get_accelerator(g).memory_bytes else "NO" for g in gpus)
         lines.append(f"# {seq_len:>7,}   | {training_flops_per_token(m, seq_len) / 1e9:11.1f} | "
                      f"{mem / 2**30:6.1f} GiB ({fits})")
     without = training_memory(m, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=8, sharding="fsdp",
-                              precision="bf16-mixed", activation_checkpointing=False)["total"]
+                              precision="bf16-mixed", activation_checkpointing=False,
+                              loss_chunk_tokens=t.loss_chunk_tokens)["total"]
     per_token = training_flops_per_token(m, t.seq_len)
     tt = training_time(per_token, tokens, get_accelerator("B200"), 8, mfu=0.4)
-    logits = t.micro_batch_size * t.seq_len * m.vocab_size * (4 + 2)  # fp32 log-probabilities + bf16 gradient
-    lines += [(f"# at {t.seq_len:,}: logits {logits / 2**30:.1f} GiB of it; without activation checkpointing "
-               f"{without / 2**30:.1f} GiB per GPU"),
+    tokens_per_micro_batch = t.micro_batch_size * t.seq_len
+    unchunked = (loss_bytes(tokens_per_micro_batch, m.vocab_size, 2, 0)
+                 - loss_bytes(tokens_per_micro_batch, m.vocab_size, 2, t.loss_chunk_tokens))
+    lines += [(f"# at {t.seq_len:,}: the unchunked loss (train.loss_chunk_tokens = 0) would add {unchunked / 2**30:.1f} "
+               f"GiB; without activation checkpointing {without / 2**30:.1f} GiB per GPU"),
               (f"# this run: {t.max_steps:,} steps x {t.global_batch_tokens:,} tokens = {tokens / 1e9:.2f}B "
                f"tokens, {per_token * tokens:.3g} FLOPs: {tt['hours']:.1f} h on 8 x B200 at 40% MFU")]
     return lines

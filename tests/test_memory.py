@@ -6,10 +6,13 @@ the counting module's prediction for the same shape, precision and trainer regim
 
 Known differences, computed here explicitly rather than hidden in a tolerance:
 - tensors that do not grow with the batch: RoPE's cos/sin tables, learned-position ids, the
-  loss's scalar, the math path's causal mask;
+  math path's causal mask;
 - `weight_copies` (autocast's bf16 copy of each matmul weight) is its own component;
-- the logits' gradient, which training_memory counts as live at the loss's backward, is not a
-  saved tensor;
+- the loss (counting.loss_bytes counts what it holds at its peak, not what it saves): unchunked, it
+  saves the targets, the fp32 log-probabilities and a scalar, but not the two fp32 gradients live
+  at its backward; chunked, it saves nothing per vocabulary entry, but saves lm_head's weight
+  gradient (which training_memory counts in `gradients`), and autocast's bf16 copy of the lm_head
+  weight is only a transient of its forward;
 - on the CPU, PyTorch runs RMSNorm as a composite that also keeps the normalised input (one
   more residual-dtype vector per norm); CUDA and MPS run the fused kernel the formula describes.
 """
@@ -46,6 +49,7 @@ def saved_bytes(model: torch.nn.Module, precision: str) -> int:
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     idx, targets = (torch.randint(0, vocab, (B, S), generator=g) for _ in range(2))
+    targets[0, :5] = -1  # ignored targets change nothing saved
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         _, loss = model(idx, targets)
@@ -55,7 +59,7 @@ def saved_bytes(model: torch.nn.Module, precision: str) -> int:
 
 def fixed_bytes(cfg: ModelConfig) -> int:
     """Saved tensors that do not scale with B·S (listed in the module docstring)."""
-    n = 4  # the loss: its fp32 scalar total weight
+    n = 0
     if cfg.position_encoding == "rope":
         n += 2 * S * cfg.head_dim * 4  # cos and sin, fp32
     else:
@@ -63,17 +67,26 @@ def fixed_bytes(cfg: ModelConfig) -> int:
     return n
 
 
+def loss_saved_bytes(cfg: ModelConfig, chunk: int, weight_bytes: int, autocast: bool) -> int:
+    """What the loss saves for backward (the module docstring's list)."""
+    tokens, vocab_weights = B * S, cfg.vocab_size * cfg.n_embd
+    if not chunk:
+        return tokens * (8 + 4 * cfg.vocab_size) + 4  # targets, fp32 log-probabilities, total weight
+    return weight_bytes * vocab_weights - (2 * vocab_weights if autocast else 0)
+
+
+@pytest.mark.parametrize("chunk", [0, 32])
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
 @pytest.mark.parametrize("regime", ["fp32", "bf16-mixed", "fsdp-bf16"])
 @pytest.mark.parametrize("shape", ["llama", "llama-mha", "gpt2"])
-def test_activation_memory_equals_saved_tensors(shape, regime, attention):
+def test_activation_memory_equals_saved_tensors(shape, regime, attention, chunk):
     fields = {"llama": LLAMA, "llama-mha": {**LLAMA, "num_key_value_heads": LLAMA["n_head"]}, "gpt2": GPT2}[shape]
     cfg = ModelConfig(**fields)
     if regime == "fsdp-bf16" and cfg.normalization == "rmsnorm":
         pytest.skip("not checked on CPU: its composite RMSNorm keeps extra fp32 and bf16 copies of bf16 "
                     "inputs that counting (which models CUDA's fused kernel) does not; see test_real_fsdp2_*")
     torch.manual_seed(0)
-    model = Transformer(cfg, attention=attention)
+    model = Transformer(cfg, attention=attention, loss_chunk_tokens=chunk)
     precision, sharding = {"fp32": ("fp32", "none"), "bf16-mixed": ("bf16-mixed", "none"),
                            "fsdp-bf16": ("bf16-mixed", "fsdp")}[regime]
     if regime == "fsdp-bf16":  # what MixedPrecisionPolicy(param_dtype=bf16) computes with;
@@ -81,11 +94,13 @@ def test_activation_memory_equals_saved_tensors(shape, regime, attention):
     got = saved_bytes(model, precision if regime != "fsdp-bf16" else "none")
 
     m = counting.training_memory(cfg, micro_batch=B, seq_len=S, precision=precision, sharding=sharding,
-                                 attention=attention)
+                                 attention=attention, loss_chunk_tokens=chunk)
     tokens = B * S
     compute = counting.ACTIVATION_BYTES[precision]
     residual = 2 if regime == "fsdp-bf16" else 4
-    expected = m["activations"] - tokens * cfg.vocab_size * compute + m["weight_copies"] + fixed_bytes(cfg)
+    loss_held = counting.loss_bytes(tokens, cfg.vocab_size, compute, chunk)
+    loss_saved = loss_saved_bytes(cfg, chunk, weight_bytes=residual, autocast=regime == "bf16-mixed")
+    expected = m["activations"] - loss_held + loss_saved + m["weight_copies"] + fixed_bytes(cfg)
     if cfg.normalization == "rmsnorm":
         expected += tokens * (2 * cfg.n_layer + 1) * residual * cfg.n_embd  # CPU composite RMSNorm
     if regime == "fsdp-bf16" and cfg.normalization == "layernorm":
@@ -99,17 +114,15 @@ def test_autocast_weight_copies_are_real():
     """Under autocast the bf16 weight copies are saved for backward: the measured total grows by
     exactly 2 bytes per matmul weight over the per-token activations."""
     cfg = ModelConfig(**LLAMA)
-    model = Transformer(cfg)
+    model = Transformer(cfg, loss_chunk_tokens=0)
     fp32, mixed = saved_bytes(model, "fp32"), saved_bytes(model, "bf16-mixed")
-    a = counting.training_memory(cfg, micro_batch=B, seq_len=S, precision="fp32", sharding="none")
-    b = counting.training_memory(cfg, micro_batch=B, seq_len=S, precision="bf16-mixed", sharding="none")
+    a = counting.training_memory(cfg, micro_batch=B, seq_len=S, precision="fp32", sharding="none", loss_chunk_tokens=0)
+    b = counting.training_memory(cfg, micro_batch=B, seq_len=S, precision="bf16-mixed", sharding="none",
+                                 loss_chunk_tokens=0)
     assert a["weight_copies"] == 0 and b["weight_copies"] > 0
-    tokens = B * S
     # the only differences: per-token activations and the weight copies (the composite RMSNorm
-    # extra is fp32 in both)
-    diff_pred = ((b["activations"] - tokens * cfg.vocab_size * 2) - (a["activations"] - tokens * cfg.vocab_size * 4)
-                 + b["weight_copies"])
-    assert mixed - fp32 == diff_pred
+    # extra is fp32 in both; the unchunked loss holds the same fp32 buffers in both)
+    assert mixed - fp32 == b["activations"] - a["activations"] + b["weight_copies"]
 
 
 @pytest.fixture

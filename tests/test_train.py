@@ -413,7 +413,8 @@ def production_estimates(config: Path) -> list[str]:
     for gpus, name in ((2, "A6000"), (4, "A100-80GB"), (8, "B200")):
         acc = get_accelerator(name)
         mem = training_memory(m, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=gpus, sharding="fsdp",
-                              precision="bf16-mixed", activation_checkpointing=t.activation_checkpointing)
+                              precision="bf16-mixed", activation_checkpointing=t.activation_checkpointing,
+                              loss_chunk_tokens=t.loss_chunk_tokens)
         fits = "fits" if mem["total"] <= acc.memory_bytes else "DOES NOT FIT"
         tt = training_time(per_token, tokens, acc, gpus, mfu=0.4)
         lines.append(f"# {gpus} x {name:<10} | {mem['total'] / 2**30:6.1f} GiB of {acc.memory_gib:.0f} ({fits}; "

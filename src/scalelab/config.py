@@ -28,6 +28,15 @@ FFN_TYPES = ("gelu", "swiglu")
 NORM_POSITIONS = ("pre", "post")
 ROPE_SCALING_TYPES = ("linear", "llama3", "yarn")
 
+# Tokens per chunk of the model's chunked lm_head + cross-entropy (scalelab.model.LinearCrossEntropy),
+# on by default for training (train.loss_chunk_tokens; 0 = unchunked). It says how the loss is
+# computed, not what the architecture is, so it is not a ModelConfig field. One chunk holds an fp32
+# [chunk × vocab] buffer: 0.5 GiB at LLaMA 3's 128,256-token vocabulary (0.75 GiB with its bf16
+# form), against 11.7 GiB for the unchunked loss of one 8,192-token micro-batch
+# (counting.loss_bytes), while each chunk's matmuls (1024 × n_embd × vocab) stay large enough to
+# run at full matmul speed.
+DEFAULT_LOSS_CHUNK_TOKENS = 1024
+
 # Keys each rope_scaling type accepts (Hugging Face names), with defaults where HF has them.
 ROPE_SCALING_KEYS: dict[str, dict[str, Any]] = {
     "linear": {"factor": None},

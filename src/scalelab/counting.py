@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from scalelab.config import ModelConfig
+from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig
 from scalelab.hardware import Accelerator
 
 # ---- parameters -----------------------------------------------------------------------------
@@ -249,18 +249,43 @@ def activation_bytes_per_token(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_typ
     if attention == "math":  # Q, K and V as the two matmuls keep them: K and V at n_head heads
         attn = norm(2) + 4 * c * n_embd + n_head * seq_len * (4 + (c if c != 4 else 0))
     ffn = norm(2 if ffn_type == "swiglu" else 1) + (4 if ffn_type == "swiglu" else 2) * c * d_ff
-    head = norm(1) + 8 + 8  # final norm + lm_head input; token ids for the embedding and the loss (int64)
+    head = norm(1) + 8  # final norm + lm_head input; token ids for the embedding (int64)
     return attn + ffn, head
+
+
+def loss_bytes(tokens, vocab_size, compute_bytes: int, loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS):
+    """Bytes the loss holds at its peak for `tokens` tokens (numbers or numpy arrays), measured with
+    the profiler's allocator events in tests/test_chunked_loss.py.
+
+    Unchunked (loss_chunk_tokens 0), per token: the targets (int64) and, per vocabulary entry, 12
+    bytes whatever the compute dtype: at log_softmax's backward the fp32 log-probabilities that
+    cross_entropy saved, their gradient from nll_loss and the logits' gradient, all fp32, are live
+    at once (the compute-dtype logits are not, once the caller drops them, as the trainer does).
+    Chunked (model.score_chunk): one chunk of min(chunk, tokens) rows at a time, each holding an
+    fp32 [rows × vocab] buffer (logits, made softmax and then gradient in place) and, for a 16-bit
+    compute dtype, the logits and then the gradient in that dtype beside it; nothing per vocabulary
+    entry is kept for backward. lm_head's weight gradient, formed in that forward, is counted in
+    `gradients`; the hidden states' gradient replaces the lm_head input in activation_bytes_per_token.
+    Not counted on either path: weight-sized transients (the compute-dtype weight gradient before
+    its cast to fp32, under autocast).
+    """
+    if not loss_chunk_tokens:
+        return tokens * (8 + vocab_size * 12)
+    rows = np.minimum(np.asarray(tokens, dtype=np.float64), loss_chunk_tokens)
+    return rows * vocab_size * (4 + (compute_bytes if compute_bytes != 4 else 0))
 
 
 def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | None = None,
                     num_devices: int = 1, sharding: str = "fsdp", precision: str = "bf16-mixed",
-                    activation_checkpointing: bool = False, attention: str = "sdpa") -> dict[str, Any]:
+                    activation_checkpointing: bool = False, attention: str = "sdpa",
+                    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, Any]:
     """Estimated peak training memory per device, in bytes, by component.
 
     Weights, gradients and optimizer state are exact given the precision; activations are what
     autograd keeps, tensor by tensor (activation_bytes_per_token, proven against PyTorch), plus
-    the logits' fp32 log-probabilities and their gradient. Under autocast (bf16-mixed without
+    what the loss holds (loss_bytes): unchunked, the logits' fp32 log-probabilities and two fp32
+    gradients at its backward; with `loss_chunk_tokens` > 0 (the model's default), one chunk's
+    logits. Under autocast (bf16-mixed without
     FSDP) `weight_copies` is the bf16 copy of every matmul weight that autocast makes and
     backward keeps. FSDP (ZeRO-3) shards weights, gradients and
     optimizer state over devices, and holds two unsharded blocks at a time (current + prefetch).
@@ -274,17 +299,19 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
     parts = training_memory_arrays(*_shape_args(cfg), seq_len=s, micro_batch=micro_batch,
                                    num_devices=num_devices, sharding=sharding, precision=precision,
                                    activation_checkpointing=activation_checkpointing, attention=attention,
-                                   **_style_kwargs(cfg))
+                                   loss_chunk_tokens=loss_chunk_tokens, **_style_kwargs(cfg))
     out: dict[str, Any] = {k: float(v) for k, v in parts.items()}
     out.update(micro_batch=micro_batch, seq_len=s, num_devices=num_devices, sharding=sharding,
-               precision=precision, activation_checkpointing=activation_checkpointing)
+               precision=precision, activation_checkpointing=activation_checkpointing,
+               loss_chunk_tokens=loss_chunk_tokens)
     return out
 
 
 def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *, seq_len: int,
                            micro_batch: int = 1, num_devices: int = 1, sharding: str = "fsdp",
                            precision: str = "bf16-mixed", activation_checkpointing: bool = False,
-                           attention: str = "sdpa", **style: Any) -> dict[str, Any]:
+                           attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
+                           **style: Any) -> dict[str, Any]:
     """`training_memory` over numpy arrays of shapes (the planner's memory filter), same model.
     `style` takes param_breakdown_arrays' keywords (ffn_type, normalization, bias, ...).
     Returns bytes per device by component as float64 arrays."""
@@ -314,9 +341,7 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
         layer_acts = tokens * (n_layer * residual * n_embd + per_layer)
     else:
         layer_acts = tokens * n_layer * per_layer
-    # Logits: the loss keeps fp32 log-probabilities; at the loss's backward their gradient (in the
-    # compute dtype) is live beside them.
-    activations = layer_acts + tokens * head + tokens * vocab * (4 + compute_bytes)
+    activations = layer_acts + tokens * head + loss_bytes(tokens, vocab, compute_bytes, loss_chunk_tokens)
     out = {"weights": total_params * wb / shards, "gradients": total_params * gb / shards,
            "optimizer": total_params * ob / shards, "unsharded_buffers": unsharded, "weight_copies": copies,
            "activations": activations}

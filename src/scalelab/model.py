@@ -17,6 +17,8 @@ Every architectural choice is a ModelConfig field; there is one code path per co
   renaming plus, for K/V, a concatenation — never a permutation.
 - The parameter count equals `scalelab.counting.count_params(cfg).total` for every preset:
   post-norm models have no final norm, LayerNorm has a bias iff `bias`, lm_head never has one.
+- With targets, the loss is by default scored in chunks of tokens (`loss_chunk_tokens`): the
+  [tokens × vocab] logits never exist at once (see `LinearCrossEntropy`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scalelab.config import ModelConfig
+from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig
 from scalelab.errors import UserError
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "math")
@@ -246,20 +248,122 @@ class Block(nn.Module):
         return self.ffn_norm(x + self.ffn(x))
 
 
+# ---- the loss: lm_head and cross-entropy, chunk by chunk ------------------------------------
+
+def score_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                 compute_dtype: torch.dtype, with_grads: bool):
+    """Mean cross-entropy (over targets != -1) of the logits hidden @ weightᵀ, formed
+    `chunk_tokens` rows at a time (score_chunk); with `with_grads`, also the loss's gradients
+    with respect to hidden (in `compute_dtype`) and to weight (in weight's dtype), chunk by chunk
+    as well. hidden (N, H), weight (V, H), targets (N,)."""
+    n_valid = (targets != -1).sum()
+    weight_c = weight.to(compute_dtype)  # autocast's copy of the weight; no copy when already that dtype
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty(hidden.shape, dtype=compute_dtype, device=hidden.device) if with_grads else None
+    grad_weight = torch.zeros_like(weight) if with_grads else None
+    for start in range(0, hidden.size(0), chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        loss_sum += score_chunk(hidden[rows].to(compute_dtype), weight_c, targets[rows], n_valid,
+                                None if grad_hidden is None else grad_hidden[rows], grad_weight)
+    return loss_sum / n_valid, grad_hidden, grad_weight
+
+
+def score_chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, n_valid: torch.Tensor,
+                grad_h: torch.Tensor | None, grad_weight: torch.Tensor | None) -> torch.Tensor:
+    """The summed cross-entropy of one chunk's rows h (rows, H) against weight (V, H), both in the
+    compute dtype; with grad_h, writes d loss / d h into it and adds d loss / d weight into
+    grad_weight, for the mean over all `n_valid` targets of the batch.
+
+    The logits are a compute-dtype matmul (what autocast's lm_head computes) made fp32, as the
+    unchunked loss makes them; their softmax is then formed in place and turned in place into
+    d loss / d logits = (softmax - onehot) / n_valid (zero for an ignored row), so a chunk holds
+    one fp32 [rows × vocab] buffer, plus its compute-dtype form when that is 16-bit. (A function of
+    its own so that a chunk's buffers are freed before the next chunk's exist.)"""
+    valid = targets != -1
+    targets = targets.clamp(min=0)[:, None]  # an ignored row reads column 0 and is masked out below
+    logits = (h @ weight.T).float()
+    target_logit = logits.gather(1, targets).squeeze(1)
+    row_max = logits.amax(dim=1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()  # in place: the chunk's one fp32 buffer
+    row_sum = probs.sum(dim=1, keepdim=True)
+    log_norm = (row_sum.log() + row_max).squeeze(1)  # the row's logsumexp
+    loss = torch.where(valid, log_norm - target_logit, 0.0).sum()
+    if grad_h is not None:
+        probs.div_(row_sum).scatter_add_(1, targets, -valid[:, None].float())  # softmax - onehot
+        grad_logits = probs.mul_(valid[:, None] / n_valid).to(h.dtype)
+        torch.mm(grad_logits, weight, out=grad_h)
+        if grad_weight.dtype == h.dtype:  # addmm with out=, not addmm_, which FlopCounterMode does not count
+            torch.addmm(grad_weight, grad_logits.T, h, out=grad_weight)
+        else:  # autocast: the compute-dtype product, accumulated into the fp32 weight's gradient
+            grad_weight += grad_logits.T @ h
+    return loss
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(hidden @ weightᵀ, targets, ignore_index=-1), mean over the targets kept,
+    without the [tokens × vocab] logits: a fused linear cross-entropy, as Liger-Kernel's.
+
+    Forward scores `chunk_tokens` tokens at a time and, since the loss is the graph's end, also
+    forms each chunk's gradients there (score_chunks); backward only scales them by the incoming
+    gradient. Why not recompute in backward (torchtune's chunked loss, or
+    `torch.utils.checkpoint` per chunk): that runs the lm_head matmul once more, a third more
+    lm_head FLOPs, and at a large vocabulary the lm_head is much of a small model's step. What
+    this keeps from forward to backward instead: the hidden states' gradient (tokens × n_embd,
+    the size of the lm_head input the unchunked loss saves) and lm_head's weight gradient, which
+    becomes the parameter's .grad. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens, compute_dtype):
+        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are explicit here
+            loss, grad_hidden, grad_weight = score_chunks(hidden, weight, targets, chunk_tokens, compute_dtype,
+                                                          with_grads=True)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # in place: these buffers are this node's own, and a second backward through it would
+        # fail autograd's version check rather than read them scaled
+        grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden.to(ctx.hidden_dtype), grad_weight, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_tokens: int) -> torch.Tensor:
+    """The mean cross-entropy of hidden (N, H) @ weightᵀ against targets (N,) (-1 ignored), scored
+    `chunk_tokens` tokens at a time, in the dtype an lm_head would compute in here (autocast's
+    when it is on)."""
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, compute_dtype)
+    with torch.autocast(device, enabled=False):
+        return score_chunks(hidden, weight, targets, chunk_tokens, compute_dtype, with_grads=False)[0]
+
+
 # ---- the model --------------------------------------------------------------------------------
 
 class Transformer(nn.Module):
     """A decoder-only language model built from a ModelConfig.
 
     `attention`: "sdpa" (fused kernel, the default) or "math" (explicit matmuls; the reference
-    for FLOP counting and for checking the kernel).
+    for FLOP counting and for checking the kernel). `loss_chunk_tokens`: with targets, score the
+    loss this many tokens at a time (`chunked_cross_entropy`; the forward then returns no logits);
+    0 forms the full logits and scores them at once.
     """
 
-    def __init__(self, config: ModelConfig, attention: str = "sdpa"):
+    def __init__(self, config: ModelConfig, attention: str = "sdpa",
+                 loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS):
         super().__init__()
         if attention not in ATTENTION_IMPLEMENTATIONS:
             raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}; got {attention!r}")
-        self.config, self.attention = config, attention
+        if isinstance(loss_chunk_tokens, bool) or not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 0:
+            raise UserError(f"loss_chunk_tokens must be a whole number >= 0 (0 = unchunked); got {loss_chunk_tokens!r}")
+        self.config, self.attention, self.loss_chunk_tokens = config, attention, loss_chunk_tokens
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
         learned = config.position_encoding == "learned"
         self.pos_embeddings = nn.Embedding(config.block_size, config.n_embd) if learned else None
@@ -320,8 +424,10 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, last_only: bool = False):
         """idx (B, S) token ids -> logits (B, S, vocab); with targets (B, S) -> (logits, loss),
-        the mean cross-entropy over targets != -1. With `kv_cache`, idx continues the cached
-        sequence. `last_only` computes logits for the last position only (generation)."""
+        the mean cross-entropy over targets != -1, where logits is None when the loss is chunked
+        (`loss_chunk_tokens` > 0: the full logits are never formed). With `kv_cache`, idx
+        continues the cached sequence. `last_only` computes logits for the last position only
+        (generation)."""
         B, S = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         x = self.tok_embeddings(idx)
@@ -341,6 +447,10 @@ class Transformer(nn.Module):
             x = self.norm(x)
         if last_only:
             x = x[:, -1:]
+        if targets is not None and self.loss_chunk_tokens:
+            loss = chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                         self.loss_chunk_tokens)
+            return None, loss
         logits = self.lm_head(x)
         if targets is None:
             return logits

@@ -7,8 +7,10 @@ import sys
 
 from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_count, format_duration,
                           parse_quantity, print_json, print_table)
-from scalelab.config import INT_LIMITS
+from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, INT_LIMITS
 from scalelab.errors import UserError
+
+LOSS_CHUNK_LIMIT = 2**24  # train.loss_chunk_tokens' bound
 
 EXAMPLES = """examples:
   scalelab count llama3.1-8b
@@ -23,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("count", help="exact parameters, FLOPs, memory and training time of a model",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", help="preset name (see --list) or a TOML model/training config (a "
-                   "training config's [train] micro_batch_size, seq_len, activation_checkpointing, dtype, attention "
-                   "and [parallel] strategy are the defaults of the flags below)")
+                   "training config's [train] micro_batch_size, seq_len, activation_checkpointing, dtype, attention, "
+                   "loss_chunk_tokens and [parallel] strategy are the defaults of the flags below)")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: model block_size, max 8192)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-step (default 1)")
@@ -40,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute blocks in backward")
     p.add_argument("--attention", choices=("sdpa", "math"), default=None, help="attention kernel (default sdpa)")
+    p.add_argument("--loss-chunk-tokens", type=int, default=None, metavar="N",
+                   help="score the loss N tokens at a time, as the trainer does by default "
+                   f"(default {DEFAULT_LOSS_CHUNK_TOKENS}); 0 forms all the logits at once")
     add_common_flags(p)
     p.set_defaults(func=run)
 
@@ -47,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_type: str | None = None,
                  mfu: float = 0.4, tokens: float | None = None, sharding: str | None = None,
                  precision: str = "bf16-mixed", activation_checkpointing: bool = False,
-                 attention: str = "sdpa") -> dict:
+                 attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict:
     """Everything `count` prints, as one dict (the --json object)."""
     from scalelab import counting
     from scalelab.hardware import get_accelerator
@@ -57,7 +62,8 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
     sharding = sharding or ("fsdp" if gpus > 1 else "ddp")
     memory = counting.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, num_devices=gpus,
                                       sharding=sharding, precision=precision,
-                                      activation_checkpointing=activation_checkpointing, attention=attention)
+                                      activation_checkpointing=activation_checkpointing, attention=attention,
+                                      loss_chunk_tokens=loss_chunk_tokens)
     report = {
         "model": cfg.name(),
         "config": cfg.to_dict(),
@@ -96,12 +102,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give a MODEL (a preset name or a .toml file); `scalelab count --list` lists presets")
     given = training_config_settings(args.model)
     for flag, default in (("micro_batch", 1), ("precision", "bf16-mixed"), ("activation_checkpointing", False),
-                          ("attention", "sdpa"), ("sharding", None), ("seq_len", None)):
+                          ("attention", "sdpa"), ("sharding", None), ("seq_len", None),
+                          ("loss_chunk_tokens", DEFAULT_LOSS_CHUNK_TOKENS)):
         if getattr(args, flag) is None:
             setattr(args, flag, given.get(flag, default))
     for flag in ("micro_batch", "gpus"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0 <= args.loss_chunk_tokens <= LOSS_CHUNK_LIMIT:
+        raise UserError(f"--loss-chunk-tokens must be between 0 (unchunked) and {LOSS_CHUNK_LIMIT:,}, "
+                        f"got {args.loss_chunk_tokens:.3g}")
     if args.seq_len is not None and not 1 <= args.seq_len <= INT_LIMITS["block_size"]:
         raise UserError(f"--seq-len must be between 1 and {INT_LIMITS['block_size']:,}, got {args.seq_len:.3g}")
     if not 0 < args.mfu <= 1:
@@ -124,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     report = count_report(cfg, seq_len=seq_len, micro_batch=args.micro_batch, gpus=args.gpus,
                           gpu_type=args.gpu_type, mfu=args.mfu, tokens=tokens, sharding=args.sharding,
                           precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-                          attention=args.attention)
+                          attention=args.attention, loss_chunk_tokens=args.loss_chunk_tokens)
     if args.json:
         print_json(report)
     else:
@@ -149,13 +159,15 @@ def training_config_settings(spec: str | None) -> dict:
         return {}
     out = {}
     for key, flag in (("micro_batch_size", "micro_batch"), ("seq_len", "seq_len"),
-                      ("activation_checkpointing", "activation_checkpointing"), ("attention", "attention")):
+                      ("activation_checkpointing", "activation_checkpointing"), ("attention", "attention"),
+                      ("loss_chunk_tokens", "loss_chunk_tokens")):
         if key in train:
             out[flag] = train[key]
     for flag, ok in (("micro_batch", lambda v: isinstance(v, int) and not isinstance(v, bool)),
                      ("seq_len", lambda v: isinstance(v, int) and not isinstance(v, bool)),
                      ("activation_checkpointing", lambda v: isinstance(v, bool)),
-                     ("attention", lambda v: v in ("sdpa", "math"))):
+                     ("attention", lambda v: v in ("sdpa", "math")),
+                     ("loss_chunk_tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
         if flag in out and not ok(out[flag]):
             raise UserError(f"{spec}: [train] value {out[flag]!r} is not a valid {flag.replace('_', ' ')}; "
                             "check it with `scalelab train --check`")
@@ -196,8 +208,10 @@ def print_report(cfg, r: dict) -> None:
     else:
         print_table([("KV cache / token (bf16)", format_bytes(r["kv_cache_bytes_per_token"]))], title="Inference")
     m = r["memory"]
+    loss = f"loss in chunks of {m['loss_chunk_tokens']:,} tokens" if m["loss_chunk_tokens"] else "unchunked loss"
     title = (f"Training memory per device ({m['sharding'].upper()} over {m['num_devices']}, {m['precision']}, "
-             f"micro-batch {m['micro_batch']} x {m['seq_len']}{', activation checkpointing' if m['activation_checkpointing'] else ''})")
+             f"micro-batch {m['micro_batch']} x {m['seq_len']}{', activation checkpointing' if m['activation_checkpointing'] else ''}, "
+             f"{loss})")
     rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k]))
             for k in ("weights", "gradients", "optimizer", "unsharded_buffers", "weight_copies", "activations")
             if m[k]]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from scalelab.config import ModelConfig, apply_overrides, closest, load_toml
+from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig, apply_overrides, closest, load_toml
 from scalelab.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -94,6 +94,10 @@ class TrainSection:
                                 "the host shared by its ranks on CPU); false starts anyway", "bool")
     attention: str = option("sdpa", "attention kernel: sdpa (fused) or math (explicit matmuls)", "str",
                             ATTENTIONS)
+    loss_chunk_tokens: int = option(DEFAULT_LOSS_CHUNK_TOKENS, "score the loss this many tokens at a time (fused "
+                                    "lm_head + cross-entropy: the [tokens × vocab] logits never exist at once; "
+                                    "same loss and gradients). 0 = form all the logits at once", "int",
+                                    bounds=(0, 2**24))
     seed: int = option(1337, "seeds model init and the data order", "int", bounds=(0, 2**32 - 1))
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible runs; "
                                  "slower on GPU)", "bool")

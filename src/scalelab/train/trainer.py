@@ -95,7 +95,8 @@ def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int) -> dict[s
     precision = "fp32" if t.dtype == "fp32" else "bf16-mixed"
     m = training_memory(cfg.model, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=world_size,
                         sharding={"fsdp": "fsdp", "ddp": "ddp"}.get(strategy, "none"), precision=precision,
-                        activation_checkpointing=t.activation_checkpointing, attention=t.attention)
+                        activation_checkpointing=t.activation_checkpointing, attention=t.attention,
+                        loss_chunk_tokens=t.loss_chunk_tokens)
     return m
 
 
@@ -300,7 +301,7 @@ class _Evaluator:
             x, y = self.loader.get_batch(i)
             x, y = (torch.from_numpy(a).to(self.d.device) for a in (x, y))
             with autocast():
-                _, loss = model(x, y)
+                loss = model(x, y)[1]
             total += float(loss) * y.numel()
             count += y.numel()
         model.train()
@@ -325,7 +326,7 @@ def build_model(cfg: TrainConfig, strategy: str, d: Dist,
     t = cfg.train
     torch.manual_seed(t.seed)
     if strategy != "fsdp":
-        model = Transformer(cfg.model, attention=t.attention)
+        model = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
         if initial is not None:
             model.load_state_dict(initial)
         model = model.to(d.device)
@@ -338,7 +339,7 @@ def build_model(cfg: TrainConfig, strategy: str, d: Dist,
     else:
         full = initial if initial is not None else Transformer(cfg.model, attention=t.attention).state_dict()
     with torch.device("meta"):
-        model = Transformer(cfg.model, attention=t.attention)
+        model = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
     model = parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
                         activation_checkpointing=t.activation_checkpointing,
                         reshard_after_forward=cfg.parallel.reshard_after_forward)
@@ -570,7 +571,7 @@ class Trainer:
             y = torch.from_numpy(y).to(d.device, non_blocking=True)
             with grad_sync(model, self.strategy, micro == accum - 1):
                 with self.autocast():
-                    _, loss = model(x, y)
+                    loss = model(x, y)[1]  # unchunked logits must not outlive forward
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += loss.detach()
