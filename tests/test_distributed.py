@@ -151,7 +151,8 @@ def test_a_held_run_directory_stops_every_rank(setup, tmp_path):
         lock.flush()
         r = torchrun("train", cfg, "--run-dir", run, "--set", "parallel.strategy=fsdp")
     assert r.returncode != 0
-    refused = [line for line in r.stderr.splitlines() if line.startswith("scalelab train: error:")]
+    # each rank's error (split on the prefix, not on lines: two processes share this stderr)
+    refused = [part.split("\n")[0] for part in r.stderr.split("scalelab train: error:")[1:]]
     assert len(refused) == 2 and refused[0] == refused[1], r.stderr[-3000:]
     assert f"in use by another scalelab train (pid {os.getpid()} on testhost" in refused[0]
     assert "exitcode  : 2 " in r.stderr  # torchrun's report (it may stop the second worker once the first exits)

@@ -134,23 +134,31 @@ def _register_broken(sub: argparse._SubParsersAction, name: str, error: ImportEr
     p.set_defaults(func=broken)
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: under torchrun every rank reports the same error into the
+    same terminal, and a line written in pieces could interleave with another rank's."""
+    sys.stderr.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
     except UserError as e:
-        print(f"scalelab {args.verb}: error: {e}", file=sys.stderr)
+        _say(f"scalelab {args.verb}: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print(f"scalelab {args.verb}: interrupted", file=sys.stderr)
+        _say(f"scalelab {args.verb}: interrupted")
         return 130
     except BrokenPipeError:
         return 0
     except OSError as e:  # disk full, read-only or missing paths, a directory where a file belongs
         if e.errno is None:
             raise
-        print(f"scalelab {args.verb}: error: {describe_os_error(e)}", file=sys.stderr)
+        _say(f"scalelab {args.verb}: error: {describe_os_error(e)}")
         return 2
     return int(rc or 0)
 
