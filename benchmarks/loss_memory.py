@@ -19,41 +19,11 @@ import argparse
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from train_speed import make_optimizer, step_fn  # the same step and optimizer as the speed benchmark
 
 from scalelab import counting
 from scalelab.presets import style_config
-
-
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                             lr=3e-4, betas=(0.9, 0.95))
-
-
-def step_fn(model, opt, x, y, hf: bool):
-    def step():
-        loss = model(input_ids=x, labels=x).loss if hf else model(x, y)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    return step
-
-
-def peak_bytes(step) -> tuple[int, float]:
-    """(the allocator's peak above its level before step(), the loss)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = float(step().detach())
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak, loss
+from scalelab.train.metrics import allocator_peak_bytes
 
 
 def main() -> None:
@@ -100,9 +70,10 @@ def main() -> None:
     models = {name: build(name) for name in names}
     steps, peaks, losses = {}, {}, {}
     for name in names:  # the first step of each, from the weights alone, under the profiler
-        steps[name] = step_fn(models[name], make_optimizer(models[name]), x, y,
-                              name == "transformers")
-        peaks[name], losses[name] = peak_bytes(steps[name])
+        steps[name] = step_fn(models[name], make_optimizer(models[name], fused=False), x, y,
+                              name == "transformers", None)
+        peaks[name], loss = allocator_peak_bytes(steps[name])
+        losses[name] = float(loss.detach())
     best = {name: float("inf") for name in names}
     for _ in range(args.repeats):
         for name in names:

@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from scalelab import counting
 from scalelab.config import ModelConfig
@@ -153,15 +152,9 @@ def test_nothing_per_vocabulary_entry_and_token_is_saved_for_backward():
 def peak_bytes(step) -> int:
     """The real peak of the CPU allocator during step(), above what was allocated before it: every
     allocation and free the profiler records (`profile_memory=True`), summed in time order."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    from scalelab.train.metrics import allocator_peak_bytes
+
+    return allocator_peak_bytes(step)[0]
 
 
 def test_chunked_loss_lowers_the_measured_peak_by_the_predicted_amount():

@@ -18,12 +18,29 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from scalelab.files import atomic_write_text
 from scalelab.units import format_count, format_duration
 
 METRICS = "metrics.jsonl"
+
+
+def allocator_peak_bytes(step: Callable[[], Any]) -> tuple[int, Any]:
+    """(the allocator's peak during step() above its level before it, step()'s result), measured by
+    the PyTorch profiler (`profile_memory=True`): every allocation and free it records, summed in
+    time order. Works on CPU, where `torch.cuda.max_memory_allocated` has no counterpart."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, result
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
