@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 
 from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig, apply_overrides, closest, load_toml
 from scalelab.errors import UserError
+from scalelab.layout import LAYOUT_KEYS, MESH_KEYS, PP_SCHEDULES, Layout
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -130,10 +131,33 @@ class CheckpointSection:
 
 @dataclass
 class ParallelSection:
-    """Data parallelism under torchrun (WORLD_SIZE > 1)."""
+    """How the run is spread over torchrun's WORLD_SIZE processes: a mesh pp × dp_replicate ×
+    dp_shard × tp (docs/parallelism.md). With dp_replicate, dp_shard, tp and pp all at their
+    defaults, `strategy` decides (the old keys: auto = DDP under torchrun)."""
     strategy: str = option("auto", "auto: ddp when launched by torchrun with >1 process, else none; fsdp "
-                           "shards parameters, gradients and optimizer state (FSDP2 per block + root)",
+                           "shards parameters, gradients and optimizer state (FSDP2 per block + root). "
+                           "Used only when dp_replicate, dp_shard, tp and pp are all at their defaults",
                            "str", STRATEGIES)
+    dp_replicate: int = option(1, "full replicas of the model (DDP alone; HSDP's replica dimension with "
+                               "dp_shard > 1)", "int", bounds=(1, 2**20))
+    dp_shard: int = option(-1, "FSDP2 shards parameters, gradients and optimizer state over this many ranks; "
+                           "-1 = the rest of WORLD_SIZE after dp_replicate × tp × pp", "int", bounds=(-1, 2**20))
+    tp: int = option(1, "tensor parallelism: split every block's matrices (and the vocabulary) over this many "
+                     "ranks; must divide n_head, num_key_value_heads, the FFN width and vocab_size", "int",
+                     bounds=(1, 2**20))
+    pp: int = option(1, "pipeline parallelism: split the layers into this many stages (one per rank group)",
+                     "int", bounds=(1, 2**20))
+    pp_schedule: str = option("1F1B", "pipeline schedule (torch.distributed.pipelining); Interleaved1F1B, "
+                              "LoopedBFS, InterleavedZeroBubble and ZBVZeroBubble run pp_stages_per_rank > 1",
+                              "str", PP_SCHEDULES)
+    pp_microbatches: int = option(0, "micro-batches each local batch is split into for the pipeline "
+                                  "(≥ pp; 0 = pp × pp_stages_per_rank)", "int", bounds=(0, 2**20))
+    pp_stages_per_rank: int = option(1, "virtual pipeline stages per rank (interleaved schedules)", "int",
+                                     bounds=(1, 2**10))
+    sequence_parallel: bool = option(True, "with tp > 1: norms and the residual stream between blocks are "
+                                     "split over the sequence (activations ÷ tp)", "bool")
+    loss_parallel: bool = option(False, "with tp > 1: compute the cross-entropy on vocabulary-sharded logits "
+                                 "(no all-gather of the logits)", "bool")
     backend: str = option("auto", "process group backend: auto is nccl on GPU, gloo on CPU", "str", BACKENDS)
     reshard_after_forward: bool = option(True, "FSDP: free gathered block parameters after forward "
                                          "(ZeRO-3; false keeps them until backward, ZeRO-2-like)", "bool")
@@ -298,6 +322,33 @@ def validate(cfg: TrainConfig) -> None:
                         "rope_scaling or set model.position_encoding = \"rope\"")
     if cfg.parallel.strategy == "fsdp" and t.dtype == "fp16":
         raise UserError(f"{where}: FSDP with fp16 is not supported (no sharded grad scaler); use dtype bf16")
+    if _layout_keys_set(cfg.parallel):
+        if cfg.parallel.strategy != "auto":
+            raise UserError(f"{where}: parallel.strategy = {cfg.parallel.strategy} and the layout keys (dp_replicate, "
+                            f"dp_shard, tp, pp) both say how to spread the run; drop parallel.strategy (leave it "
+                            f"\"auto\") and use the layout keys alone")
+        if t.dtype == "fp16":
+            raise UserError(f"{where}: a layout with dp_shard, tp or pp does not support fp16 (no sharded grad "
+                            f"scaler); use train.dtype = \"bf16\"")
+
+
+def _layout_keys_set(p: ParallelSection) -> bool:
+    """Whether any of the mesh degrees differs from its default (then they, not strategy, decide)."""
+    return any(getattr(p, k) != getattr(Layout(), k) for k in MESH_KEYS)
+
+
+def layout_of(cfg: TrainConfig, world_size: int) -> Layout:
+    """The validated, resolved Layout this config runs on world_size processes (UserError with one
+    line naming the fix otherwise). With dp_replicate, dp_shard, tp and pp at their defaults the old
+    parallel.strategy decides (Layout.from_strategy: auto = DDP under torchrun, none in one process)."""
+    p = cfg.parallel
+    keys = {k: getattr(p, k) for k in LAYOUT_KEYS}
+    if _layout_keys_set(p):
+        layout = Layout(**keys)
+    else:
+        base = Layout.from_strategy(p.strategy, world_size)
+        layout = base.replace(**{k: v for k, v in keys.items() if k not in MESH_KEYS})
+    return layout.validate(cfg.model, world_size)
 
 
 # ---- derived quantities -------------------------------------------------------------------------
