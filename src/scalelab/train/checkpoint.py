@@ -389,7 +389,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
 
     def write_state() -> None:
         inner = unwrap(model)
-        if strategy == "fsdp":
+        if strategy in ("fsdp", "pp"):  # sharded: each rank writes its part (a pipeline rank: its stages)
             import torch.distributed.checkpoint as dcp
 
             model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -470,18 +470,20 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 
         import torch.distributed.checkpoint as dcp
 
-        # One process reading a sharded checkpoint is intended (DCP warns that it assumes so).
+        # One process reading a sharded checkpoint is intended (DCP warns that it assumes so); so is
+        # one rank of a run reading it alone (a pipeline's final export): no_dist keeps DCP from
+        # waiting for the others in a collective.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
         if optimizer is None:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
             model_sd = get_model_state_dict(model)
-            dcp.load({"model": model_sd}, checkpoint_id=path / "dcp")
+            dcp.load({"model": model_sd}, checkpoint_id=path / "dcp", no_dist=not d.distributed)
             set_model_state_dict(model, model_sd)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / "dcp")
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / "dcp", no_dist=not d.distributed)
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     else:
         sd = hf.read_safetensors(path)

@@ -17,7 +17,9 @@ gradient accumulation sequences), split into the pipeline's micro-batches. The l
 function is the model's own (chunked or not: `lm_loss`), the mean over a micro-batch's tokens; the
 schedule scales gradients by 1 / micro-batches, so the step's gradients and its loss (the mean of
 the micro-batch losses) are what one process computes with gradient accumulation. Weight tying
-(lm_head = token embedding) is refused: the two halves live on different stages.
+(lm_head = token embedding) is refused (Layout.validate): the two halves live on different stages.
+The layout (schedule, stages, micro-batches) is checked by scalelab.layout.Layout.validate before
+any process group exists.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scalelab.config import ModelConfig
-from scalelab.errors import UserError
+from scalelab.layout import stage_layers
 from scalelab.model import Transformer, chunked_cross_entropy
 
 # schedule name -> (torch class name, more than one stage per rank allowed)
@@ -41,22 +42,15 @@ SCHEDULES = {
 }
 
 
-def stage_layers(n_layer: int, n_stages: int) -> list[range]:
-    """The blocks of each of `n_stages` consecutive stages: n_layer // n_stages each, the first
-    n_layer % n_stages stages one more (the last stage also carries lm_head and the loss, so an
-    uneven split leaves it the lighter side)."""
-    base, extra = divmod(n_layer, n_stages)
-    out, start = [], 0
-    for s in range(n_stages):
-        n = base + (1 if s < extra else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
 def rank_stages(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
-    """The stage indices rank `pp_rank` of `pp` runs, in loop order."""
+    """The stage indices rank `pp_rank` of `pp` runs, in loop order (r, r + pp, r + 2·pp, ...), the
+    order the interleaved schedules expect."""
     return [pp_rank + k * pp for k in range(stages_per_rank)]
+
+
+def describe_stages(n_layer: int, n_stages: int) -> str:
+    """The blocks of each stage for the log, e.g. '0-2 | 3-4' (an uneven split shows)."""
+    return " | ".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start) for r in stage_layers(n_layer, n_stages))
 
 
 class StageModule(nn.Module):
@@ -107,24 +101,6 @@ def lm_loss(last: StageModule, hidden: torch.Tensor, targets: torch.Tensor) -> t
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
-def check_pipeline(cfg: ModelConfig, pp: int, stages_per_rank: int, schedule: str) -> None:
-    """UserError for a pipeline this model cannot run (torch-free checks live in layout)."""
-    if schedule not in SCHEDULES:
-        raise UserError(f"parallel.pp_schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if stages_per_rank > 1 and not SCHEDULES[schedule][1]:
-        multi = [name for name, (_, m) in SCHEDULES.items() if m]
-        raise UserError(f"parallel.pp_schedule {schedule} runs one stage per rank but pp_stages_per_rank is "
-                        f"{stages_per_rank}; set pp_stages_per_rank = 1 or use {' or '.join(multi)}")
-    n_stages = pp * stages_per_rank
-    if n_stages > cfg.n_layer:
-        raise UserError(f"pp {pp} × pp_stages_per_rank {stages_per_rank} = {n_stages} pipeline stages but the model "
-                        f"has {cfg.n_layer} layers; every stage needs a block: lower parallel.pp or "
-                        "pp_stages_per_rank")
-    if cfg.tie_embeddings:
-        raise UserError("pipeline parallelism cannot tie embeddings (the token embedding is on the first stage, "
-                        "lm_head on the last); set model.tie_embeddings = false or parallel.pp = 1")
-
-
 class Pipeline:
     """This rank's stages of the model and the schedule that runs them.
 
@@ -135,10 +111,10 @@ class Pipeline:
 
     def __init__(self, full: Transformer, *, pp_rank: int, pp: int, stages_per_rank: int, schedule: str,
                  n_microbatches: int, group: dist.ProcessGroup, device: torch.device,
-                 wrap_stage=None):
+                 wrap_stage=None, mesh=None):
         import torch.distributed.pipelining as pipelining
 
-        check_pipeline(full.config, pp, stages_per_rank, schedule)
+        self.mesh, self.group = mesh, group
         n_stages = pp * stages_per_rank
         layers = stage_layers(full.config.n_layer, n_stages)
         self.stage_ids = rank_stages(pp_rank, pp, stages_per_rank)
@@ -183,3 +159,39 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group: dist.P
         norm = squared.sqrt().to(norm.dtype)
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def build_pipeline(cfg, layout, d, initial: dict[str, torch.Tensor] | None = None) -> Pipeline:
+    """This rank's Pipeline for a TrainConfig `cfg` on a resolved Layout with pp > 1: the DeviceMesh
+    (pp × dp_replicate × dp_shard × tp), the full model as one process draws it (seed train.seed,
+    or `initial`), split into stages, then FSDP2 on the data dimensions per stage module."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from scalelab.layout import MESH_KEYS
+
+    t = cfg.train
+    mesh = init_device_mesh(d.device.type, tuple(getattr(layout, k) for k in MESH_KEYS), mesh_dim_names=MESH_KEYS)
+    torch.manual_seed(t.seed)
+    full = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
+    if initial is not None:
+        full.load_state_dict(initial)
+    wrap = None
+    if layout.uses_fsdp:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
+        wrap = lambda view: shard_stage(view, dp_mesh, torch.bfloat16 if t.dtype == "bf16" else None)  # noqa: E731
+    pp_mesh = mesh["pp"]
+    return Pipeline(full, pp_rank=pp_mesh.get_local_rank(), pp=layout.pp, stages_per_rank=layout.pp_stages_per_rank,
+                    schedule=layout.pp_schedule, n_microbatches=layout.microbatches, group=pp_mesh.get_group(),
+                    device=d.device, wrap_stage=wrap, mesh=mesh)
+
+
+def shard_stage(view: StageModule, dp_mesh, param_dtype: torch.dtype | None) -> StageModule:
+    """FSDP2 over the data-parallel mesh: each block of the stage, then the stage's root
+    (embeddings, final norm, lm_head), as parallel.apply_fsdp does for the whole model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in view.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(view, mesh=dp_mesh, mp_policy=mp)
+    return view

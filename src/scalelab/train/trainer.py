@@ -38,17 +38,18 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from scalelab.counting import training_flops, training_memory
+from scalelab.counting import count_params, training_flops, training_memory
 from scalelab.errors import UserError, describe_os_error
 from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.units import format_bytes
 from scalelab.train import checkpoint as ckpt
 from scalelab.train import init_from
-from scalelab.train.config import (TrainConfig, grad_accum_steps, resume_differences, sequences_per_step,
-                                   total_steps, warmup_steps)
+from scalelab.train.config import (TrainConfig, grad_accum_steps, layout_of, resume_differences,
+                                   sequences_per_step, total_steps, warmup_steps)
 from scalelab.train.metrics import MetricsLog, console_line, eta_seconds, read_metrics, recorded_figures
 from scalelab.train.parallel import (Dist, agree, all_reduce_sum, decide_on_main, destroy_distributed,
                                      grad_sync, init_distributed, parallelize, resolve_strategy, unwrap)
@@ -259,11 +260,21 @@ class _Evaluator:
     """Mean held-out loss over fixed val batches, and bits per byte (bpb = loss/ln2 × tokens/bytes,
     bytes of the decoded target text, as scalelab.evaluate.target_bytes counts them)."""
 
-    def __init__(self, cfg: TrainConfig, d: Dist, log: Callable[[str], None]):
+    def __init__(self, cfg: TrainConfig, d: Dist, log: Callable[[str], None], pipeline=None,
+                 dp: tuple[int, int] | None = None):
+        """`dp`: (data-parallel rank, size) when it is not (rank, world size). Under a `pipeline`
+        the val batches go through it `accum` at a time (the pipeline's local batch), so the count
+        is rounded up to a multiple of that; only the last stage's ranks count the loss."""
         from scalelab.data.loader import TokenLoader
         from scalelab.evaluate import target_bytes
 
+        self.pipeline, self.group = pipeline, 1
         self.batches = cfg.eval.batches
+        if pipeline is not None:
+            self.group = grad_accum_steps(cfg, dp[1])
+            self.batches = -(-self.batches // self.group) * self.group
+        dp_rank, dp_size = dp or (d.rank, d.world_size)
+        counts = pipeline is None or pipeline.holds_last  # one rank per data-parallel group counts
         self.d = d
         self.loader = None
         self.bytes = None
@@ -271,10 +282,11 @@ class _Evaluator:
         n = 0
         try:
             self.loader = TokenLoader(cfg.data.dir, cfg.data.val_split, seq_len=cfg.train.seq_len,
-                                      micro_batch_size=cfg.train.micro_batch_size, rank=d.rank,
-                                      world_size=d.world_size, seed=cfg.train.seed)
+                                      micro_batch_size=cfg.train.micro_batch_size, rank=dp_rank,
+                                      world_size=dp_size, seed=cfg.train.seed)
             tok = self.loader.tokenizer()
-            n = sum(target_bytes(tok, self.loader.get_batch(i)[1]) for i in range(self.batches))
+            if counts:
+                n = sum(target_bytes(tok, self.loader.get_batch(i)[1]) for i in range(self.batches))
         except UserError as e:
             no_eval = str(e) if self.loader is None else None
             no_bpb = None if self.loader is None else str(e)
@@ -297,18 +309,36 @@ class _Evaluator:
     def __call__(self, model: nn.Module, autocast) -> dict[str, float | None]:
         model.eval()
         total, count = 0.0, 0.0
-        for i in range(self.batches):
-            x, y = self.loader.get_batch(i)
-            x, y = (torch.from_numpy(a).to(self.d.device) for a in (x, y))
+        for i in range(0, self.batches, self.group):
+            batches = [self.loader.get_batch(j) for j in range(i, i + self.group)]
+            x, y = (torch.from_numpy(np.concatenate(a)).to(self.d.device) for a in zip(*batches))
             with autocast():
-                loss = model(x, y)[1]
-            total += float(loss) * y.numel()
-            count += y.numel()
+                if self.pipeline is None:
+                    losses = [float(model(x, y)[1])]
+                else:  # the last stage's micro-batch means (equal sizes); None elsewhere
+                    losses = self.pipeline.eval_losses(x, y) or []
+            total += sum(losses) * y.numel() / max(len(losses), 1)
+            count += y.numel() if losses else 0
         model.train()
         total, count = all_reduce_sum([total, count], self.d)
         val_loss = total / count
         bpb = None if self.bytes is None else total / (math.log(2) * self.bytes)
         return {"val_loss": val_loss, "val_bpb": bpb}
+
+
+def data_parallel_rank(layout, rank: int) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size) of global `rank` on the mesh pp × dp_replicate ×
+    dp_shard × tp (outermost first): ranks that differ only in pp or tp see the same data."""
+    return (rank // layout.tp) % layout.dp, layout.dp
+
+
+def check_microbatches(local_sequences: int, microbatches: int) -> None:
+    """UserError unless a pipeline's local batch splits into its micro-batches evenly."""
+    if local_sequences % microbatches:
+        raise UserError(f"the pipeline splits each data-parallel rank's {local_sequences} sequences per step "
+                        f"(train.micro_batch_size × gradient accumulation) into parallel.pp_microbatches = "
+                        f"{microbatches} micro-batches, which does not divide them; use a pp_microbatches that "
+                        f"divides {local_sequences}, or change train.micro_batch_size / global_batch_tokens")
 
 
 def build_model(cfg: TrainConfig, strategy: str, d: Dist,
@@ -412,16 +442,22 @@ class Trainer:
         # host share its memory) before anything is allocated or written; if any rank finds a
         # problem, all raise the same error (none is left waiting in a collective).
         try:
-            self.strategy = strategy = resolve_strategy(cfg.parallel.strategy, d.world_size)
-            self.accum = accum = grad_accum_steps(cfg, d.world_size)
+            self.layout = layout_of(cfg, d.world_size)
+            self.strategy = strategy = "pp" if self.layout.pp > 1 else \
+                resolve_strategy(cfg.parallel.strategy, d.world_size)
+            self.dp = data_parallel_rank(self.layout, d.rank) if strategy == "pp" else (d.rank, d.world_size)
+            dp_rank, dp_size = self.dp
+            self.accum = accum = grad_accum_steps(cfg, dp_size)
+            if strategy == "pp":
+                check_microbatches(t.micro_batch_size * accum, self.layout.microbatches)
             self.loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
-                                      micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=d.rank,
-                                      world_size=d.world_size, seed=t.seed)
+                                      micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=dp_rank,
+                                      world_size=dp_size, seed=t.seed)
             self.loader.check_vocab(cfg.model.vocab_size)
             # A run that already has checkpoints resumes them and needs its source no more.
             if t.init_from and not ckpt.list_checkpoints(run_dir):
                 self.init_source = init_from.check_source(t.init_from, cfg.model, self.loader.metadata)
-            seqs_per_step = t.micro_batch_size * accum * d.world_size
+            seqs_per_step = t.micro_batch_size * accum * dp_size
             self.tokens_per_step = seqs_per_step * t.seq_len
             self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
             self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
@@ -443,7 +479,14 @@ class Trainer:
 
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.model = build_model(cfg, strategy, d, self.init_weights if latest is None else None)
+        self.pipeline = None
+        if strategy == "pp":
+            from scalelab.train.pipeline import build_pipeline, describe_stages
+
+            self.pipeline = build_pipeline(cfg, self.layout, d, self.init_weights if latest is None else None)
+            self.model = self.pipeline.model
+        else:
+            self.model = build_model(cfg, strategy, d, self.init_weights if latest is None else None)
         self.init_weights = None  # the model holds them now
         if self.init_source is not None and latest is None:
             self.initialised_from = str(self.init_source.resolve())
@@ -473,15 +516,23 @@ class Trainer:
             self.metrics = MetricsLog(run_dir, keep_until_step=self.start_step if latest is not None else None,
                                       tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                                       config=cfg.to_dict(), warn=log)
-            n_params = sum(p.numel() for p in unwrap(self.model).parameters())
+            n_params = count_params(cfg.model).total if strategy == "pp" else \
+                sum(p.numel() for p in unwrap(self.model).parameters())
             log(f"scalelab train: {cfg.model.name()} ({n_params:,} params) on {d.world_size} × {d.device.type} "
                 f"[{strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
-                f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × world {d.world_size}), "
+                f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × "
+                f"{'world' if strategy != 'pp' else 'data-parallel'} {dp_size}), "
                 f"{self.flops_per_step * self.steps:.3g} FLOPs; run dir {run_dir}")
             log(f"scalelab train: predicted peak memory per device "
                 f"{format_bytes(predicted_memory(cfg, strategy, d.world_size)['total'])} (counting.training_memory; "
                 f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
-        self.evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
+        if self.pipeline is not None and d.is_main:
+            log(f"scalelab train: pipeline {self.layout.describe()}, schedule {self.layout.pp_schedule}, "
+                f"{self.layout.microbatches} micro-batches of "
+                f"{t.micro_batch_size * accum // self.layout.microbatches} sequences; "
+                f"blocks per stage {describe_stages(cfg.model.n_layer, self.layout.stages)}")
+        self.evaluator = _Evaluator(cfg, d, log, self.pipeline, self.dp) if (cfg.eval.every or cfg.eval.at_end) \
+            else None
         self.peak = peak_flops_per_device(cfg, d.device)
         self.stop = _StopFlag(cfg.checkpoint.on_signal)
         return None
@@ -511,8 +562,8 @@ class Trainer:
         cfg, t, done = self.cfg, self.cfg.train, int(state["step"])
         old = tomllib.loads(state["config"])
         refused, accepted = resume_differences(old, cfg.to_dict())
-        old_seqs = sequences_per_step(old["train"], int(state["world_size"]))
-        new_seqs = sequences_per_step(cfg.to_dict()["train"], self.d.world_size)
+        old_seqs = sequences_per_step(old["train"], int(state.get("data_parallel", state["world_size"])))
+        new_seqs = sequences_per_step(cfg.to_dict()["train"], self.dp[1])
         if old_seqs != new_seqs:
             refused.append(f"global batch {old_seqs} -> {new_seqs} sequences per step")
         recorded = self.run_dir / "data.json"
@@ -564,6 +615,8 @@ class Trainer:
                            schedule=t.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if self.pipeline is not None:
+            return self._finish_step(*self._pipeline_step(step), lr)
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(accum):
             x, y = self.loader.get_batch(step, micro)
@@ -581,8 +634,30 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        loss_value, grad_value = all_reduce_sum([float(loss_sum) / accum, float(grad_norm)], d)
-        loss_value /= d.world_size
+        return self._finish_step(float(loss_sum) / accum, float(grad_norm), d.world_size, lr)
+
+    def _pipeline_step(self, step: int) -> tuple[float, float, int]:
+        """The pipeline's forward and backward over this rank's whole local batch (its `accum`
+        micro-batches, as one process reads them), then clipping by the norm over every stage.
+        Returns (mean loss on a last-stage rank, else 0; gradient norm; ranks holding the loss)."""
+        from scalelab.train.pipeline import clip_grad_norm
+
+        t, d = self.cfg.train, self.d
+        batches = [self.loader.get_batch(step, micro) for micro in range(self.accum)]
+        x, y = (torch.from_numpy(np.concatenate(a)).to(d.device) for a in zip(*batches))
+        with self.autocast():
+            loss_sum = self.pipeline.step(x, y)
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm(list(self.model.parameters()), max_norm, self.pipeline.group)
+        loss = 0.0 if loss_sum is None else float(loss_sum) / self.pipeline.n_microbatches
+        return loss, float(grad_norm), d.world_size // self.layout.pp
+
+    def _finish_step(self, loss: float, grad_norm: float, loss_ranks: int, lr: float) -> dict[str, float]:
+        """Agree on the step's loss (the mean over the `loss_ranks` ranks that hold one) and gradient
+        norm, stop on a non-finite one, step the optimizer."""
+        d, step, optimizer, scaler = self.d, self.step, self.optimizer, self.scaler
+        loss_value, grad_value = all_reduce_sum([loss, grad_norm], d)
+        loss_value /= loss_ranks
         grad_value /= d.world_size  # identical on every rank already; this keeps it so
         if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_value)):
             where = ckpt.latest_checkpoint(self.run_dir, warn=lambda message: None)
@@ -621,6 +696,7 @@ class Trainer:
         return {"format": 1, "step": self.step, "tokens": self.tokens_seen, "flops": self.flops_seen,
                 "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "model": self.cfg.model.to_dict(), "config": self.cfg.to_toml(), "world_size": self.d.world_size,
+                "data_parallel": self.dp[1],
                 "strategy": self.strategy, "total_steps": self.steps,
                 "init_from": self.initialised_from}
 
@@ -690,7 +766,7 @@ class Trainer:
         if self.cfg.eval.at_end and self.steps > self.start_step:
             self.evaluate()
         path = self.checkpoint()
-        final = export_final(self.run_dir, self.model, self.strategy, self.d)
+        final = export_final(self.run_dir, self.model, self.strategy, self.d, path)
         if self.d.is_main:
             self.log(f"scalelab train: done, {self.step} steps, {self.tokens_seen:,} tokens, "
                      f"{self.flops_seen:.3g} FLOPs; checkpoint {path}; final weights {final}")
@@ -715,9 +791,11 @@ class Trainer:
             self.lock = None
 
 
-def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Path:
+def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist, checkpoint: Path) -> Path:
     """RUN_DIR/final: full weights as model.safetensors + model.toml (+ tokenizer), the native
-    format `scalelab sample` and `scalelab export-hf` read. FSDP gathers to rank 0 on the CPU."""
+    format `scalelab sample` and `scalelab export-hf` read. FSDP gathers to rank 0 on the CPU; a
+    pipeline's rank 0 holds only its stages, so it reads the whole model back from the
+    `checkpoint` just written (DCP merges every stage's part)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from scalelab import hf
@@ -726,6 +804,9 @@ def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Pat
     final = run_dir / "final"
     if strategy == "fsdp":
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif strategy == "pp":
+        inner = ckpt.load_model_for_inference(checkpoint) if d.is_main else inner
+        sd = dict(inner.state_dict()) if d.is_main else {}
     else:
         sd = dict(inner.state_dict()) if d.is_main else {}
 
