@@ -26,8 +26,8 @@ from typing import Any
 from scalelab.errors import UserError
 
 # torch.distributed.pipelining schedule names (torch 2.13), as get_schedule_class spells them.
-# ZBVZeroBubble is left out: its forward-only pass (evaluation) fails in torch 2.13 ("can't
-# steal_bwd_input if this stage doesn't have backward").
+# ZBVZeroBubble is left out: its forward-only pass (the trainer's evaluation) fails in torch 2.13
+# ("can't steal_bwd_input if this stage doesn't have backward").
 PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe", "LoopedBFS", "InterleavedZeroBubble")
 # Schedules that run one stage per rank; the others run pp_stages_per_rank > 1 virtual stages.
 SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
@@ -135,6 +135,10 @@ class Layout:
         elif lay.loss_parallel:
             raise UserError("parallel.loss_parallel needs parallel.tp > 1 (it shards the vocabulary over tp); "
                             "set loss_parallel = false")
+        if lay.dp_replicate > 1 and lay.dp_shard == 1 and (lay.tp > 1 or lay.pp > 1):
+            raise UserError(f"parallel.dp_replicate = {lay.dp_replicate} with tp or pp needs dp_shard > 1 (HSDP: "
+                            f"replicas of FSDP shards; DDP does not compose with tp/pp); set parallel.dp_shard = "
+                            f"{lay.dp_replicate} and dp_replicate = 1 (FSDP), or both > 1")
         if lay.pp == 1 and (lay.pp_stages_per_rank != 1 or lay.pp_microbatches or lay.pp_schedule != "1F1B"):
             raise UserError("parallel.pp_schedule/pp_microbatches/pp_stages_per_rank apply to pipeline "
                             "parallelism; set parallel.pp > 1 or leave them at their defaults")
@@ -192,14 +196,13 @@ class Layout:
 
     @property
     def uses_fsdp(self) -> bool:
-        """fully_shard applies (over dp_shard, or dp_replicate × dp_shard for HSDP) whenever the data
-        dimensions are sharded, or replicated alongside tp/pp (FSDP2 with a replicate-only mesh)."""
-        return self.dp_shard > 1 or (self.dp_replicate > 1 and not self.is_ddp)
+        """fully_shard applies: over dp_shard, or over dp_replicate × dp_shard (HSDP)."""
+        return self.dp_shard > 1
 
 
 def stage_layers(n_layer: int, n_stages: int) -> list[range]:
-    """The blocks of each of `n_stages` consecutive pipeline stages (stage s holds embeddings too
-    when s = 0, the final norm, lm_head and loss when s is the last): n_layer // n_stages blocks
+    """The blocks of each of `n_stages` consecutive pipeline stages (stage 0 also holds the
+    embeddings, the last stage the final norm, lm_head and the loss): n_layer // n_stages blocks
     each, the first n_layer % n_stages stages one more, so an uneven split leaves the last stage,
     which also scores the vocabulary, the lighter side."""
     if not 1 <= n_stages <= n_layer:

@@ -53,6 +53,15 @@ def describe_stages(n_layer: int, n_stages: int) -> str:
     return " | ".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start) for r in stage_layers(n_layer, n_stages))
 
 
+class Blocks(nn.ModuleDict):
+    """A stage's blocks keyed by their index in the full model (so `layers.7...` keeps its name),
+    iterating over the blocks, in order, as the full model's ModuleList does (so the wrappers in
+    scalelab.train.parallel treat a stage as they treat a model)."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+
 class StageModule(nn.Module):
     """The part of a Transformer that some stages own, under the full model's names: the token
     (and position) embeddings when it holds stage 0, the blocks `layers.<i>` it owns, and the final
@@ -72,19 +81,27 @@ class StageModule(nn.Module):
         self.tok_embeddings = source.tok_embeddings if first else None
         self.pos_embeddings = source.pos_embeddings if first else None
         by_index = isinstance(source.layers, nn.ModuleList)
-        self.layers = nn.ModuleDict({str(i): source.layers[i if by_index else str(i)] for i in layers})
+        self.layers = Blocks({str(i): source.layers[i if by_index else str(i)] for i in layers})
         self.norm = source.norm if last else None
         self.lm_head = source.lm_head if last else None
+        # positions per sequence = this many × the hidden states' length (tp under sequence
+        # parallelism: each rank holds a slice of the sequence between blocks)
+        self.sequence_shards = 1
+
+    def tie_weights(self) -> None:
+        """Nothing to tie: a pipeline never ties lm_head to the embedding (Layout.validate)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first:
+        if self.first:  # token ids (B, S)
             S = x.size(1)
             positions = torch.arange(S, device=x.device)
             x = self.tok_embeddings(x)
             if self.pos_embeddings is not None:
                 x = x + self.pos_embeddings(positions)
-        rope = None if self._rope is None else self.rope_cos_sin(0, x.size(1), x.device, x.dtype)
-        for block in self.layers.values():
+        else:  # hidden states (B, S / sequence_shards, H)
+            S = x.size(1) * self.sequence_shards
+        rope = None if self._rope is None else self.rope_cos_sin(0, S, x.device, x.dtype)
+        for block in self.layers:
             x = block(x, rope)
         if self.last and self.norm is not None:
             x = self.norm(x)
@@ -110,11 +127,9 @@ class Pipeline:
     micro-batch losses, forward only (last stage), else None."""
 
     def __init__(self, full: Transformer, *, pp_rank: int, pp: int, stages_per_rank: int, schedule: str,
-                 n_microbatches: int, group: dist.ProcessGroup, device: torch.device,
-                 wrap_stage=None, mesh=None):
+                 n_microbatches: int, group: dist.ProcessGroup, device: torch.device, wrap_stage=None):
         import torch.distributed.pipelining as pipelining
 
-        self.mesh, self.group = mesh, group
         n_stages = pp * stages_per_rank
         layers = stage_layers(full.config.n_layer, n_stages)
         self.stage_ids = rank_stages(pp_rank, pp, stages_per_rank)
@@ -145,53 +160,25 @@ class Pipeline:
         return [float(l) for l in losses] if self.holds_last else None
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Clip the gradients of the whole model, whose parameters are spread over the pipeline's
-    ranks (and may be DTensor shards): the global 2-norm is the square root of the sum over
-    pipeline ranks of each rank's squared norm. Returns that norm (the same on every rank)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    if pp_group is not None:
-        squared = norm.double() ** 2
-        dist.all_reduce(squared, group=pp_group)
-        norm = squared.sqrt().to(norm.dtype)
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
-
-
-def build_pipeline(cfg, layout, d, initial: dict[str, torch.Tensor] | None = None) -> Pipeline:
-    """This rank's Pipeline for a TrainConfig `cfg` on a resolved Layout with pp > 1: the DeviceMesh
-    (pp × dp_replicate × dp_shard × tp), the full model as one process draws it (seed train.seed,
-    or `initial`), split into stages, then FSDP2 on the data dimensions per stage module."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from scalelab.layout import MESH_KEYS
-
-    t = cfg.train
-    mesh = init_device_mesh(d.device.type, tuple(getattr(layout, k) for k in MESH_KEYS), mesh_dim_names=MESH_KEYS)
+def build_pipeline(cfg, dims, initial: dict[str, torch.Tensor] | None = None) -> Pipeline:
+    """This rank's Pipeline for TrainConfig `cfg` under ParallelDims `dims` (a layout with pp > 1):
+    the full model exactly as one process draws it (seed train.seed, or `initial`), split into
+    stages, then each stage module wrapped by dims.parallelize (TP, activation checkpointing,
+    compile, FSDP2 / HSDP on the data dimensions: torchtitan's order, after the split)."""
+    t, lay = cfg.train, dims.layout
     torch.manual_seed(t.seed)
     full = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
     if initial is not None:
         full.load_state_dict(initial)
-    wrap = None
-    if layout.uses_fsdp:
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
-        wrap = lambda view: shard_stage(view, dp_mesh, torch.bfloat16 if t.dtype == "bf16" else None)  # noqa: E731
-    pp_mesh = mesh["pp"]
-    return Pipeline(full, pp_rank=pp_mesh.get_local_rank(), pp=layout.pp, stages_per_rank=layout.pp_stages_per_rank,
-                    schedule=layout.pp_schedule, n_microbatches=layout.microbatches, group=pp_mesh.get_group(),
-                    device=d.device, wrap_stage=wrap, mesh=mesh)
 
+    def wrap(view: StageModule) -> StageModule:
+        if lay.tp > 1 and lay.sequence_parallel:
+            view.sequence_shards = lay.tp  # hidden states between stages hold S / tp positions
+        return dims.parallelize(view, dtype=t.dtype, compile=t.compile,
+                                activation_checkpointing=t.activation_checkpointing,
+                                reshard_after_forward=cfg.parallel.reshard_after_forward)
 
-def shard_stage(view: StageModule, dp_mesh, param_dtype: torch.dtype | None) -> StageModule:
-    """FSDP2 over the data-parallel mesh: each block of the stage, then the stage's root
-    (embeddings, final norm, lm_head), as parallel.apply_fsdp does for the whole model."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in view.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-    fully_shard(view, mesh=dp_mesh, mp_policy=mp)
-    return view
+    pp_mesh = dims.submesh("pp")
+    return Pipeline(full, pp_rank=pp_mesh.get_local_rank(), pp=lay.pp, stages_per_rank=lay.pp_stages_per_rank,
+                    schedule=lay.pp_schedule, n_microbatches=lay.microbatches, group=pp_mesh.get_group(),
+                    device=dims.d.device, wrap_stage=wrap)

@@ -1,4 +1,4 @@
-"""The training loop: one process, or many under torchrun (DDP / FSDP2).
+"""The training loop: one process, or many under torchrun (any Layout: DDP, FSDP2 / HSDP, TP).
 
     train(cfg, run_dir) -> summary dict
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import gc
 import json
@@ -48,11 +49,12 @@ from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.units import format_bytes
 from scalelab.train import checkpoint as ckpt
 from scalelab.train import init_from
-from scalelab.train.config import (TrainConfig, grad_accum_steps, layout_of, resume_differences,
-                                   sequences_per_step, total_steps, warmup_steps)
+from scalelab.layout import Layout
+from scalelab.train.config import (TrainConfig, grad_accum_steps, layout_of, resume_differences, sequences_per_step,
+                                   total_steps, warmup_steps)
 from scalelab.train.metrics import MetricsLog, console_line, eta_seconds, read_metrics, recorded_figures
-from scalelab.train.parallel import (Dist, agree, all_reduce_sum, decide_on_main, destroy_distributed,
-                                     grad_sync, init_distributed, parallelize, resolve_strategy, unwrap)
+from scalelab.train.parallel import (Dist, ParallelDims, agree, all_reduce_sum, as_plain, decide_on_main,
+                                     destroy_distributed, init_distributed, unwrap)
 from scalelab.train.schedule import learning_rate
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -88,6 +90,16 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
         acc = detect_accelerator(torch.cuda.get_device_name(device))
         return acc.peak_bf16_flops if acc else None
     return None
+
+
+def memory_sharding(layout: Layout) -> tuple[str, int]:
+    """(sharding, devices) for counting.training_memory: ddp for replicas only; otherwise weights,
+    gradients and optimizer state are split over dp_shard × tp × pp devices, counted as FSDP over
+    that many (activations are not divided by tp here: an over-estimate for TP layouts)."""
+    if layout.is_ddp:
+        return "ddp", layout.world
+    split = layout.dp_shard * layout.tp * layout.pp
+    return ("fsdp", split) if split > 1 else ("none", 1)
 
 
 def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int) -> dict[str, Any]:
@@ -260,30 +272,28 @@ class _Evaluator:
     """Mean held-out loss over fixed val batches, and bits per byte (bpb = loss/ln2 × tokens/bytes,
     bytes of the decoded target text, as scalelab.evaluate.target_bytes counts them)."""
 
-    def __init__(self, cfg: TrainConfig, d: Dist, log: Callable[[str], None], pipeline=None,
-                 dp: tuple[int, int] | None = None):
-        """`dp`: (data-parallel rank, size) when it is not (rank, world size). Under a `pipeline`
-        the val batches go through it `accum` at a time (the pipeline's local batch), so the count
-        is rounded up to a multiple of that; only the last stage's ranks count the loss."""
+    def __init__(self, cfg: TrainConfig, dims: ParallelDims, log: Callable[[str], None], pipeline=None):
+        """Under a `pipeline` the val batches go through it `accum` at a time (the pipeline's local
+        batch, so its micro-batches have the training shape): eval.batches is rounded up to a
+        multiple of that, and only the last stage's ranks count loss and bytes."""
         from scalelab.data.loader import TokenLoader
         from scalelab.evaluate import target_bytes
 
         self.pipeline, self.group = pipeline, 1
         self.batches = cfg.eval.batches
         if pipeline is not None:
-            self.group = grad_accum_steps(cfg, dp[1])
+            self.group = grad_accum_steps(cfg, dims.dp)
             self.batches = -(-self.batches // self.group) * self.group
-        dp_rank, dp_size = dp or (d.rank, d.world_size)
-        counts = pipeline is None or pipeline.holds_last  # one rank per data-parallel group counts
-        self.d = d
+        counts = pipeline is None or pipeline.holds_last
+        self.d = d = dims.d
         self.loader = None
         self.bytes = None
         no_eval = no_bpb = None
         n = 0
         try:
             self.loader = TokenLoader(cfg.data.dir, cfg.data.val_split, seq_len=cfg.train.seq_len,
-                                      micro_batch_size=cfg.train.micro_batch_size, rank=dp_rank,
-                                      world_size=dp_size, seed=cfg.train.seed)
+                                      micro_batch_size=cfg.train.micro_batch_size, rank=dims.dp_rank,
+                                      world_size=dims.dp, seed=cfg.train.seed)
             tok = self.loader.tokenizer()
             if counts:
                 n = sum(target_bytes(tok, self.loader.get_batch(i)[1]) for i in range(self.batches))
@@ -306,16 +316,16 @@ class _Evaluator:
             self.bytes = total if total > 0 else None
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, autocast) -> dict[str, float | None]:
+    def __call__(self, model: nn.Module, autocast, loss_context) -> dict[str, float | None]:
         model.eval()
         total, count = 0.0, 0.0
         for i in range(0, self.batches, self.group):
             batches = [self.loader.get_batch(j) for j in range(i, i + self.group)]
             x, y = (torch.from_numpy(np.concatenate(a)).to(self.d.device) for a in zip(*batches))
-            with autocast():
+            with autocast(), loss_context():
                 if self.pipeline is None:
-                    losses = [float(model(x, y)[1])]
-                else:  # the last stage's micro-batch means (equal sizes); None elsewhere
+                    losses = [float(as_plain(model(x, y)[1]))]
+                else:  # the last stage's micro-batch means (micro-batches of equal size); none elsewhere
                     losses = self.pipeline.eval_losses(x, y) or []
             total += sum(losses) * y.numel() / max(len(losses), 1)
             count += y.numel() if losses else 0
@@ -326,14 +336,8 @@ class _Evaluator:
         return {"val_loss": val_loss, "val_bpb": bpb}
 
 
-def data_parallel_rank(layout, rank: int) -> tuple[int, int]:
-    """(data-parallel rank, data-parallel size) of global `rank` on the mesh pp × dp_replicate ×
-    dp_shard × tp (outermost first): ranks that differ only in pp or tp see the same data."""
-    return (rank // layout.tp) % layout.dp, layout.dp
-
-
 def check_microbatches(local_sequences: int, microbatches: int) -> None:
-    """UserError unless a pipeline's local batch splits into its micro-batches evenly."""
+    """UserError unless a pipeline's local batch splits evenly into its micro-batches."""
     if local_sequences % microbatches:
         raise UserError(f"the pipeline splits each data-parallel rank's {local_sequences} sequences per step "
                         f"(train.micro_batch_size × gradient accumulation) into parallel.pp_microbatches = "
@@ -341,27 +345,27 @@ def check_microbatches(local_sequences: int, microbatches: int) -> None:
                         f"divides {local_sequences}, or change train.micro_batch_size / global_batch_tokens")
 
 
-def build_model(cfg: TrainConfig, strategy: str, d: Dist,
+def build_model(cfg: TrainConfig, dims: ParallelDims,
                 initial: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The initial model, identical whatever the number of processes: the weights are those that
     `Transformer(cfg)` draws on the CPU after `torch.manual_seed(train.seed)`, or `initial`, a full
     state dict (train.init_from; under FSDP only rank 0's is used).
 
-    Under FSDP only rank 0 materialises them (on the CPU); the other ranks build the model on the
-    meta device, every rank shards it, and rank 0's weights are broadcast shard by shard
+    Under a sharded layout (FSDP, TP) only rank 0 materialises them (on the CPU); the other ranks
+    build the model on the meta device, every rank shards it, and rank 0's weights are broadcast shard by shard
     (`set_model_state_dict(..., broadcast_from_rank0=True)`), so host memory holds one full copy
     per node at most, not one per GPU."""
     from scalelab.model import Transformer
 
-    t = cfg.train
+    t, d = cfg.train, dims.d
     torch.manual_seed(t.seed)
-    if strategy != "fsdp":
+    if not dims.sharded:
         model = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
         if initial is not None:
             model.load_state_dict(initial)
         model = model.to(d.device)
-        return parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
-                           activation_checkpointing=t.activation_checkpointing)
+        return dims.parallelize(model, dtype=t.dtype, compile=t.compile,
+                                activation_checkpointing=t.activation_checkpointing)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if not d.is_main:
@@ -370,9 +374,9 @@ def build_model(cfg: TrainConfig, strategy: str, d: Dist,
         full = initial if initial is not None else Transformer(cfg.model, attention=t.attention).state_dict()
     with torch.device("meta"):
         model = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
-    model = parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
-                        activation_checkpointing=t.activation_checkpointing,
-                        reshard_after_forward=cfg.parallel.reshard_after_forward)
+    model = dims.parallelize(model, dtype=t.dtype, compile=t.compile,
+                             activation_checkpointing=t.activation_checkpointing,
+                             reshard_after_forward=cfg.parallel.reshard_after_forward)
     model.to_empty(device=d.device)
     model.tie_weights()
     # strict: every key of the model is in rank 0's state dict and nothing else is. Tied embeddings
@@ -394,12 +398,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     run_dir = Path(run_dir)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # A layout that cannot run is refused by every rank alike before any process-group work.
+    layout = layout_of(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     d = init_distributed(cfg.train.device, cfg.parallel.backend)
     # The run's own copy, with dtype resolved once the device is known (config.toml records the
     # choice); the caller's cfg is left as it was.
     cfg = copy.deepcopy(cfg)
     cfg.train.dtype = resolved_dtype(cfg.train.dtype, d.device)
-    trainer = Trainer(cfg, run_dir, d, log)
+    trainer = Trainer(cfg, run_dir, ParallelDims(layout, d), log)
     try:
         done = trainer.build(resume)
         return done if done is not None else trainer.fit()
@@ -418,8 +424,9 @@ class Trainer:
     checkpoint and weights), with `fit` as the loop that calls them and `close` to release the
     signal handlers and the metrics file."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist, log: Callable[[str], None]):
-        self.cfg, self.run_dir, self.d, self.log = cfg, run_dir, d, log
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dims: ParallelDims, log: Callable[[str], None]):
+        self.cfg, self.run_dir, self.dims, self.d, self.log = cfg, run_dir, dims, dims.d, log
+        self.strategy = dims.strategy
         self.stop: _StopFlag | None = None
         self.metrics: MetricsLog | None = None
         self.lock: IO | None = None
@@ -442,30 +449,26 @@ class Trainer:
         # host share its memory) before anything is allocated or written; if any rank finds a
         # problem, all raise the same error (none is left waiting in a collective).
         try:
-            self.layout = layout_of(cfg, d.world_size)
-            self.strategy = strategy = "pp" if self.layout.pp > 1 else \
-                resolve_strategy(cfg.parallel.strategy, d.world_size)
-            self.dp = data_parallel_rank(self.layout, d.rank) if strategy == "pp" else (d.rank, d.world_size)
-            dp_rank, dp_size = self.dp
-            self.accum = accum = grad_accum_steps(cfg, dp_size)
-            if strategy == "pp":
-                check_microbatches(t.micro_batch_size * accum, self.layout.microbatches)
+            dims = self.dims  # the data loader shards by data-parallel rank: tp and pp peers see the same batch
+            self.accum = accum = grad_accum_steps(cfg, dims.dp)
+            if dims.layout.pp > 1:
+                check_microbatches(t.micro_batch_size * accum, dims.layout.microbatches)
             self.loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
-                                      micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=dp_rank,
-                                      world_size=dp_size, seed=t.seed)
+                                      micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=dims.dp_rank,
+                                      world_size=dims.dp, seed=t.seed)
             self.loader.check_vocab(cfg.model.vocab_size)
             # A run that already has checkpoints resumes them and needs its source no more.
             if t.init_from and not ckpt.list_checkpoints(run_dir):
                 self.init_source = init_from.check_source(t.init_from, cfg.model, self.loader.metadata)
-            seqs_per_step = t.micro_batch_size * accum * dp_size
+            seqs_per_step = t.micro_batch_size * accum * dims.dp
             self.tokens_per_step = seqs_per_step * t.seq_len
             self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
             self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
             self.warmup = warmup_steps(t.warmup, self.steps)
             ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
-            problem = memory_problem(cfg, strategy, d.world_size, free_memory(d.device), ranks_sharing)
-            if problem is None and self.init_source is not None and (strategy != "fsdp" or d.is_main):
-                self.init_weights = init_from.load_weights(self.init_source)  # FSDP: rank 0 broadcasts them
+            problem = memory_problem(cfg, *memory_sharding(dims.layout), free_memory(d.device), ranks_sharing)
+            if problem is None and self.init_source is not None and (not dims.sharded or d.is_main):
+                self.init_weights = init_from.load_weights(self.init_source)  # sharded: rank 0 broadcasts them
         except UserError as e:
             problem = str(e)
         except OSError as e:
@@ -480,13 +483,13 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         self.pipeline = None
-        if strategy == "pp":
-            from scalelab.train.pipeline import build_pipeline, describe_stages
+        if self.dims.layout.pp > 1:
+            from scalelab.train.pipeline import build_pipeline
 
-            self.pipeline = build_pipeline(cfg, self.layout, d, self.init_weights if latest is None else None)
+            self.pipeline = build_pipeline(cfg, self.dims, self.init_weights if latest is None else None)
             self.model = self.pipeline.model
         else:
-            self.model = build_model(cfg, strategy, d, self.init_weights if latest is None else None)
+            self.model = build_model(cfg, self.dims, self.init_weights if latest is None else None)
         self.init_weights = None  # the model holds them now
         if self.init_source is not None and latest is None:
             self.initialised_from = str(self.init_source.resolve())
@@ -495,7 +498,7 @@ class Trainer:
                     "schedule, step 0)")
         self.optimizer = make_optimizer(self.model, cfg, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type) if t.dtype == "fp16" else None
-        self.use_autocast = t.dtype != "fp32" and strategy != "fsdp"
+        self.use_autocast = t.dtype != "fp32" and self.dims.autocast
 
         self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0
         if latest is not None:
@@ -516,22 +519,26 @@ class Trainer:
             self.metrics = MetricsLog(run_dir, keep_until_step=self.start_step if latest is not None else None,
                                       tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                                       config=cfg.to_dict(), warn=log)
-            n_params = count_params(cfg.model).total if strategy == "pp" else \
+            n_params = count_params(cfg.model).total if self.pipeline is not None else \
                 sum(p.numel() for p in unwrap(self.model).parameters())
+            data_world = f"world {d.world_size}" if self.dims.dp == d.world_size else f"dp {self.dims.dp}"
             log(f"scalelab train: {cfg.model.name()} ({n_params:,} params) on {d.world_size} × {d.device.type} "
-                f"[{strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
-                f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × "
-                f"{'world' if strategy != 'pp' else 'data-parallel'} {dp_size}), "
+                f"[{self.strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
+                f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × {data_world}), "
                 f"{self.flops_per_step * self.steps:.3g} FLOPs; run dir {run_dir}")
             log(f"scalelab train: predicted peak memory per device "
-                f"{format_bytes(predicted_memory(cfg, strategy, d.world_size)['total'])} (counting.training_memory; "
+                f"{format_bytes(predicted_memory(cfg, *memory_sharding(self.dims.layout))['total'])} "
+                f"(counting.training_memory; "
                 f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
         if self.pipeline is not None and d.is_main:
-            log(f"scalelab train: pipeline {self.layout.describe()}, schedule {self.layout.pp_schedule}, "
-                f"{self.layout.microbatches} micro-batches of "
-                f"{t.micro_batch_size * accum // self.layout.microbatches} sequences; "
-                f"blocks per stage {describe_stages(cfg.model.n_layer, self.layout.stages)}")
-        self.evaluator = _Evaluator(cfg, d, log, self.pipeline, self.dp) if (cfg.eval.every or cfg.eval.at_end) \
+            from scalelab.train.pipeline import describe_stages
+
+            lay = self.dims.layout
+            log(f"scalelab train: pipeline of {lay.stages} stages ({lay.pp_stages_per_rank} per rank), schedule "
+                f"{lay.pp_schedule}, {lay.microbatches} micro-batches of "
+                f"{t.micro_batch_size * accum // lay.microbatches} sequences; blocks per stage "
+                f"{describe_stages(cfg.model.n_layer, lay.stages)}")
+        self.evaluator = _Evaluator(cfg, self.dims, log, self.pipeline) if (cfg.eval.every or cfg.eval.at_end) \
             else None
         self.peak = peak_flops_per_device(cfg, d.device)
         self.stop = _StopFlag(cfg.checkpoint.on_signal)
@@ -562,8 +569,8 @@ class Trainer:
         cfg, t, done = self.cfg, self.cfg.train, int(state["step"])
         old = tomllib.loads(state["config"])
         refused, accepted = resume_differences(old, cfg.to_dict())
-        old_seqs = sequences_per_step(old["train"], int(state.get("data_parallel", state["world_size"])))
-        new_seqs = sequences_per_step(cfg.to_dict()["train"], self.dp[1])
+        old_seqs = sequences_per_step(old["train"], int(state.get("dp", state["world_size"])))
+        new_seqs = sequences_per_step(cfg.to_dict()["train"], self.dims.dp)
         if old_seqs != new_seqs:
             refused.append(f"global batch {old_seqs} -> {new_seqs} sequences per step")
         recorded = self.run_dir / "data.json"
@@ -622,39 +629,35 @@ class Trainer:
             x, y = self.loader.get_batch(step, micro)
             x = torch.from_numpy(x).to(d.device, non_blocking=True)
             y = torch.from_numpy(y).to(d.device, non_blocking=True)
-            with grad_sync(model, self.strategy, micro == accum - 1):
+            with self.dims.grad_sync(model, micro == accum - 1), self.dims.loss_context():
                 with self.autocast():
                     loss = model(x, y)[1]  # unchunked logits must not outlive forward
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += loss.detach()
+            loss_sum += as_plain(loss.detach())
         if scaler is not None:
             scaler.unscale_(optimizer)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = self.dims.clip_grad_norm_(model.parameters(), max_norm)
         return self._finish_step(float(loss_sum) / accum, float(grad_norm), d.world_size, lr)
 
     def _pipeline_step(self, step: int) -> tuple[float, float, int]:
-        """The pipeline's forward and backward over this rank's whole local batch (its `accum`
-        micro-batches, as one process reads them), then clipping by the norm over every stage.
-        Returns (mean loss on a last-stage rank, else 0; gradient norm; ranks holding the loss)."""
-        from scalelab.train.pipeline import clip_grad_norm
-
+        """The pipeline schedule's forward and backward over this rank's whole local batch (its
+        `accum` micro-batches, as one process reads them), then clipping by the norm over every
+        stage. Returns (mean loss on a last-stage rank, else 0; gradient norm; ranks with a loss)."""
         t, d = self.cfg.train, self.d
         batches = [self.loader.get_batch(step, micro) for micro in range(self.accum)]
         x, y = (torch.from_numpy(np.concatenate(a)).to(d.device) for a in zip(*batches))
-        with self.autocast():
+        with self.autocast(), self.dims.loss_context():
             loss_sum = self.pipeline.step(x, y)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(list(self.model.parameters()), max_norm, self.pipeline.group)
+        grad_norm = self.dims.clip_grad_norm_(self.model.parameters(), max_norm)
         loss = 0.0 if loss_sum is None else float(loss_sum) / self.pipeline.n_microbatches
-        return loss, float(grad_norm), d.world_size // self.layout.pp
+        return loss, float(grad_norm), d.world_size // self.dims.layout.pp
 
     def _finish_step(self, loss: float, grad_norm: float, loss_ranks: int, lr: float) -> dict[str, float]:
-        """Agree on the step's loss (the mean over the `loss_ranks` ranks that hold one) and gradient
-        norm, stop on a non-finite one, step the optimizer."""
+        """Agree on the step's loss (the mean over the `loss_ranks` ranks that hold one: all, or a
+        pipeline's last-stage ranks) and gradient norm, stop on a non-finite one, step AdamW."""
         d, step, optimizer, scaler = self.d, self.step, self.optimizer, self.scaler
         loss_value, grad_value = all_reduce_sum([loss, grad_norm], d)
         loss_value /= loss_ranks
@@ -683,7 +686,7 @@ class Trainer:
     def evaluate(self) -> dict | None:
         if self.evaluator is None or self.evaluator.loader is None:
             return None
-        r = self.evaluator(self.model, self.autocast)
+        r = self.evaluator(self.model, self.autocast, self.dims.loss_context)
         if self.d.is_main:
             self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen,
                                 "flops": self.flops_seen, **r})
@@ -696,7 +699,7 @@ class Trainer:
         return {"format": 1, "step": self.step, "tokens": self.tokens_seen, "flops": self.flops_seen,
                 "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "model": self.cfg.model.to_dict(), "config": self.cfg.to_toml(), "world_size": self.d.world_size,
-                "data_parallel": self.dp[1],
+                "dp": self.dims.dp, "layout": dataclasses.asdict(self.dims.layout),
                 "strategy": self.strategy, "total_steps": self.steps,
                 "init_from": self.initialised_from}
 
@@ -766,7 +769,8 @@ class Trainer:
         if self.cfg.eval.at_end and self.steps > self.start_step:
             self.evaluate()
         path = self.checkpoint()
-        final = export_final(self.run_dir, self.model, self.strategy, self.d, path)
+        final = export_final(self.run_dir, self.model, self.strategy, self.d,
+                             path if self.pipeline is not None else None)
         if self.d.is_main:
             self.log(f"scalelab train: done, {self.step} steps, {self.tokens_seen:,} tokens, "
                      f"{self.flops_seen:.3g} FLOPs; checkpoint {path}; final weights {final}")
@@ -791,22 +795,22 @@ class Trainer:
             self.lock = None
 
 
-def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist, checkpoint: Path) -> Path:
+def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist, pipeline_checkpoint: Path | None = None) -> Path:
     """RUN_DIR/final: full weights as model.safetensors + model.toml (+ tokenizer), the native
-    format `scalelab sample` and `scalelab export-hf` read. FSDP gathers to rank 0 on the CPU; a
-    pipeline's rank 0 holds only its stages, so it reads the whole model back from the
-    `checkpoint` just written (DCP merges every stage's part)."""
+    format `scalelab sample` and `scalelab export-hf` read. A sharded layout gathers to rank 0 on the
+    CPU; under a pipeline rank 0 holds only its stages, so it reads the whole model back from
+    `pipeline_checkpoint`, the checkpoint just written (DCP merges every stage's part)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from scalelab import hf
 
     inner = unwrap(model)
     final = run_dir / "final"
-    if strategy == "fsdp":
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    elif strategy == "pp":
-        inner = ckpt.load_model_for_inference(checkpoint) if d.is_main else inner
+    if pipeline_checkpoint is not None:
+        inner = ckpt.load_model_for_inference(pipeline_checkpoint) if d.is_main else inner
         sd = dict(inner.state_dict()) if d.is_main else {}
+    elif strategy not in ("none", "ddp"):  # FSDP / TP shards (DTensors): gathered
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = dict(inner.state_dict()) if d.is_main else {}
 
