@@ -66,8 +66,8 @@ class StageModule(nn.Module):
     """The part of a Transformer that some stages own, under the full model's names: the token
     (and position) embeddings when it holds stage 0, the blocks `layers.<i>` it owns, and the final
     norm and lm_head when it holds the last stage. forward(x): token ids (first stage) or hidden
-    states -> hidden states (after the final norm on the last stage; the loss function applies
-    lm_head, see `lm_loss`)."""
+    states -> hidden states; on the last stage the final norm's output when the loss is chunked
+    (`lm_loss` then applies lm_head chunk by chunk), else the logits."""
 
     rope_cos_sin = Transformer.rope_cos_sin
 
@@ -105,17 +105,19 @@ class StageModule(nn.Module):
             x = block(x, rope)
         if self.last and self.norm is not None:
             x = self.norm(x)
+        if self.last and not self.loss_chunk_tokens:
+            return self.lm_head(x)  # the logits, scored by lm_loss
         return x
 
 
-def lm_loss(last: StageModule, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The mean cross-entropy of lm_head(hidden) against targets (-1 ignored), exactly as
-    Transformer.forward scores it: chunked (`loss_chunk_tokens`) or from the full logits."""
+def lm_loss(last: StageModule, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy against targets (-1 ignored) of the last stage's output, exactly as
+    Transformer.forward scores it: with `loss_chunk_tokens`, output is the final hidden states and
+    the loss forms lm_head's logits chunk by chunk; otherwise output is the logits."""
     if last.loss_chunk_tokens:
-        return chunked_cross_entropy(hidden.reshape(-1, hidden.size(-1)), last.lm_head.weight, targets.reshape(-1),
+        return chunked_cross_entropy(output.reshape(-1, output.size(-1)), last.lm_head.weight, targets.reshape(-1),
                                      last.loss_chunk_tokens)
-    logits = last.lm_head(hidden)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+    return F.cross_entropy(output.float().view(-1, output.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 class Pipeline:
@@ -174,6 +176,10 @@ def build_pipeline(cfg, dims, initial: dict[str, torch.Tensor] | None = None) ->
     def wrap(view: StageModule) -> StageModule:
         if lay.tp > 1 and lay.sequence_parallel:
             view.sequence_shards = lay.tp  # hidden states between stages hold S / tp positions
+        if lay.uses_fsdp:
+            # The chunked loss reads lm_head's weight outside the stage's forward, where FSDP holds
+            # only its shard: the last stage forms the logits in its forward instead (as TP does).
+            view.loss_chunk_tokens = 0
         return dims.parallelize(view, dtype=t.dtype, compile=t.compile,
                                 activation_checkpointing=t.activation_checkpointing,
                                 reshard_after_forward=cfg.parallel.reshard_after_forward)
