@@ -177,8 +177,9 @@ def rank_params(cfg: ModelConfig, layout: Layout) -> list[RankParams]:
 
 
 def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq_len: int | None = None,
-                  precision: str = "bf16-mixed", activation_checkpointing: bool = False,
-                  attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, Any]:
+                  precision: str = "bf16-mixed", activation_checkpointing: Any = "none",
+                  selective_ac_option: Any = "op", attention: str = "sdpa",
+                  loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, Any]:
     """Memory per device for a resolved layout, by component, on the pipeline rank that needs the
     most (`pp_rank`). Weights, gradients and optimizer state are the rank's exact local elements
     (rank_params) times counting.PRECISIONS' bytes. Activations: one micro-batch of the rank's
@@ -190,6 +191,7 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     FSDP holds two blocks unsharded (the one computing and the one prefetched) and the root unit
     (embeddings, final norm, lm_head) while it is in use."""
     s = cfg.block_size if seq_len is None else seq_len
+    mode, option = checkpointing(activation_checkpointing, selective_ac_option)
     wb, gb, ob = counting.PRECISIONS[precision]
     fsdp = layout.uses_fsdp
     autocast = precision == "bf16-mixed" and not fsdp
@@ -216,11 +218,13 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
         chunks = in_flight_chunks(layout.pp_schedule, layout.pp, layout.microbatches, layout.pp_stages_per_rank,
                                   rp.pp_rank)
         layers_per_chunk = rp.layers / layout.pp_stages_per_rank
-        if activation_checkpointing:  # each block's input kept; one block live while it is recomputed
-            block_in = residual * cfg.n_embd / (t if layout.sequence_parallel else 1)
-            acts = tokens * (chunks * layers_per_chunk * block_in + per_layer)
-        else:
-            acts = tokens * chunks * layers_per_chunk * per_layer
+        wrapped = wrapped_blocks(rp.layers, mode, option) / layout.pp_stages_per_rank
+        split = t if layout.sequence_parallel else 1
+        kept = (selective_op_kept_per_token(cfg, residual, c) / t if mode == "selective" and option == "op"
+                else residual * cfg.n_embd / split)
+        # wrapped blocks keep `kept`; while one is recomputed in backward its full activations are live
+        acts = tokens * (chunks * ((layers_per_chunk - wrapped) * per_layer + wrapped * kept)
+                         + (per_layer if wrapped else 0.0))
         is_last = rp.pp_rank == layout.pp - 1
         if is_last:
             vocab = cfg.vocab_size / t if layout.loss_parallel else cfg.vocab_size
@@ -237,7 +241,7 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
                         local_params=rp.local)
     assert best is not None
     best.update(micro_batch=micro_batch, seq_len=s, precision=precision, layout=layout_dict(layout),
-                activation_checkpointing=activation_checkpointing, loss_chunk_tokens=loss_chunk_tokens,
+                activation_checkpointing=mode, selective_ac_option=option, loss_chunk_tokens=loss_chunk_tokens,
                 num_devices=layout.world)
     return best
 
@@ -293,7 +297,8 @@ def micro_steps_of(layout: Layout, accumulation: int = 1) -> int:
 
 def communication(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq_len: int | None = None,
                   precision: str = "bf16-mixed", accumulation: int = 1,
-                  activation_checkpointing: str = "none", reshard_after_forward: bool = True) -> list[Collective]:
+                  activation_checkpointing: Any = "none", selective_ac_option: Any = "op",
+                  reshard_after_forward: bool = True) -> list[Collective]:
     """Every collective of one optimizer step, as bytes one device sends (see the module docstring),
     on pipeline rank 0 (the first stage; other ranks differ only by which root tensors they hold).
 
@@ -306,13 +311,15 @@ def communication(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     - DDP (replicas only): the fp32 gradients are all-reduced once per step, in buckets.
     - TP, per block and micro-step: forward all-gathers the sequence-sharded input of the attention
       and of the FFN and reduce-scatters their outputs (sequence parallel), or all-reduces the two
-      outputs (without): the same bytes; backward the mirror image; full activation checkpointing
-      repeats the forward's. The embedding's output and lm_head's input add one pair each way,
+      outputs (without): the same bytes; backward the mirror image; a fully recomputed block repeats
+      its forward's four, a selective-by-op one its two all-gathers (torchtitan saves the
+      reduce-scatters' outputs). The embedding's output and lm_head's input add one pair each way,
       and without loss_parallel the logits are all-gathered over the vocabulary.
     - PP: each micro-step sends the activations [micro_batch, seq, n_embd] (split over tp under
       sequence parallelism) forward and their gradient backward, at each stage boundary of this rank.
     """
     s = cfg.block_size if seq_len is None else seq_len
+    mode, option = checkpointing(activation_checkpointing, selective_ac_option)
     wb, _, _ = counting.PRECISIONS[precision]
     c = counting.ACTIVATION_BYTES[precision]
     param_bytes = c if layout.uses_fsdp else wb  # FSDP gathers in the compute dtype
@@ -343,9 +350,10 @@ def communication(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
                               "backward compute of the last micro-step (buckets)"))
     if t > 1:
         act = micro_batch * s * cfg.n_embd * c
-        recompute = activation_checkpointing == "full"
-        per_block = (4 + 4 + (4 if recompute else 0)) * ring_factor("all-gather", t) * act
-        layers_calls = rp.layers * m * (8 + (4 if recompute else 0))
+        again = 2 if mode == "selective" and option == "op" else 4  # recomputed forward collectives
+        calls_per_block = 8 + again * wrapped_blocks(rp.layers, mode, option) / max(rp.layers, 1)
+        per_block = calls_per_block * ring_factor("all-gather", t) * act
+        layers_calls = round(rp.layers * m * calls_per_block)
         out.append(Collective("TP all-gather/reduce-scatter in blocks" if layout.sequence_parallel else
                               "TP all-reduce in blocks", "tp", "all-gather/reduce-scatter"
                               if layout.sequence_parallel else "all-reduce", t, 1, layers_calls,
@@ -366,20 +374,34 @@ def communication(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     return out
 
 
-def parse_checkpointing(value: Any) -> str:
-    """Activation checkpointing as a mode: none, full, selective-op, selective-layer:K (every K-th
-    block fully recomputed, torchtitan's selective_ac_option = K). A bool is none/full."""
-    if value is True:
-        return "full"
-    if value in (False, None, "none", ""):
-        return "none"
-    v = str(value).strip().lower()
-    if v in ("full", "selective-op", "op"):
-        return "selective-op" if v == "op" else v
-    if v.startswith("selective-layer"):
-        k = v.partition(":")[2] or "2"
-        if k.isdigit() and int(k) >= 1:
-            return f"selective-layer:{int(k)}"
-    raise UserError(f"activation checkpointing {value!r} is unknown; use none, full, selective-op or "
-                    "selective-layer:K (every K-th block)")
+AC_MODES = ("none", "full", "selective")
 
+
+def checkpointing(mode: Any, option: Any = "op") -> tuple[str, str]:
+    """(mode, selective option) as train.activation_checkpointing / selective_ac_option spell them
+    (none / full / selective; "op" or every k-th block): a bool is the old key (true = full)."""
+    if isinstance(mode, bool) or mode is None:
+        mode = "full" if mode else "none"
+    option = str(option)
+    if mode not in AC_MODES or (option != "op" and not (option.isdigit() and int(option) >= 1)):
+        raise UserError(f"activation checkpointing {mode!r} (option {option!r}) is unknown; use none, full, or "
+                        "selective with option op or a whole k >= 1 (every k-th block)")
+    return mode, option
+
+
+def wrapped_blocks(layers: int, mode: str, option: str) -> int:
+    """Blocks checkpointed: all under full and selective-by-op, every k-th under selective by layer."""
+    if mode == "none":
+        return 0
+    if mode == "selective" and option != "op":
+        return layers // int(option)
+    return layers
+
+
+def selective_op_kept_per_token(cfg: ModelConfig, residual: int, c: int) -> float:
+    """Bytes per token a block keeps under selective-by-op (torchtitan's policy): its input, the
+    outputs of the 1st, 3rd, 5th ... matmul (q, v, gate, down with separate K and V) and attention's
+    output and fp32 log-sum-exp."""
+    h, kv, f = cfg.n_embd, cfg.kv_dim, cfg.ffn_hidden
+    outs = [h, kv, kv, h] + ([f, f] if cfg.ffn_type == "swiglu" else [f]) + [h]
+    return residual * h + c * sum(outs[::2]) + c * h + 4 * cfg.n_head

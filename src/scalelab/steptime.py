@@ -91,16 +91,17 @@ def block_gemms(cfg: ModelConfig, tp: int) -> list[tuple[str, int, int]]:
     return out + [(n, f // tp, h) for n in ins] + [("down", h, f // tp)]
 
 
-def recompute_shares(mode: str) -> tuple[float, set[int], float]:
-    """(share of blocks fully recomputed, matmul positions recomputed in the other blocks, share of
-    the other blocks' non-matmul forward recomputed) for a checkpointing mode."""
-    if mode == "full":
-        return 1.0, set(), 0.0
-    if mode == "selective-op":  # torchtitan _custom_policy: every second mm recomputed
-        return 0.0, {1, 3, 5}, 1.0
-    if mode.startswith("selective-layer:"):
-        return 1.0 / int(mode.partition(":")[2]), set(), 0.0
-    return 0.0, set(), 0.0
+def recompute_plan(layers: int, mode: str, option: str, n_gemms: int) -> tuple[float, set[int], bool]:
+    """(share of blocks checkpointed, positions of the matmuls each recomputes, whether it recomputes
+    attention) for a checkpointing mode. PyTorch's non-reentrant checkpoint stops recomputing once
+    every tensor backward needs is back (set_checkpoint_early_stop, on by default), so a block's last
+    matmul (down) never runs again; torchtitan's selective-by-op policy saves attention and the
+    1st, 3rd, 5th ... matmul's outputs, so it recomputes the 2nd, 4th, 6th (K, O, up) and every
+    non-matmul op. Every checkpointed block recomputes its non-matmul ops."""
+    wrapped = layout_cost.wrapped_blocks(layers, mode, option) / max(layers, 1)
+    if mode == "selective" and option == "op":
+        return wrapped, set(range(1, n_gemms - 1, 2)), False
+    return wrapped, set(range(n_gemms - 1)), mode != "none"
 
 
 @dataclass
@@ -133,10 +134,11 @@ def link_bandwidth(acc: Accelerator, group: int, stride: int) -> tuple[float, st
 
 def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch: int = 1,
               seq_len: int | None = None, accumulation: int = 1, precision: str = "bf16-mixed",
-              activation_checkpointing: str = "none", reshard_after_forward: bool = True) -> StepTime:
+              activation_checkpointing: Any = "none", selective_ac_option: Any = "op",
+              reshard_after_forward: bool = True) -> StepTime:
     """Predicted time of one optimizer step on a resolved layout (module docstring)."""
     s = cfg.block_size if seq_len is None else seq_len
-    mode = layout_cost.parse_checkpointing(activation_checkpointing)
+    mode, option = layout_cost.checkpointing(activation_checkpointing, selective_ac_option)
     t, p = layout.tp, layout.pp
     m = layout_cost.micro_steps_of(layout, accumulation)
     ranks = layout_cost.rank_params(cfg, layout)
@@ -145,14 +147,12 @@ def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch
     T = micro_batch * s  # tokens per micro-step on this device
     c = counting.ACTIVATION_BYTES[precision]
     hbm = acc.hbm_bytes_per_s * HBM_EFFICIENCY
-    full_share, op_positions, op_elementwise = recompute_shares(mode)
-
     gemms = block_gemms(cfg, t)
+    wrapped, recomputed, attention_again = recompute_plan(L, mode, option, len(gemms))
     fwd_gemm = [gemm_seconds(T, o, i, acc) for _, o, i in gemms]
     block_fwd = sum(fwd_gemm)
     block_bwd = sum(gemm_seconds(T, i, o, acc) + gemm_seconds(i, o, T, acc) for _, o, i in gemms)
-    block_recompute = full_share * block_fwd + (1 - full_share) * sum(fwd_gemm[j] for j in op_positions
-                                                                     if j < len(fwd_gemm))
+    block_recompute = wrapped * sum(fwd_gemm[j] for j in recomputed)
     head = gemm_seconds(T, cfg.vocab_size // t, cfg.n_embd, acc) * 3  # lm_head forward + backward
     matmul = L * (block_fwd + block_bwd) + head
     recompute_matmul = L * block_recompute
@@ -161,7 +161,7 @@ def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch
     attn_fwd_flops = 2.0 * micro_batch * s * s * h_local  # causal: half of 4·b·s²·h
     attn_rate = acc.attention_fraction * acc.peak_bf16_flops
     attention = L * attn_fwd_flops * (1 + ATTENTION_BACKWARD_RATIO) / attn_rate
-    recompute_attention = L * full_share * attn_fwd_flops / attn_rate
+    recompute_attention = L * wrapped * attention_again * attn_fwd_flops / attn_rate
 
     e = ELEMENTWISE_PASSES
     sp = layout.sequence_parallel and t > 1
@@ -171,11 +171,11 @@ def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch
     vocab = cfg.vocab_size / t if (layout.loss_parallel or t == 1) else cfg.vocab_size
     loss = T * LOSS_BYTES_PER_LOGIT * vocab / hbm
     elementwise = elementwise_fwd * (1 + BACKWARD_PASSES) + loss
-    recompute_elementwise = elementwise_fwd * (full_share + (1 - full_share) * op_elementwise)
+    recompute_elementwise = elementwise_fwd * wrapped
 
     collectives = layout_cost.communication(cfg, layout, micro_batch=micro_batch, seq_len=s, precision=precision,
                                             accumulation=accumulation, activation_checkpointing=mode,
-                                            reshard_after_forward=reshard_after_forward)
+                                            selective_ac_option=option, reshard_after_forward=reshard_after_forward)
     comm_rows = []
     tp_seconds = 0.0
     for col in collectives:
@@ -225,23 +225,19 @@ def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch
     tokens_per_step = float(T * m * layout.dp)
     fpt = counting.training_flops_per_token(cfg, s)
     model_flops = fpt * tokens_per_step
-    recompute_flops = (tokens_per_step * (full_share * 2.0 * _block_matmul_weights(cfg) * cfg.n_layer
-                                          + full_share * 4.0 * s * cfg.n_embd * cfg.n_layer
-                                          + (1 - full_share) * 2.0 * cfg.n_layer
-                                          * sum(o * i for j, (_, o, i) in enumerate(block_gemms(cfg, 1))
-                                                if j in op_positions)))
+    full = block_gemms(cfg, 1)
+    recompute_flops = tokens_per_step * cfg.n_layer * wrapped * (
+        sum(2.0 * o * i for j, (_, o, i) in enumerate(full) if j in recomputed)
+        + attention_again * 4.0 * s * cfg.n_embd)
     executed = model_flops + recompute_flops
     world = layout.world
     mfu = model_flops / (total * world * acc.peak_bf16_flops)
     hfu = executed / (total * world * acc.peak_bf16_flops)
     detail = {"micro_steps": m, "micro_batch": micro_batch, "seq_len": s, "bubble_fraction": bubble,
-              "activation_checkpointing": mode, "gpu_type": acc.name, "num_devices": world,
+              "activation_checkpointing": mode, "selective_ac_option": option, "gpu_type": acc.name, "num_devices": world,
               "layout": layout_cost.layout_dict(layout), "communication": comm_rows,
               "model_flops_per_step": model_flops, "executed_flops_per_step": executed,
               "constants": CONSTANTS}
     return StepTime(parts=parts, step_seconds=total, tokens_per_step=tokens_per_step,
                     tokens_per_second_per_device=tokens_per_step / total / world, mfu=mfu, hfu=hfu, detail=detail)
 
-
-def _block_matmul_weights(cfg: ModelConfig) -> int:
-    return sum(o * i for _, o, i in block_gemms(cfg, 1))
