@@ -73,8 +73,11 @@ def test_loss_and_every_gradient_equal_the_unchunked_path(shape, chunk, autocast
     got_losses, got = train_grads(chunked, autocast)
     assert got_losses == pytest.approx(want_losses, rel=1e-5)
     assert got.keys() == want.keys()
+    largest = max(g.abs().max().item() for g in want.values())
     for name, g in want.items():
-        scale = g.abs().max().item()
+        # K's bias has a zero gradient in exact arithmetic (it shifts a query's scores over all keys
+        # alike, which softmax ignores): rounding noise there is measured against the model's scale
+        scale = max(g.abs().max().item(), 1e-3 * largest)
         atol, rtol = (2**-6 * scale, 0.0) if autocast else (1e-5 * scale, 1e-4)
         torch.testing.assert_close(got[name], g, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
     if SHAPES[shape].tie_embeddings:

@@ -228,7 +228,7 @@ def test_memory_accounting():
     # per token and layer: the fp32 softmax and its bf16 copy (S per head) instead of one fp32
     # log-sum-exp per head, and K, V repeated to 32 heads instead of rotated K and packed [K | V]
     h, kv, heads = 4096, 1024, 32
-    assert math["activations"] - one["activations"] == 2048 * 32 * (heads * (2048 * 6 - 4) + 2 * (2 * h - 3 * kv))
+    assert math["activations"] - one["activations"] == 2048 * 32 * (heads * (2048 * 6 - 4) + 2 * (2 * h - 2 * kv))
 
 
 def test_time_arithmetic():

@@ -69,7 +69,7 @@ def test_parameter_structure_follows_config():
     assert post.norm is None and post.layers[0].attn_norm.bias is None  # post-norm: no final norm
     llama = Transformer(SMALL["llama3-gqa"])
     assert isinstance(llama.norm, torch.nn.RMSNorm) and llama.pos_embeddings is None
-    assert llama.layers[1].attn.kv_proj.weight.shape == (2 * 2 * 8, 64)  # 2 KV heads of dim 8, K and V
+    assert llama.layers[1].attn.k_proj.weight.shape == llama.layers[1].attn.v_proj.weight.shape == (2 * 8, 64)  # 2 KV heads of dim 8
     assert isinstance(llama.layers, torch.nn.ModuleList) and len(llama.layers) == 2
 
 

@@ -113,7 +113,7 @@ def test_qkv_bias_parameters_and_counting():
     cfg = style_config("llama3", 2, 64, 4, num_key_value_heads=2, vocab_size=V, qkv_bias=True)
     model = Transformer(cfg)
     attn = model.layers[0].attn
-    assert attn.q_proj.bias.shape == (64,) and attn.kv_proj.bias.shape == (2 * 2 * 16,)
+    assert attn.q_proj.bias.shape == (64,) and attn.k_proj.bias.shape == attn.v_proj.bias.shape == (2 * 16,)
     assert attn.o_proj.bias is None and model.layers[0].ffn.down.bias is None
     assert sum(p.numel() for p in model.parameters()) == counting.count_params(cfg).total
     assert counting.count_params(cfg).total - counting.count_params(cfg.replace(qkv_bias=False)).total == 2 * (64 + 64)

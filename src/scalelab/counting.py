@@ -214,7 +214,7 @@ SHARDINGS = ("none", "ddp", "fsdp")
 
 
 def activation_bytes_per_token(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_type="swiglu",
-                               normalization="rmsnorm", rope=True, residual_bytes=4, compute_bytes=2,
+                               normalization="rmsnorm", residual_bytes=4, compute_bytes=2,
                                autocast=False, attention="sdpa"):
     """Bytes that autograd saves for backward per token, in one pre-norm block and after the last
     block (final norm and lm_head input; the logits are counted by the caller): `(block, head)`.
@@ -224,8 +224,8 @@ def activation_bytes_per_token(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_typ
     - each norm: its input, in the residual stream's dtype (fp32 under autocast), and its
       per-token statistics in fp32 (RMSNorm 1, LayerNorm 2);
     - each Linear: its input in the compute dtype. Autocast casts the normed activations once per
-      consuming Linear, so q_proj and kv_proj (and SwiGLU's gate and up) each keep a copy;
-    - attention: Q, and K after RoPE, plus the packed [K | V] projection that V is a view of; SDPA
+      consuming Linear, so q_proj, k_proj and v_proj (and SwiGLU's gate and up) each keep a copy;
+    - attention: Q and K after RoPE (without RoPE: Q and K as projected), and V; SDPA
       keeps its output and one fp32 log-sum-exp per head and token, no S×S matrix;
     - FFN: SwiGLU keeps gate, up, silu(gate) and their product (4·d_ff); GELU its input and
       output (2·d_ff).
@@ -235,7 +235,7 @@ def activation_bytes_per_token(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_typ
     composite also keeps the normalised input, one more residual-dtype vector per norm.
     The math attention path keeps the fp32 softmax (plus its copy in a 16-bit compute dtype),
     n_head·S per token, instead of the log-sum-exp, and K and V as the matmuls copy them (repeated
-    to n_head under GQA) instead of rotated K and [K | V]; it also keeps a bool S×S causal mask per layer (not per
+    to n_head under GQA) instead of rotated K and V; it also keeps a bool S×S causal mask per layer (not per
     token, not counted). It is the FLOP-counting reference rather than a training path.
     """
     r, c = residual_bytes, compute_bytes
@@ -244,10 +244,9 @@ def activation_bytes_per_token(n_embd, kv_dim, d_ff, n_head, seq_len, *, ffn_typ
     def norm(consumers):
         return r * n_embd + stats + c * n_embd * (consumers if autocast else 1)
 
-    q_k = c * (n_embd + kv_dim) if rope else c * n_embd  # rotated Q and K (without RoPE: views of Q / [K|V])
-    attn = norm(2) + q_k + 2 * c * kv_dim + c * n_embd + 4 * n_head
+    attn = norm(3) + c * (n_embd + 2 * kv_dim) + c * n_embd + 4 * n_head  # Q, K, V; output; log-sum-exp
     if attention == "math":  # Q, K and V as the two matmuls keep them: K and V at n_head heads
-        attn = norm(2) + 4 * c * n_embd + n_head * seq_len * (4 + (c if c != 4 else 0))
+        attn = norm(3) + 4 * c * n_embd + n_head * seq_len * (4 + (c if c != 4 else 0))
     ffn = norm(2 if ffn_type == "swiglu" else 1) + (4 if ffn_type == "swiglu" else 2) * c * d_ff
     head = norm(1) + 8  # final norm + lm_head input; token ids for the embedding (int64)
     return attn + ffn, head
@@ -335,7 +334,7 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     tokens = micro_batch * seq_len
     per_layer, head = activation_bytes_per_token(
         n_embd, kv * (n_embd // n_head), d_ff, n_head, seq_len, ffn_type=style.get("ffn_type", "swiglu"),
-        normalization=style.get("normalization", "rmsnorm"), rope=not style.get("learned_positions", 0),
+        normalization=style.get("normalization", "rmsnorm"),
         residual_bytes=residual, compute_bytes=compute_bytes, autocast=autocast, attention=attention)
     if activation_checkpointing:  # each block's input, plus one block's activations while it is recomputed
         layer_acts = tokens * (n_layer * residual * n_embd + per_layer)

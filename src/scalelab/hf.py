@@ -29,7 +29,7 @@ from safetensors.torch import save as safetensors_bytes
 from scalelab.config import ROPE_SCALING_KEYS, ModelConfig
 from scalelab.errors import UserError
 from scalelab.files import atomic_path, atomic_write_text
-from scalelab.model import Transformer
+from scalelab.model import Transformer, split_fused_kv
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -322,8 +322,9 @@ def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: s
                 sd[f"{o}ffn_norm.{s}"] = take(f"{h}ln_2.{s}")
             # Conv1D: y = x @ W + b with W (in, out); nn.Linear stores out x in, so transpose.
             qkv_w, qkv_b = take(f"{h}attn.c_attn.weight").t(), take(f"{h}attn.c_attn.bias")
-            sd[f"{o}attn.q_proj.weight"], sd[f"{o}attn.kv_proj.weight"] = qkv_w[:cfg.n_embd], qkv_w[cfg.n_embd:]
-            sd[f"{o}attn.q_proj.bias"], sd[f"{o}attn.kv_proj.bias"] = qkv_b[:cfg.n_embd], qkv_b[cfg.n_embd:]
+            widths = (cfg.n_embd, cfg.kv_dim, cfg.kv_dim)  # c_attn is [Q | K | V]
+            for name, w, b in zip(("q_proj", "k_proj", "v_proj"), qkv_w.split(widths), qkv_b.split(widths)):
+                sd[f"{o}attn.{name}.weight"], sd[f"{o}attn.{name}.bias"] = w, b
             for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("ffn.up", "mlp.c_fc"), ("ffn.down", "mlp.c_proj")):
                 sd[f"{o}{ours}.weight"] = take(f"{h}{theirs}.weight").t()
                 sd[f"{o}{ours}.bias"] = take(f"{h}{theirs}.bias")
@@ -338,9 +339,8 @@ def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: s
             sd[f"{o}attn_norm.weight"] = take(f"{h}input_layernorm.weight")
             sd[f"{o}ffn_norm.weight"] = take(f"{h}post_attention_layernorm.weight")
             for s in qkv_suffixes:
-                sd[f"{o}attn.q_proj.{s}"] = take(f"{h}self_attn.q_proj.{s}")
-                sd[f"{o}attn.kv_proj.{s}"] = torch.cat([take(f"{h}self_attn.k_proj.{s}"),
-                                                        take(f"{h}self_attn.v_proj.{s}")])
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    sd[f"{o}attn.{name}.{s}"] = take(f"{h}self_attn.{name}.{s}")
             for s in suffixes:
                 sd[f"{o}attn.o_proj.{s}"] = take(f"{h}self_attn.o_proj.{s}")
                 for name in ("gate", "up", "down"):
@@ -370,9 +370,9 @@ def _hf_from_native(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str)
             for s in ("weight", "bias"):
                 out[f"{h}ln_1.{s}"] = sd[f"{o}attn_norm.{s}"]
                 out[f"{h}ln_2.{s}"] = sd[f"{o}ffn_norm.{s}"]
-            out[f"{h}attn.c_attn.weight"] = torch.cat([sd[f"{o}attn.q_proj.weight"],
-                                                       sd[f"{o}attn.kv_proj.weight"]]).t()
-            out[f"{h}attn.c_attn.bias"] = torch.cat([sd[f"{o}attn.q_proj.bias"], sd[f"{o}attn.kv_proj.bias"]])
+            for s in ("weight", "bias"):
+                qkv = torch.cat([sd[f"{o}attn.{name}.{s}"] for name in ("q_proj", "k_proj", "v_proj")])
+                out[f"{h}attn.c_attn.{s}"] = qkv.t() if s == "weight" else qkv
             for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("ffn.up", "mlp.c_fc"), ("ffn.down", "mlp.c_proj")):
                 out[f"{h}{theirs}.weight"] = sd[f"{o}{ours}.weight"].t()
                 out[f"{h}{theirs}.bias"] = sd[f"{o}{ours}.bias"]
@@ -386,10 +386,9 @@ def _hf_from_native(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str)
             h, o = f"model.layers.{i}.", f"layers.{i}."
             out[f"{h}input_layernorm.weight"] = sd[f"{o}attn_norm.weight"]
             out[f"{h}post_attention_layernorm.weight"] = sd[f"{o}ffn_norm.weight"]
-            for s in qkv_suffixes:  # our kv_proj is [K | V], its bias too
-                out[f"{h}self_attn.q_proj.{s}"] = sd[f"{o}attn.q_proj.{s}"]
-                k, v = sd[f"{o}attn.kv_proj.{s}"].split(cfg.kv_dim)
-                out[f"{h}self_attn.k_proj.{s}"], out[f"{h}self_attn.v_proj.{s}"] = k, v
+            for s in qkv_suffixes:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    out[f"{h}self_attn.{name}.{s}"] = sd[f"{o}attn.{name}.{s}"]
             for s in suffixes:
                 out[f"{h}self_attn.o_proj.{s}"] = sd[f"{o}attn.o_proj.{s}"]
                 for name in ("gate", "up", "down"):
@@ -608,7 +607,7 @@ def load_native(path: str | Path, *, dtype: torch.dtype | None = None, device: s
     if cfg is None:
         raise UserError(f"{path}: not a scalelab checkpoint (expected model.safetensors + model.toml)")
     cfg = cfg.with_overrides(overrides)
-    sd = {strip_wrapper_prefixes(k): v for k, v in read_safetensors(path).items()}
+    sd = split_fused_kv({strip_wrapper_prefixes(k): v for k, v in read_safetensors(path).items()})
     return _build(cfg, sd, dtype=dtype, device=device, attention=attention)
 
 

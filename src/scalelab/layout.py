@@ -133,6 +133,10 @@ class Layout:
         elif lay.loss_parallel:
             raise UserError("parallel.loss_parallel needs parallel.tp > 1 (it shards the vocabulary over tp); "
                             "set loss_parallel = false")
+        if lay.dp_replicate > 1 and lay.dp_shard == 1 and (lay.tp > 1 or lay.pp > 1):
+            raise UserError(f"parallel.dp_replicate = {lay.dp_replicate} with tp or pp needs dp_shard > 1 (HSDP: "
+                            f"replicas of FSDP shards; DDP does not compose with tp/pp); set parallel.dp_shard = "
+                            f"{lay.dp_replicate} and dp_replicate = 1 (FSDP), or both > 1")
         if lay.pp == 1 and (lay.pp_stages_per_rank != 1 or lay.pp_microbatches or lay.pp_schedule != "1F1B"):
             raise UserError("parallel.pp_schedule/pp_microbatches/pp_stages_per_rank apply to pipeline "
                             "parallelism; set parallel.pp > 1 or leave them at their defaults")
@@ -186,6 +190,5 @@ class Layout:
 
     @property
     def uses_fsdp(self) -> bool:
-        """fully_shard applies (over dp_shard, or dp_replicate × dp_shard for HSDP) whenever the data
-        dimensions are sharded, or replicated alongside tp/pp (FSDP2 with a replicate-only mesh)."""
-        return self.dp_shard > 1 or (self.dp_replicate > 1 and not self.is_ddp)
+        """fully_shard applies: over dp_shard, or over dp_replicate × dp_shard (HSDP)."""
+        return self.dp_shard > 1

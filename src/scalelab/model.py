@@ -3,9 +3,9 @@
 Read top to bottom: rotary positions, attention, feed-forward, block, the model, generation.
 Every architectural choice is a ModelConfig field; there is one code path per concept:
 
-- Attention has a query projection (n_head heads) and a *separate* key/value projection
-  (num_key_value_heads heads, K and V in one matmul). MHA, GQA and MQA are the same code; only
-  the KV head count differs. Attention runs through `F.scaled_dot_product_attention` with
+- Attention has a query projection (n_head heads) and separate key and value projections
+  (num_key_value_heads heads each). MHA, GQA and MQA are the same code; only the KV head count
+  differs. Attention runs through `F.scaled_dot_product_attention` with
   `enable_gqa=True` (the kernel reads each KV head for its group of query heads, so K/V are
   never copied n_head/n_kv times), or through an explicit "math" path that spells the matmuls
   out. The math path is the reference: `torch.utils.flop_counter.FlopCounterMode` counts its
@@ -14,7 +14,7 @@ Every architectural choice is a ModelConfig field; there is one code path per co
   position (simple, and exact; a rolling buffer would only save memory).
 - Parameter names and layouts follow Hugging Face's LLaMA where one exists (RoPE rotates the
   two *halves* of each head, not interleaved pairs), so import/export (scalelab.hf) is a
-  renaming plus, for K/V, a concatenation — never a permutation.
+  renaming (plus GPT-2's fused c_attn split in three) — never a permutation.
 - The parameter count equals `scalelab.counting.count_params(cfg).total` for every preset:
   post-norm models have no final norm, LayerNorm has a bias iff `bias`, lm_head never has one.
 - With targets, the loss is by default scored in chunks of tokens (`loss_chunk_tokens`): the
@@ -185,20 +185,43 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window
         qkv_bias = cfg.bias or cfg.qkv_bias  # Qwen2: biases on Q, K and V only
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=qkv_bias)
-        self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.kv_dim, bias=qkv_bias)  # [K | V]
+        # K and V apart (as Hugging Face has them), so that tensor parallelism can give each rank
+        # its own K heads and V heads (a fused [K | V] cut in two would give one rank all of K).
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
-        k, v = self.kv_proj(x).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        # -1 heads: under tensor parallelism each rank holds n_head / tp and n_kv_head / tp of them
+        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         y = causal_attention(q, k, v, self.implementation, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+FUSED_KV = "attn.kv_proj."  # what checkpoints written before K and V were apart call [K | V]
+
+
+def split_fused_kv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict (or any mapping keyed by parameter name) from a checkpoint written when the
+    key and value projections were one `attn.kv_proj` ([K | V] stacked on the output dimension),
+    with each such entry split into `attn.k_proj` and `attn.v_proj` (its first and second half).
+    Current state dicts come back unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        if FUSED_KV not in key:
+            out[key] = value
+            continue
+        k, v = value.chunk(2, dim=0)
+        out[key.replace(FUSED_KV, "attn.k_proj.")], out[key.replace(FUSED_KV, "attn.v_proj.")] = k, v
+    return out
 
 
 # ---- feed-forward -----------------------------------------------------------------------------

@@ -92,36 +92,37 @@ def _check(cfg, args) -> int:
     from scalelab.counting import count_params, training_flops
     from scalelab.data.loader import TokenLoader
     from scalelab.errors import UserError
-    from scalelab.train.config import grad_accum_steps, total_steps
-    from scalelab.train.parallel import pick_device, resolve_strategy
-    from scalelab.train.trainer import free_memory, memory_problem, predicted_memory, resolved_dtype
+    from scalelab.train.config import grad_accum_steps, layout_of, total_steps
+    from scalelab.train.parallel import pick_device
+    from scalelab.train.trainer import free_memory, memory_problem, memory_sharding, predicted_memory, resolved_dtype
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     t = cfg.train
-    strategy = resolve_strategy(cfg.parallel.strategy, world)
+    layout = layout_of(cfg, world)
+    sharding = memory_sharding(layout)
     device = pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
     t.dtype = resolved_dtype(t.dtype, device)
     free = free_memory(device)
     ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    problem = memory_problem(cfg, strategy, world, free, ranks_sharing)
+    problem = memory_problem(cfg, *sharding, free, ranks_sharing)
     if problem is not None:
         raise UserError(problem)
-    accum = grad_accum_steps(cfg, world)
+    accum = grad_accum_steps(cfg, layout.dp)
     loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-                         grad_accum_steps=accum, world_size=world)
+                         grad_accum_steps=accum, world_size=layout.dp)
     loader.check_vocab(cfg.model.vocab_size)
     if t.init_from:
         from scalelab.train.init_from import check_source
 
         check_source(t.init_from, cfg.model, loader.metadata)
-    seqs = t.micro_batch_size * accum * world
+    seqs = t.micro_batch_size * accum * layout.dp
     flops = training_flops(cfg.model, seqs, t.seq_len)
     steps = total_steps(cfg, seqs * t.seq_len, flops)
     info = {"model": cfg.model.name(), "params": count_params(cfg.model).total, "world_size": world,
             "grad_accum_steps": accum, "tokens_per_step": seqs * t.seq_len, "steps": steps,
             "tokens": steps * seqs * t.seq_len, "flops": steps * flops, "train_tokens_available": loader.num_tokens,
-            "strategy": strategy, "dtype": t.dtype,
-            "predicted_memory_bytes_per_device": predicted_memory(cfg, strategy, world)["total"],
+            "layout": layout.describe(), "dtype": t.dtype,
+            "predicted_memory_bytes_per_device": predicted_memory(cfg, *sharding)["total"],
             "free_memory_bytes": None if free is None else free[0]}
     if args.json:
         print_json(info)

@@ -6,7 +6,8 @@ Layout of RUN_DIR/checkpoints/:
         model.toml            the ModelConfig
         model.safetensors     weights (single process / DDP), loadable by `scalelab export-hf`
         optimizer.pt          AdamW state keyed by parameter name (single process / DDP)
-        dcp/                  FSDP runs instead: model + optimizer, sharded, torch.distributed.checkpoint
+        dcp/                  sharded layouts (FSDP, TP, PP) instead: model + optimizer, each rank's
+                              shards, torch.distributed.checkpoint
         rng_rank{R}.pt        each rank's torch / CUDA / numpy / Python RNG states
         manifest.json         every other file's relative path and size (+ SHA-256 of the small ones)
         trainer.pt            step, tokens and FLOPs seen, data loader position, grad scaler, config;
@@ -36,8 +37,9 @@ Every `.pt` file holds only tensors and plain Python values and is read with
 `torch.load(weights_only=True)`.
 
 Re-sharding: optimizer state is keyed by parameter name (torch.distributed.checkpoint.state_dict),
-and DCP records each tensor's global shape, so a checkpoint written by N ranks (FSDP or DDP)
-loads on M ranks with either strategy, or in one process.
+and DCP records each tensor's global shape and each shard's offsets, so a checkpoint written by
+N ranks with one layout (DDP, FSDP, HSDP, TP, FSDP × TP) loads on M ranks with another, or in one
+process. Checkpoints written when K and V were one `attn.kv_proj` projection load too (split on load).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import torch.nn as nn
 
 from scalelab.errors import UserError
 from scalelab.files import StagedDirectory, atomic_write_bytes, atomic_write_text, remove_tree
+from scalelab.model import FUSED_KV, split_fused_kv
 from scalelab.train.parallel import Dist, all_reduce_sum, unwrap
 
 CHECKPOINTS = "checkpoints"
@@ -389,7 +392,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
 
     def write_state() -> None:
         inner = unwrap(model)
-        if strategy == "fsdp":
+        if strategy not in ("none", "ddp"):  # sharded layouts (FSDP, HSDP, TP, PP): each rank its part
             import torch.distributed.checkpoint as dcp
 
             model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -450,6 +453,27 @@ def _load_pt(file: Path) -> Any:
                         "previous checkpoint") from None
 
 
+def split_fused_kv_optimizer(optim_sd: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name (get_optimizer_state_dict's form) from a
+    checkpoint written when K and V were one `attn.kv_proj`: each such parameter's moments split
+    like the weight (model.split_fused_kv), its step count kept for both halves."""
+    state = {}
+    for name, entry in optim_sd["state"].items():
+        if FUSED_KV not in name:
+            state[name] = entry
+            continue
+        halves = {key: value.chunk(2, dim=0) if torch.is_tensor(value) and value.dim() else (value, value)
+                  for key, value in entry.items()}
+        for i, part in enumerate(("attn.k_proj.", "attn.v_proj.")):
+            state[name.replace(FUSED_KV, part)] = {key: pair[i] for key, pair in halves.items()}
+    groups = [{**group, "params": [new for name in group["params"]
+                                   for new in ([name] if FUSED_KV not in name else
+                                               [name.replace(FUSED_KV, "attn.k_proj."),
+                                                name.replace(FUSED_KV, "attn.v_proj.")])]}
+              for group in optim_sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     return _load_pt(Path(path) / TRAINER_STATE)
 
@@ -484,14 +508,15 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / "dcp")
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     else:
-        sd = hf.read_safetensors(path)
+        sd = split_fused_kv(hf.read_safetensors(path))
         inner = unwrap(model)
         if inner.config.tie_embeddings and "lm_head.weight" not in sd:
             sd["lm_head.weight"] = sd["tok_embeddings.weight"]
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, sd, options=full)
         if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, _load_pt(path / "optimizer.pt"), options=full)
+            optim_sd = split_fused_kv_optimizer(_load_pt(path / "optimizer.pt"))
+            set_optimizer_state_dict(model, optimizer, optim_sd, options=full)
     rng_file = path / f"rng_rank{d.rank}.pt"
     if not rng_file.is_file():
         rng_file = path / "rng_rank0.pt"

@@ -1,6 +1,8 @@
-"""How a model is spread over processes: the process group, DDP or FSDP2, activation
-checkpointing and torch.compile. Separate from the model (which knows nothing of this) and
-from the trainer (which calls `parallelize` once and `grad_sync` around each micro-step).
+"""How a model is spread over processes: the process group, the device mesh, DDP, FSDP2 / HSDP,
+tensor parallelism, activation checkpointing and torch.compile. Separate from the model (which
+knows nothing of this) and from the trainer (which builds one `ParallelDims` from the run's
+`scalelab.layout.Layout` and asks it for everything layout-dependent: the data-parallel rank,
+the wrappers, gradient sync, clipping, the loss context and the checkpoint format).
 
 - One process (no torchrun, or WORLD_SIZE=1): the plain module.
 - DDP: every rank holds the whole model; gradients are all-reduced in buckets during backward.
@@ -9,12 +11,18 @@ from the trainer (which calls `parallelize` once and `grad_sync` around each mic
   gradients reduce-scattered. `MixedPrecisionPolicy` computes in bf16 and reduces in fp32.
 - Gradient accumulation syncs only on the last micro-step (DDP `no_sync`, FSDP2
   `set_requires_gradient_sync(False)`), so a step costs one reduction however many micro-steps.
+- Tensor parallelism (`apply_tp`, DTensor, as torchtitan's parallelize_llama): Q/K/V, gate and up
+  column-wise, O and down row-wise, so attention and the FFN need one all-reduce (or, with
+  sequence parallelism, one all-gather + one reduce-scatter) each; the token embedding row-wise
+  and lm_head column-wise over the vocabulary. FSDP2 then shards the TP-sharded parameters over
+  the data dimensions (2-D), as torchtitan composes them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from scalelab.errors import UserError, describe_os_error
+from scalelab.layout import MESH_KEYS, Layout
 
 
 @dataclass
@@ -109,11 +118,13 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, world_size: int, device: torch.device, param_dtype: torch.dtype | None,
-               reshard_after_forward: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, mesh: Any = None) -> nn.Module:
+    """fully_shard each block, then the root, over `mesh` (default: all world_size ranks; a 2-D
+    (dp_replicate, dp_shard) mesh is HSDP; parameters already sharded by TP become 2-D DTensors)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = mesh if mesh is not None else init_device_mesh(device.type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     n = len(model.layers)
     for i, block in enumerate(model.layers):
@@ -123,20 +134,53 @@ def apply_fsdp(model: nn.Module, world_size: int, device: torch.device, param_dt
     return model
 
 
-def parallelize(model: nn.Module, strategy: str, d: Dist, *, dtype: str, compile: bool,
-                activation_checkpointing: bool, reshard_after_forward: bool = True) -> nn.Module:
-    """Wrap `model` (already on d.device, identical on every rank) for `strategy`."""
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if compile:
-        apply_compile(model)
-    if strategy == "fsdp":
-        param_dtype = torch.bfloat16 if dtype == "bf16" else None
-        return apply_fsdp(model, d.world_size, d.device, param_dtype, reshard_after_forward)
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def apply_tp(model: nn.Module, tp_mesh: Any, *, sequence_parallel: bool, loss_parallel: bool) -> nn.Module:
+    """Tensor parallelism over `tp_mesh`, in place (parameter names unchanged; parameters become
+    DTensors). Between blocks the residual stream is split over the sequence (sequence_parallel:
+    norms run on their slice, activations ÷ tp) or replicated. Attention and the FFN take it
+    whole (all-gather), run on their own heads / FFN columns, and give it back reduced (all-reduce,
+    or reduce-scatter onto sequence slices). The vocabulary is sharded: the embedding row-wise,
+    lm_head column-wise, its logits gathered (or, with loss_parallel, left sharded for
+    `torch.distributed.tensor.parallel.loss_parallel`). Learned positions are replicated and
+    each rank adds its slice. A tied lm_head is tied again to the (identically sharded) embedding."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_module
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
 
-        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    between = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout between blocks
+    root: dict[str, Any] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+        "lm_head": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                   use_local_output=not loss_parallel),
+    }
+    if sequence_parallel and model.norm is not None:
+        root["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, root)
+    if model.pos_embeddings is not None:
+        def positions_in(module, inputs, mesh):
+            from torch.distributed.tensor import DTensor
+
+            return (DTensor.from_local(inputs[0], mesh, [Replicate()], run_check=False),)
+
+        def positions_out(module, out, mesh):  # this rank's slice of the sequence, as a plain tensor
+            return (out.redistribute(placements=[Shard(0)]) if sequence_parallel else out).to_local()
+
+        distribute_module(model.pos_embeddings, tp_mesh, input_fn=positions_in, output_fn=positions_out)
+    for block in model.layers:
+        plan: dict[str, Any] = {
+            "attn": PrepareModuleInput(input_layouts=(between, None, None), desired_input_layouts=(Replicate(), None, None)),
+            "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(output_layouts=between),
+            "ffn": PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),)),
+            "ffn.up": ColwiseParallel(), "ffn.down": RowwiseParallel(output_layouts=between),
+        }
+        if block.ffn.swiglu:
+            plan["ffn.gate"] = ColwiseParallel()
+        if sequence_parallel:
+            plan["attn_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
+    model.tie_weights()
     return model
 
 
@@ -145,16 +189,169 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
 
 
-@contextlib.contextmanager
-def grad_sync(model: nn.Module, strategy: str, sync: bool):
-    """Reduce gradients only when `sync` (the last micro-step of an optimizer step)."""
-    if strategy == "ddp" and not sync:
-        with model.no_sync():
-            yield
-        return
-    if strategy == "fsdp":
-        model.set_requires_gradient_sync(sync)
-    yield
+class ParallelDims:
+    """The run's Layout on this process: the only place that knows which wrappers a layout needs.
+
+    Mesh (built by `build_mesh` once the process group exists, from the dimensions of size > 1, as
+    torchtitan does): pp × dp_replicate × dp_shard × tp, outermost first, so tp peers are
+    neighbouring ranks (one node) and a rank's coordinates follow from its number alone
+    (`coordinate`). "dp" is dp_replicate × dp_shard flattened: the data loader's world.
+    """
+
+    def __init__(self, layout: Layout, d: Dist):
+        if layout.world != d.world_size:
+            raise AssertionError(f"layout {layout} is for {layout.world} processes, not {d.world_size}")
+        self.layout, self.d = layout, d
+        self.mesh: Any = None
+
+    # ---- what the layout means here (no process group needed) ------------------------------------
+    @property
+    def strategy(self) -> str:
+        """A name for logs and the trainer state: none, ddp, fsdp for the old degenerate cases,
+        else the layout (e.g. "dp_shard 2 × tp 2")."""
+        lay = self.layout
+        if lay.world == 1:
+            return "none"
+        if lay.is_ddp:
+            return "ddp"
+        if lay.dp_shard == lay.world:
+            return "fsdp"
+        return lay.describe()
+
+    def coordinate(self, name: str) -> int:
+        """This rank's index along mesh dimension `name` (row-major over MESH_KEYS)."""
+        sizes = [getattr(self.layout, k) for k in MESH_KEYS]
+        i = MESH_KEYS.index(name)
+        inner = math.prod(sizes[i + 1:])
+        return self.d.rank // inner % sizes[i]
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the data-parallel ranks (tp and pp peers share it: same batch)."""
+        return self.coordinate("dp_replicate") * self.layout.dp_shard + self.coordinate("dp_shard")
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are DTensors or stage-local (FSDP, TP or PP): the model is built on the meta
+        device and filled from rank 0, and checkpoints go through DCP."""
+        lay = self.layout
+        return lay.uses_fsdp or lay.tp > 1 or lay.pp > 1
+
+    @property
+    def autocast(self) -> bool:
+        """Whether bf16/fp16 runs use torch.autocast (FSDP's MixedPrecisionPolicy casts instead)."""
+        return not self.layout.uses_fsdp
+
+    # ---- the mesh and the wrappers --------------------------------------------------------------
+    def build_mesh(self) -> Any:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        lay = self.layout
+        names = tuple(k for k in MESH_KEYS if getattr(lay, k) > 1)
+        if self.mesh is None and names and not lay.is_ddp:
+            self.mesh = init_device_mesh(self.d.device.type, tuple(getattr(lay, k) for k in names),
+                                         mesh_dim_names=names)
+            dp_names = tuple(k for k in ("dp_replicate", "dp_shard") if k in names)
+            if len(dp_names) > 1:
+                self.mesh[dp_names]._flatten("dp")
+        return self.mesh
+
+    def submesh(self, *names: str) -> Any:
+        """The mesh over these dimensions (those of size 1 left out; None if all are)."""
+        present = tuple(k for k in names if getattr(self.layout, k) > 1)
+        if not present:
+            return None
+        return self.build_mesh()[present if len(present) > 1 else present[0]]
+
+    def parallelize(self, model: nn.Module, *, dtype: str, compile: bool, activation_checkpointing: bool,
+                    reshard_after_forward: bool = True) -> nn.Module:
+        """Wrap `model` (identical on every rank, or on the meta device when `sharded`) in torchtitan's
+        order: tensor parallelism, activation checkpointing, compile, then FSDP2 / HSDP on the data
+        dimensions (or DDP when the layout is replicas only)."""
+        lay, d = self.layout, self.d
+        if lay.tp > 1:
+            model.loss_chunk_tokens = 0  # the vocabulary is sharded instead: see docs/parallelism.md
+            apply_tp(model, self.submesh("tp"), sequence_parallel=lay.sequence_parallel,
+                     loss_parallel=lay.loss_parallel)
+        if activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if compile:
+            apply_compile(model)
+        if lay.uses_fsdp:
+            param_dtype = torch.bfloat16 if dtype == "bf16" else None
+            return apply_fsdp(model, d.world_size, d.device, param_dtype, reshard_after_forward,
+                              mesh=self.submesh("dp_replicate", "dp_shard"))
+        if lay.is_ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        return model
+
+    @contextlib.contextmanager
+    def grad_sync(self, model: nn.Module, sync: bool):
+        """Reduce data-parallel gradients only when `sync` (the last micro-step of an optimizer step)."""
+        if self.layout.is_ddp and not sync:
+            with model.no_sync():
+                yield
+            return
+        if self.layout.uses_fsdp:
+            model.set_requires_gradient_sync(sync)
+        yield
+
+    def loss_context(self):
+        """Forward and backward of the loss run inside this (loss_parallel for vocabulary-sharded logits)."""
+        if self.layout.tp > 1 and self.layout.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` the global 2-norm of every gradient, exactly as one process would:
+        DTensor gradients count each shard once (their norm is reduced over their own mesh, FSDP's
+        and TP's dimensions alike), replicated ones once. Returns the norm (a plain tensor).
+
+        First each DTensor gradient is given its parameter's placements, once per step: under TP
+        alone autograd leaves a sequence-parallel norm's gradient Partial (one all-reduce here
+        instead of one inside every optimizer op) and the row-wise embedding's Replicate (sliced
+        here to its shard, so the optimizer updates only its rows)."""
+        parameters = list(parameters)
+        for p in parameters:
+            if p.grad is not None and hasattr(p.grad, "placements") and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(placements=p.placements)
+        return clip_grad_norm_(parameters, max_norm)
+
+
+def as_plain(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value as a plain tensor (the loss under loss_parallel is a replicated DTensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def clip_grad_norm_(parameters: Any, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for gradients that may be DTensors on different meshes (TP's
+    and FSDP's 2-D mesh beside, e.g., FSDP's 1-D one) or plain tensors: the norm of each group of
+    gradients on one mesh is reduced over that mesh (`full_tensor`), the groups' squares summed.
+    The clip coefficient is torch's: max_norm / (norm + 1e-6), at most 1."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    norms = []
+    for gs in groups.values():
+        norm = torch.nn.utils.get_total_norm(gs, 2.0)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not norms:
+        return torch.zeros(())
+    total = norms[0] if len(norms) == 1 else torch.stack([n.float() ** 2 for n in norms]).sum().sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for gs in groups.values():
+        for g in gs:
+            (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.device))
+    return total
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:

@@ -1,4 +1,4 @@
-"""The training loop: one process, or many under torchrun (DDP / FSDP2).
+"""The training loop: one process, or many under torchrun (any Layout: DDP, FSDP2 / HSDP, TP).
 
     train(cfg, run_dir) -> summary dict
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import gc
 import json
@@ -47,11 +48,12 @@ from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.units import format_bytes
 from scalelab.train import checkpoint as ckpt
 from scalelab.train import init_from
-from scalelab.train.config import (TrainConfig, grad_accum_steps, resume_differences, sequences_per_step,
+from scalelab.layout import Layout
+from scalelab.train.config import (TrainConfig, grad_accum_steps, layout_of, resume_differences, sequences_per_step,
                                    total_steps, warmup_steps)
 from scalelab.train.metrics import MetricsLog, console_line, eta_seconds, read_metrics, recorded_figures
-from scalelab.train.parallel import (Dist, agree, all_reduce_sum, decide_on_main, destroy_distributed,
-                                     grad_sync, init_distributed, parallelize, resolve_strategy, unwrap)
+from scalelab.train.parallel import (Dist, ParallelDims, agree, all_reduce_sum, as_plain, decide_on_main,
+                                     destroy_distributed, init_distributed, unwrap)
 from scalelab.train.schedule import learning_rate
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -87,6 +89,16 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
         acc = detect_accelerator(torch.cuda.get_device_name(device))
         return acc.peak_bf16_flops if acc else None
     return None
+
+
+def memory_sharding(layout: Layout) -> tuple[str, int]:
+    """(sharding, devices) for counting.training_memory: ddp for replicas only; otherwise weights,
+    gradients and optimizer state are split over dp_shard × tp × pp devices, counted as FSDP over
+    that many (activations are not divided by tp here: an over-estimate for TP layouts)."""
+    if layout.is_ddp:
+        return "ddp", layout.world
+    split = layout.dp_shard * layout.tp * layout.pp
+    return ("fsdp", split) if split > 1 else ("none", 1)
 
 
 def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int) -> dict[str, Any]:
@@ -259,20 +271,20 @@ class _Evaluator:
     """Mean held-out loss over fixed val batches, and bits per byte (bpb = loss/ln2 × tokens/bytes,
     bytes of the decoded target text, as scalelab.evaluate.target_bytes counts them)."""
 
-    def __init__(self, cfg: TrainConfig, d: Dist, log: Callable[[str], None]):
+    def __init__(self, cfg: TrainConfig, dims: ParallelDims, log: Callable[[str], None]):
         from scalelab.data.loader import TokenLoader
         from scalelab.evaluate import target_bytes
 
         self.batches = cfg.eval.batches
-        self.d = d
+        self.d = d = dims.d
         self.loader = None
         self.bytes = None
         no_eval = no_bpb = None
         n = 0
         try:
             self.loader = TokenLoader(cfg.data.dir, cfg.data.val_split, seq_len=cfg.train.seq_len,
-                                      micro_batch_size=cfg.train.micro_batch_size, rank=d.rank,
-                                      world_size=d.world_size, seed=cfg.train.seed)
+                                      micro_batch_size=cfg.train.micro_batch_size, rank=dims.dp_rank,
+                                      world_size=dims.dp, seed=cfg.train.seed)
             tok = self.loader.tokenizer()
             n = sum(target_bytes(tok, self.loader.get_batch(i)[1]) for i in range(self.batches))
         except UserError as e:
@@ -294,15 +306,15 @@ class _Evaluator:
             self.bytes = total if total > 0 else None
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, autocast) -> dict[str, float | None]:
+    def __call__(self, model: nn.Module, autocast, loss_context) -> dict[str, float | None]:
         model.eval()
         total, count = 0.0, 0.0
         for i in range(self.batches):
             x, y = self.loader.get_batch(i)
             x, y = (torch.from_numpy(a).to(self.d.device) for a in (x, y))
-            with autocast():
+            with autocast(), loss_context():
                 loss = model(x, y)[1]
-            total += float(loss) * y.numel()
+            total += float(as_plain(loss)) * y.numel()
             count += y.numel()
         model.train()
         total, count = all_reduce_sum([total, count], self.d)
@@ -311,27 +323,27 @@ class _Evaluator:
         return {"val_loss": val_loss, "val_bpb": bpb}
 
 
-def build_model(cfg: TrainConfig, strategy: str, d: Dist,
+def build_model(cfg: TrainConfig, dims: ParallelDims,
                 initial: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The initial model, identical whatever the number of processes: the weights are those that
     `Transformer(cfg)` draws on the CPU after `torch.manual_seed(train.seed)`, or `initial`, a full
     state dict (train.init_from; under FSDP only rank 0's is used).
 
-    Under FSDP only rank 0 materialises them (on the CPU); the other ranks build the model on the
-    meta device, every rank shards it, and rank 0's weights are broadcast shard by shard
+    Under a sharded layout (FSDP, TP) only rank 0 materialises them (on the CPU); the other ranks
+    build the model on the meta device, every rank shards it, and rank 0's weights are broadcast shard by shard
     (`set_model_state_dict(..., broadcast_from_rank0=True)`), so host memory holds one full copy
     per node at most, not one per GPU."""
     from scalelab.model import Transformer
 
-    t = cfg.train
+    t, d = cfg.train, dims.d
     torch.manual_seed(t.seed)
-    if strategy != "fsdp":
+    if not dims.sharded:
         model = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
         if initial is not None:
             model.load_state_dict(initial)
         model = model.to(d.device)
-        return parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
-                           activation_checkpointing=t.activation_checkpointing)
+        return dims.parallelize(model, dtype=t.dtype, compile=t.compile,
+                                activation_checkpointing=t.activation_checkpointing)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if not d.is_main:
@@ -340,9 +352,9 @@ def build_model(cfg: TrainConfig, strategy: str, d: Dist,
         full = initial if initial is not None else Transformer(cfg.model, attention=t.attention).state_dict()
     with torch.device("meta"):
         model = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
-    model = parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
-                        activation_checkpointing=t.activation_checkpointing,
-                        reshard_after_forward=cfg.parallel.reshard_after_forward)
+    model = dims.parallelize(model, dtype=t.dtype, compile=t.compile,
+                             activation_checkpointing=t.activation_checkpointing,
+                             reshard_after_forward=cfg.parallel.reshard_after_forward)
     model.to_empty(device=d.device)
     model.tie_weights()
     # strict: every key of the model is in rank 0's state dict and nothing else is. Tied embeddings
@@ -364,12 +376,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     run_dir = Path(run_dir)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # A layout that cannot run is refused by every rank alike before any process-group work.
+    layout = layout_of(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     d = init_distributed(cfg.train.device, cfg.parallel.backend)
     # The run's own copy, with dtype resolved once the device is known (config.toml records the
     # choice); the caller's cfg is left as it was.
     cfg = copy.deepcopy(cfg)
     cfg.train.dtype = resolved_dtype(cfg.train.dtype, d.device)
-    trainer = Trainer(cfg, run_dir, d, log)
+    trainer = Trainer(cfg, run_dir, ParallelDims(layout, d), log)
     try:
         done = trainer.build(resume)
         return done if done is not None else trainer.fit()
@@ -388,8 +402,9 @@ class Trainer:
     checkpoint and weights), with `fit` as the loop that calls them and `close` to release the
     signal handlers and the metrics file."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist, log: Callable[[str], None]):
-        self.cfg, self.run_dir, self.d, self.log = cfg, run_dir, d, log
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dims: ParallelDims, log: Callable[[str], None]):
+        self.cfg, self.run_dir, self.dims, self.d, self.log = cfg, run_dir, dims, dims.d, log
+        self.strategy = dims.strategy
         self.stop: _StopFlag | None = None
         self.metrics: MetricsLog | None = None
         self.lock: IO | None = None
@@ -412,24 +427,24 @@ class Trainer:
         # host share its memory) before anything is allocated or written; if any rank finds a
         # problem, all raise the same error (none is left waiting in a collective).
         try:
-            self.strategy = strategy = resolve_strategy(cfg.parallel.strategy, d.world_size)
-            self.accum = accum = grad_accum_steps(cfg, d.world_size)
+            dims = self.dims  # the data loader shards by data-parallel rank: tp and pp peers see the same batch
+            self.accum = accum = grad_accum_steps(cfg, dims.dp)
             self.loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
-                                      micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=d.rank,
-                                      world_size=d.world_size, seed=t.seed)
+                                      micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=dims.dp_rank,
+                                      world_size=dims.dp, seed=t.seed)
             self.loader.check_vocab(cfg.model.vocab_size)
             # A run that already has checkpoints resumes them and needs its source no more.
             if t.init_from and not ckpt.list_checkpoints(run_dir):
                 self.init_source = init_from.check_source(t.init_from, cfg.model, self.loader.metadata)
-            seqs_per_step = t.micro_batch_size * accum * d.world_size
+            seqs_per_step = t.micro_batch_size * accum * dims.dp
             self.tokens_per_step = seqs_per_step * t.seq_len
             self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
             self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
             self.warmup = warmup_steps(t.warmup, self.steps)
             ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
-            problem = memory_problem(cfg, strategy, d.world_size, free_memory(d.device), ranks_sharing)
-            if problem is None and self.init_source is not None and (strategy != "fsdp" or d.is_main):
-                self.init_weights = init_from.load_weights(self.init_source)  # FSDP: rank 0 broadcasts them
+            problem = memory_problem(cfg, *memory_sharding(dims.layout), free_memory(d.device), ranks_sharing)
+            if problem is None and self.init_source is not None and (not dims.sharded or d.is_main):
+                self.init_weights = init_from.load_weights(self.init_source)  # sharded: rank 0 broadcasts them
         except UserError as e:
             problem = str(e)
         except OSError as e:
@@ -443,7 +458,7 @@ class Trainer:
 
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.model = build_model(cfg, strategy, d, self.init_weights if latest is None else None)
+        self.model = build_model(cfg, self.dims, self.init_weights if latest is None else None)
         self.init_weights = None  # the model holds them now
         if self.init_source is not None and latest is None:
             self.initialised_from = str(self.init_source.resolve())
@@ -452,7 +467,7 @@ class Trainer:
                     "schedule, step 0)")
         self.optimizer = make_optimizer(self.model, cfg, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type) if t.dtype == "fp16" else None
-        self.use_autocast = t.dtype != "fp32" and strategy != "fsdp"
+        self.use_autocast = t.dtype != "fp32" and self.dims.autocast
 
         self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0
         if latest is not None:
@@ -474,14 +489,16 @@ class Trainer:
                                       tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                                       config=cfg.to_dict(), warn=log)
             n_params = sum(p.numel() for p in unwrap(self.model).parameters())
+            data_world = f"world {d.world_size}" if self.dims.dp == d.world_size else f"dp {self.dims.dp}"
             log(f"scalelab train: {cfg.model.name()} ({n_params:,} params) on {d.world_size} × {d.device.type} "
-                f"[{strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
-                f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × world {d.world_size}), "
+                f"[{self.strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
+                f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × {data_world}), "
                 f"{self.flops_per_step * self.steps:.3g} FLOPs; run dir {run_dir}")
             log(f"scalelab train: predicted peak memory per device "
-                f"{format_bytes(predicted_memory(cfg, strategy, d.world_size)['total'])} (counting.training_memory; "
+                f"{format_bytes(predicted_memory(cfg, *memory_sharding(self.dims.layout))['total'])} "
+                f"(counting.training_memory; "
                 f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
-        self.evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
+        self.evaluator = _Evaluator(cfg, self.dims, log) if (cfg.eval.every or cfg.eval.at_end) else None
         self.peak = peak_flops_per_device(cfg, d.device)
         self.stop = _StopFlag(cfg.checkpoint.on_signal)
         return None
@@ -511,8 +528,8 @@ class Trainer:
         cfg, t, done = self.cfg, self.cfg.train, int(state["step"])
         old = tomllib.loads(state["config"])
         refused, accepted = resume_differences(old, cfg.to_dict())
-        old_seqs = sequences_per_step(old["train"], int(state["world_size"]))
-        new_seqs = sequences_per_step(cfg.to_dict()["train"], self.d.world_size)
+        old_seqs = sequences_per_step(old["train"], int(state.get("dp", state["world_size"])))
+        new_seqs = sequences_per_step(cfg.to_dict()["train"], self.dims.dp)
         if old_seqs != new_seqs:
             refused.append(f"global batch {old_seqs} -> {new_seqs} sequences per step")
         recorded = self.run_dir / "data.json"
@@ -569,18 +586,16 @@ class Trainer:
             x, y = self.loader.get_batch(step, micro)
             x = torch.from_numpy(x).to(d.device, non_blocking=True)
             y = torch.from_numpy(y).to(d.device, non_blocking=True)
-            with grad_sync(model, self.strategy, micro == accum - 1):
+            with self.dims.grad_sync(model, micro == accum - 1), self.dims.loss_context():
                 with self.autocast():
                     loss = model(x, y)[1]  # unchunked logits must not outlive forward
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += loss.detach()
+            loss_sum += as_plain(loss.detach())
         if scaler is not None:
             scaler.unscale_(optimizer)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = self.dims.clip_grad_norm_(model.parameters(), max_norm)
         loss_value, grad_value = all_reduce_sum([float(loss_sum) / accum, float(grad_norm)], d)
         loss_value /= d.world_size
         grad_value /= d.world_size  # identical on every rank already; this keeps it so
@@ -608,7 +623,7 @@ class Trainer:
     def evaluate(self) -> dict | None:
         if self.evaluator is None or self.evaluator.loader is None:
             return None
-        r = self.evaluator(self.model, self.autocast)
+        r = self.evaluator(self.model, self.autocast, self.dims.loss_context)
         if self.d.is_main:
             self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen,
                                 "flops": self.flops_seen, **r})
@@ -621,6 +636,7 @@ class Trainer:
         return {"format": 1, "step": self.step, "tokens": self.tokens_seen, "flops": self.flops_seen,
                 "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "model": self.cfg.model.to_dict(), "config": self.cfg.to_toml(), "world_size": self.d.world_size,
+                "dp": self.dims.dp, "layout": dataclasses.asdict(self.dims.layout),
                 "strategy": self.strategy, "total_steps": self.steps,
                 "init_from": self.initialised_from}
 
@@ -717,14 +733,14 @@ class Trainer:
 
 def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Path:
     """RUN_DIR/final: full weights as model.safetensors + model.toml (+ tokenizer), the native
-    format `scalelab sample` and `scalelab export-hf` read. FSDP gathers to rank 0 on the CPU."""
+    format `scalelab sample` and `scalelab export-hf` read. A sharded layout gathers to rank 0 on the CPU."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from scalelab import hf
 
     inner = unwrap(model)
     final = run_dir / "final"
-    if strategy == "fsdp":
+    if strategy not in ("none", "ddp"):  # FSDP / TP shards (DTensors): gathered
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = dict(inner.state_dict()) if d.is_main else {}
