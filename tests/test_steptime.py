@@ -76,8 +76,6 @@ PUBLISHED = [
     # torchtitan Llama 3 table (64 A100, local batch 1 x 8192)
     Published("torchtitan Llama 3 8B, 64 x A100, selective op", TT_A100, "llama3.1-8b", "A100", Layout(dp_shard=64), 1,
               8192, SELECTIVE_OP, tokens_per_second=2973, gpus=64),
-    Published("torchtitan Llama 3 8B, 64 x A100, selective layer", TT_A100, "llama3.1-8b", "A100",
-              Layout(dp_shard=64), 1, 8192, ("selective", "2"), tokens_per_second=2904, gpus=64),
     # torchtitan Llama 2 table (64 A100, sequence 4096)
     Published("torchtitan Llama 2 13B, 64 x A100, batch 2, no AC", TT_A100, "llama2-13b", "A100", Layout(dp_shard=64),
               2, 4096, NONE, tokens_per_second=2162, gpus=64),
@@ -89,6 +87,8 @@ PUBLISHED = [
 # Published runs the model misses by more than 15%, kept in the table so the docs stay honest
 # (docs/parallelism.md says why each may miss).
 MISSES = [
+    Published("torchtitan Llama 3 8B, 64 x A100, selective layer", TT_A100, "llama3.1-8b", "A100",
+              Layout(dp_shard=64), 1, 8192, ("selective", "2"), tokens_per_second=2904, gpus=64),
     Published("torchtitan Llama 3 70B, 64 x A100, full AC", TT_A100, "llama3.1-70b", "A100", Layout(dp_shard=64), 1,
               8192, FULL, tokens_per_second=331, gpus=64),
     Published("torchtitan Llama 2 70B, 64 x A100, batch 1, selective op", TT_A100, "llama2-70b", "A100",

@@ -16,7 +16,8 @@ Conventions (docs/parallelism.md):
   stages r, r + pp, r + 2·pp, ...
 - Collective volumes are the bytes one device sends (= receives) with NCCL's ring algorithms on a
   group of n: all-gather and reduce-scatter of a buffer of S bytes move (n-1)/n · S, all-reduce
-  2(n-1)/n · S (reduce-scatter then all-gather).
+  2(n-1)/n · S (reduce-scatter then all-gather). FSDP2's buffers are its padded shards: S = n ×
+  the padded shard, so each rank moves (n-1) padded shards.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     t = layout.tp
     per_layer, head = counting.activation_bytes_per_token(
         cfg.n_embd, cfg.kv_dim, cfg.ffn_hidden, cfg.n_head, s, ffn_type=cfg.ffn_type,
-        normalization=cfg.normalization, rope=cfg.position_encoding == "rope", residual_bytes=residual,
+        normalization=cfg.normalization, residual_bytes=residual,
         compute_bytes=c, autocast=autocast, attention=attention)
     if t > 1:
         # gathered inputs of the attention and FFN projections stay whole; with sequence parallelism
@@ -212,6 +213,8 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
         per_layer = (per_layer - whole) / t + whole
         head = head / t if layout.sequence_parallel else head
     tokens = micro_batch * s
+    if t > 1:
+        loss_chunk_tokens = 0  # parallel.py scores the vocabulary-sharded logits whole under tp
     ranks = rank_params(cfg, layout)
     best: dict[str, Any] | None = None
     for rp in ranks:
@@ -330,16 +333,15 @@ def communication(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     t, n, r, p = layout.tp, layout.dp_shard, layout.dp_replicate, layout.pp
     out: list[Collective] = []
     if layout.uses_fsdp and n > 1:
+        # FSDP2 all-gathers and reduce-scatters padded shards: (n-1) shards of ceil(rows / n) rows
+        block_shard = rp.blocks / max(rp.layers, 1)
         units = rp.layers + (1 if rp.root_unsharded else 0)
-        gathers_fwd = units * m
-        regathered = 0 if (p > 1 or not reshard_after_forward) else max(rp.layers - 1, 0) * m
-        per_gather = unsharded * param_bytes / units
-        out.append(Collective("FSDP all-gather (parameters)", "fsdp", "all-gather", n, t, gathers_fwd + regathered,
-                              ring_factor("all-gather", n) * per_gather * (gathers_fwd + regathered),
-                              "forward/backward compute (prefetch one unit ahead)"))
+        regathered = 0 if (p > 1 or not reshard_after_forward) else max(rp.layers - 1, 0)
+        gathered = (rp.local + regathered * block_shard) * m
+        out.append(Collective("FSDP all-gather (parameters)", "fsdp", "all-gather", n, t, (units + regathered) * m,
+                              (n - 1) * gathered * param_bytes, "forward/backward compute (prefetch one unit ahead)"))
         out.append(Collective("FSDP reduce-scatter (gradients)", "fsdp", "reduce-scatter", n, t, units,
-                              ring_factor("reduce-scatter", n) * unsharded * grad_bytes,
-                              "backward compute of the last micro-step"))
+                              (n - 1) * rp.local * grad_bytes, "backward compute of the last micro-step"))
         if r > 1:
             out.append(Collective("HSDP all-reduce over replicas", "hsdp", "all-reduce", r, t * n, units,
                                   ring_factor("all-reduce", r) * rp.local * grad_bytes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from scalelab.cli import (HelpFormatter, add_common_flags, format_bytes, format_count, format_duration,
@@ -95,7 +96,11 @@ def layout_from_flags(args: argparse.Namespace, given: dict, cfg, gpus: int):
         return None
     schedule = flags.get("pp_schedule", "1F1B")
     flags.setdefault("pp_stages_per_rank", 1 if schedule in SINGLE_STAGE_SCHEDULES else 2)
-    return Layout(**flags).validate(cfg, gpus)
+    try:
+        return Layout(**flags).validate(cfg, gpus)
+    except UserError as e:  # the trainer's words for its keys, as count's flags
+        raise UserError(re.sub(r"parallel\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
+                               str(e).replace("WORLD_SIZE", "--gpus").replace("launch", "use"))) from None
 
 
 def strategy_layout(sharding: str, gpus: int):
