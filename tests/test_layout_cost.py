@@ -170,3 +170,32 @@ def test_bad_layouts_exit_2_with_one_line(cli, args, fragment):
     r = cli("count", "llama3.1-8b", *args)
     assert r.returncode == 2 and fragment in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+# ---- plan --layout auto ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hardware", [["--gpus", "8", "--gpu-type", "H100", "--hours", "240"],
+                                      ["--gpus", "512", "--gpu-type", "H100", "--hours", "2000", "--seq-len", "8192"]])
+def test_plan_layout_auto_emits_the_layout_its_memory_assumed(cli, tmp_path, hardware):
+    """Issue 10's example (`plan --gpus 8 --gpu-type H100 --hours 240`: 6.6 GiB printed, 89 GiB for the
+    config it wrote), with the layout search on: the emitted [parallel] layout, micro-batch,
+    checkpointing and global batch count (`scalelab count FILE`) to the plan's figure, to the byte,
+    and the trainer's own loader resolves the same layout."""
+    from scalelab.train.config import layout_of, load_config
+
+    path = tmp_path / "plan.toml"
+    r = cli("plan", *hardware, "--layout", "auto", "--emit-config", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    best = json.loads(r.stdout)["best"]
+    gpus = int(hardware[1])
+    cfg = load_config(path)
+    chosen = best["layout"]
+    resolved = layout_of(cfg, gpus)
+    assert {k: getattr(resolved, k) for k in ("dp_replicate", "dp_shard", "tp", "pp")} == {
+        k: chosen["layout"][k] for k in ("dp_replicate", "dp_shard", "tp", "pp")}
+    assert cfg.train.micro_batch_size == chosen["micro_batch"]
+    counted = json.loads(cli("count", str(path), "--gpus", str(gpus), "--gpu-type", "H100", "--mfu", "auto",
+                             "--json").stdout)
+    assert counted["memory"]["total"] == best["memory_per_gpu_bytes"] <= counted["accelerator"]["memory_bytes"]
+    assert counted["time"]["predicted"]["mfu"] == pytest.approx(chosen["mfu"])

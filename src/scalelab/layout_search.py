@@ -131,8 +131,10 @@ def candidate_layouts(cfg: ModelConfig, acc: Accelerator, gpus: int) -> list[Lay
 
 def search(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, global_batch_tokens: float,
            precision: str = "bf16-mixed", attention: str = "sdpa",
-           loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, top: int = 5) -> list[Candidate]:
-    """The fastest `top` feasible layouts (memory total within the device), fastest first."""
+           loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, top: int = 5,
+           checkpointing: tuple[tuple[str, str], ...] = CHECKPOINTING) -> list[Candidate]:
+    """The fastest `top` feasible layouts (memory total within the device), fastest first, trying
+    the `checkpointing` modes from the least recomputation up."""
     found: list[Candidate] = []
     for base in candidate_layouts(cfg, acc, gpus):
         for b in MICRO_BATCHES:
@@ -145,7 +147,7 @@ def search(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, globa
             if layout.pp > 1 and layout.pp_schedule != "1F1B" and layout.microbatches % max(
                     1, layout.microbatches // layout.pp):
                 continue  # Interleaved1F1B needs micro-batches a multiple of its rounds
-            for mode, option in CHECKPOINTING:
+            for mode, option in checkpointing:
                 memory = device_memory(cfg, layout, micro_batch=b, seq_len=seq_len, precision=precision,
                                        activation_checkpointing=mode, selective_ac_option=option,
                                        attention=attention, loss_chunk_tokens=loss_chunk_tokens)
