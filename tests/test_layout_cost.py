@@ -199,3 +199,13 @@ def test_plan_layout_auto_emits_the_layout_its_memory_assumed(cli, tmp_path, har
                              "--json").stdout)
     assert counted["memory"]["total"] == best["memory_per_gpu_bytes"] <= counted["accelerator"]["memory_bytes"]
     assert counted["time"]["predicted"]["mfu"] == pytest.approx(chosen["mfu"])
+
+
+def test_layout_counting_and_search_import_no_torch():
+    from conftest import heavy_modules_loaded
+
+    for argv in (["count", "llama3.1-8b", "--gpus", "16", "--gpu-type", "H100", "--tp", "2", "--pp", "2",
+                  "--mfu", "auto"],
+                 ["count", "llama3.1-8b", "--gpus", "16", "--gpu-type", "H100", "--layout", "auto"],
+                 ["plan", "--gpus", "8", "--gpu-type", "H100", "--hours", "24", "--layout", "auto"]):
+        assert heavy_modules_loaded(argv) == [], argv
