@@ -141,37 +141,46 @@ def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch
     mode, option = layout_cost.checkpointing(activation_checkpointing, selective_ac_option)
     t, p = layout.tp, layout.pp
     m = layout_cost.micro_steps_of(layout, accumulation)
-    ranks = layout_cost.rank_params(cfg, layout)
-    busiest = max(ranks, key=lambda r: r.layers)
-    L = busiest.layers
     T = micro_batch * s  # tokens per micro-step on this device
     c = counting.ACTIVATION_BYTES[precision]
     hbm = acc.hbm_bytes_per_s * HBM_EFFICIENCY
     gemms = block_gemms(cfg, t)
-    wrapped, recomputed, attention_again = recompute_plan(L, mode, option, len(gemms))
     fwd_gemm = [gemm_seconds(T, o, i, acc) for _, o, i in gemms]
     block_fwd = sum(fwd_gemm)
     block_bwd = sum(gemm_seconds(T, i, o, acc) + gemm_seconds(i, o, T, acc) for _, o, i in gemms)
-    block_recompute = wrapped * sum(fwd_gemm[j] for j in recomputed)
-    head = gemm_seconds(T, cfg.vocab_size // t, cfg.n_embd, acc) * 3  # lm_head forward + backward
-    matmul = L * (block_fwd + block_bwd) + head
-    recompute_matmul = L * block_recompute
-
-    h_local = cfg.n_embd / t
-    attn_fwd_flops = 2.0 * micro_batch * s * s * h_local  # causal: half of 4·b·s²·h
+    attn_fwd_flops = 2.0 * micro_batch * s * s * cfg.n_embd / t  # causal: half of 4·b·s²·h
     attn_rate = acc.attention_fraction * acc.peak_bf16_flops
-    attention = L * attn_fwd_flops * (1 + ATTENTION_BACKWARD_RATIO) / attn_rate
-    recompute_attention = L * wrapped * attention_again * attn_fwd_flops / attn_rate
-
+    block_attention = attn_fwd_flops * (1 + ATTENTION_BACKWARD_RATIO) / attn_rate
     e = ELEMENTWISE_PASSES
     sp = layout.sequence_parallel and t > 1
     per_token = c * (e["n_embd"] * cfg.n_embd / (t if sp else 1) + (e["kv_dim"] * cfg.kv_dim + e["ffn"]
                                                                      * cfg.ffn_hidden) / t)
-    elementwise_fwd = L * T * per_token / hbm
+    block_elementwise = T * per_token / hbm
+    # lm_head (forward and two backward GEMMs) and the loss's softmax, on the rank with the last stage
     vocab = cfg.vocab_size / t if (layout.loss_parallel or t == 1) else cfg.vocab_size
-    loss = T * LOSS_BYTES_PER_LOGIT * vocab / hbm
-    elementwise = elementwise_fwd * (1 + BACKWARD_PASSES) + loss
-    recompute_elementwise = elementwise_fwd * wrapped
+    head_matmul = gemm_seconds(T, cfg.vocab_size // t, cfg.n_embd, acc) * 3
+    head_elementwise = T * LOSS_BYTES_PER_LOGIT * vocab / hbm
+
+    def rank_costs(rank: layout_cost.RankParams) -> dict[str, float]:
+        L = rank.layers
+        wrapped, recomputed, attention_again = recompute_plan(L, mode, option, len(gemms))
+        last = rank.pp_rank == p - 1
+        return {
+            "matmul": L * (block_fwd + block_bwd) + (head_matmul if last else 0.0),
+            "attention": L * block_attention,
+            "memory-bound ops": L * block_elementwise * (1 + BACKWARD_PASSES) + (head_elementwise if last else 0.0),
+            "recomputation": L * wrapped * (sum(fwd_gemm[j] for j in recomputed)
+                                            + attention_again * attn_fwd_flops / attn_rate + block_elementwise),
+            "backward": (L * (block_bwd + block_attention * ATTENTION_BACKWARD_RATIO / (1 + ATTENTION_BACKWARD_RATIO)
+                              + block_elementwise * BACKWARD_PASSES) + (head_matmul * 2 / 3 if last else 0.0)),
+        }
+
+    # the pipeline runs at the pace of its slowest rank (the most layers, or the last stage's lm_head)
+    ranks = layout_cost.rank_params(cfg, layout)
+    costs = [rank_costs(r) for r in ranks]
+    slowest = max(range(len(ranks)), key=lambda i: sum(v for k, v in costs[i].items() if k != "backward"))
+    busiest, cost = ranks[slowest], costs[slowest]
+    wrapped, recomputed, attention_again = recompute_plan(busiest.layers, mode, option, len(gemms))
 
     collectives = layout_cost.communication(cfg, layout, micro_batch=micro_batch, seq_len=s, precision=precision,
                                             accumulation=accumulation, activation_checkpointing=mode,
@@ -185,9 +194,8 @@ def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch
         if col.dimension == "tp":
             tp_seconds += secs / m
 
-    compute_micro = matmul + recompute_matmul + attention + recompute_attention + elementwise + recompute_elementwise
-    backward_micro = (L * block_bwd + head * 2 / 3 + attention * ATTENTION_BACKWARD_RATIO / (1 + ATTENTION_BACKWARD_RATIO)
-                      + elementwise_fwd * BACKWARD_PASSES)
+    compute_micro = sum(v for k, v in cost.items() if k != "backward")
+    backward_micro = cost["backward"]
     micro = compute_micro + tp_seconds
     bubble = layout_cost.bubble_fraction(p, m, layout.pp_stages_per_rank, layout.pp_schedule)
     pipeline_seconds = m * micro / (1 - bubble)
@@ -211,10 +219,7 @@ def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch
                       / (c if row["collective"] == "all-gather" else 4) * FSDP_COPY_BYTES[row["collective"]]
                       for row in comm_rows if row["dimension"] == "fsdp") / hbm
     parts = {
-        "matmul": m * matmul,
-        "attention": m * attention,
-        "memory-bound ops": m * elementwise,
-        "recomputation": m * (recompute_matmul + recompute_attention + recompute_elementwise),
+        **{k: m * v for k, v in cost.items() if k != "backward"},
         "TP communication": m * tp_seconds,
         "pipeline bubble": pipeline_seconds - m * micro,
         **{f"{k} (exposed)": v for k, v in exposed.items()},
@@ -234,6 +239,7 @@ def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch
     mfu = model_flops / (total * world * acc.peak_bf16_flops)
     hfu = executed / (total * world * acc.peak_bf16_flops)
     detail = {"micro_steps": m, "micro_batch": micro_batch, "seq_len": s, "bubble_fraction": bubble,
+              "pp_rank": busiest.pp_rank,
               "activation_checkpointing": mode, "selective_ac_option": option, "gpu_type": acc.name, "num_devices": world,
               "layout": layout_cost.layout_dict(layout), "communication": comm_rows,
               "model_flops_per_step": model_flops, "executed_flops_per_step": executed,
