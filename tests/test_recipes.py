@@ -95,3 +95,17 @@ if __name__ == "__main__":
     for recipe in RECIPES:
         write_block(ROOT / "configs" / recipe)
         print(f"wrote the table of configs/{recipe}")
+
+
+def test_count_reads_the_recipes_layout_batch_and_checkpointing(cli):
+    """`scalelab count FILE` takes [parallel]'s layout keys, [train] global_batch_tokens, micro-batch and
+    checkpointing from the recipe: the same figures as its table's first row."""
+    import json
+
+    path = ROOT / "configs" / "llama3.1-405b.toml"
+    out = json.loads(cli("count", str(path), "--gpus", "16384", "--gpu-type", "H100", "--mfu", "auto", "--json").stdout)
+    lay = out["layout"]
+    assert (lay["tp"], lay["pp"], lay["dp_shard"], lay["pp_microbatches"], lay["global_batch_tokens"]) == (
+        8, 16, 128, 16, 16 * 2**20)
+    row = next(line for line in block_in(path) if line.lstrip().startswith("16384") and "(config)" in line)
+    assert f"{out['time']['predicted']['mfu']:.1%}" in row and row.count("fits") == 1
