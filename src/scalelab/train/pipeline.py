@@ -41,6 +41,9 @@ SCHEDULES = {
     "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", True),
 }
 
+# Schedules that split each backward into the inputs' gradients, then the weights' (zero bubble)
+SPLIT_BACKWARD_SCHEDULES = ("InterleavedZeroBubble",)
+
 
 def rank_stages(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
     """The stage indices rank `pp_rank` of `pp` runs, in loop order (r, r + pp, r + 2·pp, ...), the
@@ -176,9 +179,11 @@ def build_pipeline(cfg, dims, initial: dict[str, torch.Tensor] | None = None) ->
     def wrap(view: StageModule) -> StageModule:
         if lay.tp > 1 and lay.sequence_parallel:
             view.sequence_shards = lay.tp  # hidden states between stages hold S / tp positions
-        if lay.uses_fsdp:
+        if lay.uses_fsdp or lay.pp_schedule in SPLIT_BACKWARD_SCHEDULES:
             # The chunked loss reads lm_head's weight outside the stage's forward, where FSDP holds
-            # only its shard: the last stage forms the logits in its forward instead (as TP does).
+            # only its shard, and its backward runs once (a zero-bubble schedule runs backward
+            # twice, for the inputs, then for the weights): the last stage forms the logits in its
+            # forward instead (as TP does).
             view.loss_chunk_tokens = 0
         return dims.parallelize(view, dtype=t.dtype, compile=t.compile,
                                 activation_checkpointing=t.activation_checkpointing,
