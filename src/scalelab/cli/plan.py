@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   scalelab plan 1.36e21 --no-gqa --top 5
   scalelab plan 1e22 --enforce-chinchilla --tolerance 0.25 --max-tokens 2T
   scalelab plan --gpus 8 --gpu-type H100 --hours 24 --mfu 0.4 --emit-config plan.toml
+  scalelab plan --gpus 64 --gpu-type H100 --hours 240 --layout auto --emit-config plan.toml
   scalelab plan 3e20 --hidden 512:4096:128 --layers 8:40:2 --head-dims 64 --kv-heads 4 --law epoch
   scalelab plan 1e21 --law-file law.json --plot isoflop.png --json
 """
@@ -63,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--gpu-type", default=None, help="A6000, A100-40GB, A100-80GB, H100-SXM, H100-PCIe, H200, B200")
     h.add_argument("--hours", type=float, default=None, help="budget from hardware: C = GPUs × peak × MFU × hours")
     h.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for --hours and wall-clock")
+    h.add_argument("--layout", choices=("auto",), default=None, help="auto: for the best shape, search the "
+                   "fastest layout (tp, pp, FSDP/HSDP), micro-batch and checkpointing that fits (scalelab.steptime); "
+                   "--emit-config writes it")
     law = p.add_argument_group("loss law L(N, D) = E + A/N^alpha + B/D^beta")
     law.add_argument("--law", default=None, help="named law: chinchilla (default), epoch, shakespeare-cpu (the demo's own fit)")
     law.add_argument("--law-file", default=None, help="JSON law file (what `scalelab fit` writes)")
@@ -147,6 +151,8 @@ def build(args: argparse.Namespace):
         raise UserError(f"--gpus must be at least 1, got {args.gpus}")
     if args.gpus is not None and args.gpu_type is None:
         raise UserError("--gpus needs --gpu-type, e.g. --gpus 8 --gpu-type H100")
+    if args.layout and args.gpu_type is None:
+        raise UserError("--layout auto needs --gpus and --gpu-type, e.g. --gpus 64 --gpu-type H100")
     accelerator = get_accelerator(args.gpu_type) if args.gpu_type else None
     gpus = args.gpus or 1
     if args.hours is not None:
@@ -194,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
     C, budget, law, space = build(args)
     # check --set before searching: it may only touch the emitted config's non-model sections
-    owned = plan_owned_keys(space)
+    owned = plan_owned_keys(space, layout_auto=args.layout == "auto")
     for item in args.overrides:
         key = item.split("=", 1)[0].strip()
         if key.startswith("model."):
@@ -212,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.plot, flag="--plot", suffixes=(".png",))
     result = search(C, law, space, top=args.top)
     result.search["budget"] = budget
+    if args.layout == "auto":
+        choose_layout(result)
     if args.emit_config:
         write_config(result, args.emit_config, args.overrides, argv=_command_argv())
         result.search["emitted_config"] = args.emit_config
@@ -288,6 +296,15 @@ def print_report(result) -> None:
                                    f"{t['tokens_per_second']:,.0f} tokens/s)"))
         m = s["space"]["hardware"]["memory_model"]
         sharding = f"FSDP over {space.gpus}" if m["sharding"] == "fsdp" else "one GPU, unsharded"
+        if "layout" in b:
+            lay = b["layout"]
+            m = dict(m, micro_batch=lay["micro_batch"], activation_checkpointing=lay["activation_checkpointing"] != "none")
+            sharding = f"{lay['describe']} on {space.gpus} GPUs"
+            rows.append(("Layout", f"{lay['describe']}, micro-batch {lay['micro_batch']}, checkpointing "
+                                   f"{lay['activation_checkpointing']}: {lay['step_seconds']:.2f} s per step of "
+                                   f"{lay['tokens_per_second_per_device'] * space.gpus * lay['step_seconds']:,.0f} "
+                                   f"tokens, predicted MFU {lay['mfu']:.1%} (fastest of {len(b['layout_top'])} shown "
+                                   "by --json; scalelab.steptime)"))
         rows.append(("Memory/GPU", f"{format_bytes(b['memory_per_gpu_bytes'])} of "
                                    f"{space.accelerator.memory_gib:g} GiB ({sharding}, micro-batch {m['micro_batch']}, "
                                    f"{'activation checkpointing, ' if m['activation_checkpointing'] else ''}"
@@ -322,10 +339,66 @@ def ffn_text(d_ff: int, n_embd: int, ratio: float, multiple_of: int) -> str:
 PLAN_LENGTH_KEYS = ("train.seq_len", "train.max_tokens", "train.max_steps", "train.max_flops")
 
 
-def plan_owned_keys(space) -> list[str]:
+def plan_owned_keys(space, layout_auto: bool = False) -> list[str]:
     """Config keys the emitted file sets from the plan: the figures it prints assume these values."""
+    from scalelab.layout import LAYOUT_KEYS
+
     settings = space.trainer_settings()
-    return [*PLAN_LENGTH_KEYS, *(f"{section}.{key}" for section, keys in settings.items() for key in keys)]
+    owned = [*PLAN_LENGTH_KEYS, *(f"{section}.{key}" for section, keys in settings.items() for key in keys)]
+    if layout_auto:
+        owned += ["train.global_batch_tokens", *(f"parallel.{k}" for k in LAYOUT_KEYS)]
+    return owned
+
+
+def plan_global_batch(gpus: int, seq_len: int) -> int:
+    """The global batch the layout search assumes: about 0.5M tokens (2**19), in whole micro-batches of
+    one sequence per GPU, at least one."""
+    per_micro = gpus * seq_len
+    return max(1, round(2**19 / per_micro)) * per_micro
+
+
+def choose_layout(result) -> None:
+    """--layout auto: the fastest layout for the best shape (layout_search.search, the same figures as
+    `count --layout auto`), stored in result.best with the trainer settings that reproduce its memory."""
+    from scalelab import layout_search
+    from scalelab.layout import Layout
+    from scalelab.scaling.search import TRAINER_DTYPE
+
+    space, best = result.space, result.best
+    cfg = space.model_config(best["n_layer"], best["n_embd"], best["n_head"], best["num_key_value_heads"])
+    batch = plan_global_batch(space.gpus, space.seq_len)
+    found = layout_search.search(cfg, space.accelerator, space.gpus, seq_len=space.seq_len, global_batch_tokens=batch,
+                                 precision=space.precision, attention=space.attention,
+                                 checkpointing=trainer_checkpointing_modes())
+    if not found:
+        result.search["warnings"].append(f"--layout auto: no layout of {space.gpus} x {space.accelerator.name} fits "
+                                         f"{cfg.name()}; the plan keeps FSDP over all GPUs")
+        return
+    chosen = found[0]
+    default = Layout()
+    parallel = {k: v for k, v in layout_search.layout_cost.layout_dict(chosen.layout).items()
+                if v != getattr(default, k) and not (k == "pp_microbatches" and chosen.layout.pp == 1)}
+    mode = chosen.activation_checkpointing
+    train = {"micro_batch_size": chosen.micro_batch,
+             "activation_checkpointing": mode == "full" if mode in ("none", "full") else mode,
+             "dtype": TRAINER_DTYPE[space.precision], "attention": space.attention,
+             "global_batch_tokens": int(chosen.time.tokens_per_step)}
+    if mode == "selective":
+        train["selective_ac_option"] = chosen.selective_ac_option
+    best["layout"] = chosen.row()
+    best["layout_top"] = [c.row() for c in found]
+    best["memory_per_gpu_bytes"] = float(chosen.memory["total"])
+    best["trainer_settings"] = {"train": train, "parallel": parallel}
+
+
+def trainer_checkpointing_modes() -> tuple[tuple[str, str], ...]:
+    """The checkpointing modes the layout search may choose: those train.activation_checkpointing
+    accepts (its AC_MODES once selective checkpointing exists there; none and full before)."""
+    from scalelab import layout_search
+    from scalelab.train import config as train_config
+
+    accepted = getattr(train_config, "AC_MODES", ("none", "full"))
+    return tuple(m for m in layout_search.CHECKPOINTING if m[0] in accepted)
 
 
 def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | None = None) -> str:
@@ -338,7 +411,7 @@ def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | Non
     from scalelab.config import apply_overrides
 
     b, space = result.best, result.space
-    settings = space.trainer_settings()
+    settings = b.get("trainer_settings") or space.trainer_settings()
     sections = {"data": {"dir": "data/shakespeare"},
                 "train": {"seq_len": b["seq_len"], "max_tokens": b["D_rounded"], **settings.get("train", {})},
                 "parallel": dict(settings.get("parallel", {}))}
@@ -371,7 +444,12 @@ def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | Non
         tomli_w.dumps(sections.pop("train")).rstrip(),
         "# max_tokens is D from the plan (whole sequences); the trainer's defaults cover the rest, e.g.",
     ]
-    if settings:
+    if "layout" in b:
+        lay = b["layout"]
+        lines.append(f"# layout (--layout auto): {lay['describe']}, predicted {lay['step_seconds']:.2f} s per step, "
+                     f"{lay['tokens_per_second_per_device']:,.0f} tokens/s per GPU, MFU {lay['mfu']:.1%} "
+                     "(scalelab.steptime; `scalelab count FILE --gpu-type ... --mfu auto` shows the breakdown)")
+    elif settings:
         lines.append(f"# global_batch_tokens = {accumulation * per_micro}   # ~0.5M tokens/step by gradient "
                      "accumulation, which leaves the memory as planned")
     else:
