@@ -162,6 +162,61 @@ def test_export_hf_from_a_tp_checkpoint_equals_one_process(setup, two_ranks, tmp
         torch.testing.assert_close(outs["tp2"](idx).logits, outs["single"](idx).logits, atol=1e-4, rtol=1e-4)
 
 
+# ---- what each rank holds, against layout_cost.layout_memory ------------------------------------------
+
+def measured(d: Path, name: str, world: int) -> list[dict]:
+    return [json.loads((d / f"{name}.rank{r}.json").read_text()) for r in range(world)]
+
+
+def predicted(configs: dict, model: str, overrides: list[str], world: int) -> dict:
+    from scalelab.layout_cost import layout_memory
+    from scalelab.train.config import layout_of, load_config
+
+    cfg = load_config(configs[model], overrides)
+    layout = layout_of(cfg, world)
+    return layout, cfg.model, layout_memory(cfg.model, layout, micro_batch=cfg.train.micro_batch_size,
+                                            seq_len=cfg.train.seq_len, precision="fp32",
+                                            loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+
+
+@pytest.mark.parametrize("world,name", [(2, n) for n in TWO_RANKS] + [(4, n) for n in FOUR_RANKS])
+def test_each_ranks_shards_are_what_layout_memory_counts(setup, two_ranks, four_ranks, world, name):
+    """Weights, gradients (as the optimizer step sees them) and AdamW moments: the bytes of the local
+    shards each rank of the trained model really holds equal layout_memory's, on every rank."""
+    _, configs, _ = setup
+    model, overrides = (TWO_RANKS if world == 2 else FOUR_RANKS)[name]
+    _, _, want = predicted(configs, model, overrides, world)
+    for rank in measured(two_ranks if world == 2 else four_ranks, name, world):
+        for part in ("weights", "gradients", "optimizer"):
+            assert rank[part] == want[part], (name, rank["rank"], part, rank[part], want[part])
+
+
+@pytest.mark.parametrize("name", list(TWO_RANKS))
+def test_tp_rank_activations_are_what_layout_memory_counts(setup, two_ranks, name):
+    """What autograd saves on a TP rank in one training forward (saved_tensors_hooks, distinct
+    non-parameter storages, DTensors by their local shards) equals layout_memory's activations, up
+    to tests/test_memory.py's documented differences, computed here: the loss's peak (counted)
+    against what it saves (unchunked under TP: the targets, the fp32 log-probabilities over this
+    rank's vocabulary, a scalar); RoPE's cos/sin tables or the position ids; and the extra vector
+    CPU's composite RMSNorm keeps per norm (on a sequence slice under sequence parallelism)."""
+    from scalelab import counting
+
+    _, configs, _ = setup
+    model, overrides = TWO_RANKS[name]
+    layout, cfg, want = predicted(configs, model, overrides, 2)
+    b, s = 4, 32
+    tokens = b * s
+    vocab = cfg.vocab_size // layout.tp if layout.loss_parallel else cfg.vocab_size
+    loss_peak, loss_saved = counting.loss_bytes(tokens, vocab, 4, 0), tokens * (8 + 4 * vocab) + 4
+    fixed = 2 * s * cfg.head_dim * 4 if cfg.position_encoding == "rope" else s * 8
+    norms = 2 * cfg.n_layer + 1
+    cpu_norms = norms * tokens * cfg.n_embd * 4 // (layout.tp if layout.sequence_parallel else 1) \
+        if cfg.normalization == "rmsnorm" else 0
+    for rank in measured(two_ranks, name, 2):
+        assert rank["tokens"] == tokens
+        assert rank["activations"] == want["activations"] - loss_peak + loss_saved + fixed + cpu_norms, (name, rank)
+
+
 # ---- checkpoints from before K and V were separate projections -------------------------------------
 
 def fuse(name: str) -> str:
