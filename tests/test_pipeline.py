@@ -49,7 +49,9 @@ TWO_RANKS = {
     "gpt2-pp2-1F1B": ("gpt2", PP2),
     "gpt2-pp2-GPipe": ("gpt2", schedule("GPipe")),
 }
-FOUR_RANKS = {f"{m}-pp2-dp2": (m, PP2) for m in MODELS} | {f"{m}-pp2-tp2": (m, PP2 + ["parallel.tp=2"]) for m in MODELS}
+FOUR_RANKS = {f"{m}-pp2-dp2": (m, PP2) for m in MODELS} | {f"{m}-pp2-tp2": (m, PP2 + ["parallel.tp=2"]) for m in MODELS} | {
+    "llama-pp2-tp2-loss-parallel": ("llama", PP2 + ["parallel.tp=2", "parallel.sequence_parallel=false",
+                                                    "parallel.loss_parallel=true"])}
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +112,10 @@ def test_pp2_losses_equal_one_process(setup, two_ranks, name):
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
 def test_pp2_with_fsdp_or_tp_losses_equal_one_process(setup, four_ranks, name):
-    _, _, single = setup
-    assert_same_losses(losses(four_ranks / name), single[FOUR_RANKS[name][0]], range(1, STEPS + 1), name)
+    d, _, single = setup
+    model = FOUR_RANKS[name][0]
+    assert_same_losses(losses(four_ranks / name), single[model], range(1, STEPS + 1), name)
+    assert abs(val_loss(four_ranks / name) - val_loss(d / f"{model}-single")) < 1e-5
 
 
 def test_pp2_checkpoint_resumes_in_one_process(setup, two_ranks):

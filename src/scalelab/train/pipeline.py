@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from scalelab.layout import stage_layers
 from scalelab.model import Transformer, chunked_cross_entropy
+from scalelab.train.parallel import as_plain
 
 # schedule name -> (torch class name, more than one stage per rank allowed)
 SCHEDULES = {
@@ -156,13 +157,13 @@ class Pipeline:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         losses: list[torch.Tensor] = []
         self.schedule.step(x, target=y, losses=losses, return_outputs=False)
-        return torch.stack([l.detach() for l in losses]).sum() if self.holds_last else None
+        return torch.stack([as_plain(l.detach()) for l in losses]).sum() if self.holds_last else None
 
     @torch.no_grad()
     def eval_losses(self, x: torch.Tensor, y: torch.Tensor) -> list[float] | None:
         losses: list[torch.Tensor] = []
         self.schedule.eval(x, target=y, losses=losses, return_outputs=False)
-        return [float(l) for l in losses] if self.holds_last else None
+        return [float(as_plain(l)) for l in losses] if self.holds_last else None
 
 
 def build_pipeline(cfg, dims, initial: dict[str, torch.Tensor] | None = None) -> Pipeline:
