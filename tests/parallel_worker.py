@@ -62,7 +62,8 @@ def measure(trainer) -> dict:
 
         batches = [trainer.loader.get_batch(0, m) for m in range(trainer.accum)]
         x, y = (torch.from_numpy(np.concatenate(a)) for a in zip(*batches))
-        trainer.pipeline.step(x, y)
+        with dims.loss_context():
+            trainer.pipeline.step(x, y)
         activations = None
     dims.clip_grad_norm_(model.parameters(), float("inf"))  # the gradients as the optimizer step sees them
     moments = [v for state in optimizer.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]

@@ -70,8 +70,10 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(setup):
     d, configs, _ = setup
-    r = torchrun_worker({"runs": spec_runs(d, configs, TWO_RANKS, measure=True), "out": str(d)}, d / "two.json",
-                        nproc=2)
+    runs = spec_runs(d, configs, TWO_RANKS, measure=True)
+    runs.append({"name": "one-to-pp2", "config": str(configs["llama"]), "run_dir": str(d / "one-to-pp2"),
+                 "overrides": PP2, "restart_from": {"run_dir": str(d / "llama-single"), "step": 3}})
+    r = torchrun_worker({"runs": runs, "out": str(d)}, d / "two.json", nproc=2)
     assert r.returncode == 0, r.stderr[-4000:]
     return d
 
@@ -125,6 +127,13 @@ def test_pp2_checkpoint_resumes_in_one_process(setup, two_ranks):
     run = restart_from(two_ranks / "llama-pp2-1F1B", d / "pp2-to-1")
     train_inprocess(configs["llama"], run)
     assert_same_losses(losses(run), single["llama"], range(4, STEPS + 1), "pp2 -> 1")
+
+
+def test_one_process_checkpoint_resumes_on_pp2(setup, two_ranks):
+    """A one-process checkpoint (full safetensors and optimizer state) resumes on a pipeline: each
+    rank takes its stages' parameters and their AdamW state."""
+    _, _, single = setup
+    assert_same_losses(losses(two_ranks / "one-to-pp2"), single["llama"], range(4, STEPS + 1), "1 -> pp2")
 
 
 def test_export_hf_from_a_pp_checkpoint_equals_one_process(setup, two_ranks, tmp_path):

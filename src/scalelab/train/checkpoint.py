@@ -532,6 +532,13 @@ def _fused_name(name: str) -> str:
     return name.replace("attn.k_proj.", FUSED_KV).replace("attn.v_proj.", FUSED_KV)
 
 
+def _optimizer_part(optim_sd: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """A full optimizer state dict (keyed by parameter name) restricted to the parameters `names`,
+    each group keeping its own order (what a pipeline rank's optimizer holds of the whole model's)."""
+    return {"state": {k: v for k, v in optim_sd["state"].items() if k in names},
+            "param_groups": [{**g, "params": [p for p in g["params"] if p in names]} for g in optim_sd["param_groups"]]}
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     d: Dist, *, restore_rng: bool = True) -> dict[str, Any]:
     """Restore model (and optimizer) state in place from either layout, on any number of ranks,
@@ -570,10 +577,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         if inner.config.tie_embeddings and "lm_head.weight" not in sd:
             sd["lm_head.weight"] = sd["tok_embeddings.weight"]
         full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, sd, options=full)
+        held = set(inner.state_dict())  # a pipeline rank holds only its stages' parameters
+        set_model_state_dict(model, {k: v for k, v in sd.items() if k in held}, options=full)
         if optimizer is not None:
             optim_sd = split_fused_kv_optimizer(_load_pt(path / "optimizer.pt"))
-            set_optimizer_state_dict(model, optimizer, optim_sd, options=full)
+            set_optimizer_state_dict(model, optimizer, _optimizer_part(optim_sd, held), options=full)
     rng_file = path / f"rng_rank{d.rank}.pt"
     if not rng_file.is_file():
         rng_file = path / "rng_rank0.pt"
