@@ -117,7 +117,8 @@ def test_pp2_with_fsdp_or_tp_losses_equal_one_process(setup, four_ranks, name):
     d, _, single = setup
     model = FOUR_RANKS[name][0]
     assert_same_losses(losses(four_ranks / name), single[model], range(1, STEPS + 1), name)
-    assert abs(val_loss(four_ranks / name) - val_loss(d / f"{model}-single")) < 1e-5
+    if "-dp2" not in name:  # eval.batches counts per data-parallel rank: two of them read twice the batches
+        assert abs(val_loss(four_ranks / name) - val_loss(d / f"{model}-single")) < 1e-5
 
 
 def test_pp2_checkpoint_resumes_in_one_process(setup, two_ranks):
@@ -192,12 +193,20 @@ def test_uneven_stages_are_split_and_reported():
     assert rank_stages(1, 2, 2) == [1, 3]  # loop order: what the interleaved schedules expect
 
 
+def test_the_trainer_runs_every_schedule_it_accepts():
+    from scalelab.layout import TRAINED_PP_SCHEDULES
+    from scalelab.train.pipeline import SCHEDULES
+
+    assert sorted(SCHEDULES) == sorted(TRAINED_PP_SCHEDULES)
+
+
 BAD = {
     "pp above the layers": (["parallel.pp=8"], 8, "pipeline stages but the model has only 4 layers"),
     "too many virtual stages": (schedule("Interleaved1F1B", 4), 2, "lower parallel.pp or parallel.pp_stages_per_rank"),
     "unknown schedule": (PP2 + ["parallel.pp_schedule=Zigzag"], 2, "parallel.pp_schedule must be one of"),
     "single-stage schedule, two stages": (schedule("1F1B", 2), 2, "set pp_stages_per_rank = 1"),
     "tied embeddings": (PP2 + ["model.tie_embeddings=true"], 2, "cannot tie embeddings"),
+    "a schedule counted, not trained": (schedule("ZBVZeroBubble", 2), 2, "can be counted but not trained"),
 }
 
 

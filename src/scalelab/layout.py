@@ -26,9 +26,11 @@ from typing import Any
 from scalelab.errors import UserError
 
 # torch.distributed.pipelining schedule names (torch 2.13), as get_schedule_class spells them.
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
+# The schedules the trainer runs (scalelab.train.pipeline); count and plan cost them all.
 # ZBVZeroBubble is left out: its forward-only pass (the trainer's evaluation) fails in torch 2.13
 # ("can't steal_bwd_input if this stage doesn't have backward").
-PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe", "LoopedBFS", "InterleavedZeroBubble")
+TRAINED_PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe", "LoopedBFS", "InterleavedZeroBubble")
 # Schedules that run one stage per rank; the others run pp_stages_per_rank > 1 virtual stages.
 SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
 # ZBVZeroBubble places exactly two stages per rank in a V.
