@@ -75,6 +75,21 @@ def measure(trainer) -> dict:
     return out
 
 
+def check_coordinates(dims) -> None:
+    """ParallelDims computes a rank's place on each mesh dimension (and its data-parallel rank) from
+    its number alone; torch's DeviceMesh must agree."""
+    mesh = dims.mesh
+    if mesh is None:
+        return
+    for name in mesh.mesh_dim_names:
+        assert dims.coordinate(name) == mesh.get_local_rank(name), (name, dims.d.rank)
+    dp = [k for k in ("dp_replicate", "dp_shard") if k in mesh.mesh_dim_names]
+    if len(dp) == 2:
+        assert dims.dp_rank == mesh["dp"].get_local_rank(), dims.d.rank
+    elif dp:
+        assert dims.dp_rank == mesh.get_local_rank(dp[0]), dims.d.rank
+
+
 def restart(src: Path, dst: Path, step: int) -> None:
     """dst as a run directory holding only src's checkpoint at `step` (and its config)."""
     name = f"step_{step:08d}"
@@ -104,6 +119,7 @@ def main(spec_path: str) -> None:
         trainer = Trainer(cfg, Path(run["run_dir"]), ParallelDims(layout, d), log=lambda m: None)
         try:
             assert trainer.build(resume=False) is None
+            check_coordinates(trainer.dims)
             trainer.fit()
             if run.get("measure"):
                 (out / f"{run['name']}.rank{d.rank}.json").write_text(json.dumps(measure(trainer)))

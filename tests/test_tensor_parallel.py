@@ -310,6 +310,29 @@ def test_old_fused_kv_sharded_checkpoint_resumes_under_tp2(setup, two_ranks):
     assert_same_losses(losses(two_ranks / "legacy-to-tp2"), single["llama"], range(4, STEPS + 1), "legacy -> tp2")
 
 
+# ---- the layout, without torch ----------------------------------------------------------------------
+
+def test_layouts_resolve_and_the_old_strategies_are_their_degenerate_cases(setup):
+    from scalelab.errors import UserError
+    from scalelab.layout import Layout
+    from scalelab.train.config import layout_of, load_config
+
+    _, configs, _ = setup
+    assert Layout(tp=2).resolved(8) == Layout(dp_shard=4, tp=2)
+    assert Layout(dp_replicate=2, tp=2).resolved(8).dp == 4 and Layout(dp_replicate=2, tp=2).resolved(8).world == 8
+    assert Layout.from_strategy("auto", 4) == Layout.from_strategy("ddp", 4) == Layout(dp_replicate=4, dp_shard=1)
+    assert Layout.from_strategy("fsdp", 4) == Layout(dp_shard=4)
+    assert Layout.from_strategy("auto", 1) == Layout.from_strategy("none", 1) == Layout(dp_shard=1)
+    assert Layout.from_strategy("ddp", 4).is_ddp and not Layout(dp_shard=4).is_ddp
+    with pytest.raises(UserError, match="launch with torchrun"):
+        Layout.from_strategy("fsdp", 1)
+    cfg = load_config(configs["llama"])
+    assert layout_of(cfg, 2) == Layout(dp_replicate=2, dp_shard=1)  # strategy auto under torchrun: DDP, as before
+    tp_fsdp = load_config(configs["llama"], ["parallel.strategy=fsdp", "parallel.tp=2"])
+    assert layout_of(tp_fsdp, 8) == Layout(dp_shard=4, tp=2)  # fsdp agrees with sharding the rest
+    assert Layout(tp=2, sequence_parallel=False, loss_parallel=True).validate(cfg.model, 2).tp == 2
+
+
 # ---- bad layouts ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,message", [
@@ -320,7 +343,7 @@ def test_old_fused_kv_sharded_checkpoint_resumes_under_tp2(setup, two_ranks):
     (["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B"], "set parallel.pp_stages_per_rank = 2"),
     (["parallel.pp=2", "parallel.pp_schedule=ZigZag"], "parallel.pp_schedule must be one of 1F1B"),
     (["parallel.tp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"], "needs dp_shard > 1 (HSDP"),
-    (["parallel.tp=2", "parallel.strategy=fsdp"], "drop parallel.strategy"),
+    (["parallel.tp=2", "parallel.strategy=ddp"], "drop parallel.strategy"),
 ])
 def test_bad_layouts_exit_2_before_any_process_group(setup, tmp_path, overrides, message):
     """WORLD_SIZE = 4 without torchrun: a layout that got as far as the process group would fail

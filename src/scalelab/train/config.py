@@ -136,7 +136,8 @@ class ParallelSection:
     defaults, `strategy` decides (the old keys: auto = DDP under torchrun)."""
     strategy: str = option("auto", "auto: ddp when launched by torchrun with >1 process, else none; fsdp "
                            "shards parameters, gradients and optimizer state (FSDP2 per block + root). "
-                           "Used only when dp_replicate, dp_shard, tp and pp are all at their defaults",
+                           "Used only when dp_replicate, dp_shard, tp and pp are all at their defaults (fsdp "
+                           "also agrees with layout keys that shard the data dimension)",
                            "str", STRATEGIES)
     dp_replicate: int = option(1, "full replicas of the model (DDP alone; HSDP's replica dimension with "
                                "dp_shard > 1)", "int", bounds=(1, 2**20))
@@ -323,10 +324,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.parallel.strategy == "fsdp" and t.dtype == "fp16":
         raise UserError(f"{where}: FSDP with fp16 is not supported (no sharded grad scaler); use dtype bf16")
     if _layout_keys_set(cfg.parallel):
-        if cfg.parallel.strategy != "auto":
+        # fsdp agrees with a layout whose data dimension is sharded (dp_shard = -1 or > 1)
+        if cfg.parallel.strategy not in ("auto", "fsdp") or (cfg.parallel.strategy == "fsdp"
+                                                             and cfg.parallel.dp_shard == 1):
             raise UserError(f"{where}: parallel.strategy = {cfg.parallel.strategy} and the layout keys (dp_replicate, "
-                            f"dp_shard, tp, pp) both say how to spread the run; drop parallel.strategy (leave it "
-                            f"\"auto\") and use the layout keys alone")
+                            f"dp_shard, tp, pp) say different things about how to spread the run; drop "
+                            f"parallel.strategy (leave it \"auto\") and use the layout keys alone")
         if t.dtype == "fp16":
             raise UserError(f"{where}: a layout with dp_shard, tp or pp does not support fp16 (no sharded grad "
                             f"scaler); use train.dtype = \"bf16\"")
