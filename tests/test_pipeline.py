@@ -64,6 +64,9 @@ def setup(tmp_path_factory):
         configs[name].write_text(text.format(data=data, steps=STEPS, ckpt_every=3, schedule="cosine", at_end="true"))
         train_inprocess(configs[name], d / f"{name}-single")
         single[name] = losses(d / f"{name}-single")
+    # a run that starts from the single run's final weights (train.init_from)
+    train_inprocess(configs["llama"], d / "llama-init-single", [f"train.init_from={d / 'llama-single' / 'final'}"])
+    single["llama-init"] = losses(d / "llama-init-single")
     return d, configs, single
 
 
@@ -71,6 +74,8 @@ def setup(tmp_path_factory):
 def two_ranks(setup):
     d, configs, _ = setup
     runs = spec_runs(d, configs, TWO_RANKS, measure=True)
+    runs.append({"name": "llama-init-pp2", "config": str(configs["llama"]), "run_dir": str(d / "llama-init-pp2"),
+                 "overrides": PP2 + [f"train.init_from={d / 'llama-single' / 'final'}"]})
     runs.append({"name": "one-to-pp2", "config": str(configs["llama"]), "run_dir": str(d / "one-to-pp2"),
                  "overrides": PP2, "restart_from": {"run_dir": str(d / "llama-single"), "step": 3}})
     r = torchrun_worker({"runs": runs, "out": str(d)}, d / "two.json", nproc=2)
@@ -128,6 +133,12 @@ def test_pp2_checkpoint_resumes_in_one_process(setup, two_ranks):
     run = restart_from(two_ranks / "llama-pp2-1F1B", d / "pp2-to-1")
     train_inprocess(configs["llama"], run)
     assert_same_losses(losses(run), single["llama"], range(4, STEPS + 1), "pp2 -> 1")
+
+
+def test_pp2_starts_from_init_from_weights_on_every_rank(setup, two_ranks):
+    _, _, single = setup
+    assert single["llama-init"][1] < single["llama"][1] - 0.3  # it did start from the trained weights
+    assert_same_losses(losses(two_ranks / "llama-init-pp2"), single["llama-init"], range(1, STEPS + 1), "init_from")
 
 
 def test_one_process_checkpoint_resumes_on_pp2(setup, two_ranks):

@@ -466,8 +466,10 @@ class Trainer:
             ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
             problem = memory_problem(cfg, self.strategy, d.world_size, free_memory(d.device), ranks_sharing,
                                      dims.layout)
-            if problem is None and self.init_source is not None and (not dims.sharded or d.is_main):
-                self.init_weights = init_from.load_weights(self.init_source)  # sharded: rank 0 broadcasts them
+            # sharded: rank 0 broadcasts them; a pipeline's ranks each build the whole model first
+            if problem is None and self.init_source is not None and (not dims.sharded or d.is_main
+                                                                      or dims.layout.pp > 1):
+                self.init_weights = init_from.load_weights(self.init_source)
         except UserError as e:
             problem = str(e)
         except OSError as e:
