@@ -34,6 +34,8 @@ TP2 = ["parallel.tp=2"]
 TP2_GATHERED = ["parallel.tp=2", "parallel.sequence_parallel=false", "parallel.loss_parallel=true"]
 TWO_RANKS = {f"{m}-tp2": (m, TP2) for m in MODELS} | {f"{m}-tp2-loss-parallel": (m, TP2_GATHERED) for m in MODELS}
 FOUR_RANKS = {f"{m}-fsdp2-tp2": (m, ["parallel.tp=2"]) for m in MODELS} | {
+    "llama-fsdp2-tp2-gathered": ("llama", ["parallel.tp=2", "parallel.sequence_parallel=false"]),
+    "gpt2-fsdp2-tp2-loss-parallel": ("gpt2", ["parallel.tp=2", "parallel.loss_parallel=true"]),
     "llama-hsdp2x2": ("llama", ["parallel.dp_replicate=2", "parallel.dp_shard=2"])}
 
 
@@ -89,8 +91,8 @@ def two_ranks(setup):
 
 @pytest.fixture(scope="module")
 def four_ranks(setup):
-    """One 4-rank launch: FSDP2×TP2 for both models, HSDP 2×2, then FSDP4 resuming FSDP2×TP2's
-    step-3 checkpoint."""
+    """One 4-rank launch: FSDP2×TP2 for both models (and with gathered activations, and with
+    loss_parallel), HSDP 2×2, then FSDP4 resuming FSDP2×TP2's step-3 checkpoint."""
     d, configs, _ = setup
     runs = spec_runs(d, configs, FOUR_RANKS, measure=True)
     runs.append({"name": "fsdp2-tp2-to-fsdp4", "config": str(configs["llama"]), "run_dir": str(d / "fsdp2-tp2-to-fsdp4"),
