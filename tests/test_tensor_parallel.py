@@ -10,7 +10,6 @@ real Trainer once per layout inside one process group): the launches are the slo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -275,8 +274,8 @@ def test_old_fused_kv_checkpoints_load(setup, tmp_path):
     from scalelab import hf
     from scalelab.train.checkpoint import load_checkpoint, load_model_for_inference
     from scalelab.train.parallel import Dist
-    from scalelab.train.trainer import make_optimizer
     from scalelab.train.config import load_config
+    from scalelab.train.trainer import make_optimizer
 
     d, configs, _ = setup
     new = d / "llama-single" / "checkpoints" / "step_00000003"

@@ -546,8 +546,6 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if (path / "dcp").is_dir():
         import warnings
 
-        import torch.distributed.checkpoint as dcp
-
         # One process reading a sharded checkpoint is intended (DCP warns that it assumes so).
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
