@@ -4,9 +4,12 @@ Runs `scalelab train` itself (not a stripped-down loop) on synthetic byte-level 
 model below, with bf16 and per-block torch.compile, and reads the steady-state records of its
 metrics.jsonl: tokens/s, achieved TFLOP/s and MFU (the counting module's exact FLOPs over the
 hardware table's dense bf16 peak), and torch.cuda.max_memory_allocated beside
-counting.training_memory's prediction for the same shape, precision and micro-batch.
+counting.training_memory's prediction for the same shape, precision and micro-batch, and the MFU
+scalelab.steptime predicts for the detected GPU (it models eager PyTorch: compare it with a
+`--no-compile` run; per-block compile fuses the memory-bound ops it counts).
 
     python benchmarks/gpu_mfu.py                      # gpt2-124m and llama3.2-1b on one GPU
+    python benchmarks/gpu_mfu.py --no-compile         # eager, as scalelab.steptime predicts it
     python benchmarks/gpu_mfu.py --tiny --device cpu  # a smoke test of the script itself
 Prints a markdown table for benchmarks/RESULTS.md and writes OUT/gpu_mfu.json.
 """
@@ -81,6 +84,7 @@ def run_one(out: Path, data: Path, name: str, model: dict, seq_len: int, micro: 
     predicted = predicted_memory(cfg, "none", 1)
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     return {
+        "predicted_mfu": predicted_mfu(cfg, seq_len, micro, device),
         "model": name, "params": counting.count_params(cfg.model).total, "seq_len": seq_len, "micro_batch": micro,
         "dtype": cfg.train.dtype, "compile": compile,
         "tokens_per_second": statistics.median(r["tokens_per_second"] for r in steady),
@@ -90,6 +94,23 @@ def run_one(out: Path, data: Path, name: str, model: dict, seq_len: int, micro: 
         "predicted_memory_bytes": predicted["total"], "predicted": predicted,
         "wall_seconds": time.time() - started,
     }
+
+
+def predicted_mfu(cfg, seq_len: int, micro: int, device: str) -> float | None:
+    """scalelab.steptime's MFU for one process on this GPU (None off CUDA or on a GPU not in hardware.py)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    from scalelab.hardware import detect_accelerator
+    from scalelab.layout import Layout
+    from scalelab.steptime import step_time
+
+    acc = detect_accelerator(torch.cuda.get_device_name())
+    if acc is None:
+        return None
+    layout = Layout(dp_shard=1).validate(cfg.model, 1)
+    return step_time(cfg.model, acc, layout, micro_batch=micro, seq_len=seq_len, precision="bf16-mixed").mfu
 
 
 def main() -> None:
@@ -119,12 +140,14 @@ def main() -> None:
 
         gpu = torch.cuda.get_device_name()
     print(f"\n{time.strftime('%Y-%m-%d')}, {gpu}, `python benchmarks/gpu_mfu.py`\n")
-    print("| model | params | batch | tokens/s | TFLOP/s | MFU | peak memory | predicted | peak / predicted |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | params | batch | tokens/s | TFLOP/s | MFU | predicted MFU (steptime, eager) | peak memory | "
+          "predicted | peak / predicted |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        predicted = f"{100 * r['predicted_mfu']:.1f}%" if r["predicted_mfu"] is not None else "n/a"
         print(f"| {r['model']} | {r['params'] / 1e6:,.0f}M | {r['micro_batch']} × {r['seq_len']} | "
-              f"{r['tokens_per_second']:,.0f} | {r['tflops_per_second']:.1f} | {mfu} | "
+              f"{r['tokens_per_second']:,.0f} | {r['tflops_per_second']:.1f} | {mfu} | {predicted} | "
               f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['predicted_memory_bytes'] / 2**30:.2f} GiB | "
               f"{r['peak_memory_bytes'] / r['predicted_memory_bytes']:.2f} |")
 

@@ -14,8 +14,8 @@ multi-GPU machine the same script measures the real thing, e.g. on 8 GPUs:
     python benchmarks/parallel_speed.py --device cuda --worlds 8 --preset llama3.1-8b \\
         --seq-len 4096 --micro-batch 1 --steps 10 --dtype bf16            # GPU: FSDP8, FSDP×TP, HSDP, TP8
 
-LAYOUTS (world size -> name -> [parallel] overrides) is the table to extend: pipeline layouts go
-there too.
+LAYOUTS (world size -> name -> [parallel] overrides) is the table to extend. `--match pp` runs only
+the layouts whose name contains "pp" (the pipeline ones), with the baseline.
 """
 
 from __future__ import annotations
@@ -35,12 +35,17 @@ LAYOUTS: dict[int, dict[str, list[str]]] = {
     2: {"ddp 2": ["parallel.strategy=ddp"], "fsdp 2": ["parallel.strategy=fsdp"],
         "tp 2 (sequence parallel)": ["parallel.tp=2"],
         "tp 2 (gathered, loss_parallel)": ["parallel.tp=2", "parallel.sequence_parallel=false",
-                                           "parallel.loss_parallel=true"]},
+                                           "parallel.loss_parallel=true"],
+        "pp 2 (1F1B)": ["parallel.pp=2"],
+        "pp 2 (Interleaved1F1B, 2 stages per rank)": ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",
+                                                      "parallel.pp_stages_per_rank=2"]},
     4: {"fsdp 4": ["parallel.strategy=fsdp"], "dp_shard 2 × tp 2": ["parallel.tp=2"],
-        "hsdp 2 × 2": ["parallel.dp_replicate=2", "parallel.dp_shard=2"], "tp 4": ["parallel.tp=4"]},
+        "hsdp 2 × 2": ["parallel.dp_replicate=2", "parallel.dp_shard=2"], "tp 4": ["parallel.tp=4"],
+        "pp 2 × dp_shard 2": ["parallel.pp=2"], "pp 2 × tp 2": ["parallel.pp=2", "parallel.tp=2"]},
     8: {"fsdp 8": ["parallel.strategy=fsdp"], "dp_shard 4 × tp 2": ["parallel.tp=2"],
         "dp_shard 2 × tp 4": ["parallel.tp=4"], "tp 8": ["parallel.tp=8"],
-        "hsdp 2 × 4": ["parallel.dp_replicate=2", "parallel.dp_shard=4"]},
+        "hsdp 2 × 4": ["parallel.dp_replicate=2", "parallel.dp_shard=4"],
+        "pp 2 × dp_shard 2 × tp 2": ["parallel.pp=2", "parallel.tp=2"], "pp 4 × dp_shard 2": ["parallel.pp=4"]},
 }
 
 CONFIG = """
@@ -148,6 +153,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--match", default="", help="only the layouts whose name contains this (e.g. pp)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-process run (a model too big for one device)")
     args = ap.parse_args()
     if args.worker:
@@ -166,8 +172,10 @@ def main() -> None:
     for world in ([] if args.no_baseline else [1]) + args.worlds:  # the baseline launched like the rest
         spec = work / f"spec{world}.json"
         out = work / f"out{world}.json"
-        spec.write_text(json.dumps({"config": str(config), "layouts": LAYOUTS[world], "work": str(work),
-                                    "out": str(out)}))
+        layouts = {name: o for name, o in LAYOUTS[world].items() if world == 1 or args.match in name}
+        if not layouts:
+            continue
+        spec.write_text(json.dumps({"config": str(config), "layouts": layouts, "work": str(work), "out": str(out)}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                __file__, "--worker", str(spec)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -55,10 +55,19 @@ def measure(trainer) -> dict:
     model, optimizer, dims = trainer.model, trainer.optimizer, trainer.dims
     x, y = (torch.from_numpy(a) for a in trainer.loader.get_batch(0, 0))
     optimizer.zero_grad(set_to_none=True)
-    activations = saved_bytes(model, x, y, dims.loss_context)
+    if trainer.pipeline is None:
+        activations = saved_bytes(model, x, y, dims.loss_context)
+    else:  # a pipeline rank: the gradients of one schedule step over the local batch (its stages only)
+        import numpy as np
+
+        batches = [trainer.loader.get_batch(0, m) for m in range(trainer.accum)]
+        x, y = (torch.from_numpy(np.concatenate(a)) for a in zip(*batches))
+        with dims.loss_context():
+            trainer.pipeline.step(x, y)
+        activations = None
     dims.clip_grad_norm_(model.parameters(), float("inf"))  # the gradients as the optimizer step sees them
     moments = [v for state in optimizer.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
-    out = {"layout": trainer.strategy, "rank": dims.d.rank, "weights": nbytes(model.parameters()),
+    out = {"layout": trainer.strategy, "rank": dims.d.rank, "pp_rank": dims.coordinate("pp"), "weights": nbytes(model.parameters()),
            "gradients": nbytes(p.grad for p in model.parameters() if p.grad is not None),
            "optimizer": nbytes(moments), "activations": activations,
            "tokens": x.numel()}

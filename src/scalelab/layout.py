@@ -27,6 +27,10 @@ from scalelab.errors import UserError
 
 # torch.distributed.pipelining schedule names (torch 2.13), as get_schedule_class spells them.
 PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
+# The schedules the trainer runs (scalelab.train.pipeline); count and plan cost them all.
+# ZBVZeroBubble is left out: its forward-only pass (the trainer's evaluation) fails in torch 2.13
+# ("can't steal_bwd_input if this stage doesn't have backward").
+TRAINED_PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe", "LoopedBFS", "InterleavedZeroBubble")
 # Schedules that run one stage per rank; the others run pp_stages_per_rank > 1 virtual stages.
 SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
 # ZBVZeroBubble places exactly two stages per rank in a V.
@@ -155,6 +159,10 @@ class Layout:
                 raise UserError(f"pp × pp_stages_per_rank = {lay.pp} × {lay.pp_stages_per_rank} = {lay.stages} "
                                 f"pipeline stages but the model has only {m.n_layer} layers; lower parallel.pp "
                                 f"or parallel.pp_stages_per_rank (each stage needs at least one layer)")
+            if getattr(m, "tie_embeddings", False):
+                raise UserError("parallel.pp > 1 cannot tie embeddings (the token embedding lives on the first "
+                                "pipeline stage, lm_head on the last); set model.tie_embeddings = false or "
+                                "parallel.pp = 1")
             if lay.pp_microbatches and lay.pp_microbatches < lay.pp:
                 raise UserError(f"parallel.pp_microbatches = {lay.pp_microbatches} leaves pipeline stages idle; "
                                 f"use at least pp = {lay.pp} micro-batches (or 0 for the default)")
@@ -192,3 +200,20 @@ class Layout:
     def uses_fsdp(self) -> bool:
         """fully_shard applies: over dp_shard, or over dp_replicate × dp_shard (HSDP)."""
         return self.dp_shard > 1
+
+
+def stage_layers(n_layer: int, n_stages: int) -> list[range]:
+    """The blocks of each of `n_stages` consecutive pipeline stages (stage 0 also holds the
+    embeddings, the last stage the final norm, lm_head and the loss): n_layer // n_stages blocks
+    each, the first n_layer % n_stages stages one more, so an uneven split leaves the last stage,
+    which also scores the vocabulary, the lighter side."""
+    if not 1 <= n_stages <= n_layer:
+        raise UserError(f"{n_stages} pipeline stages cannot split {n_layer} layers (each stage needs one); "
+                        f"lower parallel.pp or parallel.pp_stages_per_rank")
+    base, extra = divmod(n_layer, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        n = base + (1 if s < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out

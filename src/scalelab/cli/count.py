@@ -392,7 +392,8 @@ def print_report(cfg, r: dict) -> None:
     if "device_memory" in m and not m["fits"]:
         print("  Does not fit: try more GPUs (--gpus), --activation-checkpointing, a smaller --micro-batch "
               "or --seq-len.\n")
-    print_layout(r)
+    if r["layout"]["num_devices"] > 1 or "time" in r:
+        print_layout(r)
     if "time" in r and "predicted" in r["time"]:
         print_step_time(r["time"]["predicted"])
     if "time" in r and "seconds" in r["time"]:

@@ -479,7 +479,7 @@ def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     return _load_pt(Path(path) / TRAINER_STATE)
 
 
-def _dcp_load(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
+def _dcp_load(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, no_dist: bool) -> None:
     """dcp.load into these state dicts (as get_state_dict gives them: this layout's shards), in
     place. A checkpoint written when K and V were one `attn.kv_proj` projection is read by loading
     each fused tensor (and its optimizer moments) whole, splitting it (model.split_fused_kv) and
@@ -490,7 +490,7 @@ def _dcp_load(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any
     fused = sorted({name for name in model_sd if f"model.{_fused_name(name)}" in stored and _fused_name(name) != name})
     if not fused:
         dcp.load({"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd},
-                 checkpoint_id=directory)
+                 checkpoint_id=directory, no_dist=no_dist)
         return
     halves = {_fused_name(name) for name in fused}
 
@@ -506,7 +506,7 @@ def _dcp_load(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any
         state.update({name: {key: whole(f"optim.state.{name}.{key}") for key in optim_sd["state"][fused[0]]}
                       for name in halves})
         request["optim"] = {"state": state, "param_groups": optim_sd["param_groups"]}
-    dcp.load(request, checkpoint_id=directory)
+    dcp.load(request, checkpoint_id=directory, no_dist=no_dist)
 
     def placed(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # this rank's shard, no communication
         if hasattr(like, "placements"):
@@ -532,6 +532,13 @@ def _fused_name(name: str) -> str:
     return name.replace("attn.k_proj.", FUSED_KV).replace("attn.v_proj.", FUSED_KV)
 
 
+def _optimizer_part(optim_sd: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """A full optimizer state dict (keyed by parameter name) restricted to the parameters `names`,
+    each group keeping its own order (what a pipeline rank's optimizer holds of the whole model's)."""
+    return {"state": {k: v for k, v in optim_sd["state"].items() if k in names},
+            "param_groups": [{**g, "params": [p for p in g["params"] if p in names]} for g in optim_sd["param_groups"]]}
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     d: Dist, *, restore_rng: bool = True) -> dict[str, Any]:
     """Restore model (and optimizer) state in place from either layout, on any number of ranks,
@@ -546,18 +553,21 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if (path / "dcp").is_dir():
         import warnings
 
-        # One process reading a sharded checkpoint is intended (DCP warns that it assumes so).
+        # One process reading a sharded checkpoint is intended (DCP warns that it assumes so); so is
+        # one rank of a run reading it alone (a pipeline's final export): no_dist keeps DCP from
+        # waiting for the other ranks in a collective.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        no_dist = not d.distributed
 
         if optimizer is None:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
             model_sd = get_model_state_dict(model)
-            _dcp_load(path / "dcp", model_sd, None)
+            _dcp_load(path / "dcp", model_sd, None, no_dist)
             set_model_state_dict(model, model_sd)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            _dcp_load(path / "dcp", model_sd, optim_sd)
+            _dcp_load(path / "dcp", model_sd, optim_sd, no_dist)
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     else:
         sd = split_fused_kv(hf.read_safetensors(path))
@@ -565,10 +575,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         if inner.config.tie_embeddings and "lm_head.weight" not in sd:
             sd["lm_head.weight"] = sd["tok_embeddings.weight"]
         full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, sd, options=full)
+        held = set(inner.state_dict())  # a pipeline rank holds only its stages' parameters
+        set_model_state_dict(model, {k: v for k, v in sd.items() if k in held}, options=full)
         if optimizer is not None:
             optim_sd = split_fused_kv_optimizer(_load_pt(path / "optimizer.pt"))
-            set_optimizer_state_dict(model, optimizer, optim_sd, options=full)
+            set_optimizer_state_dict(model, optimizer, _optimizer_part(optim_sd, held), options=full)
     rng_file = path / f"rng_rank{d.rank}.pt"
     if not rng_file.is_file():
         rng_file = path / "rng_rank0.pt"

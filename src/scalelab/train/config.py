@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig, apply_overrides, closest, load_toml
 from scalelab.errors import UserError
-from scalelab.layout import LAYOUT_KEYS, MESH_KEYS, PP_SCHEDULES, Layout
+from scalelab.layout import LAYOUT_KEYS, MESH_KEYS, PP_SCHEDULES, TRAINED_PP_SCHEDULES, Layout
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -351,7 +351,12 @@ def layout_of(cfg: TrainConfig, world_size: int) -> Layout:
     else:
         base = Layout.from_strategy(p.strategy, world_size)
         layout = base.replace(**{k: v for k, v in keys.items() if k not in MESH_KEYS})
-    return layout.validate(cfg.model, world_size)
+    layout = layout.validate(cfg.model, world_size)
+    if layout.pp > 1 and layout.pp_schedule not in TRAINED_PP_SCHEDULES:
+        raise UserError(f"parallel.pp_schedule = {layout.pp_schedule} can be counted but not trained here (its "
+                        f"forward-only pass, which evaluation needs, fails in torch 2.13); train with one of "
+                        f"{', '.join(TRAINED_PP_SCHEDULES)}")
+    return layout
 
 
 # ---- derived quantities -------------------------------------------------------------------------

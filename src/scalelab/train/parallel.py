@@ -148,11 +148,12 @@ def apply_tp(model: nn.Module, tp_mesh: Any, *, sequence_parallel: bool, loss_pa
                                                    SequenceParallel, parallelize_module)
 
     between = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout between blocks
-    root: dict[str, Any] = {
+    root: dict[str, Any] = {  # a pipeline stage may hold neither (scalelab.train.pipeline.StageModule)
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
         "lm_head": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                    use_local_output=not loss_parallel),
     }
+    root = {name: plan for name, plan in root.items() if getattr(model, name) is not None}
     if sequence_parallel and model.norm is not None:
         root["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, root)
@@ -326,7 +327,8 @@ class ParallelDims:
         for p in parameters:
             if p.grad is not None and hasattr(p.grad, "placements") and p.grad.placements != p.placements:
                 p.grad = p.grad.redistribute(placements=p.placements)
-        return clip_grad_norm_(parameters, max_norm)
+        pp_group = self.submesh("pp").get_group() if self.layout.pp > 1 else None
+        return clip_grad_norm_(parameters, max_norm, pp_group)
 
 
 def as_plain(t: torch.Tensor) -> torch.Tensor:
@@ -334,11 +336,13 @@ def as_plain(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def clip_grad_norm_(parameters: Any, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(parameters: Any, max_norm: float, pp_group: Any = None) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for gradients that may be DTensors on different meshes (TP's
     and FSDP's 2-D mesh beside, e.g., FSDP's 1-D one) or plain tensors: the norm of each group of
     gradients on one mesh is reduced over that mesh (`full_tensor`), the groups' squares summed.
-    The clip coefficient is torch's: max_norm / (norm + 1e-6), at most 1."""
+    Under a pipeline each rank holds only its stages' parameters: the squared norms of the
+    `pp_group`'s ranks are summed too. The clip coefficient is torch's: max_norm / (norm + 1e-6),
+    at most 1."""
     grads = [p.grad for p in parameters if p.grad is not None]
     groups: dict[Any, list[torch.Tensor]] = {}
     for g in grads:
@@ -348,8 +352,12 @@ def clip_grad_norm_(parameters: Any, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.get_total_norm(gs, 2.0)
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if not norms:
-        return torch.zeros(())
+        norms = [torch.zeros(())]
     total = norms[0] if len(norms) == 1 else torch.stack([n.float() ** 2 for n in norms]).sum().sqrt()
+    if pp_group is not None:
+        squared = total.double() ** 2
+        dist.all_reduce(squared, group=pp_group)
+        total = squared.sqrt().to(norms[0].dtype)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for gs in groups.values():
         for g in gs:

@@ -17,7 +17,9 @@ gradient accumulation sequences), split into the pipeline's micro-batches. The l
 function is the model's own (chunked or not: `lm_loss`), the mean over a micro-batch's tokens; the
 schedule scales gradients by 1 / micro-batches, so the step's gradients and its loss (the mean of
 the micro-batch losses) are what one process computes with gradient accumulation. Weight tying
-(lm_head = token embedding) is refused: the two halves live on different stages.
+(lm_head = token embedding) is refused (Layout.validate): the two halves live on different stages.
+The layout (schedule, stages, micro-batches) is checked by scalelab.layout.Layout.validate before
+any process group exists.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scalelab.config import ModelConfig
-from scalelab.errors import UserError
+from scalelab.layout import stage_layers
 from scalelab.model import Transformer, chunked_cross_entropy
+from scalelab.train.parallel import as_plain
 
 # schedule name -> (torch class name, more than one stage per rank allowed)
 SCHEDULES = {
@@ -40,31 +42,36 @@ SCHEDULES = {
     "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", True),
 }
 
-
-def stage_layers(n_layer: int, n_stages: int) -> list[range]:
-    """The blocks of each of `n_stages` consecutive stages: n_layer // n_stages each, the first
-    n_layer % n_stages stages one more (the last stage also carries lm_head and the loss, so an
-    uneven split leaves it the lighter side)."""
-    base, extra = divmod(n_layer, n_stages)
-    out, start = [], 0
-    for s in range(n_stages):
-        n = base + (1 if s < extra else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
+# Schedules that split each backward into the inputs' gradients, then the weights' (zero bubble)
+SPLIT_BACKWARD_SCHEDULES = ("InterleavedZeroBubble",)
 
 
 def rank_stages(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
-    """The stage indices rank `pp_rank` of `pp` runs, in loop order."""
+    """The stage indices rank `pp_rank` of `pp` runs, in loop order (r, r + pp, r + 2·pp, ...), the
+    order the interleaved schedules expect."""
     return [pp_rank + k * pp for k in range(stages_per_rank)]
+
+
+def describe_stages(n_layer: int, n_stages: int) -> str:
+    """The blocks of each stage for the log, e.g. '0-2 | 3-4' (an uneven split shows)."""
+    return " | ".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start) for r in stage_layers(n_layer, n_stages))
+
+
+class Blocks(nn.ModuleDict):
+    """A stage's blocks keyed by their index in the full model (so `layers.7...` keeps its name),
+    iterating over the blocks, in order, as the full model's ModuleList does (so the wrappers in
+    scalelab.train.parallel treat a stage as they treat a model)."""
+
+    def __iter__(self):
+        return iter(self.values())
 
 
 class StageModule(nn.Module):
     """The part of a Transformer that some stages own, under the full model's names: the token
     (and position) embeddings when it holds stage 0, the blocks `layers.<i>` it owns, and the final
     norm and lm_head when it holds the last stage. forward(x): token ids (first stage) or hidden
-    states -> hidden states (after the final norm on the last stage; the loss function applies
-    lm_head, see `lm_loss`)."""
+    states -> hidden states; on the last stage the final norm's output when the loss is chunked
+    (`lm_loss` then applies lm_head chunk by chunk), else the logits."""
 
     rope_cos_sin = Transformer.rope_cos_sin
 
@@ -78,51 +85,43 @@ class StageModule(nn.Module):
         self.tok_embeddings = source.tok_embeddings if first else None
         self.pos_embeddings = source.pos_embeddings if first else None
         by_index = isinstance(source.layers, nn.ModuleList)
-        self.layers = nn.ModuleDict({str(i): source.layers[i if by_index else str(i)] for i in layers})
+        self.layers = Blocks({str(i): source.layers[i if by_index else str(i)] for i in layers})
         self.norm = source.norm if last else None
         self.lm_head = source.lm_head if last else None
+        # positions per sequence = this many × the hidden states' length (tp under sequence
+        # parallelism: each rank holds a slice of the sequence between blocks)
+        self.sequence_shards = 1
+
+    def tie_weights(self) -> None:
+        """Nothing to tie: a pipeline never ties lm_head to the embedding (Layout.validate)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first:
+        if self.first:  # token ids (B, S)
             S = x.size(1)
             positions = torch.arange(S, device=x.device)
             x = self.tok_embeddings(x)
             if self.pos_embeddings is not None:
                 x = x + self.pos_embeddings(positions)
-        rope = None if self._rope is None else self.rope_cos_sin(0, x.size(1), x.device, x.dtype)
-        for block in self.layers.values():
+        else:  # hidden states (B, S / sequence_shards, H)
+            S = x.size(1) * self.sequence_shards
+        rope = None if self._rope is None else self.rope_cos_sin(0, S, x.device, x.dtype)
+        for block in self.layers:
             x = block(x, rope)
         if self.last and self.norm is not None:
             x = self.norm(x)
+        if self.last and not self.loss_chunk_tokens:
+            return self.lm_head(x)  # the logits, scored by lm_loss
         return x
 
 
-def lm_loss(last: StageModule, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The mean cross-entropy of lm_head(hidden) against targets (-1 ignored), exactly as
-    Transformer.forward scores it: chunked (`loss_chunk_tokens`) or from the full logits."""
+def lm_loss(last: StageModule, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy against targets (-1 ignored) of the last stage's output, exactly as
+    Transformer.forward scores it: with `loss_chunk_tokens`, output is the final hidden states and
+    the loss forms lm_head's logits chunk by chunk; otherwise output is the logits."""
     if last.loss_chunk_tokens:
-        return chunked_cross_entropy(hidden.reshape(-1, hidden.size(-1)), last.lm_head.weight, targets.reshape(-1),
+        return chunked_cross_entropy(output.reshape(-1, output.size(-1)), last.lm_head.weight, targets.reshape(-1),
                                      last.loss_chunk_tokens)
-    logits = last.lm_head(hidden)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-
-
-def check_pipeline(cfg: ModelConfig, pp: int, stages_per_rank: int, schedule: str) -> None:
-    """UserError for a pipeline this model cannot run (torch-free checks live in layout)."""
-    if schedule not in SCHEDULES:
-        raise UserError(f"parallel.pp_schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if stages_per_rank > 1 and not SCHEDULES[schedule][1]:
-        multi = [name for name, (_, m) in SCHEDULES.items() if m]
-        raise UserError(f"parallel.pp_schedule {schedule} runs one stage per rank but pp_stages_per_rank is "
-                        f"{stages_per_rank}; set pp_stages_per_rank = 1 or use {' or '.join(multi)}")
-    n_stages = pp * stages_per_rank
-    if n_stages > cfg.n_layer:
-        raise UserError(f"pp {pp} × pp_stages_per_rank {stages_per_rank} = {n_stages} pipeline stages but the model "
-                        f"has {cfg.n_layer} layers; every stage needs a block: lower parallel.pp or "
-                        "pp_stages_per_rank")
-    if cfg.tie_embeddings:
-        raise UserError("pipeline parallelism cannot tie embeddings (the token embedding is on the first stage, "
-                        "lm_head on the last); set model.tie_embeddings = false or parallel.pp = 1")
+    return F.cross_entropy(output.float().view(-1, output.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 class Pipeline:
@@ -134,11 +133,9 @@ class Pipeline:
     micro-batch losses, forward only (last stage), else None."""
 
     def __init__(self, full: Transformer, *, pp_rank: int, pp: int, stages_per_rank: int, schedule: str,
-                 n_microbatches: int, group: dist.ProcessGroup, device: torch.device,
-                 wrap_stage=None):
+                 n_microbatches: int, group: dist.ProcessGroup, device: torch.device, wrap_stage=None):
         import torch.distributed.pipelining as pipelining
 
-        check_pipeline(full.config, pp, stages_per_rank, schedule)
         n_stages = pp * stages_per_rank
         layers = stage_layers(full.config.n_layer, n_stages)
         self.stage_ids = rank_stages(pp_rank, pp, stages_per_rank)
@@ -160,26 +157,40 @@ class Pipeline:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         losses: list[torch.Tensor] = []
         self.schedule.step(x, target=y, losses=losses, return_outputs=False)
-        return torch.stack([l.detach() for l in losses]).sum() if self.holds_last else None
+        return torch.stack([as_plain(l.detach()) for l in losses]).sum() if self.holds_last else None
 
     @torch.no_grad()
     def eval_losses(self, x: torch.Tensor, y: torch.Tensor) -> list[float] | None:
         losses: list[torch.Tensor] = []
         self.schedule.eval(x, target=y, losses=losses, return_outputs=False)
-        return [float(l) for l in losses] if self.holds_last else None
+        return [float(as_plain(l)) for l in losses] if self.holds_last else None
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Clip the gradients of the whole model, whose parameters are spread over the pipeline's
-    ranks (and may be DTensor shards): the global 2-norm is the square root of the sum over
-    pipeline ranks of each rank's squared norm. Returns that norm (the same on every rank)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    if pp_group is not None:
-        squared = norm.double() ** 2
-        dist.all_reduce(squared, group=pp_group)
-        norm = squared.sqrt().to(norm.dtype)
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+def build_pipeline(cfg, dims, initial: dict[str, torch.Tensor] | None = None) -> Pipeline:
+    """This rank's Pipeline for TrainConfig `cfg` under ParallelDims `dims` (a layout with pp > 1):
+    the full model exactly as one process draws it (seed train.seed, or `initial`), split into
+    stages, then each stage module wrapped by dims.parallelize (TP, activation checkpointing,
+    compile, FSDP2 / HSDP on the data dimensions: torchtitan's order, after the split)."""
+    t, lay = cfg.train, dims.layout
+    torch.manual_seed(t.seed)
+    full = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
+    if initial is not None:
+        full.load_state_dict(initial)
+
+    def wrap(view: StageModule) -> StageModule:
+        if lay.tp > 1 and lay.sequence_parallel:
+            view.sequence_shards = lay.tp  # hidden states between stages hold S / tp positions
+        if lay.uses_fsdp or lay.pp_schedule in SPLIT_BACKWARD_SCHEDULES:
+            # The chunked loss reads lm_head's weight outside the stage's forward, where FSDP holds
+            # only its shard, and its backward runs once (a zero-bubble schedule runs backward
+            # twice, for the inputs, then for the weights): the last stage forms the logits in its
+            # forward instead (as TP does).
+            view.loss_chunk_tokens = 0
+        return dims.parallelize(view, dtype=t.dtype, compile=t.compile,
+                                activation_checkpointing=t.activation_checkpointing,
+                                reshard_after_forward=cfg.parallel.reshard_after_forward)
+
+    pp_mesh = dims.submesh("pp")
+    return Pipeline(full, pp_rank=pp_mesh.get_local_rank(), pp=lay.pp, stages_per_rank=lay.pp_stages_per_rank,
+                    schedule=lay.pp_schedule, n_microbatches=lay.microbatches, group=pp_mesh.get_group(),
+                    device=dims.d.device, wrap_stage=wrap)

@@ -39,10 +39,11 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from scalelab.counting import training_flops, training_memory
+from scalelab.counting import count_params, training_flops, training_memory
 from scalelab.errors import UserError, describe_os_error
 from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.units import format_bytes
@@ -269,11 +270,19 @@ class _Evaluator:
     """Mean held-out loss over fixed val batches, and bits per byte (bpb = loss/ln2 × tokens/bytes,
     bytes of the decoded target text, as scalelab.evaluate.target_bytes counts them)."""
 
-    def __init__(self, cfg: TrainConfig, dims: ParallelDims, log: Callable[[str], None]):
+    def __init__(self, cfg: TrainConfig, dims: ParallelDims, log: Callable[[str], None], pipeline=None):
+        """Under a `pipeline` the val batches go through it `accum` at a time (the pipeline's local
+        batch, so its micro-batches have the training shape): eval.batches is rounded up to a
+        multiple of that, and only the last stage's ranks count loss and bytes."""
         from scalelab.data.loader import TokenLoader
         from scalelab.evaluate import target_bytes
 
+        self.pipeline, self.group = pipeline, 1
         self.batches = cfg.eval.batches
+        if pipeline is not None:
+            self.group = grad_accum_steps(cfg, dims.dp)
+            self.batches = -(-self.batches // self.group) * self.group
+        counts = pipeline is None or pipeline.holds_last
         self.d = d = dims.d
         self.loader = None
         self.bytes = None
@@ -284,7 +293,8 @@ class _Evaluator:
                                       micro_batch_size=cfg.train.micro_batch_size, rank=dims.dp_rank,
                                       world_size=dims.dp, seed=cfg.train.seed)
             tok = self.loader.tokenizer()
-            n = sum(target_bytes(tok, self.loader.get_batch(i)[1]) for i in range(self.batches))
+            if counts:
+                n = sum(target_bytes(tok, self.loader.get_batch(i)[1]) for i in range(self.batches))
         except UserError as e:
             no_eval = str(e) if self.loader is None else None
             no_bpb = None if self.loader is None else str(e)
@@ -307,18 +317,30 @@ class _Evaluator:
     def __call__(self, model: nn.Module, autocast, loss_context) -> dict[str, float | None]:
         model.eval()
         total, count = 0.0, 0.0
-        for i in range(self.batches):
-            x, y = self.loader.get_batch(i)
-            x, y = (torch.from_numpy(a).to(self.d.device) for a in (x, y))
+        for i in range(0, self.batches, self.group):
+            batches = [self.loader.get_batch(j) for j in range(i, i + self.group)]
+            x, y = (torch.from_numpy(np.concatenate(a)).to(self.d.device) for a in zip(*batches))
             with autocast(), loss_context():
-                loss = model(x, y)[1]
-            total += float(as_plain(loss)) * y.numel()
-            count += y.numel()
+                if self.pipeline is None:
+                    losses = [float(as_plain(model(x, y)[1]))]
+                else:  # the last stage's micro-batch means (micro-batches of equal size); none elsewhere
+                    losses = self.pipeline.eval_losses(x, y) or []
+            total += sum(losses) * y.numel() / max(len(losses), 1)
+            count += y.numel() if losses else 0
         model.train()
         total, count = all_reduce_sum([total, count], self.d)
         val_loss = total / count
         bpb = None if self.bytes is None else total / (math.log(2) * self.bytes)
         return {"val_loss": val_loss, "val_bpb": bpb}
+
+
+def check_microbatches(local_sequences: int, microbatches: int) -> None:
+    """UserError unless a pipeline's local batch splits evenly into its micro-batches."""
+    if local_sequences % microbatches:
+        raise UserError(f"the pipeline splits each data-parallel rank's {local_sequences} sequences per step "
+                        f"(train.micro_batch_size × gradient accumulation) into parallel.pp_microbatches = "
+                        f"{microbatches} micro-batches, which does not divide them; use a pp_microbatches that "
+                        f"divides {local_sequences}, or change train.micro_batch_size / global_batch_tokens")
 
 
 def build_model(cfg: TrainConfig, dims: ParallelDims,
@@ -430,6 +452,8 @@ class Trainer:
         try:
             dims = self.dims  # the data loader shards by data-parallel rank: tp and pp peers see the same batch
             self.accum = accum = grad_accum_steps(cfg, dims.dp)
+            if dims.layout.pp > 1:
+                check_microbatches(t.micro_batch_size * accum, dims.layout.microbatches)
             self.loader = TokenLoader(cfg.data.dir, cfg.data.train_split, seq_len=t.seq_len,
                                       micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, rank=dims.dp_rank,
                                       world_size=dims.dp, seed=t.seed)
@@ -460,7 +484,14 @@ class Trainer:
 
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.model = build_model(cfg, self.dims, self.init_weights if latest is None else None)
+        self.pipeline = None
+        if self.dims.layout.pp > 1:
+            from scalelab.train.pipeline import build_pipeline
+
+            self.pipeline = build_pipeline(cfg, self.dims, self.init_weights if latest is None else None)
+            self.model = self.pipeline.model
+        else:
+            self.model = build_model(cfg, self.dims, self.init_weights if latest is None else None)
         self.init_weights = None  # the model holds them now
         if self.init_source is not None and latest is None:
             self.initialised_from = str(self.init_source.resolve())
@@ -490,7 +521,8 @@ class Trainer:
             self.metrics = MetricsLog(run_dir, keep_until_step=self.start_step if latest is not None else None,
                                       tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                                       config=cfg.to_dict(), warn=log)
-            n_params = sum(p.numel() for p in unwrap(self.model).parameters())
+            n_params = count_params(cfg.model).total if self.pipeline is not None else \
+                sum(p.numel() for p in unwrap(self.model).parameters())
             data_world = f"world {d.world_size}" if self.dims.dp == d.world_size else f"dp {self.dims.dp}"
             log(f"scalelab train: {cfg.model.name()} ({n_params:,} params) on {d.world_size} × {d.device.type} "
                 f"[{self.strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
@@ -500,7 +532,16 @@ class Trainer:
                 f"{format_bytes(predicted_memory(cfg, self.strategy, d.world_size, self.dims.layout)['total'])} "
                 f"(counting.training_memory; "
                 f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
-        self.evaluator = _Evaluator(cfg, self.dims, log) if (cfg.eval.every or cfg.eval.at_end) else None
+        if self.pipeline is not None and d.is_main:
+            from scalelab.train.pipeline import describe_stages
+
+            lay = self.dims.layout
+            log(f"scalelab train: pipeline of {lay.stages} stages ({lay.pp_stages_per_rank} per rank), schedule "
+                f"{lay.pp_schedule}, {lay.microbatches} micro-batches of "
+                f"{t.micro_batch_size * accum // lay.microbatches} sequences; blocks per stage "
+                f"{describe_stages(cfg.model.n_layer, lay.stages)}")
+        self.evaluator = _Evaluator(cfg, self.dims, log, self.pipeline) if (cfg.eval.every or cfg.eval.at_end) \
+            else None
         self.peak = peak_flops_per_device(cfg, d.device)
         self.stop = _StopFlag(cfg.checkpoint.on_signal)
         return None
@@ -583,6 +624,8 @@ class Trainer:
                            schedule=t.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if self.pipeline is not None:
+            return self._finish_step(*self._pipeline_step(step), lr)
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(accum):
             x, y = self.loader.get_batch(step, micro)
@@ -598,8 +641,28 @@ class Trainer:
             scaler.unscale_(optimizer)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = self.dims.clip_grad_norm_(model.parameters(), max_norm)
-        loss_value, grad_value = all_reduce_sum([float(loss_sum) / accum, float(grad_norm)], d)
-        loss_value /= d.world_size
+        return self._finish_step(float(loss_sum) / accum, float(grad_norm), d.world_size, lr)
+
+    def _pipeline_step(self, step: int) -> tuple[float, float, int]:
+        """The pipeline schedule's forward and backward over this rank's whole local batch (its
+        `accum` micro-batches, as one process reads them), then clipping by the norm over every
+        stage. Returns (mean loss on a last-stage rank, else 0; gradient norm; ranks with a loss)."""
+        t, d = self.cfg.train, self.d
+        batches = [self.loader.get_batch(step, micro) for micro in range(self.accum)]
+        x, y = (torch.from_numpy(np.concatenate(a)).to(d.device) for a in zip(*batches))
+        with self.autocast(), self.dims.loss_context():
+            loss_sum = self.pipeline.step(x, y)
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = self.dims.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss = 0.0 if loss_sum is None else float(loss_sum) / self.pipeline.n_microbatches
+        return loss, float(grad_norm), d.world_size // self.dims.layout.pp
+
+    def _finish_step(self, loss: float, grad_norm: float, loss_ranks: int, lr: float) -> dict[str, float]:
+        """Agree on the step's loss (the mean over the `loss_ranks` ranks that hold one: all, or a
+        pipeline's last-stage ranks) and gradient norm, stop on a non-finite one, step AdamW."""
+        d, step, optimizer, scaler = self.d, self.step, self.optimizer, self.scaler
+        loss_value, grad_value = all_reduce_sum([loss, grad_norm], d)
+        loss_value /= loss_ranks
         grad_value /= d.world_size  # identical on every rank already; this keeps it so
         if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_value)):
             where = ckpt.latest_checkpoint(self.run_dir, warn=lambda message: None)
@@ -708,7 +771,8 @@ class Trainer:
         if self.cfg.eval.at_end and self.steps > self.start_step:
             self.evaluate()
         path = self.checkpoint()
-        final = export_final(self.run_dir, self.model, self.strategy, self.d)
+        final = export_final(self.run_dir, self.model, self.strategy, self.d,
+                             path if self.pipeline is not None else None)
         if self.d.is_main:
             self.log(f"scalelab train: done, {self.step} steps, {self.tokens_seen:,} tokens, "
                      f"{self.flops_seen:.3g} FLOPs; checkpoint {path}; final weights {final}")
@@ -733,16 +797,21 @@ class Trainer:
             self.lock = None
 
 
-def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist) -> Path:
+def export_final(run_dir: Path, model: nn.Module, strategy: str, d: Dist, pipeline_checkpoint: Path | None = None) -> Path:
     """RUN_DIR/final: full weights as model.safetensors + model.toml (+ tokenizer), the native
-    format `scalelab sample` and `scalelab export-hf` read. A sharded layout gathers to rank 0 on the CPU."""
+    format `scalelab sample` and `scalelab export-hf` read. A sharded layout gathers to rank 0 on the
+    CPU; under a pipeline rank 0 holds only its stages, so it reads the whole model back from
+    `pipeline_checkpoint`, the checkpoint just written (DCP merges every stage's part)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from scalelab import hf
 
     inner = unwrap(model)
     final = run_dir / "final"
-    if strategy not in ("none", "ddp"):  # FSDP / TP shards (DTensors): gathered
+    if pipeline_checkpoint is not None:
+        inner = ckpt.load_model_for_inference(pipeline_checkpoint) if d.is_main else inner
+        sd = dict(inner.state_dict()) if d.is_main else {}
+    elif strategy not in ("none", "ddp"):  # FSDP / TP shards (DTensors): gathered
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = dict(inner.state_dict()) if d.is_main else {}
