@@ -1,8 +1,10 @@
 """Run several training layouts in ONE torchrun launch (each launch costs seconds of startup on a
 shared CPU): `torchrun --nproc_per_node=N tests/parallel_worker.py SPEC.json`.
 
-SPEC: {"runs": [{"config": PATH, "run_dir": PATH, "overrides": ["parallel.tp=2", ...],
-                 "measure": false}], "out": DIR}
+SPEC: {"runs": [{"name": NAME, "config": PATH, "run_dir": PATH, "overrides": ["parallel.tp=2", ...],
+                 "measure": false, "restart_from": null}], "out": DIR}
+"restart_from": {"run_dir": PATH, "step": K}: the run first gets a copy of that earlier run's
+checkpoint at step K (and its config), so it resumes from there with its own layout.
 Each run trains with the real Trainer (the same build / train_step / checkpoint / finish as
 `scalelab train`) on a ParallelDims of its own layout, inside the one process group. With
 "measure", after training each rank writes to OUT/<name>.rank<R>.json what it really holds: the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,6 +66,14 @@ def measure(trainer) -> dict:
     return out
 
 
+def restart(src: Path, dst: Path, step: int) -> None:
+    """dst as a run directory holding only src's checkpoint at `step` (and its config)."""
+    name = f"step_{step:08d}"
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+    shutil.copy2(src / "config.toml", dst / "config.toml")
+
+
 def main(spec_path: str) -> None:
     from scalelab.train.config import layout_of, load_config
     from scalelab.train.parallel import ParallelDims, destroy_distributed, init_distributed
@@ -76,6 +87,10 @@ def main(spec_path: str) -> None:
         if d is None:
             d = init_distributed(cfg.train.device, cfg.parallel.backend)
         layout = layout_of(cfg, d.world_size)
+        if run.get("restart_from"):
+            if d.is_main:
+                restart(Path(run["restart_from"]["run_dir"]), Path(run["run_dir"]), run["restart_from"]["step"])
+            torch.distributed.barrier()
         cfg.train.dtype = resolved_dtype(cfg.train.dtype, d.device)
         trainer = Trainer(cfg, Path(run["run_dir"]), ParallelDims(layout, d), log=lambda m: None)
         try:

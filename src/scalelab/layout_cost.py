@@ -211,7 +211,9 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
             stats = 4 * (2 if cfg.normalization == "layernorm" else 1)
             whole += 2 * (residual * cfg.n_embd + stats)
         per_layer = (per_layer - whole) / t + whole
-        head = head / t if layout.sequence_parallel else head
+        if layout.sequence_parallel:  # the final norm runs on its slice; lm_head's gathered input and the ids stay whole
+            final_norm = residual * cfg.n_embd + 4 * (2 if cfg.normalization == "layernorm" else 1)
+            head = head - final_norm + final_norm / t
     tokens = micro_batch * s
     if t > 1:
         loss_chunk_tokens = 0  # parallel.py scores the vocabulary-sharded logits whole under tp

@@ -94,17 +94,18 @@ def _check(cfg, args) -> int:
     from scalelab.errors import UserError
     from scalelab.train.config import grad_accum_steps, layout_of, total_steps
     from scalelab.train.parallel import pick_device
-    from scalelab.train.trainer import free_memory, memory_problem, memory_sharding, predicted_memory, resolved_dtype
+    from scalelab.train.parallel import ParallelDims
+    from scalelab.train.trainer import free_memory, memory_problem, predicted_memory, resolved_dtype
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     t = cfg.train
     layout = layout_of(cfg, world)
-    sharding = memory_sharding(layout)
+    strategy = ParallelDims.strategy_of(layout)
     device = pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
     t.dtype = resolved_dtype(t.dtype, device)
     free = free_memory(device)
     ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    problem = memory_problem(cfg, *sharding, free, ranks_sharing)
+    problem = memory_problem(cfg, strategy, world, free, ranks_sharing, layout)
     if problem is not None:
         raise UserError(problem)
     accum = grad_accum_steps(cfg, layout.dp)
@@ -121,8 +122,8 @@ def _check(cfg, args) -> int:
     info = {"model": cfg.model.name(), "params": count_params(cfg.model).total, "world_size": world,
             "grad_accum_steps": accum, "tokens_per_step": seqs * t.seq_len, "steps": steps,
             "tokens": steps * seqs * t.seq_len, "flops": steps * flops, "train_tokens_available": loader.num_tokens,
-            "layout": layout.describe(), "dtype": t.dtype,
-            "predicted_memory_bytes_per_device": predicted_memory(cfg, *sharding)["total"],
+            "strategy": strategy, "dtype": t.dtype,
+            "predicted_memory_bytes_per_device": predicted_memory(cfg, strategy, world, layout)["total"],
             "free_memory_bytes": None if free is None else free[0]}
     if args.json:
         print_json(info)

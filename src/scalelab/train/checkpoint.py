@@ -462,8 +462,9 @@ def split_fused_kv_optimizer(optim_sd: dict[str, Any]) -> dict[str, Any]:
         if FUSED_KV not in name:
             state[name] = entry
             continue
-        halves = {key: value.chunk(2, dim=0) if torch.is_tensor(value) and value.dim() else (value, value)
-                  for key, value in entry.items()}
+        # a scalar (AdamW's step count, a tensor the optimizer increments in place) is copied, not shared
+        halves = {key: value.chunk(2, dim=0) if torch.is_tensor(value) and value.dim() else
+                  (value, value.clone() if torch.is_tensor(value) else value) for key, value in entry.items()}
         for i, part in enumerate(("attn.k_proj.", "attn.v_proj.")):
             state[name.replace(FUSED_KV, part)] = {key: pair[i] for key, pair in halves.items()}
     groups = [{**group, "params": [new for name in group["params"]
@@ -476,6 +477,59 @@ def split_fused_kv_optimizer(optim_sd: dict[str, Any]) -> dict[str, Any]:
 
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     return _load_pt(Path(path) / TRAINER_STATE)
+
+
+def _dcp_load(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
+    """dcp.load into these state dicts (as get_state_dict gives them: this layout's shards), in
+    place. A checkpoint written when K and V were one `attn.kv_proj` projection is read by loading
+    each fused tensor (and its optimizer moments) whole, splitting it (model.split_fused_kv) and
+    giving each rank its shard of the halves."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    fused = sorted({name for name in model_sd if f"model.{_fused_name(name)}" in stored and _fused_name(name) != name})
+    if not fused:
+        dcp.load({"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd},
+                 checkpoint_id=directory)
+        return
+    halves = {_fused_name(name) for name in fused}
+
+    def whole(key: str) -> torch.Tensor:
+        meta = stored[key]
+        return torch.empty(meta.size, dtype=meta.properties.dtype)
+
+    request: dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if k not in fused}}
+    request["model"].update({name: whole(f"model.{name}") for name in halves})
+    if optim_sd is not None:
+        names = [list(group["params"]) for group in optim_sd["param_groups"]]
+        state = {k: v for k, v in optim_sd["state"].items() if k not in fused}
+        state.update({name: {key: whole(f"optim.state.{name}.{key}") for key in optim_sd["state"][fused[0]]}
+                      for name in halves})
+        request["optim"] = {"state": state, "param_groups": optim_sd["param_groups"]}
+    dcp.load(request, checkpoint_id=directory)
+
+    def placed(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # this rank's shard, no communication
+        if hasattr(like, "placements"):
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return full.to(like.device)
+
+    split = split_fused_kv(request["model"])
+    for name in fused:
+        model_sd[name] = placed(split[name], model_sd[name])
+    if optim_sd is not None:
+        moments = split_fused_kv_optimizer({"state": request["optim"]["state"], "param_groups": []})["state"]
+        for name in fused:
+            optim_sd["state"][name] = {key: placed(value, optim_sd["state"][name][key]) if value.dim() else value
+                                       for key, value in moments[name].items()}
+        for group, params in zip(optim_sd["param_groups"], names):
+            group["params"] = params  # dcp.load put the checkpoint's (fused) parameter names there
+
+
+def _fused_name(name: str) -> str:
+    """The name a k_proj or v_proj parameter had when K and V were one kv_proj (others unchanged)."""
+    return name.replace("attn.k_proj.", FUSED_KV).replace("attn.v_proj.", FUSED_KV)
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -501,11 +555,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
             model_sd = get_model_state_dict(model)
-            dcp.load({"model": model_sd}, checkpoint_id=path / "dcp")
+            _dcp_load(path / "dcp", model_sd, None)
             set_model_state_dict(model, model_sd)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / "dcp")
+            _dcp_load(path / "dcp", model_sd, optim_sd)
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     else:
         sd = split_fused_kv(hf.read_safetensors(path))

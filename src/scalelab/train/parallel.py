@@ -207,9 +207,12 @@ class ParallelDims:
     # ---- what the layout means here (no process group needed) ------------------------------------
     @property
     def strategy(self) -> str:
+        return self.strategy_of(self.layout)
+
+    @staticmethod
+    def strategy_of(lay: Layout) -> str:
         """A name for logs and the trainer state: none, ddp, fsdp for the old degenerate cases,
         else the layout (e.g. "dp_shard 2 × tp 2")."""
-        lay = self.layout
         if lay.world == 1:
             return "none"
         if lay.is_ddp:

@@ -91,20 +91,18 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
     return None
 
 
-def memory_sharding(layout: Layout) -> tuple[str, int]:
-    """(sharding, devices) for counting.training_memory: ddp for replicas only; otherwise weights,
-    gradients and optimizer state are split over dp_shard × tp × pp devices, counted as FSDP over
-    that many (activations are not divided by tp here: an over-estimate for TP layouts)."""
-    if layout.is_ddp:
-        return "ddp", layout.world
-    split = layout.dp_shard * layout.tp * layout.pp
-    return ("fsdp", split) if split > 1 else ("none", 1)
-
-
-def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int) -> dict[str, Any]:
-    """counting.training_memory for this run's shape, precision and parallelism (bytes per device)."""
+def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int, layout: Layout | None = None) -> dict[str, Any]:
+    """Bytes per device for this run's shape, precision and parallelism: counting.training_memory
+    for one process, DDP and FSDP (`strategy`), layout_cost.layout_memory for a `layout` with tp, pp
+    or HSDP (its busiest pipeline rank)."""
     t = cfg.train
     precision = "fp32" if t.dtype == "fp32" else "bf16-mixed"
+    if layout is not None and (layout.tp > 1 or layout.pp > 1 or (layout.dp_replicate > 1 and layout.uses_fsdp)):
+        from scalelab.layout_cost import layout_memory
+
+        return layout_memory(cfg.model, layout, micro_batch=t.micro_batch_size, seq_len=t.seq_len, precision=precision,
+                             activation_checkpointing=t.activation_checkpointing, attention=t.attention,
+                             loss_chunk_tokens=t.loss_chunk_tokens)
     m = training_memory(cfg.model, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=world_size,
                         sharding={"fsdp": "fsdp", "ddp": "ddp"}.get(strategy, "none"), precision=precision,
                         activation_checkpointing=t.activation_checkpointing, attention=t.attention,
@@ -141,13 +139,13 @@ def free_memory(device: torch.device) -> tuple[float, str] | None:
 
 
 def memory_problem(cfg: TrainConfig, strategy: str, world_size: int, free: tuple[float, str] | None,
-                   ranks_sharing: int = 1) -> str | None:
+                   ranks_sharing: int = 1, layout: Layout | None = None) -> str | None:
     """Why this run cannot fit, or None: counting's predicted peak per device (× the ranks sharing
     one host's memory on CPU) against the free memory, with the ways to need less."""
     if not cfg.train.check_memory or free is None:
         return None
     t = cfg.train
-    m = predicted_memory(cfg, strategy, world_size)
+    m = predicted_memory(cfg, strategy, world_size, layout)
     need = m["total"] * ranks_sharing
     if need <= free[0]:
         return None
@@ -442,7 +440,8 @@ class Trainer:
             self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
             self.warmup = warmup_steps(t.warmup, self.steps)
             ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
-            problem = memory_problem(cfg, *memory_sharding(dims.layout), free_memory(d.device), ranks_sharing)
+            problem = memory_problem(cfg, self.strategy, d.world_size, free_memory(d.device), ranks_sharing,
+                                     dims.layout)
             if problem is None and self.init_source is not None and (not dims.sharded or d.is_main):
                 self.init_weights = init_from.load_weights(self.init_source)  # sharded: rank 0 broadcasts them
         except UserError as e:
@@ -495,7 +494,7 @@ class Trainer:
                 f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × {data_world}), "
                 f"{self.flops_per_step * self.steps:.3g} FLOPs; run dir {run_dir}")
             log(f"scalelab train: predicted peak memory per device "
-                f"{format_bytes(predicted_memory(cfg, *memory_sharding(self.dims.layout))['total'])} "
+                f"{format_bytes(predicted_memory(cfg, self.strategy, d.world_size, self.dims.layout)['total'])} "
                 f"(counting.training_memory; "
                 f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
         self.evaluator = _Evaluator(cfg, self.dims, log) if (cfg.eval.every or cfg.eval.at_end) else None
