@@ -88,13 +88,12 @@ def step_rate(run_dir: Path) -> float:
 
 def train_layout(config: Path, run_dir: Path, overrides: list[str], d) -> float:
     """Train one layout inside the torchrun worker's process group `d`; its tokens/s."""
-    from scalelab.train.config import layout_of, load_config
-    from scalelab.train.parallel import ParallelDims
+    from scalelab.train.config import load_config
     from scalelab.train.trainer import Trainer, resolved_dtype
 
     cfg = load_config(config, overrides)
     cfg.train.dtype = resolved_dtype(cfg.train.dtype, d.device)
-    trainer = Trainer(cfg, run_dir, ParallelDims(layout_of(cfg, d.world_size), d), log=lambda m: None)
+    trainer = Trainer(cfg, run_dir, d, log=lambda m: None)
     try:
         trainer.build(resume=False)
         trainer.fit()

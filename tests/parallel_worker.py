@@ -116,7 +116,7 @@ def main(spec_path: str) -> None:
                 restart(Path(run["restart_from"]["run_dir"]), Path(run["run_dir"]), run["restart_from"]["step"])
             torch.distributed.barrier()
         cfg.train.dtype = resolved_dtype(cfg.train.dtype, d.device)
-        trainer = Trainer(cfg, Path(run["run_dir"]), ParallelDims(layout, d), log=lambda m: None)
+        trainer = Trainer(cfg, Path(run["run_dir"]), d, lambda m: None, ParallelDims(layout, d))
         try:
             assert trainer.build(resume=False) is None
             check_coordinates(trainer.dims)

@@ -228,6 +228,7 @@ def test_count_layout_auto_shows_the_top_layouts(cli):
     (["--gpus", "8", "--mfu", "auto"], "--gpu-type"),
     (["--gpus", "8", "--layout", "auto"], "--gpu-type"),
     (["--gpus", "8", "--global-batch-tokens", "1000"], "multiple of"),
+    (["--gpus", "8", "--gpu-type", "H100", "--layout", "auto", "--tp", "2"], "chooses the layout itself"),
 ])
 def test_bad_layouts_exit_2_with_one_line(cli, args, fragment):
     r = cli("count", "llama3.1-8b", *args)

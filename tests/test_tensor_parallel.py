@@ -10,7 +10,6 @@ real Trainer once per layout inside one process group): the launches are the slo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,8 @@ TP2 = ["parallel.tp=2"]
 TP2_GATHERED = ["parallel.tp=2", "parallel.sequence_parallel=false", "parallel.loss_parallel=true"]
 TWO_RANKS = {f"{m}-tp2": (m, TP2) for m in MODELS} | {f"{m}-tp2-loss-parallel": (m, TP2_GATHERED) for m in MODELS}
 FOUR_RANKS = {f"{m}-fsdp2-tp2": (m, ["parallel.tp=2"]) for m in MODELS} | {
+    "llama-fsdp2-tp2-gathered": ("llama", ["parallel.tp=2", "parallel.sequence_parallel=false"]),
+    "gpt2-fsdp2-tp2-loss-parallel": ("gpt2", ["parallel.tp=2", "parallel.loss_parallel=true"]),
     "llama-hsdp2x2": ("llama", ["parallel.dp_replicate=2", "parallel.dp_shard=2"])}
 
 
@@ -89,8 +90,8 @@ def two_ranks(setup):
 
 @pytest.fixture(scope="module")
 def four_ranks(setup):
-    """One 4-rank launch: FSDP2×TP2 for both models, HSDP 2×2, then FSDP4 resuming FSDP2×TP2's
-    step-3 checkpoint."""
+    """One 4-rank launch: FSDP2×TP2 for both models (and with gathered activations, and with
+    loss_parallel), HSDP 2×2, then FSDP4 resuming FSDP2×TP2's step-3 checkpoint."""
     d, configs, _ = setup
     runs = spec_runs(d, configs, FOUR_RANKS, measure=True)
     runs.append({"name": "fsdp2-tp2-to-fsdp4", "config": str(configs["llama"]), "run_dir": str(d / "fsdp2-tp2-to-fsdp4"),
@@ -273,8 +274,8 @@ def test_old_fused_kv_checkpoints_load(setup, tmp_path):
     from scalelab import hf
     from scalelab.train.checkpoint import load_checkpoint, load_model_for_inference
     from scalelab.train.parallel import Dist
-    from scalelab.train.trainer import make_optimizer
     from scalelab.train.config import load_config
+    from scalelab.train.trainer import make_optimizer
 
     d, configs, _ = setup
     new = d / "llama-single" / "checkpoints" / "step_00000003"

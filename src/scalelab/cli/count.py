@@ -270,6 +270,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"scalelab count: warning: --seq-len {seq_len} is beyond block_size {cfg.block_size}, the context "
               "the model was configured for; RoPE runs there, but quality is not what the counts promise",
               file=sys.stderr)
+    if args.layout == "auto" and (any(getattr(args, k) is not None for k in LAYOUT_FLAGS) or args.sharding):
+        raise UserError("--layout auto chooses the layout itself; drop --tp/--pp/--dp-shard/--dp-replicate/--pp-*/"
+                        "--sharding, or drop --layout auto")
     layout = None if args.layout == "auto" else layout_from_flags(args, given, cfg, args.gpus)
     report = count_report(cfg, seq_len=seq_len, micro_batch=args.micro_batch, gpus=args.gpus,
                           gpu_type=args.gpu_type, mfu=mfu, tokens=tokens, sharding=args.sharding,

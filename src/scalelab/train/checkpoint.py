@@ -553,8 +553,6 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if (path / "dcp").is_dir():
         import warnings
 
-        import torch.distributed.checkpoint as dcp
-
         # One process reading a sharded checkpoint is intended (DCP warns that it assumes so); so is
         # one rank of a run reading it alone (a pipeline's final export): no_dist keeps DCP from
         # waiting for the other ranks in a collective.

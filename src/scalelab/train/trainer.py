@@ -403,7 +403,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     # choice); the caller's cfg is left as it was.
     cfg = copy.deepcopy(cfg)
     cfg.train.dtype = resolved_dtype(cfg.train.dtype, d.device)
-    trainer = Trainer(cfg, run_dir, ParallelDims(layout, d), log)
+    trainer = Trainer(cfg, run_dir, d, log, ParallelDims(layout, d))
     try:
         done = trainer.build(resume)
         return done if done is not None else trainer.fit()
@@ -422,8 +422,11 @@ class Trainer:
     checkpoint and weights), with `fit` as the loop that calls them and `close` to release the
     signal handlers and the metrics file."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, dims: ParallelDims, log: Callable[[str], None]):
-        self.cfg, self.run_dir, self.dims, self.d, self.log = cfg, run_dir, dims, dims.d, log
+    def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist, log: Callable[[str], None],
+                 dims: ParallelDims | None = None):
+        """`dims`: the layout on this rank (default: the config's, `layout_of(cfg, d.world_size)`)."""
+        dims = dims or ParallelDims(layout_of(cfg, d.world_size), d)
+        self.cfg, self.run_dir, self.dims, self.d, self.log = cfg, run_dir, dims, d, log
         self.strategy = dims.strategy
         self.stop: _StopFlag | None = None
         self.metrics: MetricsLog | None = None
