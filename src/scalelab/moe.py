@@ -9,13 +9,13 @@ Routing (`route`), the rules of the four reference models:
 - softmax scoring (Mixtral, Qwen3-MoE, DeepSeek-V2): scores = softmax(router logits) over all
   experts, top-k of them; `norm_topk_prob` renormalises the k weights to sum to 1 (Mixtral always
   does, Qwen3-MoE per its config, DeepSeek-V2 never).
-- sigmoid scoring (DeepSeek-V3, arXiv 2412.19437 §2.1.2): scores = sigmoid(logits); experts are
-  *chosen* by scores + e_score_correction_bias but *weighted* by the scores alone, then
-  renormalised (norm_topk_prob).
+- sigmoid scoring (DeepSeek-V3, arXiv 2412.19437 §2.1.2): scores = sigmoid(logits); with
+  topk_method noaux_tc experts are *chosen* by scores + e_score_correction_bias but *weighted* by
+  the scores alone, then renormalised (norm_topk_prob).
 - group-limited routing (`n_group` > 1): the experts form n_group equal groups, each token keeps
   its best `topk_group` groups and picks its k experts inside them. A group's score is its best
-  expert's (softmax, DeepSeek-V2's group_limited_greedy) or the sum of its best two (sigmoid,
-  DeepSeek-V3's noaux_tc).
+  expert's (topk_method group_limited_greedy, DeepSeek-V2) or the sum of its best two (noaux_tc,
+  DeepSeek-V3, with the bias).
 - then every weight is multiplied by `routed_scaling_factor`.
 The router matmul runs in fp32 (as DeepSeek keeps it), whatever the model's dtype.
 
@@ -29,7 +29,7 @@ through one plain matmul per expert that has tokens, which FlopCounterMode count
 formula for _grouped_mm); devices/dtypes where _grouped_mm is unavailable use that loop too.
 
 Balancing, two options:
-- auxiliary-loss-free (DeepSeek-V3, sigmoid scoring): after each optimizer step every expert's
+- auxiliary-loss-free (DeepSeek-V3, topk_method noaux_tc): after each optimizer step every expert's
   bias moves by `rate` towards balance, b_i += rate · sign(mean load - load_i) (§2.1.2, rate
   0.001 in DeepSeek-V3), from the tokens each expert received during the step, summed over
   micro-batches and data-parallel ranks (`update_expert_bias`). Outside autograd; the bias is a
@@ -37,7 +37,7 @@ Balancing, two options:
 - the Switch/Mixtral load-balancing loss, router_aux_loss_coef · E · Σ_i f_i · P_i with f_i the
   fraction of the T·k assignments expert i received and P_i its mean routing probability, pooled
   over all MoE layers of the forward exactly as transformers' `load_balancing_loss_func`
-  (model.Transformer adds it to the training loss; `aux_loss_terms`).
+  (model.Transformer adds it to the training loss; `aux_loss`).
 """
 
 from __future__ import annotations
@@ -59,15 +59,17 @@ def is_moe_layer(cfg, layer_idx: int) -> bool:
 
 def route(logits: torch.Tensor, cfg, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weights (T, k) fp32, experts (T, k) int64, scores (T, E) fp32) for router logits (T, E);
-    `bias` (E,) is the sigmoid router's e_score_correction_bias (None for softmax)."""
-    sigmoid = cfg.scoring_func == "sigmoid"
-    scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+    `bias` (E,) is the noaux_tc router's e_score_correction_bias (None otherwise)."""
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
     choice = scores if bias is None else scores + bias
     n_group = cfg.n_group or 1
     if n_group > 1:
         grouped = choice.view(choice.size(0), n_group, -1)
-        group_score = grouped.topk(2, dim=-1).values.sum(dim=-1) if sigmoid else grouped.amax(dim=-1)
-        keep = group_score.topk(cfg.topk_group, dim=-1, sorted=False).indices
+        if cfg.topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep = group_score.topk(cfg.topk_group or n_group, dim=-1, sorted=False).indices
         mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
         choice = choice.masked_fill(~mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice), float("-inf"))
     experts = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
@@ -117,13 +119,13 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, loop:
 # ---- the layer --------------------------------------------------------------------------------
 
 class Router(nn.Module):
-    """Router logits = x @ weightᵀ (E per token, computed in fp32), and for sigmoid scoring the
-    e_score_correction_bias buffer that aux-loss-free balancing adjusts."""
+    """Router logits = x @ weightᵀ (E per token, computed in fp32), and for topk_method noaux_tc
+    the e_score_correction_bias buffer that auxiliary-loss-free balancing adjusts."""
 
     def __init__(self, cfg):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.n_embd))
-        if cfg.scoring_func == "sigmoid":
+        if cfg.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
         else:
             self.e_score_correction_bias = None
@@ -147,13 +149,14 @@ class MoE(nn.Module):
 
         self.cfg = cfg
         self.loop = implementation == "math"
-        E, H, I = cfg.n_routed_experts, cfg.n_embd, cfg.moe_intermediate_size
+        E, H, I = cfg.n_routed_experts, cfg.n_embd, cfg.expert_hidden
         self.router = Router(cfg)
         self.gate_up = nn.Parameter(torch.empty(E, H, 2 * I))  # [gate | up] of each expert, x @ w
         self.down = nn.Parameter(torch.empty(E, I, H))
         n_shared = cfg.n_shared_experts or 0
         self.shared = FeedForward(cfg, hidden=n_shared * I) if n_shared else None
         self.last_routing: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.step_load: torch.Tensor | None = None  # tokens per expert this optimizer step (record_load)
 
     @torch.no_grad()
     def init_weights(self, std: float, residual_std: float) -> None:
@@ -183,7 +186,7 @@ class MoE(nn.Module):
         self.last_routing = (counts, self._probabilities(scores).sum(dim=0), x.size(0))
         if self.shared is not None:
             y = y + self.shared(x)
-        return y.reshape(shape).to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else y.reshape(shape)
+        return y.reshape(shape)
 
     def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
         """Routing probabilities for the auxiliary loss: the softmax scores, or the sigmoid scores
@@ -191,10 +194,11 @@ class MoE(nn.Module):
         return scores if self.cfg.scoring_func != "sigmoid" else scores / scores.sum(dim=-1, keepdim=True)
 
 
-def aux_loss_terms(moe_layers: list[MoE], top_k: int) -> torch.Tensor:
-    """E · Σ_i f_i · P_i over the last forward of `moe_layers`, pooled over the layers as
-    transformers' load_balancing_loss_func pools them: f_i = assignments to expert i / (rows · k)
-    ... times k (HF's fraction of rows, which sums to k), P_i = mean routing probability."""
+def aux_loss(moe_layers: list["MoE"]) -> torch.Tensor:
+    """The load-balancing loss of the last forward of `moe_layers`, E · Σ_i f_i · P_i pooled over
+    the layers exactly as transformers' load_balancing_loss_func pools them: f_i = assignments to
+    expert i / rows (rows = tokens summed over the layers; so Σ f_i = k), P_i = routing probability
+    of expert i summed over the same rows / rows."""
     counts = sum(m.last_routing[0].float() for m in moe_layers)
     probs = sum(m.last_routing[1] for m in moe_layers)
     rows = sum(m.last_routing[2] for m in moe_layers)
@@ -202,15 +206,36 @@ def aux_loss_terms(moe_layers: list[MoE], top_k: int) -> torch.Tensor:
     return n_experts * ((counts / rows) * (probs / rows)).sum()
 
 
-# ---- balancing after the optimizer step ------------------------------------------------------
+# ---- load accounting and balancing after the optimizer step ------------------------------------
+
+def record_load(layers: list[MoE]) -> None:
+    """Add each layer's tokens per expert of its last forward to its count for the current
+    optimizer step (`MoE.step_load`, a plain attribute: DDP would overwrite a buffer with rank 0's)."""
+    for m in layers:
+        counts = m.last_routing[0]
+        m.step_load = counts if m.step_load is None else m.step_load + counts
+
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
+def take_step_load(layers: list[MoE]) -> torch.Tensor | None:
+    """(layers, E) int64: the tokens each expert received since the last call (zeros for a layer
+    that ran no forward), and reset the counts; None without MoE layers."""
+    if not layers:
+        return None
+    rows = [m.step_load if m.step_load is not None else torch.zeros(m.cfg.n_routed_experts, dtype=torch.long)
+            for m in layers]
+    device = next((r.device for r in rows if r.device.type != "cpu"), rows[0].device)
+    for m in layers:
+        m.step_load = None
+    return torch.stack([r.to(device) for r in rows])
+
+
 @torch.no_grad()
 def update_expert_bias(layers: list[MoE], load: torch.Tensor, rate: float) -> None:
-    """b_i += rate · sign(mean load - load_i) for each layer's sigmoid router (DeepSeek-V3's
+    """b_i += rate · sign(mean load - load_i) for each layer's noaux_tc router (DeepSeek-V3's
     auxiliary-loss-free balancing). `load` (layers, E): tokens each expert received this step."""
     for layer, counts in zip(layers, load):
         bias = layer.router.e_score_correction_bias
