@@ -43,6 +43,7 @@ Balancing, two options:
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -244,11 +245,12 @@ def update_expert_bias(layers: list[MoE], load: torch.Tensor, rate: float) -> No
             bias += rate * torch.sign(counts.mean() - counts)
 
 
-def load_figures(load: torch.Tensor) -> dict:
-    """Metrics of one step's expert load (layers, E): tokens per expert, and per layer the
-    max/mean ratio and coefficient of variation (std/mean; 0 = perfectly balanced)."""
+def load_figures(load: torch.Tensor) -> dict[str, Any]:
+    """Metrics of one step's expert load (MoE layers, E): the tokens each expert received, and
+    the balance of the worst layer as max/mean (1 = perfectly balanced, E/k = every token on the
+    same k experts) and the mean over layers of the coefficient of variation std/mean (0 = balanced)."""
     load = load.double()
     mean = load.mean(dim=1)
-    return {"tokens_per_expert": load.long().tolist(),
-            "load_max_over_mean": (load.amax(dim=1) / mean).tolist(),
-            "load_cv": (load.std(dim=1, unbiased=False) / mean).tolist()}
+    return {"moe_tokens_per_expert": load.long().tolist(),
+            "moe_load_max_over_mean": float((load.amax(dim=1) / mean).max()),
+            "moe_load_cv": float((load.std(dim=1, unbiased=False) / mean).mean())}
