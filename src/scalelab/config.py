@@ -578,7 +578,7 @@ def validate_rope_scaling(scaling: Mapping[str, Any]) -> None:
             raise UserError(f"rope_scaling.original_max_position_embeddings must be a whole number of positions, "
                             f"got {value!r}")
     for key, default in allowed.items():
-        if default is None and key != "attention_factor" and scaling.get(key) is None:
+        if default is None and key not in ("attention_factor", "mscale", "mscale_all_dim") and scaling.get(key) is None:
             if kind == "yarn" and key == "original_max_position_embeddings":
                 continue
             raise UserError(f"rope_scaling ({kind}) needs '{key}'")

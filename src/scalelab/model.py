@@ -1,4 +1,4 @@
-"""The scalelab Transformer: GPT-2, LLaMA 2/3, Mistral and Qwen2 from one ModelConfig, in one file.
+"""The scalelab Transformer: GPT-2, LLaMA 2/3, Mistral, Qwen2 and Qwen3 from one ModelConfig, in one file.
 
 Read top to bottom: rotary positions, attention, feed-forward, block, the model, generation.
 Every architectural choice is a ModelConfig field; there is one code path per concept:
@@ -8,7 +8,8 @@ Every architectural choice is a ModelConfig field; there is one code path per co
   the KV head count differs. Attention runs through `F.scaled_dot_product_attention` with
   `enable_gqa=True` (the kernel reads each KV head for its group of query heads, so K/V are
   never copied n_head/n_kv times), or through an explicit "math" path that spells the matmuls
-  out. The math path is the reference: `torch.utils.flop_counter.FlopCounterMode` counts its
+  out. Heads are head_dim wide (n_head · head_dim need not be n_embd), and with qk_norm (Qwen3)
+  each query and key head is RMS-normalised before RoPE. The math path is the reference: `torch.utils.flop_counter.FlopCounterMode` counts its
   FLOPs exactly as `scalelab.counting` does (tests/test_model.py proves it).
   A sliding window (Mistral) is a boolean mask on either path; the KV cache still keeps every
   position (simple, and exact; a rolling buffer would only save memory).
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig
 from scalelab.errors import UserError
-from scalelab.mla import MLAttention, yarn_mscale
+from scalelab.mla import MLAttention
 from scalelab.moe import MoE, aux_loss, is_moe_layer, record_load
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "math")
@@ -75,12 +76,14 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         beta_fast = float(scaling.get("beta_fast") or 32.0)
         beta_slow = float(scaling.get("beta_slow") or 1.0)
         attention_factor = scaling.get("attention_factor")
-        if attention_factor is None:
-            mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-            if mscale and mscale_all_dim:  # DeepSeek: the rest of the correction is in the softmax scale
-                attention_factor = yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all_dim))
-            else:
-                attention_factor = yarn_mscale(factor)
+        if attention_factor is None:  # transformers' _compute_yarn_parameters, DeepSeek's mscale pair included
+
+            def mscale(scale: float = 1.0) -> float:
+                return 0.1 * scale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+            both = scaling.get("mscale") and scaling.get("mscale_all_dim")
+            attention_factor = (mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"]) if both
+                                else mscale())
 
         def correction_dim(rotations: float) -> float:
             return dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -191,15 +194,21 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.sliding_window
         qkv_bias = cfg.bias or cfg.qkv_bias  # Qwen2: biases on Q, K and V only
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=qkv_bias)
+        # n_head · head_dim need not be n_embd (Qwen3-0.6B: 16 x 128 on a 1024-wide stream)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.q_dim, bias=qkv_bias)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.kv_dim, bias=qkv_bias)  # [K | V]
-        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.q_dim, cfg.n_embd, bias=cfg.bias)
+        # Qwen3: an RMSNorm over each query and key head (one weight per projection), before RoPE
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(x).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
