@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig
 from scalelab.errors import UserError
+from scalelab.mla import MLAttention
+from scalelab.moe import MoE, aux_loss, is_moe_layer, record_load
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "math")
 
@@ -45,7 +47,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     Computed with the same float32 operations as Hugging Face's `modeling_rope_utils`, so a
     checkpoint imported from there sees bit-for-bit the same angles it was trained with.
     """
-    dim, base = cfg.head_dim, cfg.rope_theta
+    dim, base = (cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim), cfg.rope_theta  # MLA: the rope part
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     inv_freq = 1.0 / (base ** exponents)
     scaling = cfg.rope_scaling
@@ -132,8 +134,9 @@ def attention_mask(s_q: int, s_k: int, window: int | None, device: torch.device)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implementation: str,
-                     window: int | None = None) -> torch.Tensor:
-    """softmax(QKᵀ/√d + causal mask)·V for q (B, n_head, Sq, d) and k, v (B, n_kv, Sk, d).
+                     window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """softmax(QKᵀ·scale + causal mask)·V for q (B, n_head, Sq, d) and k, v (B, n_kv, Sk, d)
+    (v's width may differ: MLA); `scale` defaults to 1/√d.
 
     With a KV cache, Sk > Sq: the queries are the *last* Sq positions, so the mask is aligned
     to the bottom-right. A single new query attends to everything and needs no mask, unless a
@@ -143,7 +146,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implemen
     mask = attention_mask(s_q, s_k, window, q.device)
     if implementation == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=s_q > 1 and mask is None,
-                                              enable_gqa=k.size(1) != q.size(1))
+                                              enable_gqa=k.size(1) != q.size(1), scale=scale)
     # Explicit math: repeat each KV head for its group of query heads, then two matmuls whose
     # FLOPs (2·Sq·Sk·d each, per query head) are exactly the counting module's attention term.
     # A sliding window masks the full score matrix rather than skipping it, so the FLOPs (and
@@ -151,7 +154,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implemen
     repeats = q.size(1) // k.size(1)
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)) if scale is None else scale)
     if mask is None and s_q > 1:
         mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
@@ -162,7 +165,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implemen
 
 class KVCache:
     """Past keys and values for generation, per layer, at the *KV-head* count: a GQA model with
-    8 KV heads for 64 query heads stores 8× less than MHA would. Filled by the model's forward."""
+    8 KV heads for 64 query heads stores 8× less than MHA would. Filled by the model's forward.
+    MLA stores its latent as "k" and its shared RoPE key as "v" (one head each, widths differ)."""
 
     def __init__(self, n_layer: int, max_len: int):
         self.max_len = max_len
@@ -173,9 +177,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, S, d) after the cached positions; return all keys and values so far."""
         if self.k[layer] is None:  # allocate lazily, in the dtype attention actually produces
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k[layer] = k.new_zeros(shape)
-            self.v[layer] = v.new_zeros(shape)
+            self.k[layer] = k.new_zeros(k.size(0), k.size(1), self.max_len, k.size(3))
+            self.v[layer] = v.new_zeros(v.size(0), v.size(1), self.max_len, v.size(3))
         end = self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
@@ -219,13 +222,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """GELU MLP (GPT-2: down(gelu(up(x)))) or SwiGLU (LLaMA: down(silu(gate(x)) · up(x)))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
+        hidden = hidden or cfg.ffn_hidden  # a MoE's shared experts have their own width
         self.swiglu = cfg.ffn_type == "swiglu"
         if self.swiglu:
-            self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
-        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
-        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+            self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -247,9 +251,9 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer_idx, attention)
+        self.attn = MLAttention(cfg, layer_idx, attention) if cfg.is_mla else Attention(cfg, layer_idx, attention)
         self.ffn_norm = make_norm(cfg)
-        self.ffn = FeedForward(cfg)
+        self.ffn = MoE(cfg, attention) if is_moe_layer(cfg, layer_idx) else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -414,7 +418,12 @@ class Transformer(nn.Module):
         residual_std = std / math.sqrt(2 * self.config.n_layer)
         for layer in self.layers:
             nn.init.normal_(layer.attn.o_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(layer.ffn.down.weight, mean=0.0, std=residual_std)
+            if isinstance(layer.ffn, MoE):
+                layer.ffn.init_weights(std, residual_std)
+                if layer.ffn.shared is not None:
+                    nn.init.normal_(layer.ffn.shared.down.weight, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(layer.ffn.down.weight, mean=0.0, std=residual_std)
 
     def tie_weights(self) -> None:
         """Make lm_head share the token embedding again when the config ties them. Moving a model
@@ -459,6 +468,8 @@ class Transformer(nn.Module):
             x = layer(x, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.length += S
+        moe = [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)] if self.training else []
+        record_load(moe)  # here, once per forward: activation checkpointing recomputes the blocks
         if self.norm is not None:
             x = self.norm(x)
         if last_only:
@@ -466,12 +477,18 @@ class Transformer(nn.Module):
         if targets is not None and self.loss_chunk_tokens:
             loss = chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                          self.loss_chunk_tokens)
-            return None, loss
+            return None, self.with_aux_loss(loss, moe)
         logits = self.lm_head(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, self.with_aux_loss(loss, moe)
+
+    def with_aux_loss(self, loss: torch.Tensor, moe: list[MoE]) -> torch.Tensor:
+        """In training, a MoE's loss plus router_aux_loss_coef × its load-balancing loss (as
+        transformers' MixtralForCausalLM adds it); evaluation reports the language-model loss alone."""
+        coef = self.config.router_aux_loss_coef
+        return loss + coef * aux_loss(moe) if moe and coef else loss
 
     # ---- generation ---------------------------------------------------------------------------
 
