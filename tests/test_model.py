@@ -53,10 +53,7 @@ def randomize(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", [
-    name if not (PRESETS[name].is_moe or PRESETS[name].is_mla) else pytest.param(name, marks=pytest.mark.xfail(
-        raises=UserError, strict=True, reason="the MoE/MLA modules come with scalelab.moe and scalelab.mla"))
-    for name in PRESETS])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_meta_model_parameter_count_equals_counting(name):
     cfg = PRESETS[name]
     with torch.device("meta"):

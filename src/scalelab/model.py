@@ -380,9 +380,6 @@ class Transformer(nn.Module):
             raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}; got {attention!r}")
         if isinstance(loss_chunk_tokens, bool) or not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 0:
             raise UserError(f"loss_chunk_tokens must be a whole number >= 0 (0 = unchunked); got {loss_chunk_tokens!r}")
-        if config.is_moe or config.is_mla:  # described and counted, not built here (scalelab.moe / scalelab.mla)
-            raise UserError(f"{config.name()}: the MoE and MLA blocks are not built by this version of scalelab "
-                            "(count and plan describe them); use a dense model")
         self.config, self.attention, self.loss_chunk_tokens = config, attention, loss_chunk_tokens
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
         learned = config.position_encoding == "learned"
