@@ -132,6 +132,9 @@ CASES = [
     ("count-mfu-not-a-fraction", "count llama3.1-8b --gpus 8 --gpu-type H100 --mfu often"),
     ("count-layout-auto-nothing-fits", "count llama3.1-405b --gpus 8 --gpu-type A6000 --layout auto"),
     ("plan-layout-auto-without-gpus", "plan 1e21 --layout auto"),
+    ("count-top-k-over-experts", "count mixtral-8x7b --set num_experts_per_tok=99"),
+    ("count-mla-field-on-dense", "count llama3.1-8b --set q_lora_rank=1e30"),
+    ("count-odd-rope-dim", "count deepseek-v2-lite --set qk_rope_head_dim=7"),
     # plan
     ("plan-degenerate-law", "plan 1e21 --B 1e308 --beta 0.0001"),
     ("plan-negative-budget", "plan -5"),

@@ -54,6 +54,38 @@ HF_CONFIGS = {
     "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                  tie_word_embeddings=False)),
+    # Qwen/Qwen3-0.6B (tied), Qwen3-8B: head_dim 128 whatever hidden_size / heads, q/k norms
+    "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                 tie_word_embeddings=True)),
+    "qwen3-8b": ("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                               tie_word_embeddings=False)),
+    # mistralai/Mixtral-8x7B-v0.1
+    "mixtral-8x7b": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                     num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
+    # Qwen/Qwen3-30B-A3B
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                        head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                        decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+                                        tie_word_embeddings=False)),
+    # deepseek-ai/DeepSeek-V3 (DeepseekV3ForCausalLM builds the main model: no MTP layer)
+    "deepseek-v3": ("deepseek_v3", dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                                        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                                        num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+                                        kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+                                        qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+                                        first_k_dense_replace=3, tie_word_embeddings=False)),
+    # deepseek-ai/DeepSeek-V2-Lite (q_lora_rank null: full-rank query)
+    "deepseek-v2-lite": ("deepseek_v2", dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                                             moe_intermediate_size=1408, num_hidden_layers=27,
+                                             num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+                                             n_routed_experts=64, kv_lora_rank=512, q_lora_rank=None,
+                                             qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+                                             num_experts_per_tok=6, first_k_dense_replace=1,
+                                             tie_word_embeddings=False)),
 }
 
 # Published totals (sum of tensor sizes in each release's safetensors, as its model card / the
@@ -65,20 +97,38 @@ PUBLISHED = {
     "llama3.1-405b": 405_853_388_800, "llama3.2-1b": 1_235_814_400, "llama3.2-3b": 3_212_749_824,
     "mistral-7b": 7_241_732_096,
     "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
+    "mixtral-8x7b": 46_702_792_704,  # the issue's figure, the sum of the release's tensors
+    # Model cards that give the total rounded, in billions, as (figure, decimals): Qwen3-0.6B "0.6B",
+    # Qwen3-8B "8.2B", Qwen3-30B-A3B "30.5B", DeepSeek-V3 "671B" (main model; 685B with the MTP
+    # module), DeepSeek-V2-Lite "15.7B"
+    "qwen3-0.6b": (0.6, 1), "qwen3-8b": (8.2, 1), "qwen3-30b-a3b": (30.5, 1), "deepseek-v3": (671, 0),
+    "deepseek-v2-lite": (15.7, 1),
 }
+# Published activated parameters, in billions (figure, decimals, counts the token embedding?):
+# Mixtral "12.9B active", Qwen3-30B-A3B "3.3B activated" (3.35B), DeepSeek-V3 "37B activated", DeepSeek-V2-Lite
+# "2.4B activated" (its figure leaves out the token embedding: 2.45B; with it 2.66B)
+PUBLISHED_ACTIVE = {"mixtral-8x7b": (12.9, 1, True), "qwen3-30b-a3b": (3.3, 1, True), "deepseek-v3": (37, 0, True),
+                    "deepseek-v2-lite": (2.4, 1, False)}
 
 
 def hf_meta_numel(kind: str, fields: dict) -> int:
     """transformers' own model class for the config, built on the meta device (no memory), counted."""
+    return sum(p.numel() for p in hf_meta_model(kind, fields).parameters())  # a tied matrix: counted once
+
+
+def hf_meta_model(kind: str, fields: dict):
+    """transformers' own model class for the config, built on the meta device (no memory)."""
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     config_class = {GPT2: transformers.GPT2Config, "llama": transformers.LlamaConfig,
-                    "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[kind]
+                    "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+                    "qwen3": transformers.Qwen3Config, "mixtral": transformers.MixtralConfig,
+                    "qwen3_moe": transformers.Qwen3MoeConfig, "deepseek_v3": transformers.DeepseekV3Config,
+                    "deepseek_v2": transformers.DeepseekV2Config}[kind]
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config_class(**fields))
-    return sum(p.numel() for p in model.parameters())  # a tied matrix is one parameter, counted once
+        return transformers.AutoModelForCausalLM.from_config(config_class(**fields))
 
 
 def test_every_preset_has_an_independent_truth():
@@ -89,7 +139,29 @@ def test_every_preset_has_an_independent_truth():
 def test_every_preset_equals_transformers_and_the_published_count(name):
     ours = counting.count_params(PRESETS[name]).total
     assert ours == hf_meta_numel(*HF_CONFIGS[name])
-    assert ours == PUBLISHED[name]
+    published = PUBLISHED[name]
+    if isinstance(published, tuple):  # a model card's rounded figure
+        assert round(ours / 1e9, published[1]) == published[0]
+    else:
+        assert ours == published
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_ACTIVE))
+def test_active_params_are_all_but_the_unchosen_experts(name):
+    """Active = total less (E - k)/E of the routed experts' weights, brute-forced from transformers' own
+    model (every tensor under mlp.experts.), and against the published activated figure."""
+    cfg = PRESETS[name]
+    model = hf_meta_model(*HF_CONFIGS[name])
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    total = sum(p.numel() for p in model.parameters())
+    k, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    p = counting.count_params(cfg)
+    assert experts * k % E == 0 and p.active == total - experts * (E - k) // E
+    assert p.breakdown["experts"] == experts
+    figure, decimals, with_token_embedding = PUBLISHED_ACTIVE[name]
+    active = p.active if with_token_embedding else p.active - p.breakdown["token_embedding"]
+    # within one unit of the figure's last digit: Mistral rounds (12.88 -> 12.9), Qwen truncates (3.35 -> 3.3)
+    assert abs(active / 1e9 - figure) < 10 ** -decimals
 
 
 @pytest.mark.parametrize("overrides, hf_fields", [

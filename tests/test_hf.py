@@ -33,6 +33,12 @@ HF_CONFIGS = {
                                                                   "factor": 4.0}),
     "llama-yarn": lambda: LlamaConfig(**LLAMA, num_key_value_heads=2, rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}),
+    # DeepSeek's YaRN attention factor: mscale / mscale_all_dim (transformers' _compute_yarn_parameters)
+    "llama-yarn-mscale": lambda: LlamaConfig(**LLAMA, num_key_value_heads=2, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "mscale": 0.707, "mscale_all_dim": 1.3}),
+    # heads independent of the width: 4 heads of 32 on a 64-wide stream (q_proj 64 -> 128, o_proj 128 -> 64)
+    "llama-head-dim": lambda: LlamaConfig(**LLAMA, num_key_value_heads=2, head_dim=32),
     "mistral": lambda: MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=None),
     "mistral-sliding-window": lambda: MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=8),
     "qwen2-tied": lambda: Qwen2Config(**LLAMA, num_key_value_heads=2, tie_word_embeddings=True),
@@ -167,8 +173,7 @@ def test_unsupported_inputs_are_user_errors(tmp_path):
         hf.config_from_hf({**LlamaConfig(**LLAMA).to_dict(), "hidden_act": "gelu"})
     with pytest.raises(UserError, match="model_type"):
         hf.config_from_hf({"model_type": "bert"})
-    with pytest.raises(UserError, match="head_dim"):
-        hf.config_from_hf({**LlamaConfig(**LLAMA).to_dict(), "head_dim": 32})
+    assert hf.config_from_hf({**LlamaConfig(**LLAMA).to_dict(), "head_dim": 32}).head_dim == 32  # no longer refused
     with pytest.raises(UserError, match="no Hugging Face architecture"):
         hf.save(Transformer(style_config("gpt2", 2, 32, 4, vocab_size=V, norm_position="post")), tmp_path / "x")
     with pytest.raises(UserError, match="multi-head"):

@@ -27,6 +27,18 @@ POSITION_ENCODINGS = ("learned", "rope")
 FFN_TYPES = ("gelu", "swiglu")
 NORM_POSITIONS = ("pre", "post")
 ROPE_SCALING_TYPES = ("linear", "llama3", "yarn")
+SCORING_FUNCS = ("softmax", "sigmoid")  # router scores over all experts, before top-k
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # DeepSeek's config.json names
+
+# The MoE fields, with the value that means "not set": on a dense model (n_routed_experts 0) each must
+# keep it. (n_routed_experts itself is the switch.)
+MOE_DEFAULTS: dict[str, Any] = {
+    "num_experts_per_tok": None, "n_shared_experts": 0, "moe_intermediate_size": None,
+    "first_k_dense_replace": 0, "scoring_func": "softmax", "topk_method": "greedy", "n_group": None,
+    "topk_group": None, "norm_topk_prob": False, "routed_scaling_factor": 1.0, "router_aux_loss_coef": 0.0,
+}
+# The MLA fields other than kv_lora_rank (its switch); all None on a non-MLA model.
+MLA_FIELDS = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 # Tokens per chunk of the model's chunked lm_head + cross-entropy (scalelab.model.LinearCrossEntropy),
 # on by default for training (train.loss_chunk_tokens; 0 = unchunked). It says how the loss is
@@ -43,7 +55,10 @@ ROPE_SCALING_KEYS: dict[str, dict[str, Any]] = {
     "llama3": {"factor": None, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": None},
     "yarn": {"factor": None, "original_max_position_embeddings": None,
-             "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None},
+             "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None,
+             # DeepSeek-V2/V3: attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor,
+             # mscale_all_dim) when both are set (transformers' _compute_yarn_parameters)
+             "mscale": None, "mscale_all_dim": None},
 }
 
 
@@ -61,6 +76,32 @@ class ModelConfig:
 
     bias: every Linear except lm_head has a bias (and LayerNorm has one). qkv_bias: the query and
     key/value projections have one even when `bias` is false (Qwen2: not o_proj, not the FFN).
+
+    head_dim: the width of one query/key head (and value head, outside MLA). None (the default)
+    means n_embd // n_head, as before; set it when n_head · head_dim != n_embd (Qwen3). After
+    construction it always holds the number. qk_norm: Qwen3's RMSNorm over head_dim applied to every
+    query and key head (one weight of head_dim each, shared by the heads), before RoPE.
+
+    Multi-head Latent Attention (DeepSeek-V2/V3), on when kv_lora_rank is set: the keys and values
+    come from a kv_lora_rank latent (kv_a_proj_with_mqa: n_embd -> kv_lora_rank + qk_rope_head_dim,
+    RMSNorm on the latent, kv_b_proj: kv_lora_rank -> n_head · (qk_nope_head_dim + v_head_dim)); one
+    RoPE key of qk_rope_head_dim is shared by all heads. The query is full-rank (n_embd -> n_head ·
+    (qk_nope_head_dim + qk_rope_head_dim)) or, with q_lora_rank, low-rank (q_a_proj, RMSNorm, q_b_proj).
+    head_dim is then qk_nope_head_dim + qk_rope_head_dim; o_proj takes n_head · v_head_dim.
+
+    Mixture-of-Experts feed-forward, on when n_routed_experts > 0 (Hugging Face's names):
+    num_experts_per_tok routed experts of width moe_intermediate_size (None: d_ff, Mixtral's
+    convention) per token, plus one shared SwiGLU of width n_shared_experts · moe_intermediate_size
+    that every token passes; the first first_k_dense_replace layers keep the dense FFN of width d_ff.
+    The router (n_embd -> n_routed_experts, no bias) scores every expert with scoring_func (softmax:
+    Mixtral, Qwen3-MoE, DeepSeek-V2; sigmoid: DeepSeek-V3) before choosing the top k, by
+    topk_method: greedy (top-k of the scores), group_limited_greedy (DeepSeek-V2: the experts split
+    into n_group groups, a group scored by its best expert, top-k among the topk_group best groups)
+    or noaux_tc (DeepSeek-V3: a per-expert e_score_correction_bias, not learned by gradient, is
+    added to the scores for the choice only; a group is scored by the sum of its two best). The
+    chosen experts' scores are the gate weights, divided by their sum when norm_topk_prob (Mixtral
+    and Qwen3-30B-A3B renormalise, DeepSeek-V2-Lite does not), then times routed_scaling_factor.
+    router_aux_loss_coef weights the load-balancing loss in training (0 = none).
     """
 
     n_layer: int
@@ -84,18 +125,60 @@ class ModelConfig:
     tie_embeddings: bool = False
     sliding_window: int | None = None
     family: str = "custom"  # name prefix only: 'gpt2', 'llama2', 'llama3', 'mistral', ...
+    head_dim: int | None = None  # None: n_embd // n_head (MLA: qk_nope_head_dim + qk_rope_head_dim)
+    qk_norm: bool = False
+    # Multi-head Latent Attention (kv_lora_rank None = not MLA)
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    # Mixture-of-Experts (n_routed_experts 0 = dense)
+    n_routed_experts: int = 0
+    num_experts_per_tok: int | None = None
+    n_shared_experts: int = 0
+    moe_intermediate_size: int | None = None
+    first_k_dense_replace: int = 0
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.n_head)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", default_head_dim(self))
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
         validate(self)
 
     # ---- derived sizes -------------------------------------------------------------
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def expert_hidden(self) -> int:
+        """The width of one routed (and of one shared) expert: moe_intermediate_size, else d_ff."""
+        return self.ffn_hidden if self.moe_intermediate_size is None else self.moe_intermediate_size
+
+    @property
+    def n_moe_layers(self) -> int:
+        """Layers whose FFN is the MoE (the last n_layer - first_k_dense_replace); 0 for a dense model."""
+        return self.n_layer - self.first_k_dense_replace if self.is_moe else 0
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection's output: n_head · head_dim."""
+        return self.n_head * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -119,7 +202,9 @@ class ModelConfig:
 
     @property
     def attention_type(self) -> str:
-        """'MHA', 'MQA' or 'GQA<k>' (k = number of KV heads)."""
+        """'MLA', 'MHA', 'MQA' or 'GQA<k>' (k = number of KV heads)."""
+        if self.is_mla:
+            return "MLA"
         if self.num_key_value_heads == self.n_head:
             return "MHA"
         if self.num_key_value_heads == 1:
@@ -127,13 +212,19 @@ class ModelConfig:
         return f"GQA{self.num_key_value_heads}"
 
     def name(self) -> str:
-        """e.g. 'llama3-32L-4096H-32A-GQA8' (layers, hidden, attention heads, attention type)."""
-        return f"{self.family}-{self.n_layer}L-{self.n_embd}H-{self.n_head}A-{self.attention_type}"
+        """e.g. 'llama3-32L-4096H-32A-GQA8' (layers, hidden, attention heads, attention type); a MoE adds
+        its experts as '-E<routed>k<per token>' and '+<shared>s' (Mixtral 8x7B: '...-GQA8-E8k2')."""
+        name = f"{self.family}-{self.n_layer}L-{self.n_embd}H-{self.n_head}A-{self.attention_type}"
+        if self.is_moe:
+            name += f"-E{self.n_routed_experts}k{self.num_experts_per_tok}"
+            name += f"+{self.n_shared_experts}s" if self.n_shared_experts else ""
+        return name
 
     def summary(self) -> list[tuple[str, str]]:
         """Rows for a human-readable table."""
         kv = self.num_key_value_heads
-        attn = {"MHA": "MHA (multi-head)", "MQA": "MQA (multi-query, 1 KV head)"}.get(
+        attn = {"MHA": "MHA (multi-head)", "MQA": "MQA (multi-query, 1 KV head)",
+                "MLA": f"MLA (latent KV {self.kv_lora_rank} + shared RoPE key {self.qk_rope_head_dim})"}.get(
             self.attention_type, f"GQA ({kv} KV heads, {self.n_head // kv}:1 Q:KV)")
         rows = [
             ("Name", self.name()),
@@ -142,8 +233,24 @@ class ModelConfig:
             ("Attention heads", str(self.n_head)),
             ("KV heads", str(kv)),
             ("Attention Type", attn),
-            ("Head dim", str(self.head_dim)),
-            ("FFN", f"{self.ffn_type}, d_ff {self.ffn_hidden} ({self.ffn_hidden / self.n_embd:.3g}x)"),
+            ("Head dim", str(self.head_dim) + (", q/k RMSNorm" if self.qk_norm else "")),
+        ]
+        if self.is_mla:
+            q = "full rank" if self.q_lora_rank is None else f"low rank {self.q_lora_rank}"
+            rows.append(("MLA", f"query {q}; kv_lora_rank {self.kv_lora_rank}; q/k nope {self.qk_nope_head_dim} + "
+                                f"rope {self.qk_rope_head_dim}; v {self.v_head_dim}"))
+        rows.append(("FFN", f"{self.ffn_type}, d_ff {self.ffn_hidden} ({self.ffn_hidden / self.n_embd:.3g}x)"
+                     + (f" in the first {self.first_k_dense_replace} layers" if self.is_moe else "")))
+        if self.is_moe:
+            shared = f" + {self.n_shared_experts} shared" if self.n_shared_experts else ""
+            groups = (f", {self.topk_group} of {self.n_group} groups" if self.n_group else "")
+            norm = ", renormalised" if self.norm_topk_prob else ""
+            scale = f", x{self.routed_scaling_factor:g}" if self.routed_scaling_factor != 1 else ""
+            rows += [("MoE", f"{self.n_moe_layers} layers: {self.num_experts_per_tok} of {self.n_routed_experts} "
+                             f"routed experts{shared}, width {self.expert_hidden}"),
+                     ("Router", f"{self.scoring_func}, {self.topk_method}{groups}{norm}{scale}"
+                                + (f", aux loss {self.router_aux_loss_coef:g}" if self.router_aux_loss_coef else ""))]
+        rows += [
             ("Vocabulary", str(self.vocab_size)),
             ("Context (block_size)", str(self.block_size)),
             ("Normalization", f"{self.normalization} ({self.norm_position}-norm, eps {self.norm_eps:g})"),
@@ -161,8 +268,11 @@ class ModelConfig:
 
     # ---- (de)serialisation -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Fields with non-None values (TOML has no null)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """Fields with non-None values (TOML has no null), and no head_dim when it is the derived one."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if self.head_dim == default_head_dim(self):
+            del out["head_dim"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "model config") -> "ModelConfig":
@@ -193,6 +303,8 @@ class ModelConfig:
         if ("n_head" in changes and "num_key_value_heads" not in changes
                 and self.num_key_value_heads == self.n_head):
             changes["num_key_value_heads"] = None
+        if "head_dim" not in changes and self.head_dim == default_head_dim(self):
+            changes["head_dim"] = None  # a derived head_dim follows n_embd / n_head (or the MLA dims)
         return dataclasses.replace(self, **changes)
 
     def with_overrides(self, overrides: Iterable[str]) -> "ModelConfig":
@@ -206,6 +318,18 @@ class ModelConfig:
 
 # ---- helpers ---------------------------------------------------------------------------
 
+def default_head_dim(cfg: ModelConfig) -> int | None:
+    """head_dim when unset: qk_nope_head_dim + qk_rope_head_dim under MLA, else n_embd // n_head
+    (None when that does not divide: validate says so)."""
+    if cfg.kv_lora_rank is not None:
+        if cfg.qk_nope_head_dim is None or cfg.qk_rope_head_dim is None:
+            return None
+        return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if not isinstance(cfg.n_embd, int) or not isinstance(cfg.n_head, int) or cfg.n_head <= 0:
+        return None
+    return cfg.n_embd // cfg.n_head if cfg.n_embd % cfg.n_head == 0 else None
+
+
 def derive_d_ff(n_embd: int, ratio: float, multiple_of: int = 1) -> int:
     """LLaMA's rule: int(ratio * n_embd), rounded up to a multiple of `multiple_of`."""
     hidden = int(ratio * n_embd)
@@ -214,11 +338,17 @@ def derive_d_ff(n_embd: int, ratio: float, multiple_of: int = 1) -> int:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 _INT_FIELDS = {"n_layer", "n_head", "n_embd", "vocab_size", "block_size", "num_key_value_heads",
-               "d_ff", "multiple_of", "sliding_window"}
-_FLOAT_FIELDS = {"ffn_expansion_ratio", "norm_eps", "rope_theta"}
-_BOOL_FIELDS = {"bias", "qkv_bias", "tie_embeddings"}
-_OPTIONAL_FIELDS = {"sliding_window"}
-_STR_FIELDS = {"normalization", "position_encoding", "ffn_type", "norm_position", "family"}
+               "d_ff", "multiple_of", "sliding_window", "head_dim", "q_lora_rank", "kv_lora_rank",
+               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+               "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace", "n_group", "topk_group"}
+_FLOAT_FIELDS = {"ffn_expansion_ratio", "norm_eps", "rope_theta", "routed_scaling_factor", "router_aux_loss_coef"}
+_BOOL_FIELDS = {"bias", "qkv_bias", "tie_embeddings", "qk_norm", "norm_topk_prob"}
+# `--set FIELD=none` (TOML has no null) resets these
+_OPTIONAL_FIELDS = {"sliding_window", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                    "qk_rope_head_dim", "v_head_dim", "num_experts_per_tok", "moe_intermediate_size", "n_group",
+                    "topk_group"}
+_STR_FIELDS = {"normalization", "position_encoding", "ffn_type", "norm_position", "family", "scoring_func",
+               "topk_method"}
 
 
 def closest(name: str, options: Iterable[str]) -> str:
@@ -274,8 +404,18 @@ def check_fields(data: Mapping[str, Any], *, where: str, partial: bool = False) 
 INT_LIMITS: dict[str, int] = {
     "n_layer": 2**16, "n_head": 2**20, "n_embd": 2**20, "num_key_value_heads": 2**20, "d_ff": 2**24,
     "vocab_size": 2**24, "block_size": 2**27, "sliding_window": 2**27, "multiple_of": 2**20,
+    "q_lora_rank": 2**20, "kv_lora_rank": 2**20, "qk_nope_head_dim": 2**16, "qk_rope_head_dim": 2**16,
+    "v_head_dim": 2**16, "num_experts_per_tok": 2**16, "moe_intermediate_size": 2**24, "n_group": 2**16,
+    "topk_group": 2**16,
+    "head_dim": 2**16,  # last: under MLA it is derived from qk_nope_head_dim and qk_rope_head_dim, checked first
 }
-FLOAT_LIMITS: dict[str, float] = {"ffn_expansion_ratio": 2.0**10, "norm_eps": 1.0, "rope_theta": 1e12}
+# Sizes where 0 means "none" (a dense model, no shared expert, no dense first layers).
+COUNT_LIMITS: dict[str, int] = {"n_routed_experts": 2**16, "n_shared_experts": 2**16, "first_k_dense_replace": 2**16}
+# Products of sizes that are one matrix's width: bounded like d_ff, so the int64 counts cannot overflow
+# (DeepSeek-V3: n_head · head_dim 24,576; experts × width 524,288).
+WIDTH_LIMIT = 2**24
+FLOAT_LIMITS: dict[str, float] = {"ffn_expansion_ratio": 2.0**10, "norm_eps": 1.0, "rope_theta": 1e12,
+                                  "routed_scaling_factor": 2.0**10}
 
 
 def _shown(value: Any) -> str:
@@ -294,6 +434,12 @@ def validate(cfg: ModelConfig) -> None:
         if not 1 <= value <= limit:
             extra = " (or none for full attention)" if name == "sliding_window" else ""
             raise UserError(f"{name} must be a positive integer at most {limit:,}{extra}, got {_shown(value)}")
+    for name, limit in COUNT_LIMITS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name} must be an integer, got {_shown(value)}")
+        if not 0 <= value <= limit:
+            raise UserError(f"{name} must be an integer from 0 to {limit:,}, got {_shown(value)}")
     for name, limit in FLOAT_LIMITS.items():
         value = getattr(cfg, name)
         if value is None:
@@ -302,6 +448,9 @@ def validate(cfg: ModelConfig) -> None:
             raise UserError(f"{name} must be a number, got {_shown(value)}")
         if not 0 < value <= limit:
             raise UserError(f"{name} must be positive and at most {limit:g}, got {_shown(value)}")
+    coef = cfg.router_aux_loss_coef
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef <= 1:
+        raise UserError(f"router_aux_loss_coef must be a number from 0 to 1, got {_shown(coef)}")
     if cfg.d_ff is None and not 1 <= cfg.ffn_hidden <= INT_LIMITS["d_ff"]:
         raise UserError(f"ffn_expansion_ratio {cfg.effective_ffn_ratio:g} x n_embd {cfg.n_embd} gives d_ff "
                         f"{_shown(cfg.ffn_hidden)}; it must be between 1 and {INT_LIMITS['d_ff']:,}")
@@ -310,14 +459,19 @@ def validate(cfg: ModelConfig) -> None:
         value = getattr(cfg, name)
         if value not in allowed:
             raise UserError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
-    if cfg.n_embd % cfg.n_head:
+    validate_mla(cfg)
+    if cfg.head_dim is None:  # unset and n_head does not divide n_embd (MLA's cases are above)
         raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}); "
-                        f"head_dim would be {cfg.n_embd / cfg.n_head:g}")
+                        f"head_dim would be {cfg.n_embd / cfg.n_head:g} (or set head_dim explicitly)")
+    if cfg.n_head * cfg.head_dim > WIDTH_LIMIT:
+        raise UserError(f"n_head x head_dim ({cfg.n_head} x {cfg.head_dim}) must be at most {WIDTH_LIMIT:,}")
     if cfg.n_head % cfg.num_key_value_heads:
         raise UserError(f"n_head ({cfg.n_head}) must be divisible by num_key_value_heads "
                         f"({cfg.num_key_value_heads}); choose a divisor of {cfg.n_head}")
-    if cfg.position_encoding == "rope" and cfg.head_dim % 2:
-        raise UserError(f"RoPE needs an even head_dim, got {cfg.head_dim} (n_embd / n_head)")
+    if cfg.position_encoding == "rope" and not cfg.is_mla and cfg.head_dim % 2:
+        derived = " (n_embd / n_head)" if cfg.head_dim == default_head_dim(cfg) else ""
+        raise UserError(f"RoPE needs an even head_dim, got {cfg.head_dim}{derived}")
+    validate_moe(cfg)
     if cfg.d_ff is not None and cfg.ffn_expansion_ratio is not None:
         derived = derive_d_ff(cfg.n_embd, cfg.ffn_expansion_ratio, cfg.multiple_of)
         if derived != cfg.d_ff:
@@ -325,6 +479,79 @@ def validate(cfg: ModelConfig) -> None:
                             f"{cfg.ffn_expansion_ratio:g} (which gives {derived}); set only one")
     if cfg.rope_scaling is not None:
         validate_rope_scaling(cfg.rope_scaling)
+
+
+def validate_mla(cfg: ModelConfig) -> None:
+    """The MLA fields: all set together (q_lora_rank optional), and only with what MLA supports."""
+    given = [name for name in MLA_FIELDS if getattr(cfg, name) is not None]
+    if not cfg.is_mla:
+        if given:
+            raise UserError(f"{given[0]} applies only to MLA models; set kv_lora_rank too, or remove {given[0]}")
+        return
+    missing = [name for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if getattr(cfg, name) is None]
+    if missing:
+        raise UserError(f"MLA (kv_lora_rank set) needs {', '.join(missing)}")
+    if cfg.qk_rope_head_dim % 2:
+        raise UserError(f"RoPE needs an even qk_rope_head_dim, got {cfg.qk_rope_head_dim}")
+    if cfg.head_dim != cfg.qk_nope_head_dim + cfg.qk_rope_head_dim:
+        raise UserError(f"under MLA head_dim is qk_nope_head_dim + qk_rope_head_dim "
+                        f"({cfg.qk_nope_head_dim + cfg.qk_rope_head_dim}), got {cfg.head_dim}; remove head_dim")
+    for width in (cfg.n_head * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.n_head * cfg.v_head_dim):
+        if width > WIDTH_LIMIT:
+            raise UserError(f"n_head x (qk_nope_head_dim + v_head_dim) must be at most {WIDTH_LIMIT:,}, got {width:,}")
+    refused = [(cfg.num_key_value_heads != cfg.n_head, "num_key_value_heads (MLA has one key and value per head)"),
+               (cfg.position_encoding != "rope", "learned positions (MLA's decoupled key is a RoPE key)"),
+               (cfg.qk_norm, "qk_norm"), (cfg.bias or cfg.qkv_bias, "bias / qkv_bias"),
+               (cfg.sliding_window is not None, "sliding_window")]
+    for bad, what in refused:
+        if bad:
+            raise UserError(f"MLA (kv_lora_rank) does not support {what}; remove it or remove kv_lora_rank")
+
+
+def validate_moe(cfg: ModelConfig) -> None:
+    """The MoE fields: only on a MoE model, top-k within the experts and the chosen groups."""
+    if not cfg.is_moe:
+        for name, default in MOE_DEFAULTS.items():
+            if getattr(cfg, name) != default:
+                raise UserError(f"{name} applies only to MoE models; set n_routed_experts (> 0), or remove {name}")
+        return
+    experts, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    if k is None:
+        raise UserError("a MoE model (n_routed_experts > 0) needs num_experts_per_tok (the top-k)")
+    if k > experts:
+        raise UserError(f"num_experts_per_tok ({k}) must be at most n_routed_experts ({experts})")
+    if cfg.ffn_type != "swiglu":
+        raise UserError(f"MoE experts are SwiGLU; set ffn_type = \"swiglu\" (got '{cfg.ffn_type}')")
+    if cfg.bias:
+        raise UserError("MoE experts have no biases; set bias = false")
+    if cfg.first_k_dense_replace >= cfg.n_layer:
+        raise UserError(f"first_k_dense_replace ({cfg.first_k_dense_replace}) must be below n_layer "
+                        f"({cfg.n_layer}), or no layer is MoE")
+    for what, width in (("n_routed_experts x moe_intermediate_size", experts * cfg.expert_hidden),
+                        ("n_shared_experts x moe_intermediate_size", cfg.n_shared_experts * cfg.expert_hidden)):
+        if width > WIDTH_LIMIT:
+            raise UserError(f"{what} must be at most {WIDTH_LIMIT:,}, got {width:,}")
+    for name, allowed in (("scoring_func", SCORING_FUNCS), ("topk_method", TOPK_METHODS)):
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(allowed)}; got '{getattr(cfg, name)}'")
+    if cfg.topk_group is not None and cfg.n_group is None:
+        raise UserError("topk_group needs n_group (the number of expert groups)")
+    if cfg.n_group is not None:
+        if cfg.topk_method == "greedy":
+            raise UserError("n_group needs topk_method = \"group_limited_greedy\" or \"noaux_tc\" "
+                            "(greedy routing has no groups)")
+        if experts % cfg.n_group:
+            raise UserError(f"n_group ({cfg.n_group}) must divide n_routed_experts ({experts})")
+        per_group = experts // cfg.n_group
+        topk_group = cfg.n_group if cfg.topk_group is None else cfg.topk_group
+        if topk_group > cfg.n_group:
+            raise UserError(f"topk_group ({topk_group}) must be at most n_group ({cfg.n_group})")
+        if k > topk_group * per_group:
+            raise UserError(f"num_experts_per_tok ({k}) must be at most topk_group x experts per group "
+                            f"({topk_group} x {per_group})")
+        if cfg.topk_method == "noaux_tc" and per_group < 2:
+            raise UserError(f"noaux_tc scores a group by its two best experts; n_group ({cfg.n_group}) leaves "
+                            f"{per_group} per group")
 
 
 def validate_rope_scaling(scaling: Mapping[str, Any]) -> None:
@@ -351,7 +578,7 @@ def validate_rope_scaling(scaling: Mapping[str, Any]) -> None:
             raise UserError(f"rope_scaling.original_max_position_embeddings must be a whole number of positions, "
                             f"got {value!r}")
     for key, default in allowed.items():
-        if default is None and key != "attention_factor" and scaling.get(key) is None:
+        if default is None and key not in ("attention_factor", "mscale", "mscale_all_dim") and scaling.get(key) is None:
             if kind == "yarn" and key == "original_max_position_embeddings":
                 continue
             raise UserError(f"rope_scaling ({kind}) needs '{key}'")

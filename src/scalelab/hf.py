@@ -3,13 +3,15 @@
 A Hugging Face directory is `config.json` + `model.safetensors` (or shards listed in
 `model.safetensors.index.json`). Supported: LlamaForCausalLM (LLaMA 2, 3, 3.1 with
 rope_scaling, 3.2 with tied embeddings), MistralForCausalLM (sliding window included),
-Qwen2ForCausalLM (Qwen2 / Qwen2.5: biases on q, k, v only) and GPT2LMHeadModel. Only
-`safetensors` and `json` are needed; `transformers` is never imported (tests use it as the
-reference).
+Qwen2ForCausalLM (Qwen2 / Qwen2.5: biases on q, k, v only), Qwen3ForCausalLM (explicit head_dim,
+q/k RMSNorm) and GPT2LMHeadModel. Only `safetensors` and `json` are needed; `transformers` is never
+imported (tests use it as the reference).
 
-Weight mapping is a renaming, with two twists: our attention has one K/V projection where HF
-has k_proj and v_proj (concatenate/split, weights and biases alike), and GPT-2 stores its linear layers as `Conv1D`
-(weight is in×out, the transpose of nn.Linear) with Q, K and V fused in `c_attn`.
+Each class is one row of the table ARCHS (HFArchitecture): its config map both ways and its
+weight-name map, a list of Weights rules. A rule is a renaming, with two twists: our attention has
+one K/V projection where HF has k_proj and v_proj (concatenate/split, weights and biases alike), and
+GPT-2 stores its linear layers as `Conv1D` (weight is in×out, the transpose of nn.Linear) with Q, K
+and V fused in `c_attn`.
 
 Native checkpoints (what the trainer writes and `import-hf` produces): a directory with our
 own state dict in `model.safetensors` and the ModelConfig in `model.toml`.
@@ -20,7 +22,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -31,9 +34,6 @@ from scalelab.errors import UserError
 from scalelab.files import atomic_path, atomic_write_text
 from scalelab.model import Transformer, split_fused_kv
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
-HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "gpt2": "GPT2LMHeadModel"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,7 +70,7 @@ def config_field(hf: Mapping[str, Any], key: str, kind: type, default: Any = _RE
 
 
 def architecture_of(hf_config: Mapping[str, Any], where: str = "config.json") -> str:
-    """'llama', 'mistral', 'qwen2' or 'gpt2' from a config.json's model_type (or architectures)."""
+    """A key of ARCHS ('llama', 'qwen3', 'gpt2', ...) from a config.json's model_type (or architectures)."""
     kind = str(hf_config.get("model_type") or "").lower()
     if not kind:
         archs = hf_config.get("architectures")
@@ -109,7 +109,7 @@ def _hf_rope(hf: Mapping[str, Any], max_positions: int, where: str) -> tuple[flo
         raise UserError(f"{where}: rope scaling type {kind!r} is not supported; scalelab supports "
                         f"{', '.join(ROPE_SCALING_KEYS)}")
     allowed = ROPE_SCALING_KEYS[kind]
-    ignorable = {"truncate": True, "mscale": None, "mscale_all_dim": None}  # values that match our maths
+    ignorable = {"truncate": True}  # values that match our maths
     scaling: dict[str, Any] = {"type": kind}
     for key, value in params.items():
         if key in allowed:
@@ -128,8 +128,149 @@ def _hf_rope(hf: Mapping[str, Any], max_positions: int, where: str) -> tuple[flo
     return theta, scaling
 
 
-def _qwen2_window(hf: Mapping[str, Any], n_layer: int, where: str) -> int | None:
-    """A Qwen2 config's sliding window: only with use_sliding_window, and then only on the layers
+# ---- the architecture table ---------------------------------------------------------------------
+#
+# One row per Hugging Face class: how its config.json maps to a ModelConfig and back, which configs
+# it computes exactly, and the weight-name map. Adding an architecture is adding a row (see
+# docs/interfaces.md, "Adding a Hugging Face architecture"); nothing below the table names one.
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One rule of a weight-name map: torch.cat(ours, dim) equals torch.cat(theirs, dim), each of
+    theirs transposed first when `transpose` (GPT-2's Conv1D stores in x out). With several names on
+    a side, that side's `*_sizes` gives each one's size along `dim`: GPT-2's c_attn is our
+    [q_proj | k_proj | v_proj]."""
+    ours: tuple[str, ...]
+    theirs: tuple[str, ...]
+    transpose: bool = False
+    our_sizes: tuple[int, ...] = ()
+    their_sizes: tuple[int, ...] = ()
+    dim: int = 0
+
+
+def rename(ours: str, theirs: str, transpose: bool = False) -> Weights:
+    return Weights((ours,), (theirs,), transpose)
+
+
+@dataclass(frozen=True)
+class HFArchitecture:
+    """A Hugging Face class as scalelab maps it.
+
+    config_in(hf, field, where) -> ModelConfig: from a config.json dict; `field(key, kind, default)`
+      reads one key as config_field does (a missing or mistyped key is a one-line UserError). Refuse
+      (UserError) anything our model would compute differently.
+    config_out(cfg) -> dict: this class's own config.json keys (the common ones, vocab_size,
+      tie_word_embeddings, dtype, ids, are added by config_to_hf); UserError when this class cannot
+      compute `cfg` exactly, naming the class that can.
+    weights(cfg) -> [Weights]: every tensor of both state dicts, in one list of rules.
+    matches(cfg) -> bool: this is the class `export-hf` picks for cfg (the first row that matches).
+    kind: rows of one kind compute the same block structure ("gpt2", "llama", and the MoE/MLA kinds),
+      so a config of that kind may be exported as any of them that accepts it.
+    not_weights: suffixes of HF keys that hold no weight (buffers some checkpoints carry); dropped.
+    optional_prefix: a prefix on every HF key but lm_head's that some checkpoints omit (GPT-2).
+    """
+    hf_class: str
+    kind: str
+    config_in: Callable[..., ModelConfig]
+    config_out: Callable[[ModelConfig], dict[str, Any]]
+    weights: Callable[[ModelConfig], list[Weights]]
+    matches: Callable[[ModelConfig], bool]
+    not_weights: tuple[str, ...] = ()
+    optional_prefix: str = ""
+
+
+# -- GPT-2 --
+
+def _gpt2_config_in(hf: Mapping[str, Any], field, where: str) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"GPT-2 activation_function {act!r} is not supported; scalelab's GELU is the "
+                        "tanh approximation (gelu_new)")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights", True) is False:
+        raise UserError("GPT-2 configs with non-standard attention scaling are not supported")
+    n_embd = field("n_embd", int, 768)
+    return ModelConfig(
+        family="gpt2", n_layer=field("n_layer", int, 12), n_head=field("n_head", int, 12), n_embd=n_embd,
+        vocab_size=field("vocab_size", int, 50257), block_size=field("n_positions", int, 1024),
+        d_ff=field("n_inner", int, 4 * n_embd), normalization="layernorm",
+        norm_eps=field("layer_norm_epsilon", float, 1e-5), position_encoding="learned", ffn_type="gelu",
+        norm_position="pre", bias=True, tie_embeddings=field("tie_word_embeddings", bool, True))
+
+
+def _gpt2_config_out(cfg: ModelConfig) -> dict[str, Any]:
+    if not cfg.bias:
+        raise UserError("GPT-2 has biases in every linear layer and LayerNorm; this model has bias = false")
+    if cfg.num_key_value_heads != cfg.n_head:
+        raise UserError(f"GPT-2 has multi-head attention only; this model is {cfg.attention_type}")
+    if cfg.q_dim != cfg.n_embd:
+        raise UserError(f"GPT-2's heads are n_embd / n_head wide; this model has head_dim {cfg.head_dim}")
+    return {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+            "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_inner": cfg.ffn_hidden,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+            # our model has no dropout; HF's GPT-2 defaults to 0.1
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def _gpt2_weights(cfg: ModelConfig) -> list[Weights]:
+    p = "transformer."
+    rules = [rename("tok_embeddings.weight", f"{p}wte.weight"), rename("pos_embeddings.weight", f"{p}wpe.weight")]
+    for i in range(cfg.n_layer):
+        h, o = f"{p}h.{i}.", f"layers.{i}."
+        for s in ("weight", "bias"):
+            rules += [rename(f"{o}attn_norm.{s}", f"{h}ln_1.{s}"), rename(f"{o}ffn_norm.{s}", f"{h}ln_2.{s}"),
+                      Weights((f"{o}attn.q_proj.{s}", f"{o}attn.k_proj.{s}", f"{o}attn.v_proj.{s}"),
+                              (f"{h}attn.c_attn.{s}",), transpose=True,
+                              our_sizes=(cfg.q_dim, cfg.kv_dim, cfg.kv_dim))]
+            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("ffn.up", "mlp.c_fc"), ("ffn.down", "mlp.c_proj")):
+                rules.append(rename(f"{o}{ours}.{s}", f"{h}{theirs}.{s}", transpose=True))
+    rules += [rename(f"norm.{s}", f"{p}ln_f.{s}") for s in ("weight", "bias")]
+    return rules + _lm_head(cfg)
+
+
+def _is_gpt2(cfg: ModelConfig) -> bool:
+    return (cfg.normalization, cfg.position_encoding, cfg.ffn_type, cfg.norm_position) == \
+        ("layernorm", "learned", "gelu", "pre")
+
+
+# -- the LLaMA family: Llama, Mistral, Qwen2, Qwen3 (and the MoE/MLA rows build on its parts) --
+
+def _is_llama_kind(cfg: ModelConfig) -> bool:
+    return ((cfg.normalization, cfg.position_encoding, cfg.ffn_type, cfg.norm_position) ==
+            ("rmsnorm", "rope", "swiglu", "pre") and not cfg.is_moe and not cfg.is_mla)
+
+
+def llama_config_in(hf: Mapping[str, Any], field, where: str, *, family: str | None = None, bias: bool = False,
+                    qkv_bias: bool = False, window: int | None = None, head_dim_default: int | None = None,
+                    **fields: Any) -> ModelConfig:
+    """The fields every LLaMA-like config.json shares (sizes, RoPE, norms, tying); `family` None
+    picks llama2 or llama3 by rope_theta; `fields` adds ModelConfig fields (qk_norm, MoE, MLA ...)."""
+    n_embd, n_head = field("hidden_size", int), field("num_attention_heads", int)
+    if n_head < 1:
+        raise UserError(f"num_attention_heads must be a positive integer, got {n_head}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act {hf.get('hidden_act')!r} is not supported; LLaMA-style models use silu")
+    block_size = field("max_position_embeddings", int, 2048)
+    theta, scaling = _hf_rope(hf, block_size, where)
+    return ModelConfig(
+        family=family or ("llama3" if theta >= 500000 else "llama2"), n_layer=field("num_hidden_layers", int),
+        n_head=n_head, n_embd=n_embd, num_key_value_heads=field("num_key_value_heads", int, n_head),
+        head_dim=field("head_dim", int, head_dim_default), vocab_size=field("vocab_size", int),
+        block_size=block_size, d_ff=field("intermediate_size", int),
+        normalization="rmsnorm", norm_eps=field("rms_norm_eps", float, 1e-6), position_encoding="rope",
+        rope_theta=theta, rope_scaling=scaling, ffn_type="swiglu", norm_position="pre", bias=bias,
+        qkv_bias=qkv_bias, tie_embeddings=field("tie_word_embeddings", bool, False), sliding_window=window, **fields)
+
+
+def _same_bias(field) -> bool:
+    attention_bias, mlp_bias = field("attention_bias", bool, False), field("mlp_bias", bool, False)
+    if attention_bias != mlp_bias:
+        raise UserError("attention_bias and mlp_bias differ; scalelab has one `bias` switch for all linears")
+    return attention_bias
+
+
+def _qwen_window(hf: Mapping[str, Any], n_layer: int, where: str) -> int | None:
+    """A Qwen2/Qwen3 config's sliding window: only with use_sliding_window, and then only on the layers
     layer_types marks (by default those from max_window_layers on). We model one window for all
     layers, so a window on some layers only is refused rather than imported as something else."""
     if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
@@ -143,15 +284,177 @@ def _qwen2_window(hf: Mapping[str, Any], n_layer: int, where: str) -> int | None
     if sliding == 0:
         return None
     if sliding < n_layer:
-        raise UserError(f"{where}: this Qwen2 config slides the attention window on {sliding} of {n_layer} layers; "
-                        "scalelab has one window for all layers (set max_window_layers to 0 or "
-                        "use_sliding_window to false)")
+        raise UserError(f"{where}: this {hf.get('model_type', 'Qwen')} config slides the attention window on "
+                        f"{sliding} of {n_layer} layers; scalelab has one window for all layers (set "
+                        "max_window_layers to 0 or use_sliding_window to false)")
     return config_field(hf, "sliding_window", int, where=where)
 
 
+def _qwen_window_out(cfg: ModelConfig) -> dict[str, Any]:
+    window = cfg.sliding_window  # one window on every layer, or none
+    return {"use_sliding_window": window is not None, "sliding_window": window,
+            "max_window_layers": 0 if window is not None else cfg.n_layer,
+            "layer_types": [("sliding_attention" if window is not None else "full_attention")] * cfg.n_layer}
+
+
+def llama_config_out(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json keys every LLaMA-like class shares."""
+    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope_scaling = None
+    if cfg.rope_scaling:
+        rope_scaling = {k: v for k, v in cfg.rope_scaling.items() if k not in ("type", "rope_type")}
+        rope_scaling["rope_type"] = cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type"))
+        rope_parameters = {**rope_scaling, "rope_theta": cfg.rope_theta}
+    return {"hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_hidden,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+            # Both key styles: transformers >= 5 reads rope_parameters, 4.x reads rope_theta/rope_scaling.
+            "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling, "rope_parameters": rope_parameters,
+            "attention_dropout": 0.0}
+
+
+def _refuse_qk_norm(cfg: ModelConfig, hf_class: str) -> None:
+    if cfg.qk_norm:
+        raise UserError(f"{hf_class} has no q/k norms; this model has qk_norm = true (export as qwen3)")
+
+
+def _refuse_qkv_bias(cfg: ModelConfig, hf_class: str) -> None:
+    if cfg.qkv_bias and not cfg.bias:
+        raise UserError(f"{hf_class} has no q, k, v-only biases; this model has qkv_bias = true (export as qwen2)")
+
+
+def _llama_config_out(cfg: ModelConfig) -> dict[str, Any]:
+    _refuse_qk_norm(cfg, "LlamaForCausalLM")
+    _refuse_qkv_bias(cfg, "LlamaForCausalLM")
+    if cfg.sliding_window is not None:
+        raise UserError(f"LlamaForCausalLM has no sliding window; this model has sliding_window = "
+                        f"{cfg.sliding_window} (export as mistral)")
+    return {**llama_config_out(cfg), "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "pretraining_tp": 1}
+
+
+def _mistral_config_out(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.bias:
+        raise UserError("MistralForCausalLM has no biases; this model has bias = true (export as llama)")
+    _refuse_qk_norm(cfg, "MistralForCausalLM")
+    _refuse_qkv_bias(cfg, "MistralForCausalLM")
+    return {**llama_config_out(cfg), "sliding_window": cfg.sliding_window}  # None: full-causal attention
+
+
+def _qwen2_config_out(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.bias or not cfg.qkv_bias:
+        raise UserError(f"Qwen2ForCausalLM has biases on q, k and v only; this model has bias = "
+                        f"{str(cfg.bias).lower()}, qkv_bias = {str(cfg.qkv_bias).lower()} (export as "
+                        f"{'llama' if cfg.bias else 'llama or mistral'})")
+    _refuse_qk_norm(cfg, "Qwen2ForCausalLM")
+    return {**llama_config_out(cfg), **_qwen_window_out(cfg)}
+
+
+def _qwen3_config_in(hf: Mapping[str, Any], field, where: str) -> ModelConfig:
+    if field("attention_bias", bool, False):
+        raise UserError("Qwen3 attention_bias (biases on q, k, v and o_proj, none on the MLP) is not supported")
+    return llama_config_in(hf, field, where, family="qwen3", qk_norm=True,
+                           window=_qwen_window(hf, field("num_hidden_layers", int), where),
+                           head_dim_default=128)  # Qwen3Config's default, not hidden_size / heads
+
+
+def _qwen3_config_out(cfg: ModelConfig) -> dict[str, Any]:
+    if not cfg.qk_norm:
+        raise UserError("Qwen3ForCausalLM normalises every query and key head; this model has qk_norm = false "
+                        "(export as llama)")
+    if cfg.bias or cfg.qkv_bias:
+        raise UserError("Qwen3ForCausalLM has no biases here (its attention_bias would add one to o_proj too); "
+                        "this model has bias or qkv_bias = true")
+    return {**llama_config_out(cfg), "attention_bias": False, **_qwen_window_out(cfg)}
+
+
+def llama_attention_weights(cfg: ModelConfig, h: str, o: str) -> list[Weights]:
+    """Dense attention of layer `o` (ours, 'layers.i.') as `h` ('model.layers.i.'): q, k, v, o,
+    their biases, and Qwen3's q/k norms."""
+    qkv = ("weight", "bias") if cfg.bias or cfg.qkv_bias else ("weight",)
+    rules = []
+    for s in qkv:
+        rules += [rename(f"{o}attn.{name}.{s}", f"{h}self_attn.{name}.{s}") for name in ("q_proj", "k_proj", "v_proj")]
+    rules += [rename(f"{o}attn.o_proj.{s}", f"{h}self_attn.o_proj.{s}")
+              for s in (("weight", "bias") if cfg.bias else ("weight",))]
+    if cfg.qk_norm:
+        rules += [rename(f"{o}attn.q_norm.weight", f"{h}self_attn.q_norm.weight"),
+                  rename(f"{o}attn.k_norm.weight", f"{h}self_attn.k_norm.weight")]
+    return rules
+
+
+def llama_mlp_weights(cfg: ModelConfig, h: str, o: str) -> list[Weights]:
+    """The dense SwiGLU FFN: our ffn.{gate,up,down} as mlp.{gate,up,down}_proj."""
+    suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+    return [rename(f"{o}ffn.{name}.{s}", f"{h}mlp.{name}_proj.{s}") for name in ("gate", "up", "down")
+            for s in suffixes]
+
+
+def llama_weights(cfg: ModelConfig, attention=llama_attention_weights, mlp=None) -> list[Weights]:
+    """Embedding, per layer the two norms + attention(cfg, h, o) + mlp(cfg, h, o, layer), final norm,
+    lm_head. `mlp` takes the layer index (a MoE model's first layers are dense); default dense."""
+    rules = [rename("tok_embeddings.weight", "model.embed_tokens.weight")]
+    for i in range(cfg.n_layer):
+        h, o = f"model.layers.{i}.", f"layers.{i}."
+        rules += [rename(f"{o}attn_norm.weight", f"{h}input_layernorm.weight"),
+                  rename(f"{o}ffn_norm.weight", f"{h}post_attention_layernorm.weight")]
+        rules += attention(cfg, h, o)
+        rules += llama_mlp_weights(cfg, h, o) if mlp is None else mlp(cfg, h, o, i)
+    return rules + [rename("norm.weight", "model.norm.weight")] + _lm_head(cfg)
+
+
+def _lm_head(cfg: ModelConfig) -> list[Weights]:
+    return [] if cfg.tie_embeddings else [rename("lm_head.weight", "lm_head.weight")]
+
+
+LLAMA_NOT_WEIGHTS = ("self_attn.rotary_emb.inv_freq",)
+
+ARCHS: dict[str, HFArchitecture] = {
+    "gpt2": HFArchitecture(
+        "GPT2LMHeadModel", "gpt2", _gpt2_config_in, _gpt2_config_out,
+        _gpt2_weights, _is_gpt2,
+        not_weights=(".attn.bias", ".attn.masked_bias"),  # the causal-mask buffers older checkpoints carry
+        optional_prefix="transformer."),
+    "qwen3": HFArchitecture(
+        "Qwen3ForCausalLM", "llama",
+        _qwen3_config_in, _qwen3_config_out, llama_weights, lambda cfg: _is_llama_kind(cfg) and cfg.qk_norm,
+        not_weights=LLAMA_NOT_WEIGHTS),
+    "qwen2": HFArchitecture(
+        "Qwen2ForCausalLM", "llama",
+        # fixed by the architecture: biases on q, k, v, none on o_proj or the MLP
+        lambda hf, field, where: llama_config_in(
+            hf, field, where, family="qwen2", qkv_bias=True,
+            window=_qwen_window(hf, field("num_hidden_layers", int), where)),
+        _qwen2_config_out, llama_weights,
+        lambda cfg: _is_llama_kind(cfg) and (cfg.family == "qwen2" or (cfg.qkv_bias and not cfg.bias)),
+        not_weights=LLAMA_NOT_WEIGHTS),
+    "mistral": HFArchitecture(
+        "MistralForCausalLM", "llama",
+        # Mistral's window applies to every layer
+        lambda hf, field, where: llama_config_in(hf, field, where, family="mistral", bias=_same_bias(field),
+                                                 window=field("sliding_window", int, None)),
+        _mistral_config_out, llama_weights,
+        lambda cfg: _is_llama_kind(cfg) and (cfg.family == "mistral" or cfg.sliding_window is not None),
+        not_weights=LLAMA_NOT_WEIGHTS),
+    "llama": HFArchitecture(
+        "LlamaForCausalLM", "llama",
+        lambda hf, field, where: llama_config_in(hf, field, where, bias=_same_bias(field)),
+        _llama_config_out, llama_weights, _is_llama_kind, not_weights=LLAMA_NOT_WEIGHTS),
+    # Slots for the MoE / MLA classes (the moe helper's rows; see docs/interfaces.md):
+    # "mixtral": HFArchitecture("MixtralForCausalLM", "mixtral", ...),
+    # "qwen3_moe": HFArchitecture("Qwen3MoeForCausalLM", "qwen3_moe", ...),
+    # "deepseek_v3": HFArchitecture("DeepseekV3ForCausalLM", "deepseek", ...),
+    # "deepseek_v2": HFArchitecture("DeepseekV2ForCausalLM", "deepseek", ...),
+}
+
+
+ARCHITECTURES = tuple(ARCHS)
+HF_CLASS = {name: row.hf_class for name, row in ARCHS.items()}
+
+
 def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json dict (Llama, Mistral, Qwen2 or GPT-2).
-    `where` names the file in error messages.
+    """A ModelConfig from a Hugging Face config.json dict (any class in ARCHS). `where` names the
+    file in error messages.
 
     Raises UserError for features our model does not have, rather than importing a model
     that would compute something else, and for fields that are missing or of the wrong type."""
@@ -163,82 +466,30 @@ def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelCo
         return config_field(hf, key, kind, default, where=where)
 
     try:
-        return _config_from_hf(hf, arch, field, where)
+        return ARCHS[arch].config_in(hf, field, where)
     except UserError as e:  # ModelConfig's own validation: say which file it came from
         raise e if str(e).startswith(where) else UserError(f"{where}: {e}") from None
 
 
-def _config_from_hf(hf: Mapping[str, Any], arch: str, field, where: str) -> ModelConfig:
-    if arch == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"GPT-2 activation_function {act!r} is not supported; scalelab's GELU is the "
-                            "tanh approximation (gelu_new)")
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights", True) is False:
-            raise UserError("GPT-2 configs with non-standard attention scaling are not supported")
-        n_embd = field("n_embd", int, 768)
-        return ModelConfig(
-            family="gpt2", n_layer=field("n_layer", int, 12), n_head=field("n_head", int, 12), n_embd=n_embd,
-            vocab_size=field("vocab_size", int, 50257), block_size=field("n_positions", int, 1024),
-            d_ff=field("n_inner", int, 4 * n_embd), normalization="layernorm",
-            norm_eps=field("layer_norm_epsilon", float, 1e-5), position_encoding="learned", ffn_type="gelu",
-            norm_position="pre", bias=True, tie_embeddings=field("tie_word_embeddings", bool, True))
-    n_embd, n_head = field("hidden_size", int), field("num_attention_heads", int)
-    n_layer = field("num_hidden_layers", int)
-    if n_head < 1:
-        raise UserError(f"num_attention_heads must be a positive integer, got {n_head}")
-    head_dim = field("head_dim", int, None)
-    if head_dim not in (None, n_embd // n_head):
-        raise UserError(f"head_dim {head_dim} differs from hidden_size / num_attention_heads "
-                        f"({n_embd // n_head}); scalelab derives head_dim from n_embd and n_head")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"hidden_act {hf.get('hidden_act')!r} is not supported; LLaMA-style models use silu")
-    if arch == "qwen2":  # fixed by the architecture: biases on q, k, v, none on o_proj or the MLP
-        attention_bias, qkv_bias = False, True
-    else:
-        attention_bias, mlp_bias = field("attention_bias", bool, False), field("mlp_bias", bool, False)
-        if attention_bias != mlp_bias:
-            raise UserError("attention_bias and mlp_bias differ; scalelab has one `bias` switch for all linears")
-        qkv_bias = False
-    # Mistral's window applies to every layer; LlamaForCausalLM has none.
-    if arch == "mistral":
-        window = field("sliding_window", int, None)
-    else:
-        window = _qwen2_window(hf, n_layer, where) if arch == "qwen2" else None
-    block_size = field("max_position_embeddings", int, 2048)
-    theta, scaling = _hf_rope(hf, block_size, where)
-    family = arch if arch in ("mistral", "qwen2") else ("llama3" if theta >= 500000 else "llama2")
-    return ModelConfig(
-        family=family, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-        num_key_value_heads=field("num_key_value_heads", int, n_head), vocab_size=field("vocab_size", int),
-        block_size=block_size, d_ff=field("intermediate_size", int),
-        normalization="rmsnorm", norm_eps=field("rms_norm_eps", float, 1e-6), position_encoding="rope",
-        rope_theta=theta, rope_scaling=scaling, ffn_type="swiglu", norm_position="pre", bias=attention_bias,
-        qkv_bias=qkv_bias, tie_embeddings=field("tie_word_embeddings", bool, False), sliding_window=window)
-
-
 def default_architecture(cfg: ModelConfig) -> str:
     """The HF architecture that computes exactly what this config does (UserError if none)."""
-    if (cfg.normalization, cfg.position_encoding, cfg.ffn_type, cfg.norm_position) == \
-            ("layernorm", "learned", "gelu", "pre"):
-        return "gpt2"
-    if (cfg.normalization, cfg.position_encoding, cfg.ffn_type, cfg.norm_position) == \
-            ("rmsnorm", "rope", "swiglu", "pre"):
-        if cfg.family == "qwen2" or (cfg.qkv_bias and not cfg.bias):
-            return "qwen2"
-        return "mistral" if cfg.family == "mistral" or cfg.sliding_window is not None else "llama"
+    for name, row in ARCHS.items():
+        if row.matches(cfg):
+            return name
+    what = " + MoE" if cfg.is_moe else ""
+    what += " + MLA" if cfg.is_mla else ""
     raise UserError(f"no Hugging Face architecture matches {cfg.normalization} + {cfg.position_encoding} "
-                    f"positions + {cfg.ffn_type} + {cfg.norm_position}-norm; export supports GPT-2 "
-                    "(layernorm, learned, gelu, pre) and LLaMA/Mistral/Qwen2 (rmsnorm, rope, swiglu, pre)")
+                    f"positions + {cfg.ffn_type} + {cfg.norm_position}-norm{what}; export supports "
+                    f"{', '.join(row.hf_class for row in ARCHS.values())}")
 
 
 def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The config.json for `cfg` as architecture `arch` (default: the one that matches)."""
-    arch = arch or default_architecture(cfg)
-    if arch not in ARCHITECTURES:
-        raise UserError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {arch!r}")
     natural = default_architecture(cfg)
-    if (natural == "gpt2") != (arch == "gpt2"):
+    arch = arch or natural
+    if arch not in ARCHS:
+        raise UserError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {arch!r}")
+    if ARCHS[arch].kind != ARCHS[natural].kind:
         raise UserError(f"this model ({cfg.normalization}, {cfg.position_encoding}, {cfg.ffn_type}) cannot be "
                         f"exported as {arch}; use --arch {natural}")
     dtype_name = str(dtype).removeprefix("torch.")
@@ -248,112 +499,43 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
               # Token ids belong to the tokenizer, which a ModelConfig does not know (save() fills
               # them in when it exports one).
               "bos_token_id": None, "eos_token_id": None}
-    if arch == "gpt2":
-        if not cfg.bias:
-            raise UserError("GPT-2 has biases in every linear layer and LayerNorm; this model has bias = false")
-        if cfg.num_key_value_heads != cfg.n_head:
-            raise UserError(f"GPT-2 has multi-head attention only; this model is {cfg.attention_type}")
-        return {**common, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-                "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_inner": cfg.ffn_hidden,
-                "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-                # our model has no dropout; HF's GPT-2 defaults to 0.1
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-    if arch == "mistral" and cfg.bias:
-        raise UserError("MistralForCausalLM has no biases; this model has bias = true (export as llama)")
-    if arch == "qwen2" and (cfg.bias or not cfg.qkv_bias):
-        raise UserError(f"Qwen2ForCausalLM has biases on q, k and v only; this model has bias = "
-                        f"{str(cfg.bias).lower()}, qkv_bias = {str(cfg.qkv_bias).lower()} (export as "
-                        f"{'llama' if cfg.bias else 'llama or mistral'})")
-    if arch != "qwen2" and cfg.qkv_bias and not cfg.bias:
-        raise UserError(f"{HF_CLASS[arch]} has no q, k, v-only biases; this model has qkv_bias = true "
-                        "(export as qwen2)")
-    if arch == "llama" and cfg.sliding_window is not None:
-        raise UserError(f"LlamaForCausalLM has no sliding window; this model has sliding_window = "
-                        f"{cfg.sliding_window} (export as mistral)")
-    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    rope_scaling = None
-    if cfg.rope_scaling:
-        rope_scaling = {k: v for k, v in cfg.rope_scaling.items() if k not in ("type", "rope_type")}
-        rope_scaling["rope_type"] = cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type"))
-        rope_parameters = {**rope_scaling, "rope_theta": cfg.rope_theta}
-    out = {**common, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_hidden,
-           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-           "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-           "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-           # Both key styles: transformers >= 5 reads rope_parameters, 4.x reads rope_theta/rope_scaling.
-           "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling, "rope_parameters": rope_parameters,
-           "attention_dropout": 0.0}
-    if arch == "llama":
-        out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
-    elif arch == "qwen2":  # one window on every layer, or none
-        window = cfg.sliding_window
-        out.update(use_sliding_window=window is not None, sliding_window=window,
-                   max_window_layers=0 if window is not None else cfg.n_layer,
-                   layer_types=[("sliding_attention" if window is not None else "full_attention")] * cfg.n_layer)
-    else:
-        out["sliding_window"] = cfg.sliding_window  # None: full-causal attention
-    return out
+    return {**common, **ARCHS[arch].config_out(cfg)}
 
 
 # ---- weights ----------------------------------------------------------------------------------
 
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(-2, -1) if t.dim() >= 2 else t  # a Conv1D bias is the same either way
+
+
 def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
-    """Our state dict from HF tensors (by name). Unknown keys are an error, not silently dropped."""
+    """Our state dict from HF tensors (by name), by the row's weight map. Unknown keys are an
+    error, not silently dropped."""
+    row = ARCHS[arch]
+    p = row.optional_prefix
+    if p and not any(k.startswith(p) for k in hf_sd):  # e.g. GPT-2 saved as its base model's keys
+        hf_sd = {(k if k.startswith("lm_head.") else p + k): v for k, v in hf_sd.items()}
     sd: dict[str, torch.Tensor] = {}
     used: set[str] = set()
 
-    def take(key: str) -> torch.Tensor:
+    def take(key: str, transpose: bool) -> torch.Tensor:
         if key not in hf_sd:
             raise UserError(f"checkpoint is missing tensor '{key}' (does config.json match the weights?)")
         used.add(key)
-        return hf_sd[key]
+        return _transposed(hf_sd[key]) if transpose else hf_sd[key]
 
-    suffixes = ("weight", "bias") if cfg.bias else ("weight",)
-    qkv_suffixes = ("weight", "bias") if cfg.bias or cfg.qkv_bias else ("weight",)
-    if arch == "gpt2":
-        prefix = "transformer." if "transformer.wte.weight" in hf_sd else ""
-        p = prefix
-        sd["tok_embeddings.weight"] = take(f"{p}wte.weight")
-        sd["pos_embeddings.weight"] = take(f"{p}wpe.weight")
-        for i in range(cfg.n_layer):
-            h, o = f"{p}h.{i}.", f"layers.{i}."
-            for s in ("weight", "bias"):
-                sd[f"{o}attn_norm.{s}"] = take(f"{h}ln_1.{s}")
-                sd[f"{o}ffn_norm.{s}"] = take(f"{h}ln_2.{s}")
-            # Conv1D: y = x @ W + b with W (in, out); nn.Linear stores out x in, so transpose.
-            qkv_w, qkv_b = take(f"{h}attn.c_attn.weight").t(), take(f"{h}attn.c_attn.bias")
-            widths = (cfg.n_embd, cfg.kv_dim, cfg.kv_dim)  # c_attn is [Q | K | V]
-            for name, w, b in zip(("q_proj", "k_proj", "v_proj"), qkv_w.split(widths), qkv_b.split(widths)):
-                sd[f"{o}attn.{name}.weight"], sd[f"{o}attn.{name}.bias"] = w, b
-            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("ffn.up", "mlp.c_fc"), ("ffn.down", "mlp.c_proj")):
-                sd[f"{o}{ours}.weight"] = take(f"{h}{theirs}.weight").t()
-                sd[f"{o}{ours}.bias"] = take(f"{h}{theirs}.bias")
-            # the causal-mask buffers older GPT-2 checkpoints carry are not weights
-            used.update(k for k in (f"{h}attn.bias", f"{h}attn.masked_bias") if k in hf_sd)
-        for s in ("weight", "bias"):
-            sd[f"norm.{s}"] = take(f"{p}ln_f.{s}")
-    else:
-        sd["tok_embeddings.weight"] = take("model.embed_tokens.weight")
-        for i in range(cfg.n_layer):
-            h, o = f"model.layers.{i}.", f"layers.{i}."
-            sd[f"{o}attn_norm.weight"] = take(f"{h}input_layernorm.weight")
-            sd[f"{o}ffn_norm.weight"] = take(f"{h}post_attention_layernorm.weight")
-            for s in qkv_suffixes:
-                for name in ("q_proj", "k_proj", "v_proj"):
-                    sd[f"{o}attn.{name}.{s}"] = take(f"{h}self_attn.{name}.{s}")
-            for s in suffixes:
-                sd[f"{o}attn.o_proj.{s}"] = take(f"{h}self_attn.o_proj.{s}")
-                for name in ("gate", "up", "down"):
-                    sd[f"{o}ffn.{name}.{s}"] = take(f"{h}mlp.{name}_proj.{s}")
-            used.update(k for k in (f"{h}self_attn.rotary_emb.inv_freq",) if k in hf_sd)
-        sd["norm.weight"] = take("model.norm.weight")
+    for rule in row.weights(cfg):
+        theirs = [take(key, rule.transpose) for key in rule.theirs]
+        full = theirs[0] if len(theirs) == 1 else torch.cat(theirs, rule.dim)
+        parts = [full] if len(rule.ours) == 1 else full.split(list(rule.our_sizes), rule.dim)
+        sd.update(zip(rule.ours, parts))
     if cfg.tie_embeddings:
         used.update(k for k in ("lm_head.weight",) if k in hf_sd)  # a redundant copy of the embedding
-    else:
-        sd["lm_head.weight"] = take("lm_head.weight")
+    if row.not_weights:
+        used.update(k for k in hf_sd if k.endswith(row.not_weights))
     unused = sorted(set(hf_sd) - used)
     if unused:
-        raise UserError(f"checkpoint has {len(unused)} tensor(s) the {HF_CLASS[arch]} mapping does not use, "
+        raise UserError(f"checkpoint has {len(unused)} tensor(s) the {row.hf_class} mapping does not use, "
                         f"e.g. '{unused[0]}' (does config.json match the weights?)")
     return sd
 
@@ -361,41 +543,11 @@ def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: s
 def _hf_from_native(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
     """HF tensors (by name) from our state dict; the inverse of _native_from_hf."""
     out: dict[str, torch.Tensor] = {}
-    if arch == "gpt2":
-        p = "transformer."
-        out[f"{p}wte.weight"] = sd["tok_embeddings.weight"]
-        out[f"{p}wpe.weight"] = sd["pos_embeddings.weight"]
-        for i in range(cfg.n_layer):
-            h, o = f"{p}h.{i}.", f"layers.{i}."
-            for s in ("weight", "bias"):
-                out[f"{h}ln_1.{s}"] = sd[f"{o}attn_norm.{s}"]
-                out[f"{h}ln_2.{s}"] = sd[f"{o}ffn_norm.{s}"]
-            for s in ("weight", "bias"):
-                qkv = torch.cat([sd[f"{o}attn.{name}.{s}"] for name in ("q_proj", "k_proj", "v_proj")])
-                out[f"{h}attn.c_attn.{s}"] = qkv.t() if s == "weight" else qkv
-            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("ffn.up", "mlp.c_fc"), ("ffn.down", "mlp.c_proj")):
-                out[f"{h}{theirs}.weight"] = sd[f"{o}{ours}.weight"].t()
-                out[f"{h}{theirs}.bias"] = sd[f"{o}{ours}.bias"]
-        for s in ("weight", "bias"):
-            out[f"{p}ln_f.{s}"] = sd[f"norm.{s}"]
-    else:
-        suffixes = ("weight", "bias") if cfg.bias else ("weight",)
-        qkv_suffixes = ("weight", "bias") if cfg.bias or cfg.qkv_bias else ("weight",)
-        out["model.embed_tokens.weight"] = sd["tok_embeddings.weight"]
-        for i in range(cfg.n_layer):
-            h, o = f"model.layers.{i}.", f"layers.{i}."
-            out[f"{h}input_layernorm.weight"] = sd[f"{o}attn_norm.weight"]
-            out[f"{h}post_attention_layernorm.weight"] = sd[f"{o}ffn_norm.weight"]
-            for s in qkv_suffixes:
-                for name in ("q_proj", "k_proj", "v_proj"):
-                    out[f"{h}self_attn.{name}.{s}"] = sd[f"{o}attn.{name}.{s}"]
-            for s in suffixes:
-                out[f"{h}self_attn.o_proj.{s}"] = sd[f"{o}attn.o_proj.{s}"]
-                for name in ("gate", "up", "down"):
-                    out[f"{h}mlp.{name}_proj.{s}"] = sd[f"{o}ffn.{name}.{s}"]
-        out["model.norm.weight"] = sd["norm.weight"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+    for rule in ARCHS[arch].weights(cfg):
+        ours = [sd[key] for key in rule.ours]
+        full = ours[0] if len(ours) == 1 else torch.cat(ours, rule.dim)
+        parts = [full] if len(rule.theirs) == 1 else full.split(list(rule.their_sizes), rule.dim)
+        out.update((key, _transposed(t) if rule.transpose else t) for key, t in zip(rule.theirs, parts))
     return out
 
 

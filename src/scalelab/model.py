@@ -1,4 +1,4 @@
-"""The scalelab Transformer: GPT-2, LLaMA 2/3, Mistral and Qwen2 from one ModelConfig, in one file.
+"""The scalelab Transformer: GPT-2, LLaMA 2/3, Mistral, Qwen2 and Qwen3 from one ModelConfig, in one file.
 
 Read top to bottom: rotary positions, attention, feed-forward, block, the model, generation.
 Every architectural choice is a ModelConfig field; there is one code path per concept:
@@ -8,7 +8,8 @@ Every architectural choice is a ModelConfig field; there is one code path per co
   differs. Attention runs through `F.scaled_dot_product_attention` with
   `enable_gqa=True` (the kernel reads each KV head for its group of query heads, so K/V are
   never copied n_head/n_kv times), or through an explicit "math" path that spells the matmuls
-  out. The math path is the reference: `torch.utils.flop_counter.FlopCounterMode` counts its
+  out. Heads are head_dim wide (n_head · head_dim need not be n_embd), and with qk_norm (Qwen3)
+  each query and key head is RMS-normalised before RoPE. The math path is the reference: `torch.utils.flop_counter.FlopCounterMode` counts its
   FLOPs exactly as `scalelab.counting` does (tests/test_model.py proves it).
   A sliding window (Mistral) is a boolean mask on either path; the KV cache still keeps every
   position (simple, and exact; a rolling buffer would only save memory).
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 
 from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig
 from scalelab.errors import UserError
+from scalelab.mla import MLAttention
+from scalelab.moe import MoE, aux_loss, is_moe_layer, record_load
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "math")
 
@@ -44,7 +47,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     Computed with the same float32 operations as Hugging Face's `modeling_rope_utils`, so a
     checkpoint imported from there sees bit-for-bit the same angles it was trained with.
     """
-    dim, base = cfg.head_dim, cfg.rope_theta
+    dim, base = (cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim), cfg.rope_theta  # MLA: the rope part
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     inv_freq = 1.0 / (base ** exponents)
     scaling = cfg.rope_scaling
@@ -73,8 +76,14 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         beta_fast = float(scaling.get("beta_fast") or 32.0)
         beta_slow = float(scaling.get("beta_slow") or 1.0)
         attention_factor = scaling.get("attention_factor")
-        if attention_factor is None:
-            attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        if attention_factor is None:  # transformers' _compute_yarn_parameters, DeepSeek's mscale pair included
+
+            def mscale(scale: float = 1.0) -> float:
+                return 0.1 * scale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+            both = scaling.get("mscale") and scaling.get("mscale_all_dim")
+            attention_factor = (mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"]) if both
+                                else mscale())
 
         def correction_dim(rotations: float) -> float:
             return dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -125,8 +134,9 @@ def attention_mask(s_q: int, s_k: int, window: int | None, device: torch.device)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implementation: str,
-                     window: int | None = None) -> torch.Tensor:
-    """softmax(QKᵀ/√d + causal mask)·V for q (B, n_head, Sq, d) and k, v (B, n_kv, Sk, d).
+                     window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """softmax(QKᵀ·scale + causal mask)·V for q (B, n_head, Sq, d) and k, v (B, n_kv, Sk, d)
+    (v's width may differ: MLA); `scale` defaults to 1/√d.
 
     With a KV cache, Sk > Sq: the queries are the *last* Sq positions, so the mask is aligned
     to the bottom-right. A single new query attends to everything and needs no mask, unless a
@@ -136,7 +146,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implemen
     mask = attention_mask(s_q, s_k, window, q.device)
     if implementation == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=s_q > 1 and mask is None,
-                                              enable_gqa=k.size(1) != q.size(1))
+                                              enable_gqa=k.size(1) != q.size(1), scale=scale)
     # Explicit math: repeat each KV head for its group of query heads, then two matmuls whose
     # FLOPs (2·Sq·Sk·d each, per query head) are exactly the counting module's attention term.
     # A sliding window masks the full score matrix rather than skipping it, so the FLOPs (and
@@ -144,7 +154,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implemen
     repeats = q.size(1) // k.size(1)
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)) if scale is None else scale)
     if mask is None and s_q > 1:
         mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
@@ -155,7 +165,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implemen
 
 class KVCache:
     """Past keys and values for generation, per layer, at the *KV-head* count: a GQA model with
-    8 KV heads for 64 query heads stores 8× less than MHA would. Filled by the model's forward."""
+    8 KV heads for 64 query heads stores 8× less than MHA would. Filled by the model's forward.
+    MLA stores its latent as "k" and its shared RoPE key as "v" (one head each, widths differ)."""
 
     def __init__(self, n_layer: int, max_len: int):
         self.max_len = max_len
@@ -166,9 +177,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, S, d) after the cached positions; return all keys and values so far."""
         if self.k[layer] is None:  # allocate lazily, in the dtype attention actually produces
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k[layer] = k.new_zeros(shape)
-            self.v[layer] = v.new_zeros(shape)
+            self.k[layer] = k.new_zeros(k.size(0), k.size(1), self.max_len, k.size(3))
+            self.v[layer] = v.new_zeros(v.size(0), v.size(1), self.max_len, v.size(3))
         end = self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
@@ -184,12 +194,16 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.sliding_window
         qkv_bias = cfg.bias or cfg.qkv_bias  # Qwen2: biases on Q, K and V only
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=qkv_bias)
+        # n_head · head_dim need not be n_embd (Qwen3-0.6B: 16 x 128 on a 1024-wide stream)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.q_dim, bias=qkv_bias)
         # K and V apart (as Hugging Face has them), so that tensor parallelism can give each rank
         # its own K heads and V heads (a fused [K | V] cut in two would give one rank all of K).
         self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.q_dim, cfg.n_embd, bias=cfg.bias)
+        # Qwen3: an RMSNorm over each query and key head (one weight per projection), before RoPE
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -198,6 +212,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -229,13 +245,14 @@ def split_fused_kv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 class FeedForward(nn.Module):
     """GELU MLP (GPT-2: down(gelu(up(x)))) or SwiGLU (LLaMA: down(silu(gate(x)) · up(x)))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
+        hidden = hidden or cfg.ffn_hidden  # a MoE's shared experts have their own width
         self.swiglu = cfg.ffn_type == "swiglu"
         if self.swiglu:
-            self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
-        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
-        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+            self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -257,9 +274,9 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer_idx, attention)
+        self.attn = MLAttention(cfg, layer_idx, attention) if cfg.is_mla else Attention(cfg, layer_idx, attention)
         self.ffn_norm = make_norm(cfg)
-        self.ffn = FeedForward(cfg)
+        self.ffn = MoE(cfg, attention) if is_moe_layer(cfg, layer_idx) else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -421,7 +438,12 @@ class Transformer(nn.Module):
         residual_std = std / math.sqrt(2 * self.config.n_layer)
         for layer in self.layers:
             nn.init.normal_(layer.attn.o_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(layer.ffn.down.weight, mean=0.0, std=residual_std)
+            if isinstance(layer.ffn, MoE):
+                layer.ffn.init_weights(std, residual_std)
+                if layer.ffn.shared is not None:
+                    nn.init.normal_(layer.ffn.shared.down.weight, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(layer.ffn.down.weight, mean=0.0, std=residual_std)
 
     def tie_weights(self) -> None:
         """Make lm_head share the token embedding again when the config ties them. Moving a model
@@ -466,6 +488,8 @@ class Transformer(nn.Module):
             x = layer(x, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.length += S
+        moe = [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)] if self.training else []
+        record_load(moe)  # here, once per forward: activation checkpointing recomputes the blocks
         if self.norm is not None:
             x = self.norm(x)
         if last_only:
@@ -473,12 +497,18 @@ class Transformer(nn.Module):
         if targets is not None and self.loss_chunk_tokens:
             loss = chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                          self.loss_chunk_tokens)
-            return None, loss
+            return None, self.with_aux_loss(loss, moe)
         logits = self.lm_head(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, self.with_aux_loss(loss, moe)
+
+    def with_aux_loss(self, loss: torch.Tensor, moe: list[MoE]) -> torch.Tensor:
+        """In training, a MoE's loss plus router_aux_loss_coef × its load-balancing loss (as
+        transformers' MixtralForCausalLM adds it); evaluation reports the language-model loss alone."""
+        coef = self.config.router_aux_loss_coef
+        return loss + coef * aux_loss(moe) if moe and coef else loss
 
     # ---- generation ---------------------------------------------------------------------------
 

@@ -81,6 +81,29 @@ def _qwen2(n_layer: int, n_embd: int, n_head: int, kv: int, d_ff: int, **kw: Any
                        d_ff=d_ff, **kw)
 
 
+# Qwen3 (Qwen team 2025): LLaMA-shaped with head_dim 128 whatever the width, RMSNorm on every query
+# and key head (qk_norm), no biases, RMSNorm eps 1e-6, RoPE theta 1e6, 40960 context.
+_QWEN3 = dict(family="qwen3", normalization="rmsnorm", norm_eps=1e-6, position_encoding="rope", rope_theta=1e6,
+              ffn_type="swiglu", norm_position="pre", bias=False, head_dim=128, qk_norm=True, vocab_size=151936,
+              block_size=40960)
+
+
+def _qwen3(n_layer: int, n_embd: int, n_head: int, kv: int, d_ff: int, **kw: Any) -> ModelConfig:
+    return ModelConfig(**{**_QWEN3, **kw}, n_layer=n_layer, n_embd=n_embd, n_head=n_head, num_key_value_heads=kv,
+                       d_ff=d_ff)
+
+
+# DeepSeek-V2/V3 (DeepSeek-AI 2024): MLA attention, fine-grained MoE with shared experts after
+# first_k_dense_replace dense layers, RMSNorm eps 1e-6, RoPE theta 1e4 with YaRN x40 over 4096.
+def _deepseek(family: str, n_layer: int, n_embd: int, n_head: int, d_ff: int, *, mscale: float, **kw: Any):
+    yarn = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale}
+    return ModelConfig(family=family, n_layer=n_layer, n_embd=n_embd, n_head=n_head, d_ff=d_ff,
+                       normalization="rmsnorm", norm_eps=1e-6, position_encoding="rope", rope_theta=10000.0,
+                       rope_scaling=yarn, ffn_type="swiglu", norm_position="pre", bias=False, block_size=163840,
+                       kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, **kw)
+
+
 _LLAMA31_SCALING = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8192}
 _LLAMA32_SCALING = dict(_LLAMA31_SCALING, factor=32.0)
@@ -118,6 +141,33 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen2.5-0.5b": _qwen2(24, 896, 14, 2, 4864, vocab_size=151936, block_size=32768, tie_embeddings=True),
     "qwen2.5-1.5b": _qwen2(28, 1536, 12, 2, 8960, vocab_size=151936, block_size=131072, tie_embeddings=True),
     "qwen2.5-7b": _qwen2(28, 3584, 28, 4, 18944, vocab_size=152064, block_size=131072),
+    # Qwen/Qwen3-0.6B (tied embeddings: 16 heads of 128 on a 1024-wide stream) and Qwen/Qwen3-8B
+    "qwen3-0.6b": _qwen3(28, 1024, 16, 8, 3072, tie_embeddings=True),
+    "qwen3-8b": _qwen3(36, 4096, 32, 8, 12288),
+    # --- Mixture-of-Experts (count shows total and active parameters) ---
+    # mistralai/Mixtral-8x7B-v0.1: 8 experts of width 14336 (= intermediate_size), top-2 of a softmax
+    # over all 8, renormalised; GQA 8, theta 1e6, no sliding window (config.json sliding_window null)
+    "mixtral-8x7b": _llama("llama2", 32, 4096, 32, 8, 14336, family="mixtral", block_size=32768, rope_theta=1e6,
+                           n_routed_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                           router_aux_loss_coef=0.02),
+    # Qwen/Qwen3-30B-A3B: Qwen3 attention (32 heads of 128, GQA 4), 128 experts of 768, top-8 renormalised,
+    # every layer MoE (decoder_sparse_step 1, mlp_only_layers []); intermediate_size 6144 is unused
+    "qwen3-30b-a3b": _qwen3(48, 2048, 32, 4, 6144, family="qwen3-moe", n_routed_experts=128, num_experts_per_tok=8,
+                            moe_intermediate_size=768, norm_topk_prob=True, router_aux_loss_coef=0.001),
+    # deepseek-ai/DeepSeek-V3 main model, WITHOUT its multi-token-prediction module (num_nextn_predict_layers 1:
+    # one more layer in the released checkpoint, which is not part of the model that predicts the next token):
+    # low-rank query 1536, 256 routed experts of 2048 + 1 shared, top-8 by sigmoid score within the 4 best of
+    # 8 groups (noaux_tc), renormalised, x2.5; 3 dense layers of 18432
+    "deepseek-v3": _deepseek("deepseek-v3", 61, 7168, 128, 18432, mscale=1.0, vocab_size=129280, q_lora_rank=1536,
+                             n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
+                             moe_intermediate_size=2048, first_k_dense_replace=3, scoring_func="sigmoid",
+                             topk_method="noaux_tc", n_group=8, topk_group=4, norm_topk_prob=True,
+                             routed_scaling_factor=2.5),
+    # deepseek-ai/DeepSeek-V2-Lite: full-rank query, 64 routed experts of 1408 + 2 shared, top-6 of a softmax
+    # (greedy; its n_group 1 / topk_group 1 limit nothing), not renormalised; 1 dense layer of 10944
+    "deepseek-v2-lite": _deepseek("deepseek-v2", 27, 2048, 16, 10944, mscale=0.707, vocab_size=102400,
+                                  n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+                                  moe_intermediate_size=1408, first_k_dense_replace=1),
 }
 
 # Official parameter counts (exact, from the released safetensors checkpoints).
@@ -140,6 +190,16 @@ OFFICIAL_PARAMS: dict[str, int] = {
     "qwen2.5-0.5b": 494_032_768,
     "qwen2.5-1.5b": 1_543_714_304,
     "qwen2.5-7b": 7_615_616_512,
+    # The parameters transformers builds for each official config.json (tied embeddings once), which the
+    # model cards round: Qwen3 0.6B / 8.2B, Qwen3-30B-A3B 30.5B, Mixtral 46.7B, DeepSeek-V2-Lite 15.7B, and
+    # DeepSeek-V3 671B: its released main model also stores 58 x 256 e_score_correction_bias entries (a
+    # buffer, not a parameter), 671,026,419,200 tensor entries in all; the MTP module is not counted.
+    "qwen3-0.6b": 596_049_920,
+    "qwen3-8b": 8_190_735_360,
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen3-30b-a3b": 30_532_122_624,
+    "deepseek-v3": 671_026_404_352,
+    "deepseek-v2-lite": 15_706_484_224,
 }
 
 

@@ -161,7 +161,7 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
     report = {
         "model": cfg.name(),
         "config": cfg.to_dict(),
-        "params": {"total": params.total, "embedding": params.embedding,
+        "params": {"total": params.total, "active": params.active, "embedding": params.embedding,
                    "non_embedding": params.non_embedding, "breakdown": params.breakdown,
                    "per_layer": params.per_layer},
         "flops": flops,
@@ -230,9 +230,13 @@ def run(args: argparse.Namespace) -> int:
     from scalelab.presets import PRESETS, load_model_config
 
     if args.list:
+        from scalelab.counting import count_params
+
+        width = max(map(len, PRESETS)), max(len(cfg.name()) for cfg in PRESETS.values())
         for name, cfg in PRESETS.items():
-            from scalelab.counting import count_params
-            print(f"{name:<15} {cfg.name():<32} {count_params(cfg).total:>17,} params")
+            p = count_params(cfg)
+            active = f" ({format_count(p.active)} active)" if p.active != p.total else ""
+            print(f"{name:<{width[0]}} {cfg.name():<{width[1]}} {p.total:>17,} params{active}")
         return 0
     if not args.model:
         raise UserError("give a MODEL (a preset name or a .toml file); `scalelab count --list` lists presets")
@@ -351,21 +355,31 @@ def print_report(cfg, r: dict) -> None:
     print_table(cfg.summary(), title=f"Model {r['model']}")
     p = r["params"]
     b = p["breakdown"]
-    rows = [("Total", f"{p['total']:,} ({format_count(p['total'])})"),
-            ("Non-embedding", f"{p['non_embedding']:,}"),
+    rows = [("Total", f"{p['total']:,} ({format_count(p['total'])})")]
+    if p["active"] != p["total"]:  # a MoE: what one token uses beside what is held
+        rows.append(("Active per token", f"{p['active']:,} ({format_count(p['active'])}, "
+                                         f"{p['active'] / p['total']:.1%}; all but the unchosen routed experts)"))
+    rows += [("Non-embedding", f"{p['non_embedding']:,}"),
             ("Embedding (incl. lm_head)", f"{p['embedding']:,}")]
     rows += [(f"  {k.replace('_', ' ')}", f"{v:,}") for k, v in b.items() if v]
     rows.append(("Per layer", f"{p['per_layer']:,}"))
     print_table(rows, title="Parameters")
     f = r["flops"]
-    rows = [("Forward / token (exact)", f"{f['forward_per_token']:.4e}"),
+    active = ", active path" if p["active"] != p["total"] else ""
+    rows = [(f"Forward / token (exact{active})", f"{f['forward_per_token']:.4e}"),
             ("Training / token (exact, 3x fwd)", f"{f['training_per_token']:.4e}"),
             *[(f"  {label}", f"{f[key]:.4e}  ({f[key] / f['training_per_token'] - 1:+.1%})")
-              for key, label in FLOPS_SHORTCUTS.items()],
+              for key, label in FLOPS_SHORTCUTS.items() if key in f],
             ("Attention share of forward", f"{f['attention_share']:.1%}")]
     print_table(rows, title=f"FLOPs at sequence length {f['seq_len']}")
     g = r["gqa"]
-    if g["attention_type"] != "MHA":
+    if g["attention_type"] == "MLA":
+        print_table([("KV cache / token (bf16)", f"{g['kv_cache_bytes_per_token']:,} B (latent + RoPE key, "
+                      f"{format_bytes(g['kv_cache_bytes_per_token'])})"),
+                     ("  with a K and V per head (MHA)", f"{g['kv_cache_bytes_per_token_mha']:,} B "
+                      f"({format_bytes(g['kv_cache_bytes_per_token_mha'])}): MLA's is "
+                      f"{g['kv_cache_reduction']:.1f}x smaller")], title="MLA vs MHA")
+    elif g["attention_type"] != "MHA":
         print_table([("Parameters saved vs MHA", f"{g['params_saved']:,} ({g['params_saved_fraction']:.1%})"),
                      ("Training FLOPs saved vs MHA", f"{g['flops_saved_fraction']:.1%}"),
                      ("KV cache / token (bf16)", f"{format_bytes(g['kv_cache_bytes_per_token'])} "

@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="scalelab checkpoint directory (model.safetensors + model.toml or config.json)")
     p.add_argument("out", metavar="HF_DIR", help="directory to write (config.json + safetensors)")
-    p.add_argument("--arch", choices=("llama", "mistral", "qwen2", "gpt2"), default=None,
+    # scalelab.hf.ARCHITECTURES, written out: this module must not import torch (tests/test_qwen3.py checks)
+    p.add_argument("--arch", choices=("gpt2", "qwen3", "qwen2", "mistral", "llama"), default=None,
                    help="Hugging Face architecture (default: the one matching the model)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file; bigger models are sharded with an index")

@@ -99,6 +99,10 @@ class TrainSection:
                                     "lm_head + cross-entropy: the [tokens × vocab] logits never exist at once; "
                                     "same loss and gradients). 0 = form all the logits at once", "int",
                                     bounds=(0, 2**24))
+    router_bias_update_rate: float = option(0.001, "MoE with topk_method noaux_tc: after each optimizer step every "
+                                            "expert's routing bias moves this much towards balance, b += rate · "
+                                            "sign(mean load - load) (DeepSeek-V3's auxiliary-loss-free balancing; "
+                                            "0 = frozen)", "float", bounds=(0.0, 1.0))
     seed: int = option(1337, "seeds model init and the data order", "int", bounds=(0, 2**32 - 1))
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible runs; "
                                  "slower on GPU)", "bool")

@@ -41,6 +41,7 @@ from typing import IO, Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from scalelab.counting import count_params, training_flops, training_memory
@@ -679,11 +680,29 @@ class Trainer:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        routing = self.balance_experts()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         self.flops_seen += self.flops_per_step
         self.last_loss = loss_value
-        return {"loss": loss_value, "grad_norm": grad_value, "lr": lr}
+        return {"loss": loss_value, "grad_norm": grad_value, "lr": lr, **routing}
+
+    def balance_experts(self) -> dict[str, Any]:
+        """After the optimizer step of a MoE: the tokens each expert received during the step,
+        summed over micro-batches and ranks (so every rank applies the same update), move the
+        noaux_tc routers' biases (moe.update_expert_bias) and are returned as load figures for
+        the metrics (empty for a dense model)."""
+        from scalelab.moe import load_figures, moe_layers, take_step_load, update_expert_bias
+
+        layers = moe_layers(unwrap(self.model))
+        load = take_step_load(layers)
+        if load is None:
+            return {}
+        if self.d.distributed:
+            load = load.to(self.d.device)
+            dist.all_reduce(load)
+        update_expert_bias(layers, load, self.cfg.train.router_bias_update_rate)
+        return {"moe": load_figures(load)}
 
     # ---- eval and checkpoint ------------------------------------------------------------------
 
@@ -738,6 +757,7 @@ class Trainer:
                           "tokens_per_second": self.tokens_per_step / dt, "tflops_per_second": tflops,
                           "mfu": tflops * 1e12 / self.peak if self.peak else None,
                           "peak_memory_bytes": mem, "elapsed_seconds": now - run_start}
+                record.update(r.get("moe", {}))  # a MoE's expert load at this step (moe.load_figures)
                 if d.is_main:
                     self.metrics.write(record)
                     eta = eta_seconds(now - run_start - paused_total, step - self.start_step, steps - step)
