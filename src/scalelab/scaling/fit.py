@@ -18,7 +18,8 @@ L-BFGS-B with an analytic gradient. On the Chinchilla data this reaches an objec
 good as the full classic grid about 100x faster (benchmarks/fit_speed.py).
 
 Approach 2 (`fit_isoflop`): runs grouped by compute budget C, a parabola of loss in log N per
-budget, its minimum N_opt(C), D_opt = C / (6 N_opt), and power laws N_opt ∝ C^a, D_opt ∝ C^b.
+budget, its minimum N_opt(C), D_opt = the tokens C buys at N_opt at the runs' own FLOPs per token,
+and power laws N_opt ∝ C^a, D_opt ∝ C^b.
 
 Reading runs (`load_runs`): CSV / JSONL tables with N, D, loss (aliases below), or run
 directories written by `scalelab train` (metrics.jsonl + config.toml / model.toml).
@@ -727,34 +728,76 @@ def _power_law(logc: np.ndarray, logy: np.ndarray) -> dict[str, Any]:
 FAR_MINIMUM_DEX = 1.0  # a parabola whose minimum lies more than a decade outside the sampled N is too flat to use
 
 
-def _clustering_warnings(runs: Runs, group: np.ndarray, budgets, tolerance_dex: float) -> list[str]:
-    """Budgets that do not cluster: a group spanning more than the tolerance (consecutive runs
-    chained continuous FLOPs together) mixes budgets; runs farther than the tolerance from every
-    --budgets value are left out."""
-    warnings = []
+def _check_clusters(runs: Runs, group: np.ndarray, budgets, tolerance_dex: float) -> list[str]:
+    """Budgets that do not cluster are refused: a group spanning more than the tolerance (consecutive runs
+    chained continuous FLOPs together, e.g. Chinchilla's Figure 4 at 0.1 dex chains 222 runs from 6e18 to 1e21)
+    mixes budgets, and its "optimum" means nothing. Runs farther than the tolerance from every --budgets value
+    are left out, with a warning (returned)."""
     logc = np.log10(runs.C)
-    for g in sorted(set(group.tolist()) - {-1}):
-        span = float(np.ptp(logc[group == g]))
-        if budgets is None and span > tolerance_dex:
-            warnings.append(f"runs' FLOPs do not cluster: the group at C ≈ {10 ** logc[group == g].mean():.3g} spans "
-                            f"{span:.2f} dex, more than --flop-tolerance {tolerance_dex:g} (consecutive runs chain "
-                            "together), so its profile mixes budgets; give --budgets, or run each budget's sizes "
-                            "at one FLOP count")
+    if budgets is None:
+        for g in sorted(set(group.tolist())):
+            members = logc[group == g]
+            span = float(np.ptp(members))
+            if span > tolerance_dex:
+                raise UserError(
+                    f"the runs' FLOPs do not form separate budgets: at --flop-tolerance {tolerance_dex:g} dex, "
+                    f"{len(members)} runs from C = {10 ** members.min():.3g} to {10 ** members.max():.3g} "
+                    f"({span:.2f} dex) chain into one group, whose profile would mix budgets; give the budgets "
+                    "the runs were planned at with --budgets (e.g. --budgets 1e18,3e18,1e19)")
     left_out = int((group == -1).sum())
     if left_out:
-        warnings.append(f"{left_out} of {len(runs)} runs are more than {tolerance_dex:g} dex from every --budgets "
-                        "value and are left out; add their budgets or raise --flop-tolerance")
-    return warnings
+        return [f"{left_out} of {len(runs)} runs are more than {tolerance_dex:g} dex from every --budgets "
+                "value and are left out; add their budgets or raise --flop-tolerance"]
+    return []
+
+
+def tokens_at(runs: Runs, idx: np.ndarray, C: float, n: float) -> float:
+    """The tokens budget C buys a model of n parameters, from the runs' own FLOPs per token (C_i / D_i:
+    exact logged FLOPs include attention and leave out the embedding, so for small shapes they differ from
+    6N by 4-25%), interpolated piecewise linearly in log N between the budget's runs (exactly C/6N when the
+    runs' C is 6ND)."""
+    logn, inverse = np.unique(np.round(np.log(runs.N[idx]), 9), return_inverse=True)
+    logk = np.bincount(inverse, np.log(runs.C[idx] / runs.D[idx])) / np.bincount(inverse)
+    logk_at = float(np.interp(math.log(n), logn, logk))  # piecewise linear; the end values outside
+    return float(C / math.exp(logk_at))
+
+
+MIN_BRACKETING_BUDGETS = 3
+
+
+def _isoflop_warnings(profiles: list[dict[str, Any]], runs: Runs) -> list[str]:
+    """Honest diagnostics: optima at the edge of a budget's sampled sizes, too few budgets, exponents
+    outside (0, 1) (N_opt and D_opt cannot both grow with C otherwise)."""
+    out = []
+    for p in profiles:
+        idx = np.asarray(p["index"])
+        n = runs.N[idx]
+        best_n = n[np.argmin(runs.loss[idx])]
+        if not p["in_range"]:
+            out.append(f"budget C = {p['C']:.3g}: the fitted optimum N = {format_count(p['N_opt'])} lies outside the "
+                       f"sampled sizes ({format_count(n.min())} .. {format_count(n.max())}), an extrapolation; add "
+                       f"sizes {'below' if p['N_opt'] < n.min() else 'above'} them")
+        elif best_n in (n.min(), n.max()):
+            out.append(f"budget C = {p['C']:.3g}: the lowest loss is at the {'smallest' if best_n == n.min() else 'largest'} "
+                       f"sampled size ({format_count(best_n)}), so the optimum sits at the edge of the sampled shapes; "
+                       f"add sizes {'below' if best_n == n.min() else 'above'} it")
+    if len(profiles) < MIN_BRACKETING_BUDGETS:
+        out.append(f"only {len(profiles)} budgets bracket the fit (fewer than {MIN_BRACKETING_BUDGETS}): the exponents "
+                   "rest on a line through two points; add a budget")
+    return out
 
 
 def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance_dex: float = 0.1,
                 min_runs: int = 3) -> dict[str, Any]:
     """Approach 2. Per budget: loss = p2·x² + p1·x + p0 with x = ln N; N_opt = exp(−p1 / 2p2),
-    D_opt = C / (6 N_opt). Across budgets: N_opt = k·C^a, D_opt = k'·C^b (least squares in log).
+    D_opt = the tokens C buys at N_opt from the runs' own FLOPs per token (tokens_at; not C / 6N).
+    Across budgets: N_opt = k·C^a, D_opt = k'·C^b (least squares in log).
     A budget needs min_runs runs at ≥ 3 distinct N, an upward parabola (p2 > 0) and a minimum
-    within FAR_MINIMUM_DEX of the sampled N; others are listed as skipped. Minima outside the
-    sampled N range are extrapolations and flagged. `warnings` lists budgets that do not cluster."""
+    within FAR_MINIMUM_DEX of the sampled N; others are listed as skipped. Runs whose FLOPs chain into
+    a group wider than the tolerance are refused (give --budgets). `warnings`: runs left out, optima at the
+    edge of or outside the sampled sizes, fewer than 3 budgets, exponents outside (0, 1)."""
     group = group_budgets(runs.C, budgets=budgets, tolerance_dex=tolerance_dex)
+    warnings = _check_clusters(runs, group, budgets, tolerance_dex)
     profiles, skipped = [], []
     far = FAR_MINIMUM_DEX * math.log(10)
     for g in sorted(set(group.tolist()) - {-1}):
@@ -776,7 +819,8 @@ def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance
             continue
         n_opt = float(math.exp(xo))
         profiles.append({"C": C, "runs": int(len(idx)), "parabola": [float(p2), float(p1), float(p0)],
-                         "N_opt": n_opt, "D_opt": C / (6 * n_opt), "loss_opt": float(p0 - p1 * p1 / (4 * p2)),
+                         "N_opt": n_opt, "D_opt": tokens_at(runs, idx, C, n_opt),
+                         "loss_opt": float(p0 - p1 * p1 / (4 * p2)),
                          "in_range": bool(x.min() <= xo <= x.max()), "index": idx.tolist()})
     if len(profiles) < 2:
         raise UserError(f"IsoFLOP needs at least 2 budgets with {max(min_runs, 3)}+ runs at distinct N; found "
@@ -785,10 +829,14 @@ def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance
     logc = np.log([p["C"] for p in profiles])
     n_law = _power_law(logc, np.log([p["N_opt"] for p in profiles]))
     d_law = _power_law(logc, np.log([p["D_opt"] for p in profiles]))
+    warnings += _isoflop_warnings(profiles, runs)
+    for key, law in (("N_opt", n_law), ("D_opt", d_law)):
+        if not 0 < law["exponent"] < 1:
+            warnings.append(f"{key} ∝ C^{law['exponent']:.3f}: an exponent outside (0, 1) means one of N and D "
+                            "shrinks as compute grows; the budgets' optima are not trustworthy (see the profiles)")
     return {"method": "isoflop", "n_points": len(runs), "budgets": profiles, "skipped": skipped,
             "N_opt": n_law, "D_opt": d_law, "N_opt_exponent": n_law["exponent"],
-            "D_opt_exponent": d_law["exponent"],
-            "warnings": _clustering_warnings(runs, group, budgets, tolerance_dex)}
+            "D_opt_exponent": d_law["exponent"], "warnings": warnings}
 
 
 def isoflop_at(result: dict[str, Any], budget: float) -> dict[str, float]:
