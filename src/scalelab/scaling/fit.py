@@ -53,6 +53,8 @@ _ALIASES = {
     "D": ("d", "tokens", "trainingtokens", "ntokens", "tokensseen"),
     "loss": ("loss", "valloss", "finalloss", "evalloss"),
     "C": ("c", "flops", "trainingflop", "trainingflops", "compute"),
+    "lr": ("lr", "learningrate", "peaklr"),
+    "batch": ("batch", "batchtokens", "globalbatchtokens"),
 }
 
 
@@ -64,13 +66,16 @@ class Runs:
     loss: np.ndarray
     C: np.ndarray  # FLOPs as given (a table's C column, a run's logged flops), else 6ND
     source: list[str] = field(default_factory=list)  # "file:line" or run directory, per run
+    lr: np.ndarray | None = None     # peak learning rate per run, when every run gives one
+    batch: np.ndarray | None = None  # global batch in tokens per run, when every run gives one
 
     def __len__(self) -> int:
         return len(self.loss)
 
     def subset(self, idx) -> "Runs":
         idx = np.asarray(idx)
-        return Runs(self.N[idx], self.D[idx], self.loss[idx], self.C[idx], [self.source[i] for i in idx])
+        return Runs(self.N[idx], self.D[idx], self.loss[idx], self.C[idx], [self.source[i] for i in idx],
+                    None if self.lr is None else self.lr[idx], None if self.batch is None else self.batch[idx])
 
 
 def _norm(name: str) -> str:
@@ -153,7 +158,7 @@ def read_table(path: str | Path, *, tokens_from_flops: bool = False) -> Runs:
             raise UserError(f"{path}: missing column 'D' (or 'tokens'); columns are {', '.join(columns)}")
     if not rows:
         raise UserError(f"{path}: no data rows")
-    N, D, L, C, src = [], [], [], [], []
+    N, D, L, C, src, LR, B = [], [], [], [], [], [], []
     for where, rec in rows:
         def get(ours: str) -> float:
             col = cols[ours]
@@ -164,7 +169,10 @@ def read_table(path: str | Path, *, tokens_from_flops: bool = False) -> Runs:
         c = get("C") if "C" in cols else None
         d = get("D") if "D" in cols else _number(c / (6.0 * n), where=where, column=f"{cols['C']}/(6·{cols['N']})")
         N.append(n), D.append(d), L.append(loss), C.append(c if c is not None else 6.0 * n * d), src.append(where)
-    return Runs(np.array(N), np.array(D), np.array(L), np.array(C), src)
+        if "lr" in cols and "batch" in cols:
+            LR.append(get("lr")), B.append(get("batch"))
+    return Runs(np.array(N), np.array(D), np.array(L), np.array(C), src,
+                np.array(LR) if LR else None, np.array(B) if B else None)
 
 
 # ---- run directories (scalelab train) --------------------------------------------------------
@@ -182,6 +190,25 @@ def _run_params(run_dir: Path, *, non_embedding: bool) -> float:
             counts = count_params(ModelConfig.from_toml(cfg_path))
             return float(counts.non_embedding if non_embedding else counts.total)
     raise UserError(f"{run_dir}: no {' or '.join(RUN_CONFIG_NAMES)} to count the model's parameters")
+
+
+def run_hyperparameters(run_dir: Path) -> tuple[float, float] | None:
+    """(peak lr, global batch tokens) from a run's config.toml [train]; None when it has none. A batch of 0
+    (one micro-batch per device) counts micro_batch_size x seq_len (one device)."""
+    import tomllib
+
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return None
+    try:
+        train = tomllib.loads(path.read_text(encoding="utf-8")).get("train", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    if not isinstance(train, dict) or "lr" not in train:
+        return None
+    batch = train.get("global_batch_tokens") or (train.get("micro_batch_size", 8) * train.get("seq_len", 1024))
+    return (_number(train["lr"], where=str(path), column="train.lr"),
+            _number(batch, where=str(path), column="train.global_batch_tokens"))
 
 
 def read_run_dir(run_dir: str | Path, *, pick: str = "final",
@@ -246,20 +273,54 @@ def load_runs(inputs: Sequence[str | Path], *, tokens_from_flops: bool = False, 
             vals = [read_run_dir(d, pick=pick, non_embedding=non_embedding) for d in dirs]
             n, d, loss = (np.array([v[k] for v in vals]) for k in range(3))
             c = np.array([v[3] if v[3] is not None else 6.0 * v[0] * v[1] for v in vals])
-            parts.append(Runs(n, d, loss, c, [v[4] for v in vals]))
+            hp = [run_hyperparameters(Path(v[4])) for v in vals]
+            lr, batch = (np.array([h[k] for h in hp]) if all(hp) else None for k in range(2))
+            parts.append(Runs(n, d, loss, c, [v[4] for v in vals], lr, batch))
         elif path.is_file():
             parts.append(read_table(path, tokens_from_flops=tokens_from_flops))
         else:
             raise UserError(f"input not found: {path}")
     if not parts:
         raise UserError("no input: give CSV/JSONL files or run directories")
+    with_hp = all(p.lr is not None for p in parts)
     runs = Runs(np.concatenate([p.N for p in parts]), np.concatenate([p.D for p in parts]),
                 np.concatenate([p.loss for p in parts]), np.concatenate([p.C for p in parts]),
-                [s for p in parts for s in p.source])
+                [s for p in parts for s in p.source],
+                np.concatenate([p.lr for p in parts]) if with_hp else None,
+                np.concatenate([p.batch for p in parts]) if with_hp else None)
     overflow = np.flatnonzero(~np.isfinite(runs.C))
     if len(overflow):
         raise UserError(f"{runs.source[overflow[0]]}: C = 6·N·D overflows a float; give N and D in raw counts")
     return runs
+
+
+def hyperparameter_grids(runs: Runs, tolerance_dex: float = 0.1) -> list[list[int]]:
+    """The learning-rate x batch grids among the runs (hparams.grid_groups); [] without lr and batch."""
+    from scalelab.scaling.hparams import grid_groups
+
+    if runs.lr is None or runs.batch is None:
+        return []
+    return grid_groups(runs.C, runs.N, runs.lr, runs.batch, tolerance_dex=tolerance_dex)
+
+
+def best_of_grids(runs: Runs, grids: list[list[int]]) -> Runs:
+    """The runs with each learning-rate x batch grid reduced to its lowest-loss run: a loss law L(N, D) is a
+    law of well-tuned runs, and a grid's mistuned corners would pull it up."""
+    if not grids:
+        return runs
+    drop = {i for g in grids for i in g} - {min(g, key=lambda i: runs.loss[i]) for g in grids}
+    return runs.subset([i for i in range(len(runs)) if i not in drop])
+
+
+def fit_hyperparameters(runs: Runs, grids: list[list[int]], name: str = "fit") -> dict[str, Any] | None:
+    """hparams.fit_hyperparameter_law over the grids' runs (DeepSeek LLM's method); None without grids."""
+    from scalelab.scaling.hparams import fit_hyperparameter_law
+
+    if not grids:
+        return None
+    idx = np.array(sorted(i for g in grids for i in g))
+    sub = runs.subset(idx)
+    return fit_hyperparameter_law(sub.C, sub.N, sub.lr, sub.batch, sub.loss, name=name)
 
 
 def drop_highest_loss(runs: Runs, k: int) -> Runs:
