@@ -711,7 +711,7 @@ def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int
     """Refit k resamples of the runs (drawn with replacement): standard errors (std over
     resamples) and 95% percentile intervals for E, A, B, alpha, beta, the exponents, and
     N_opt / D_opt / tokens-per-parameter at the budget. Each refit starts from the full-data
-    optimum plus the best cells of a coarser projected grid.
+    optimum plus the best cells of a coarser projected grid. `laws`: the valid resamples' LossLaws.
 
     A resample whose runs cannot identify the law (design_problem) or whose law has no compute
     optimum (NoOptimum) is counted under `degenerate` by reason, not fatal; the intervals come
@@ -719,7 +719,7 @@ def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int
     if k < 2:
         raise UserError(f"--bootstrap needs at least 2 resamples, got {k}")
     rng = np.random.default_rng(seed)
-    rows, degenerate = [], {}
+    rows, degenerate, laws = [], {}, []
     for i in range(k):
         sample = runs.subset(rng.integers(0, len(runs), len(runs)))
         why = design_problem(sample)
@@ -728,6 +728,7 @@ def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int
                 f = fit_approach3(sample, delta=delta, grid_size=24, n_starts=2, x0=fit.x)
                 s = summarize(f, budget, sample)
                 rows.append([s[key] for key in BOOTSTRAP_KEYS])
+                laws.append(f.law)
             except NoOptimum as e:
                 why = e.why
             except UserError as e:
@@ -736,7 +737,8 @@ def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int
             degenerate[why] = degenerate.get(why, 0) + 1
         if progress is not None:
             progress(i + 1, k)
-    out: dict[str, Any] = {"resamples": k, "seed": seed, "valid": len(rows), "degenerate": degenerate}
+    out: dict[str, Any] = {"resamples": k, "seed": seed, "valid": len(rows), "degenerate": degenerate,
+                           "laws": laws}
     if len(rows) < 2:
         out["no_interval"] = (f"only {len(rows)} of {k} resamples gave a law with a compute optimum; "
                               "no standard errors (the runs do not pin the law down: widen the ladder)")
