@@ -161,18 +161,15 @@ def prediction_interval(laws: list[LossLaw], residuals: np.ndarray, N: float, D:
 def _recommend(law: LossLaw, hp_law: HyperparameterLaw, design: dict[str, Any], label: str, target: float):
     """The planner's best shape at the target under the fitted law, its tokens and hyperparameters."""
     from scalelab import counting
-    from scalelab.presets import resolve_model_section
+    from scalelab.config import ModelConfig
     from scalelab.scaling.search import search
 
     space, fields = search_space(design, label)
     result = search(target, law, space, top=1)
     best = result.best
-    cfg_dict = dict(best["config"], **fields)
-    cfg = resolve_model_section(cfg_dict, where=f"variant {label}") if fields else None
-    if cfg is None:
-        from scalelab.config import ModelConfig
-
-        cfg = ModelConfig(**best["config"])
+    cfg = ModelConfig(**best["config"])
+    if fields:  # a field outside the search space: the planner's shape with it set (parsed as --set would)
+        cfg = cfg.with_overrides([f"{k}={v}" for k, v in fields.items()])
     seq = space.seq_len
     fpt = float(counting.training_flops_per_token(cfg, seq))
     hp = hyperparameters_for(cfg, seq, target / fpt, hp_law)
