@@ -106,3 +106,26 @@ def make_sweep(out_dir: Path, laws: dict[str, LossLaw] | None = None, *, noise: 
     if compare:
         design["compare"] = compare
     return {"fingerprint": "synthetic", "design": design, "runs": runs}
+
+
+def write_sweep_file(out_dir: Path, doc: dict) -> dict:
+    """OUT_DIR/sweep.toml as `sweep design` writes it (fingerprint over the runs as read back); the doc as
+    read_sweep returns it."""
+    import tomllib
+
+    from scalelab.sweep.design import SWEEP_FILE, fingerprint, read_sweep, sweep_toml
+
+    def drop_none(d):
+        if isinstance(d, dict):
+            return {k: drop_none(v) for k, v in d.items() if v is not None}
+        return [drop_none(v) for v in d] if isinstance(d, list) else d
+
+    result = {"fingerprint": "0", "design": drop_none(doc["design"]), "runs": doc["runs"], "cost": {"flops": 0.0},
+              "notes": []}
+    path = out_dir / SWEEP_FILE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(sweep_toml(result))
+    back = tomllib.loads(path.read_text())
+    result["fingerprint"] = fingerprint({"design": back["design"], "runs": back["runs"]})
+    path.write_text(sweep_toml(result))
+    return read_sweep(out_dir)

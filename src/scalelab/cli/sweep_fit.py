@@ -2,7 +2,7 @@
 Approach 2), fit hyperparameter laws from learning-rate x batch grids, extrapolate the compute-optimal run to
 the target budget, compare --compare variants, and write OUT_DIR/fit.json, OUT_DIR/report.md and its PNGs.
 
-Not a verb module of its own: `scalelab sweep` (cli/sweep.py) calls add_fit_parser(its subparsers).
+Not a verb module of its own: `scalelab sweep` (cli/sweep.py) calls register(its subparsers).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ EXAMPLES = """examples:
 MAX_BOOTSTRAP = 100_000
 
 
-def add_fit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit the sweep's runs, extrapolate to a target budget, write fit.json and a report",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR", help="a sweep directory made by `scalelab sweep design`")
