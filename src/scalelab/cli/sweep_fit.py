@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     budget = _check(args)
     out_dir = Path(args.out_dir)
     if not out_dir.is_dir():
-        raise UserError(f"{out_dir}: no such sweep directory; make one with `scalelab sweep design {out_dir} --budgets ...`")
+        what = "is a file, not a sweep directory" if out_dir.exists() else "no such sweep directory"
+        raise UserError(f"{out_dir}: {what}; give a directory made by `scalelab sweep design OUT_DIR --budgets ...`")
     doc = read_sweep(out_dir)
     result = fit_sweep(out_dir, doc, budget=budget, bootstrap=args.bootstrap, seed=args.seed)
     for w in result["warnings"]:
