@@ -23,7 +23,8 @@ BUDGETS = (1e13, 3e13, 1e14)
 
 
 def shapes():
-    """Every shape of SPACE (aspect and head rules applied) as (ModelConfig, N, fpt), by N."""
+    """Shapes of SPACE (aspect and head rules applied) as (ModelConfig, N, fpt), by N, at least 10% apart in N
+    (as a design's log-N grid samples them)."""
     out = []
     for L in SPACE.layers:
         for H in SPACE.hidden:
@@ -31,7 +32,11 @@ def shapes():
                 continue
             cfg = SPACE.model_config(L, H, H // 32, H // 32)
             out.append((cfg, float(count_params(cfg).total), float(training_flops_per_token(cfg, SPACE.seq_len))))
-    return sorted(out, key=lambda s: s[1])
+    spaced = []
+    for shape in sorted(out, key=lambda s: s[1]):
+        if not spaced or shape[1] > 1.1 * spaced[-1][1]:
+            spaced.append(shape)
+    return spaced
 
 
 def around_optimum(law: LossLaw, C: float, points: int = 5):
@@ -62,9 +67,10 @@ def write_run(run_dir: Path, cfg, C: float, fpt: float, loss: float, lr: float, 
 
 
 def make_sweep(out_dir: Path, laws: dict[str, LossLaw] | None = None, *, noise: float = 0.0, seed: int = 0,
-               tune: bool = False, budgets=BUDGETS, finished: float = 1.0) -> dict:
+               tune: bool = False, budgets=BUDGETS, finished: float = 1.0, flat_n: bool = False) -> dict:
     """A sweep directory's runs and the sweep document (sweep.toml's content, as read_sweep returns it).
-    laws: {variant label: law}; {"": LAW} by default; labels "rope_theta=V" make a --compare design."""
+    laws: {variant label: law}; {"": LAW} by default; labels "rope_theta=V" make a --compare design.
+    flat_n: every loss as if N were 1e6 (the loss does not fall with N: no compute optimum)."""
     laws = laws or {"": LAW}
     rng = np.random.default_rng(seed)
     runs = []
@@ -75,7 +81,7 @@ def make_sweep(out_dir: Path, laws: dict[str, LossLaw] | None = None, *, noise: 
                 hp = hparams.hyperparameters_for(cfg, SPACE.seq_len, C / fpt, HP_LAW)
                 batch = int(hp["batch_tokens"])
                 steps = max(1, math.ceil(C / fpt / batch))
-                loss = float(law.loss(n, steps * batch)) * math.exp(noise * rng.standard_normal())
+                loss = float(law.loss(1e6 if flat_n else n, steps * batch)) * math.exp(noise * rng.standard_normal())
                 name = f"{label + '/' if label else ''}C{C:.3g}-L{cfg.n_layer}-H{cfg.n_embd}"
                 runs.append({"name": name, "variant": label, "kind": "isoflop", "budget": C, "N": n,
                              "flops_per_token": fpt, "run_dir": f"runs/{name}", "_args": (cfg, C, fpt, loss, hp["peak_lr"], batch)})

@@ -34,6 +34,8 @@ def test_recovers_the_law_and_the_hyperparameter_laws(tmp_path):
     assert rec["loss"] == pytest.approx(float(LAW.loss(rec["N"], rec["D"])), rel=1e-5)
     assert rec["steps"] * rec["hyperparameters"]["batch_tokens"] == rec["D"]
     assert rec["flops"] == pytest.approx(1e15, rel=0.1)
+    a2 = v["approach2"]  # exact-FLOPs shapes, no 6ND: near the law's exponents, not equal to them
+    assert len(a2["budgets"]) == 3 and a2["N_opt"]["exponent"] == pytest.approx(LAW.a, abs=0.15)
 
 
 def test_the_prediction_interval_holds_the_true_loss_with_noisy_runs(tmp_path):
@@ -81,6 +83,7 @@ def test_cli_writes_fit_json_report_and_plots(tmp_path, capsys):
     ("sweep", ["--budget", "-1"], "--budget must be a positive number"),
     ("sweep", ["--budget", "lots"], "--budget"),
     ("sweep", ["--bootstrap", "1"], "--bootstrap needs 0 (off) or 2"),
+    ("flat", [], "the fitted law has no compute optimum: its A/N^alpha term is flat"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make, args, fragment):
     out = tmp_path / "s"
@@ -90,6 +93,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make, args, 
         write_sweep_file(out, make_sweep(out, finished=0.0))
     elif make == "sweep":
         write_sweep_file(out, make_sweep(out))
+    elif make == "flat":
+        write_sweep_file(out, make_sweep(out, flat_n=True))
     before = sorted(p.name for p in out.iterdir()) if out.exists() else None
     assert main(["sweep", "fit", str(out), *args]) == 2
     err = capsys.readouterr().err

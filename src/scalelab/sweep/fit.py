@@ -165,7 +165,11 @@ def _recommend(law: LossLaw, hp_law: HyperparameterLaw, design: dict[str, Any], 
     from scalelab.scaling.search import search
 
     space, fields = search_space(design, label)
-    result = search(target, law, space, top=1)
+    try:
+        result = search(target, law, space, top=1)
+    except UserError as e:
+        raise UserError(f"no recommendation at C = {target:.3g} under the fitted law "
+                        f"{law.E:.4g} + {law.A:.4g}/N^{law.alpha:.3g} + {law.B:.4g}/D^{law.beta:.3g}: {e}") from None
     best = result.best
     cfg = ModelConfig(**best["config"])
     if fields:  # a field outside the search space: the planner's shape with it set (parsed as --set would)
@@ -198,6 +202,11 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
         hp_law = hyperparameter_law_from_dict(design["hparams"], where="the design's hyperparameter law")
     fit3 = F.fit_approach3(runs)
     law = fit3.law
+    name = f"variant {label}: " if label else ""
+    try:
+        F.compute_optimum(law, target, runs)  # NoOptimum: a term vanished, nothing to extrapolate
+    except F.NoOptimum as e:
+        raise UserError(f"{name}{e} (see the runs: scalelab fit RUN_DIRS --plot runs.png)") from None
     for bound in fit3.at_bounds:
         warnings.append(f"Approach 3: {bound} is at its bound; the runs do not pin that exponent down")
     logres = np.log(runs.loss) - np.log(law.loss(runs.N, runs.D))
