@@ -72,6 +72,12 @@ def test_cli_writes_fit_json_report_and_plots(tmp_path, capsys):
     assert len(fit["unfinished"]) == 1 and "1 runs are unfinished" in err
     report = (tmp_path / "report.md").read_text()
     assert "## Recommendation" in report and "C = 3e+15" in report
+    from scalelab.scaling.hparams import hyperparameter_law_from_file
+    from scalelab.scaling.laws import load_law_file
+
+    law = load_law_file(tmp_path / "law.json")  # usable by plan --law-file
+    assert law.alpha == pytest.approx(fit["variants"][""]["approach3"]["alpha"])
+    assert hyperparameter_law_from_file(tmp_path / "law.json") is None  # no grids: no fitted hyperparameters
     for png in ("isoflop.png", "surface.png", "frontier.png", "residuals.png", "curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
 

@@ -22,7 +22,7 @@ from scalelab.units import format_count
 FRONTIER_POINTS = 9
 
 
-def _slug(label: str) -> str:
+def slug(label: str) -> str:
     return "-" + re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-") if label else ""
 
 
@@ -146,10 +146,10 @@ def write_plots(out_dir: Path, result: dict[str, Any], design: dict[str, Any]) -
     for label, r in result["_results"].items():
         runs = r["_runs"]
         if "_isoflop" in r:
-            name = f"isoflop{_slug(label)}.png"
+            name = f"isoflop{slug(label)}.png"
             F.plot_isoflop(runs, r["_isoflop"], out_dir / name)
             names.append(name)
-        name = f"surface{_slug(label)}.png"
+        name = f"surface{slug(label)}.png"
         F.plot_approach3(runs, r["_fit3"], out_dir / name, budget=result["budget"])
         names.append(name)
     plot_frontier(result, design, out_dir / "frontier.png")
