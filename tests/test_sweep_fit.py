@@ -106,3 +106,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make, args, 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and fragment in err, err
     assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
+
+
+def test_sweep_fit_imports_no_torch(tmp_path):
+    from conftest import heavy_modules_loaded
+
+    write_sweep_file(tmp_path, make_sweep(tmp_path))
+    assert heavy_modules_loaded(["sweep", "fit", str(tmp_path), "--bootstrap", "0", "--no-plots"]) == []
