@@ -149,3 +149,9 @@ def test_scalelab_fit_writes_the_hyperparameter_law_and_fits_the_loss_law_on_the
     saved = json.loads(out.read_text())
     # the grids' mistuned runs are not in the loss law: it is the epoch law
     assert saved["alpha"] == pytest.approx(law.alpha, rel=0.02) and saved["beta"] == pytest.approx(law.beta, rel=0.02)
+
+
+def test_a_fixed_batch_replaces_the_laws_and_the_warmup_follows_it():
+    hp = hparams.hyperparameters(1e15, tokens=1e7, seq_len=128, batch_tokens=256 * 128)
+    assert hp["batch_tokens"] == 256 * 128
+    assert hp["warmup_steps"] == max(1, int(0.1 * math.ceil(1e7 / (256 * 128))))

@@ -113,3 +113,10 @@ def test_sweep_fit_imports_no_torch(tmp_path):
 
     write_sweep_file(tmp_path, make_sweep(tmp_path))
     assert heavy_modules_loaded(["sweep", "fit", str(tmp_path), "--bootstrap", "0", "--no-plots"]) == []
+
+
+def test_a_sweep_at_a_fixed_batch_extrapolates_at_that_batch(tmp_path):
+    doc = make_sweep(tmp_path)
+    doc["design"]["batch_tokens"] = 4096  # sweep design --batch-tokens 4096
+    rec = public(fit_sweep(tmp_path, write_sweep_file(tmp_path, doc), bootstrap=0))["recommendation"]
+    assert rec["hyperparameters"]["batch_tokens"] == 4096 and rec["D"] == rec["steps"] * 4096

@@ -176,7 +176,8 @@ def _recommend(law: LossLaw, hp_law: HyperparameterLaw, design: dict[str, Any], 
         cfg = cfg.with_overrides([f"{k}={v}" for k, v in fields.items()])
     seq = space.seq_len
     fpt = float(counting.training_flops_per_token(cfg, seq))
-    hp = hyperparameters_for(cfg, seq, target / fpt, hp_law)
+    # a sweep trained at a fixed batch (--batch-tokens) extrapolates at that batch
+    hp = hyperparameters_for(cfg, seq, target / fpt, hp_law, batch_tokens=design.get("batch_tokens"))
     batch = int(hp["batch_tokens"])
     steps = max(1, math.ceil(target / fpt / batch))
     N = float(counting.count_params(cfg).total)
