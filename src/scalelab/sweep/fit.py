@@ -195,6 +195,7 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
     warnings: list[str] = []
     grids = F.hyperparameter_grids(runs)
     hyper = F.fit_hyperparameters(runs, grids, name=f"fit{' ' + label if label else ''}") if grids else None
+    grid_runs = [runs.subset(g) for g in grids]
     runs = F.best_of_grids(runs, grids)
     if hyper is not None:
         warnings += hyper["warnings"]
@@ -251,6 +252,7 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
         out["extrapolation"] = target / largest
     out["warnings"] = warnings
     out["_law"], out["_laws"], out["_runs"], out["_fit3"] = law, laws, runs, fit3
+    out["_grids"], out["_hp_law"] = grid_runs, hp_law
     return out
 
 

@@ -7,6 +7,7 @@
                           --compare, both variants' frontiers on one plot
   residuals.png           measured / predicted loss of every run against N and D
   curves.png              each run's training loss and learning rate against tokens (colour = budget)
+  learning-rates.png      with learning-rate x batch grids: final loss against lr per grid, fitted eta_opt
 """
 
 from __future__ import annotations
@@ -138,6 +139,31 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def plot_learning_rates(result: dict[str, Any], path: Path) -> bool:
+    """Final loss against peak learning rate in each learning-rate x batch grid (the best batch at each lr),
+    with the fitted eta_opt(C) marked; False when the sweep had no grids."""
+    grids = [(label, g, r["_hp_law"]) for label, r in result["_results"].items() for g in r["_grids"]]
+    if not grids:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(grids)))
+    for (label, g, law), col in zip(grids, colors):
+        lrs = np.unique(g.lr)
+        best = [g.loss[g.lr == lr].min() for lr in lrs]
+        c = float(np.exp(np.log(g.C).mean()))
+        ax.plot(lrs, best, "o-", color=col, ms=4, label=f"{label + ', ' if label else ''}C = {c:.3g}")
+        ax.axvline(law.lr(c), color=col, ls="--", lw=1)
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final loss (best batch at each lr)",
+           title="learning-rate curves of the grids (dashed: fitted eta_opt(C))")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
 def write_plots(out_dir: Path, result: dict[str, Any], design: dict[str, Any]) -> list[str]:
     """Every PNG of the report into OUT_DIR; their file names."""
     from scalelab.scaling import fit as F
@@ -157,6 +183,8 @@ def write_plots(out_dir: Path, result: dict[str, Any], design: dict[str, Any]) -
     names += ["frontier.png", "residuals.png"]
     if plot_curves(result["_curves"], out_dir / "curves.png"):
         names.append("curves.png")
+    if plot_learning_rates(result, out_dir / "learning-rates.png"):
+        names.append("learning-rates.png")
     return names
 
 
