@@ -120,3 +120,12 @@ def test_a_sweep_at_a_fixed_batch_extrapolates_at_that_batch(tmp_path):
     doc["design"]["batch_tokens"] = 4096  # sweep design --batch-tokens 4096
     rec = public(fit_sweep(tmp_path, write_sweep_file(tmp_path, doc), bootstrap=0))["recommendation"]
     assert rec["hyperparameters"]["batch_tokens"] == 4096 and rec["D"] == rec["steps"] * 4096
+
+
+def test_a_law_without_irreducible_loss_is_flagged(tmp_path):
+    law = dataclasses.replace(LAW, E=1e-9)
+    doc = write_sweep_file(tmp_path, make_sweep(tmp_path, {"": law}))
+    res = public(fit_sweep(tmp_path, doc, bootstrap=0))
+    assert any("no irreducible loss" in w for w in res["warnings"])
+    assert not any("no irreducible loss" in w for w in public(fit_sweep(
+        tmp_path / "ok", write_sweep_file(tmp_path / "ok", make_sweep(tmp_path / "ok")), bootstrap=0))["warnings"])

@@ -39,6 +39,7 @@ FORMAT = 1
 DEFAULT_EXTRAPOLATION = 10.0  # the default target budget: this times the largest budget
 DEFAULT_BOOTSTRAP = 200
 COMPARE_SPACE_FIELDS = {"style": "style", "num_key_value_heads": "kv_heads", "kv_heads": "kv_heads"}
+NO_FLOOR = 0.01  # E below this fraction of the lowest run loss: the fit found no irreducible loss
 NOT_FIT_KINDS = ("stable",)  # WSD trunks: constant learning rate, no decay; their branches are the points
 
 
@@ -211,6 +212,10 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
         raise UserError(f"{name}{e} (see the runs: scalelab fit RUN_DIRS --plot runs.png)") from None
     for bound in fit3.at_bounds:
         warnings.append(f"Approach 3: {bound} is at its bound; the runs do not pin that exponent down")
+    if law.E < NO_FLOOR * float(runs.loss.min()):
+        warnings.append(f"Approach 3: E = {law.E:.3g}, no irreducible loss: the law falls toward 0 with scale, so "
+                        "the extrapolation is optimistic; the runs are too far from their floor to measure it "
+                        "(larger budgets)")
     logres = np.log(runs.loss) - np.log(law.loss(runs.N, runs.D))
     out: dict[str, Any] = {
         "runs": len(runs), "run_names": list(runs.source),
