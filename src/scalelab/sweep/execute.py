@@ -339,5 +339,10 @@ def _wait(job, seconds: float = 120.0) -> None:
 
 
 def _last_line(e: BaseException) -> str:
+    """The exception line of a failed job's traceback (submitit's FailedJobError wraps it between
+    dashed rules and follows it with where the logs are)."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if any(line.startswith("You can check full logs") for line in lines):
+        lines = lines[:next(i for i, line in enumerate(lines) if line.startswith("You can check full logs"))]
+    lines = [line for line in lines if set(line) != {"-"}]
     return lines[-1] if lines else type(e).__name__
