@@ -146,11 +146,19 @@ _UNIT_LAW = LossLaw(E=1.0, A=1.0, B=1.0, alpha=0.5, beta=0.5, name="unit")  # ma
 def budget_points(C: float, spec: Spec, space: SearchSpace, shapes, snaps: dict[int, int]) -> tuple[list[int], dict]:
     """The shape indices sampled at budget C (centred on the prior optimum, feasible at C) and the
     planner's result there. UserError when no shape of the space can spend C."""
-    plan = search(C, spec.law, space, top=1)  # its errors explain an infeasible budget
+    ev = evaluate(shapes, space, C, spec.law)
+    one_sequence = ev["fpt"] * space.seq_len
+    if not (one_sequence <= C).any():
+        i = int(one_sequence.argmin())
+        least = float(one_sequence[i])
+        scale = 10.0 ** (math.floor(math.log10(least)) - 2)
+        raise UserError(f"budget {C:g} is too small for any shape of the space: the cheapest "
+                        f"({shapes['n_layer'][i]}L x {shapes['n_embd'][i]}H) needs {least:.6g} FLOPs for one sequence "
+                        f"of {space.seq_len}; give budgets of at least {math.ceil(least / scale) * scale:.3g}")
+    plan = search(C, spec.law, space, top=1)  # its errors explain an otherwise infeasible budget
     step = grid_step(spec)
     centre = round(math.log10(plan.best["N"]) / step)
     half = (spec.points - 1) // 2
-    ev = evaluate(shapes, space, C, spec.law)
     feasible = np.ones(len(shapes["n_layer"]), dtype=bool)
     for m in ev["masks"].values():
         feasible &= m
