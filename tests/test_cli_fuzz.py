@@ -132,6 +132,12 @@ CASES = [
     ("count-unknown-model", "count gpt7"),
     ("count-zero-gpus", "count gpt2 --gpus 0"),
     ("count-nan-tokens", "count gpt2 --tokens nan"),
+    # sweep fit (a sweep directory's own refusals: tests/test_sweep_fit.py)
+    ("sweep-fit-no-such-dir", "sweep fit {ws}/nowhere"),
+    ("sweep-fit-not-a-sweep", "sweep fit {ws}/a_dir"),
+    ("sweep-fit-a-file", "sweep fit {ws}/a_file"),
+    ("sweep-fit-nan-budget", "sweep fit {ws}/a_dir --budget nan"),
+    ("sweep-fit-bad-bootstrap", "sweep fit {ws}/a_dir --bootstrap -3"),
     # plan
     ("plan-degenerate-law", "plan 1e21 --B 1e308 --beta 0.0001"),
     ("plan-negative-budget", "plan -5"),

@@ -76,3 +76,76 @@ def test_bad_hyperparameter_law_is_one_user_error(tmp_path, bad, match):
     path.write_text(json.dumps({"hyperparameters": bad}))
     with pytest.raises(UserError, match=match):
         hparams.hyperparameter_law_from_file(path)
+
+
+def synthetic_grid(lr_law=(0.5, -0.12), batch_law=(0.3, 0.33), budgets=(1e15, 1e16, 1e17, 1e18), noise=0.0, seed=0):
+    """Runs of one model per budget on a learning-rate x batch grid; loss a bowl in (ln lr, ln B) whose minimum is
+    the known law (no training)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    C, N, lr, batch, loss = [], [], [], [], []
+    for c in budgets:
+        lr_opt, b_opt = lr_law[0] * c ** lr_law[1], batch_law[0] * c ** batch_law[1]
+        # a grid not centred on the optimum (its centre off by a third of a step)
+        for lr_i in lr_opt * 2.0 ** (np.arange(-4, 5) * 0.5 + 0.17):
+            for b_i in b_opt * 2.0 ** (np.arange(-3, 4) * 0.5 - 0.11):
+                C.append(c), N.append(1e6 * c ** 0.5), lr.append(lr_i), batch.append(b_i)
+                bowl = 0.02 * np.log(lr_i / lr_opt) ** 2 + 0.01 * np.log(b_i / b_opt) ** 2
+                loss.append((3.0 - 0.1 * np.log10(c) + bowl) * (1 + noise * rng.standard_normal()))
+    return [np.array(a) for a in (C, N, lr, batch, loss)]
+
+
+def test_fit_recovers_a_known_hyperparameter_law():
+    res = hparams.fit_hyperparameter_law(*synthetic_grid())
+    law = res["law"]
+    # within the grid's resolution (steps of 2^0.5): the near-optimal band is relative to the loss, which falls with C
+    assert law.lr_exponent == pytest.approx(-0.12, abs=0.02) and law.batch_exponent == pytest.approx(0.33, abs=0.02)
+    for c in (1e15, 1e18):
+        assert law.lr(c) == pytest.approx(0.5 * c ** -0.12, rel=0.15)
+        assert law.batch_tokens(c) == pytest.approx(0.3 * c ** 0.33, rel=0.15)
+    assert law.compute == "training" and len(res["budgets"]) == 4 and res["warnings"] == []
+
+
+def test_fit_hyperparameter_law_needs_two_grids_and_flags_edges():
+    import numpy as np
+
+    C, N, lr, batch, loss = synthetic_grid(budgets=(1e15,))
+    with pytest.raises(UserError, match="at 2 or more budgets"):
+        hparams.fit_hyperparameter_law(C, N, lr, batch, loss)
+    C, N, lr, batch, loss = synthetic_grid(budgets=(1e15, 1e16))
+    keep = lr <= np.median(lr)  # the grid's top half removed: the optimum is at its upper edge
+    res = hparams.fit_hyperparameter_law(C[keep], N[keep], lr[keep], batch[keep], loss[keep])
+    assert any("best learning rate" in w and "edge of its grid" in w for w in res["warnings"])
+    assert any("only 2 budgets" in w for w in res["warnings"])
+
+
+def test_scalelab_fit_writes_the_hyperparameter_law_and_fits_the_loss_law_on_the_best_runs(tmp_path, cli):
+    """A table of runs from the epoch law (well-tuned IsoFLOP ladder) plus learning-rate x batch grids at 3
+    budgets around a known hyperparameter law, their losses worse off the optimum: `fit --out` recovers both."""
+    import numpy as np
+
+    from scalelab.scaling.laws import LAWS
+
+    law = LAWS["epoch"]
+    rows = []
+    for c in (1e18, 1e19, 1e20, 1e21):
+        for n in law.optimal_n(c) * np.geomspace(1 / 4, 4, 6):  # none at the grids' size
+            rows.append((n, c / (6 * n), float(law.loss(n, c / (6 * n))), c, 0.5 * c ** -0.12, 0.3 * c ** 0.33))
+    C, _, lr, batch, _ = synthetic_grid(budgets=(1e18, 1e19, 1e20))
+    for c, lr_i, b_i in zip(C, lr, batch):
+        n = float(law.optimal_n(c))
+        bowl = 0.02 * np.log(lr_i / (0.5 * c ** -0.12)) ** 2 + 0.01 * np.log(b_i / (0.3 * c ** 0.33)) ** 2
+        rows.append((n, c / (6 * n), float(law.loss(n, c / (6 * n))) + bowl, c, lr_i, b_i))
+    path = tmp_path / "runs.csv"
+    path.write_text("N,D,loss,flops,lr,batch_tokens\n" + "".join(",".join(map(repr, map(float, r))) + "\n" for r in rows))
+    out = tmp_path / "law.json"
+    r = cli("fit", path, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "hyperparameter laws" in r.stdout
+    fitted = hparams.hyperparameter_law_from_file(out)
+    assert fitted.compute == "training"
+    assert fitted.lr_exponent == pytest.approx(-0.12, abs=0.02) and fitted.batch_exponent == pytest.approx(0.33, abs=0.02)
+    saved = json.loads(out.read_text())
+    # the grids' mistuned runs are not in the loss law: it is the epoch law
+    assert saved["alpha"] == pytest.approx(law.alpha, rel=0.02) and saved["beta"] == pytest.approx(law.beta, rel=0.02)

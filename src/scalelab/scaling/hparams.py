@@ -214,3 +214,91 @@ def hyperparameter_law_from_file(path: str | Path) -> HyperparameterLaw | None:
     if "hyperparameters" not in data:
         return None
     return hyperparameter_law_from_dict(data["hyperparameters"], where=f"{path} hyperparameters")
+
+
+# ---- fitting a hyperparameter law (DeepSeek LLM's method) -------------------------------------------
+
+NEAR_OPTIMAL = 0.0025  # DeepSeek LLM section 3.1: "generalization error ... within 0.25% of the minimum"
+MIN_GRID = 4           # a budget's grid needs this many distinct (lr, batch) pairs
+
+
+def _log_fit(logc, logy) -> dict[str, Any]:
+    """y = coef * C^exponent by least squares in log space, with the exponent's standard error."""
+    import numpy as np
+
+    X = np.stack([np.ones_like(logc), logc], axis=1)
+    beta, *_ = np.linalg.lstsq(X, logy, rcond=None)
+    out = {"coef": float(np.exp(beta[0])), "exponent": float(beta[1]), "exponent_stderr": None}
+    if len(logc) > 2 and np.ptp(logc) > 0:
+        resid = logy - X @ beta
+        s2 = resid @ resid / (len(logc) - 2)
+        out["exponent_stderr"] = float(math.sqrt(s2 * np.linalg.inv(X.T @ X)[1, 1]))
+    return out
+
+
+def grid_groups(C, N, lr, batch, *, tolerance_dex: float = 0.1) -> list[list[int]]:
+    """Learning-rate x batch grids among runs: runs at one compute (within tolerance_dex) and one model size
+    whose (lr, batch) take at least MIN_GRID distinct values. Returns the runs' indices per grid."""
+    import numpy as np
+
+    C, N, lr, batch = (np.asarray(a, float) for a in (C, N, lr, batch))
+    order = np.lexsort((np.log10(C), np.round(np.log(N), 9)))
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g and round(math.log(N[g[0]]), 9) == round(math.log(N[i]), 9) and \
+                abs(math.log10(C[i]) - math.log10(C[g[0]])) <= tolerance_dex:
+            g.append(int(i))
+        else:
+            groups.append([int(i)])
+    return [g for g in groups if len({(round(math.log(lr[i]), 9), round(math.log(batch[i]), 9)) for i in g}) >= MIN_GRID]
+
+
+def fit_hyperparameter_law(C, N, lr, batch, loss, *, near_optimal: float = NEAR_OPTIMAL,
+                           tolerance_dex: float = 0.1, name: str = "fit") -> dict[str, Any]:
+    """DeepSeek LLM's method (section 3.1): for each compute budget's learning-rate x batch grid (runs of one
+    model size at one C, grid_groups), the near-optimal runs are those whose loss is within `near_optimal`
+    (relative) of the grid's minimum; eta_opt(C) and B_opt(C) are power laws fitted by least squares in log
+    space through every near-optimal run's (C, lr) and (C, batch). C is the runs' own (logged, exact training
+    FLOPs), so the law's `compute` is "training".
+
+    Returns {"law": HyperparameterLaw, "lr": {coef, exponent, exponent_stderr}, "batch_tokens": {...},
+    "budgets": [{C, N, runs, near_optimal, best_lr, best_batch_tokens, lr_range, batch_range}], "warnings"}.
+    UserError when fewer than 2 budgets have a grid."""
+    import numpy as np
+
+    C, N, lr, batch, loss = (np.asarray(a, float) for a in (C, N, lr, batch, loss))
+    groups = grid_groups(C, N, lr, batch, tolerance_dex=tolerance_dex)
+    budgets_c = sorted({round(math.log10(float(np.exp(np.log(C[g]).mean()))), 3) for g in groups})
+    if len(budgets_c) < 2:
+        raise UserError(f"fitting a hyperparameter law needs learning-rate x batch grids ({MIN_GRID}+ distinct "
+                        f"(lr, batch) pairs at one model size and compute) at 2 or more budgets; found {len(budgets_c)} "
+                        "(sweep design --tune-lr designs them)")
+    rows, xs, lrs, bs, warnings = [], [], [], [], []
+    for g in groups:
+        g = np.asarray(g)
+        c = float(np.exp(np.log(C[g]).mean()))
+        best = g[np.argmin(loss[g])]
+        near = g[loss[g] <= loss[best] * (1 + near_optimal)]
+        xs += [math.log(c)] * len(near)
+        lrs += list(np.log(lr[near]))
+        bs += list(np.log(batch[near]))
+        rows.append({"C": c, "N": float(N[g[0]]), "runs": int(len(g)), "near_optimal": int(len(near)),
+                     "best_lr": float(lr[best]), "best_batch_tokens": float(batch[best]), "best_loss": float(loss[best]),
+                     "lr_range": [float(lr[near].min()), float(lr[near].max())],
+                     "batch_range": [float(batch[near].min()), float(batch[near].max())]})
+        for what, values in (("learning rate", lr), ("batch", batch)):
+            grid = np.unique(values[g])
+            if len(grid) > 1 and values[best] in (grid.min(), grid.max()):
+                warnings.append(f"budget C = {c:.3g}: the best {what} ({values[best]:.3g}) is at the edge of its grid "
+                                f"({grid.min():.3g} .. {grid.max():.3g}); the optimum may lie beyond it: widen the grid")
+    lr_fit = _log_fit(np.array(xs), np.array(lrs))
+    batch_fit = _log_fit(np.array(xs), np.array(bs))
+    if len(budgets_c) < 3:
+        warnings.append(f"only {len(budgets_c)} budgets have a learning-rate x batch grid: the exponents rest on two "
+                        "budgets; add a grid at a third")
+    law = HyperparameterLaw(lr_coef=lr_fit["coef"], lr_exponent=lr_fit["exponent"], batch_coef=batch_fit["coef"],
+                            batch_exponent=batch_fit["exponent"], compute="training", name=name,
+                            source=f"fitted (DeepSeek LLM's method, near-optimal within {near_optimal:g}) to "
+                                   f"{sum(r['runs'] for r in rows)} runs at {len(budgets_c)} budgets")
+    return {"law": law, "lr": lr_fit, "batch_tokens": batch_fit, "budgets": rows, "warnings": warnings}

@@ -1,0 +1,97 @@
+"""`scalelab sweep fit`: synthetic sweeps whose final losses are drawn from known laws (no training), read
+through the same code path as real runs (run directories, sweep.toml, the CLI)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from sweep_synthetic import HP_LAW, LAW, SPACE, make_sweep, write_sweep_file
+
+from scalelab.cli import main
+from scalelab.scaling.search import search
+from scalelab.sweep.fit import fit_sweep, grown_range, public
+
+
+def test_recovers_the_law_and_the_hyperparameter_laws(tmp_path):
+    """Noise-free runs from LAW, learning-rate x batch grids around HP_LAW at every budget: Approach 3 gives LAW
+    back, the hyperparameter fit HP_LAW, and the recommendation at 10x is the planner's under the true law."""
+    doc = write_sweep_file(tmp_path, make_sweep(tmp_path, tune=True))
+    res = public(fit_sweep(tmp_path, doc, bootstrap=0))
+    v = res["variants"][""]
+    for key in ("E", "A", "B", "alpha", "beta"):
+        assert v["approach3"][key] == pytest.approx(getattr(LAW, key), rel=1e-4), key
+    h = v["hyperparameter_law"]
+    assert h["fitted"] and h["lr"]["exponent"] == pytest.approx(HP_LAW.lr_exponent, abs=0.01)
+    assert h["batch_tokens"]["exponent"] == pytest.approx(HP_LAW.batch_exponent, abs=0.02)
+    rec = res["recommendation"]
+    assert res["budget"] == pytest.approx(1e15)
+    space = dataclasses.replace(SPACE, hidden=grown_range("32:256:32"), layers=grown_range("1:8:1"))
+    truth = search(1e15, LAW, space, top=1).best
+    assert (rec["n_layer"], rec["n_embd"]) == (truth["n_layer"], truth["n_embd"])
+    assert rec["loss"] == pytest.approx(float(LAW.loss(rec["N"], rec["D"])), rel=1e-5)
+    assert rec["steps"] * rec["hyperparameters"]["batch_tokens"] == rec["D"]
+    assert rec["flops"] == pytest.approx(1e15, rel=0.1)
+
+
+def test_the_prediction_interval_holds_the_true_loss_with_noisy_runs(tmp_path):
+    doc = write_sweep_file(tmp_path, make_sweep(tmp_path, noise=0.003, seed=3))
+    rec = public(fit_sweep(tmp_path, doc, bootstrap=40))["recommendation"]
+    lo, hi = rec["loss_interval_95"]
+    assert lo < float(LAW.loss(rec["N"], rec["D"])) < hi
+
+
+@pytest.mark.parametrize("dE, noise, verdict", [(0.05, 0.002, "wins"), (0.0, 0.01, "not distinguishable")])
+def test_ab_names_the_winner_or_says_not_distinguishable(tmp_path, dE, noise, verdict):
+    laws = {"rope_theta=10000": dataclasses.replace(LAW, E=LAW.E + dE), "rope_theta=500000": LAW}
+    doc = write_sweep_file(tmp_path, make_sweep(tmp_path, laws, noise=noise, seed=1))
+    c = public(fit_sweep(tmp_path, doc, bootstrap=30))["comparison"]
+    assert verdict in c["verdict"]
+    if verdict == "wins":
+        assert c["winner"] == "rope_theta=500000" and c["distinguishable"]
+        assert c["difference"] == pytest.approx(dE, rel=0.5)
+    else:
+        lo, hi = c["difference_interval_95"]
+        assert lo <= 0 <= hi and not c["distinguishable"]
+
+
+def test_cli_writes_fit_json_report_and_plots(tmp_path, capsys):
+    doc = write_sweep_file(tmp_path, make_sweep(tmp_path, noise=0.002, finished=0.9))
+    assert main(["sweep", "fit", str(tmp_path), "--bootstrap", "8", "--budget", "3e15"]) == 0
+    out, err = capsys.readouterr()
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["fingerprint"] == doc["fingerprint"] and fit["budget"] == 3e15 and fit["largest_budget"] == 1e14
+    rec = fit["recommendation"]
+    for key in ("config", "steps", "seq_len", "loss", "loss_interval_95", "name"):
+        assert key in rec
+    assert {"peak_lr", "min_lr", "warmup", "schedule", "batch_tokens"} <= set(rec["hyperparameters"])
+    assert len(fit["unfinished"]) == 1 and "1 runs are unfinished" in err
+    report = (tmp_path / "report.md").read_text()
+    assert "## Recommendation" in report and "C = 3e+15" in report
+    for png in ("isoflop.png", "surface.png", "frontier.png", "residuals.png", "curves.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
+
+
+@pytest.mark.parametrize("make, args, fragment", [
+    (None, [], "no such sweep directory"),
+    ("empty", [], "is not a sweep directory (no sweep.toml)"),
+    ("unfinished", [], "no finished runs to fit"),
+    ("sweep", ["--budget", "-1"], "--budget must be a positive number"),
+    ("sweep", ["--budget", "lots"], "--budget"),
+    ("sweep", ["--bootstrap", "1"], "--bootstrap needs 0 (off) or 2"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make, args, fragment):
+    out = tmp_path / "s"
+    if make == "empty":
+        out.mkdir()
+    elif make == "unfinished":
+        write_sweep_file(out, make_sweep(out, finished=0.0))
+    elif make == "sweep":
+        write_sweep_file(out, make_sweep(out))
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    assert main(["sweep", "fit", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
