@@ -313,7 +313,11 @@ def run_sweep(sweep_dir: Path, *, executor: str = "local", parallel: int = 1, gp
                     in_flight[name] = ex.submit(train_one, str(sweep_dir.resolve()), name, gpus_per_run, threads)
                 else:
                     waiting.append(name)
-            table = status_table(status_rows(sweep_dir, doc))
+            shown_rows = status_rows(sweep_dir, doc)
+            for row in shown_rows:  # submitted, its process not yet holding the run directory
+                if row["name"] in in_flight and row["state"] in ("pending", "interrupted"):
+                    row["state"] = "starting"
+            table = status_table(shown_rows)
             if table != shown:
                 show(table)
                 shown = table
