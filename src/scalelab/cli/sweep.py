@@ -199,7 +199,7 @@ def build_spec(args):
 
 
 def run_design(args) -> int:
-    from scalelab.files import atomic_write_text, check_output_dir
+    from scalelab.files import atomic_directory, atomic_write_text, check_output_dir
     from scalelab.sweep.design import SWEEP_FILE, design, existing_design, sweep_toml
 
     out = check_output_dir(args.out_dir, flag="OUT_DIR")
@@ -210,9 +210,9 @@ def run_design(args) -> int:
         raise UserError(f"{out} holds a sweep of another design (fingerprint {previous}, this one "
                         f"{result['fingerprint']}); give a new OUT_DIR, or delete {out} to replace it")
     result["time"] = time_estimate(result, args)
-    if previous is None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / SWEEP_FILE, sweep_toml(result, ["scalelab", "sweep", *sys.argv[2:]]))
+    if previous is None:  # OUT_DIR new or empty: it appears complete with its sweep.toml, or not at all
+        with atomic_directory(out) as staged:
+            atomic_write_text(staged / SWEEP_FILE, sweep_toml(result, ["scalelab", "sweep", *sys.argv[2:]]))
     if args.json:
         print_json(result)
     else:

@@ -140,28 +140,45 @@ def snapped_shapes(space: SearchSpace, step: float) -> tuple[dict[str, np.ndarra
     return shapes, snaps
 
 
+def shapes_n(shapes, space: SearchSpace, i: int) -> float:
+    """The parameter count of shape i."""
+    return float(evaluate({k: v[i:i + 1] for k, v in shapes.items()}, space, 1.0, _UNIT_LAW)["N"][0])
+
+
 _UNIT_LAW = LossLaw(E=1.0, A=1.0, B=1.0, alpha=0.5, beta=0.5, name="unit")  # masks and N only
 
 
 def budget_points(C: float, spec: Spec, space: SearchSpace, shapes, snaps: dict[int, int]) -> tuple[list[int], dict]:
     """The shape indices sampled at budget C (centred on the prior optimum, feasible at C) and the
     planner's result there. UserError when no shape of the space can spend C."""
-    plan = search(C, spec.law, space, top=1)  # its errors explain an infeasible budget
+    ev = evaluate(shapes, space, C, spec.law)
+    one_sequence = ev["fpt"] * space.seq_len
+    if not (one_sequence <= C).any():
+        i = int(one_sequence.argmin())
+        least = float(one_sequence[i])
+        scale = 10.0 ** (math.floor(math.log10(least)) - 2)
+        raise UserError(f"budget {C:g} is too small for any shape of the space: the cheapest "
+                        f"({shapes['n_layer'][i]}L x {shapes['n_embd'][i]}H) needs {least:.6g} FLOPs for one sequence "
+                        f"of {space.seq_len}; give budgets of at least {math.ceil(least / scale) * scale:.3g}")
+    plan = search(C, spec.law, space, top=1)  # its errors explain an otherwise infeasible budget
     step = grid_step(spec)
     centre = round(math.log10(plan.best["N"]) / step)
-    half = (spec.points - 1) // 2
-    ev = evaluate(shapes, space, C, spec.law)
     feasible = np.ones(len(shapes["n_layer"]), dtype=bool)
     for m in ev["masks"].values():
         feasible &= m
+    # the `points` feasible grid shapes nearest the optimum: centred on it, or, where it lies near the
+    # space's edge, reaching further into the space on the other side
+    near = sorted((j for j, i in snaps.items() if feasible[i]), key=lambda j: (abs(j - centre), j))
     chosen: list[int] = []
-    for j in range(centre - half, centre - half + spec.points):
-        i = snaps.get(j)
-        if i is not None and feasible[i] and i not in chosen:
-            chosen.append(i)
+    for j in near:
+        if snaps[j] not in chosen and len(chosen) < spec.points:
+            chosen.append(snaps[j])
+    chosen.sort(key=lambda i: shapes_n(shapes, space, i))
     if not chosen:
         raise UserError(f"budget {C:g}: no shape near the prior optimum (N ≈ {plan.best['N']:.3g}) can spend it; "
                         "widen --hidden / --layers or change --budgets")
+    taken = [j for j in near if snaps[j] in chosen]
+    plan.one_sided = len(chosen) > 1 and (centre <= min(taken) or centre >= max(taken))
     return chosen, plan
 
 
@@ -264,6 +281,10 @@ def design(spec: Spec) -> dict[str, Any]:
         for C in spec.budgets:
             chosen, plan = budget_points(C, spec, space, shapes, snaps)
             per_budget[C] = chosen
+            if plan.one_sided:
+                notes.append(f"{label + ': ' if label else ''}budget {C:g}: the prior optimum (N ≈ "
+                             f"{plan.best['N']:.3g}) is at the edge of the space's shapes, so its ladder lies on one "
+                             "side of it (widen --hidden / --layers / --aspect to bracket it)")
             if len(chosen) < min(3, spec.points):
                 notes.append(f"{label + ': ' if label else ''}budget {C:g} has {len(chosen)} feasible shape(s) near "
                              "its optimum; a parabola needs 3 (widen --hidden / --layers)")

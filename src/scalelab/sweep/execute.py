@@ -313,7 +313,11 @@ def run_sweep(sweep_dir: Path, *, executor: str = "local", parallel: int = 1, gp
                     in_flight[name] = ex.submit(train_one, str(sweep_dir.resolve()), name, gpus_per_run, threads)
                 else:
                     waiting.append(name)
-            table = status_table(status_rows(sweep_dir, doc))
+            shown_rows = status_rows(sweep_dir, doc)
+            for row in shown_rows:  # submitted, its process not yet holding the run directory
+                if row["name"] in in_flight and row["state"] in ("pending", "interrupted"):
+                    row["state"] = "starting"
+            table = status_table(shown_rows)
             if table != shown:
                 show(table)
                 shown = table
@@ -339,5 +343,10 @@ def _wait(job, seconds: float = 120.0) -> None:
 
 
 def _last_line(e: BaseException) -> str:
+    """The exception line of a failed job's traceback (submitit's FailedJobError wraps it between
+    dashed rules and follows it with where the logs are)."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if any(line.startswith("You can check full logs") for line in lines):
+        lines = lines[:next(i for i, line in enumerate(lines) if line.startswith("You can check full logs"))]
+    lines = [line for line in lines if set(line) != {"-"}]
     return lines[-1] if lines else type(e).__name__
