@@ -58,8 +58,8 @@ def write_run(run_dir: Path, cfg, C: float, fpt: float, loss: float, lr: float, 
     lines = []
     for k in range(1, steps_logged + 1):
         t = tokens * k / steps_logged
-        lines.append({"kind": "train", "step": k, "tokens": t, "flops": t * fpt, "loss": loss + 1.0 / k,
-                      "lr": lr * (1 - 0.8 * k / steps_logged)})
+        lines.append({"kind": "train", "step": math.ceil(steps * k / steps_logged), "tokens": t, "flops": t * fpt,
+                      "loss": loss + 1.0 / k, "lr": lr * (1 - 0.8 * k / steps_logged)})
     lines.append({"kind": "eval", "step": steps, "tokens": tokens, "flops": tokens * fpt, "val_loss": loss})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (run_dir / "final").mkdir()
@@ -84,7 +84,9 @@ def make_sweep(out_dir: Path, laws: dict[str, LossLaw] | None = None, *, noise: 
                 loss = float(law.loss(1e6 if flat_n else n, steps * batch)) * math.exp(noise * rng.standard_normal())
                 name = f"{label + '/' if label else ''}C{C:.3g}-L{cfg.n_layer}-H{cfg.n_embd}"
                 runs.append({"name": name, "variant": label, "kind": "isoflop", "budget": C, "N": n,
-                             "flops_per_token": fpt, "run_dir": f"runs/{name}", "_args": (cfg, C, fpt, loss, hp["peak_lr"], batch)})
+                             "flops_per_token": fpt, "run_dir": f"runs/{name}", "steps": steps,
+                             "config": {"train": {"global_batch_tokens": batch}},
+                             "_args": (cfg, C, fpt, loss, hp["peak_lr"], batch)})
             if tune and C <= budgets[-1]:
                 cfg, n, fpt = chosen[len(chosen) // 2]
                 lr0, b0 = HP_LAW.lr(C), HP_LAW.batch_tokens(C)
@@ -96,7 +98,8 @@ def make_sweep(out_dir: Path, laws: dict[str, LossLaw] | None = None, *, noise: 
                         loss = (float(law.loss(n, C / fpt)) + bowl) * math.exp(noise * rng.standard_normal())
                         name = f"{label + '/' if label else ''}tune-C{C:.3g}-lr{i}-b{j}"
                         runs.append({"name": name, "variant": label, "kind": "tune", "budget": C, "N": n,
-                                     "flops_per_token": fpt, "run_dir": f"runs/{name}",
+                                     "flops_per_token": fpt, "run_dir": f"runs/{name}", "steps": steps,
+                                     "config": {"train": {"global_batch_tokens": batch}},
                                      "_args": (cfg, C, fpt, loss, float(lr), batch)})
     for k, r in enumerate(runs):
         if k < finished * len(runs):

@@ -1,7 +1,7 @@
 """`scalelab sweep fit OUT_DIR`: fit a finished (or partly finished) sweep and extrapolate.
 
 For each variant of the design (one, or one per `--compare` value):
-- the runs: every finished run of the variant (RUN/final/model.safetensors) but the WSD stable trunks;
+- the runs: every finished run of the variant (done, as `sweep status` says) but the WSD stable trunks;
   N = total parameters, D = tokens and C = exact training FLOPs logged at the final evaluation, loss = that
   evaluation's val_loss; learning-rate x batch grids (sweep design --tune-lr) are found by
   hparams.grid_groups, fitted as hyperparameter laws (DeepSeek LLM's method) and reduced to their best run;
@@ -32,6 +32,7 @@ from scalelab.errors import UserError
 from scalelab.scaling import fit as F
 from scalelab.scaling.hparams import (HyperparameterLaw, hyperparameter_law_from_dict, hyperparameters_for)
 from scalelab.scaling.laws import LossLaw
+from scalelab.sweep.execute import run_progress
 
 FIT_FILE = "fit.json"
 REPORT_FILE = "report.md"
@@ -44,10 +45,6 @@ NOT_FIT_KINDS = ("stable",)  # WSD trunks: constant learning rate, no decay; the
 
 
 # ---- reading the sweep -----------------------------------------------------------------------------
-
-def run_finished(run_dir: Path) -> bool:
-    return (run_dir / "final" / "model.safetensors").is_file()
-
 
 def read_curves(run_dir: Path) -> dict[str, list[float]]:
     """The training records of RUN/metrics.jsonl as lists: step, tokens, loss, lr (for the plots)."""
@@ -73,7 +70,7 @@ def collect(out_dir: Path, doc: dict[str, Any]) -> dict[str, Any]:
         if run.get("kind") in NOT_FIT_KINDS:
             continue
         run_dir = out_dir / run["run_dir"]
-        if not run_finished(run_dir):
+        if run_progress(out_dir, run)["state"] != "done":  # as `sweep status` says
             unfinished.append(run["name"])
             continue
         n, d, loss, c, _ = F.read_run_dir(run_dir)
