@@ -131,9 +131,9 @@ def search_space(design: dict[str, Any], label: str):
         value = next(v for v in compare["values"] if str(v) == value)
         if field in COMPARE_SPACE_FIELDS:
             key = COMPARE_SPACE_FIELDS[field]
-            if key == "style":
-                kw["style"] = str(value)
-                kw.pop("ffn_ratio")  # the style's own
+            if key == "style":  # the style's own KV heads and FFN ratio, as the design's variant space has
+                kw.update(style=str(value), kv_heads=None, mha=False)
+                kw.pop("ffn_ratio")
             else:
                 kw["kv_heads"], kw["mha"] = (int(value),), False
         else:
