@@ -129,3 +129,15 @@ def test_a_law_without_irreducible_loss_is_flagged(tmp_path):
     assert any("no irreducible loss" in w for w in res["warnings"])
     assert not any("no irreducible loss" in w for w in public(fit_sweep(
         tmp_path / "ok", write_sweep_file(tmp_path / "ok", make_sweep(tmp_path / "ok")), bootstrap=0))["warnings"])
+
+
+def test_a_style_variant_plans_with_the_kv_heads_its_runs_trained():
+    from scalelab.sweep.fit import search_space
+
+    design = {"space": {k: v for k, v in SPACE.describe().items() if v is not None},
+              "compare": {"field": "style", "values": ["llama3", "llama2"]}}
+    mha = [{"n_head": 4, "num_key_value_heads": 4}, {"n_head": 8, "num_key_value_heads": 8}]
+    space, fields = search_space(design, "style=llama2", mha)
+    assert space.style == "llama2" and space.mha and fields == {}
+    space, _ = search_space(design, "style=llama3", [{"n_head": 8, "num_key_value_heads": 2}])
+    assert space.kv_heads == (2,) and not space.mha

@@ -110,9 +110,11 @@ def grown_range(text: str) -> tuple[int, ...]:
     return tuple(range(lo, GROW * hi + 1, step))
 
 
-def search_space(design: dict[str, Any], label: str):
+def search_space(design: dict[str, Any], label: str, models: list[dict[str, Any]] = ()):
     """The design's search space for one variant (width and depth ranges grown, grown_range), and the model
-    fields the variant sets outside the space ({} for none)."""
+    fields the variant sets outside the space ({} for none). A style variant's KV heads are those its runs
+    (`models`: their [model] tables) trained with (MHA when every run has as many as query heads), and its
+    FFN ratio the style's."""
     from scalelab.scaling.search import SearchSpace
 
     d = design["space"]
@@ -131,8 +133,10 @@ def search_space(design: dict[str, Any], label: str):
         value = next(v for v in compare["values"] if str(v) == value)
         if field in COMPARE_SPACE_FIELDS:
             key = COMPARE_SPACE_FIELDS[field]
-            if key == "style":  # the style's own KV heads and FFN ratio, as the design's variant space has
-                kw.update(style=str(value), kv_heads=None, mha=False)
+            if key == "style":
+                kv = {int(m["num_key_value_heads"]) for m in models}
+                mha = bool(models) and all(m["num_key_value_heads"] == m["n_head"] for m in models)
+                kw.update(style=str(value), mha=mha, kv_heads=None if mha or not kv else tuple(sorted(kv)))
                 kw.pop("ffn_ratio")
             else:
                 kw["kv_heads"], kw["mha"] = (int(value),), False
@@ -156,13 +160,14 @@ def prediction_interval(laws: list[LossLaw], residuals: np.ndarray, N: float, D:
     return [float(lo), float(hi)]
 
 
-def _recommend(law: LossLaw, hp_law: HyperparameterLaw, design: dict[str, Any], label: str, target: float):
+def _recommend(law: LossLaw, hp_law: HyperparameterLaw, design: dict[str, Any], label: str, target: float,
+               models: list[dict[str, Any]]):
     """The planner's best shape at the target under the fitted law, its tokens and hyperparameters."""
     from scalelab import counting
     from scalelab.config import ModelConfig
     from scalelab.scaling.search import search
 
-    space, fields = search_space(design, label)
+    space, fields = search_space(design, label, models)
     try:
         result = search(target, law, space, top=1)
     except UserError as e:
@@ -188,7 +193,7 @@ def _recommend(law: LossLaw, hp_law: HyperparameterLaw, design: dict[str, Any], 
 
 
 def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float, *, bootstrap: int,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, models: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """Approach 3 + bootstrap, Approach 2, hyperparameter laws and the recommendation for one variant."""
     warnings: list[str] = []
     grids = F.hyperparameter_grids(runs)
@@ -238,7 +243,7 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
     except UserError as e:
         out["approach2"] = {"error": str(e)}
         warnings.append(f"Approach 2 not fitted: {e}")
-    rec = _recommend(law, hp_law, design, label, target)
+    rec = _recommend(law, hp_law, design, label, target, models)
     rec["loss_interval_95"] = prediction_interval(laws, logres, rec["N"], rec["D"], seed=seed)
     warnings += [f"recommendation: {w}" for w in rec["planner_warnings"]]
     if laws:
@@ -254,7 +259,7 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
         out["extrapolation"] = target / largest
     out["warnings"] = warnings
     out["_law"], out["_laws"], out["_runs"], out["_fit3"] = law, laws, runs, fit3
-    out["_grids"], out["_hp_law"] = grid_runs, hp_law
+    out["_grids"], out["_hp_law"], out["_models"] = grid_runs, hp_law, models
     return out
 
 
@@ -320,7 +325,9 @@ def fit_sweep(out_dir: str | Path, doc: dict[str, Any], *, budget: float | None 
         if problem is not None:
             raise UserError(f"{out_dir}: {name}the {len(runs)} finished runs cannot determine a law yet: {problem} "
                             f"({len(got['unfinished'])} runs unfinished: `scalelab sweep run {out_dir}`)")
-        results[label] = fit_variant(runs, design, label, target, bootstrap=bootstrap, seed=seed)
+        models = [r["config"]["model"] for r in doc["runs"]
+                  if r.get("variant", "") == label and "model" in r.get("config", {})]
+        results[label] = fit_variant(runs, design, label, target, bootstrap=bootstrap, seed=seed, models=models)
     warnings = []
     if got["unfinished"]:
         warnings.append(f"{len(got['unfinished'])} runs are unfinished and left out: "

@@ -43,13 +43,13 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
 
 
-def frontier(law, laws, design: dict[str, Any], label: str, budgets: np.ndarray) -> dict[str, np.ndarray]:
+def frontier(law, laws, design: dict[str, Any], label: str, budgets: np.ndarray, models=()) -> dict[str, np.ndarray]:
     """The planner's best predicted loss at each budget under `law` (exact FLOPs), and the bootstrap laws'
     2.5/97.5 percentiles at the same shapes."""
     from scalelab.scaling.search import search
     from scalelab.sweep.fit import search_space
 
-    space, _ = search_space(design, label)
+    space, _ = search_space(design, label, models)
     N, D, L = [], [], []
     for c in budgets:
         best = search(float(c), law, space, top=1).best
@@ -68,7 +68,7 @@ def plot_frontier(result: dict[str, Any], design: dict[str, Any], path: Path) ->
     budgets = np.geomspace(min(design["budgets"]) / 1.5, target * 1.5, FRONTIER_POINTS)
     colors = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
     for (label, r), col in zip(result["_results"].items(), colors):
-        fr = frontier(r["_law"], r["_laws"], design, label, budgets)
+        fr = frontier(r["_law"], r["_laws"], design, label, budgets, r["_models"])
         name = label or "fitted law"
         ax.plot(fr["C"], fr["loss"], color=col, lw=2, label=f"{name}: best predicted loss (planner's shapes)")
         if "lo" in fr:
