@@ -206,7 +206,7 @@ def report_markdown(result: dict[str, Any], design: dict[str, Any], images: list
     hp = rec["hyperparameters"]
     lines += ["## Recommendation", "",
               f"At **C = {target:.3g} FLOPs** ({target / result['largest_budget']:.3g}x the largest budget): "
-              f"**{rec['name']}** ({rec['n_layer']} layers x {rec['n_embd']} wide, {rec['n_head']} heads, "
+              f"**{rec['name']}** ({rec['n_layer']} layer{'s' if rec['n_layer'] > 1 else ''} x {rec['n_embd']} wide, {rec['n_head']} heads, "
               f"{rec['num_key_value_heads']} KV heads), N = {format_count(rec['N'])} parameters, "
               f"D = {format_count(rec['D'])} tokens ({rec['tokens_per_param']:.1f} tokens/param), "
               f"predicted loss **{rec['loss']:.4f}** (95% prediction interval {_interval(rec.get('loss_interval_95'))}).",
@@ -241,10 +241,14 @@ def report_markdown(result: dict[str, Any], design: dict[str, Any], images: list
                       f"{se(a2['N_opt'])}, D_opt ∝ C^{a2['D_opt']['exponent']:.3f}{se(a2['D_opt'])}; at the target "
                       f"N_opt {format_count(at['N_opt'])}, D_opt {format_count(at['D_opt'])} "
                       f"(Approach 3's planner: N {format_count(v['recommendation']['N'])}, "
-                      f"D {format_count(v['recommendation']['D'])}).", ""]
+                      f"D {format_count(v['recommendation']['D'])})."]
+            lines += [f"Approach 2 skipped C = {p['C']:.3g} ({p['runs']} runs): {p['why']}." for p in a2["skipped"]]
+            lines.append("")
         h = v["hyperparameter_law"]
-        lines += [f"Hyperparameter law ({'fitted to the learning-rate x batch grids' if h['fitted'] else 'the design' + chr(39) + 's, not fitted'}): "
-                  f"eta_opt = {h['lr']['coef']:.4g} C^{h['lr']['exponent']:.4f}, "
+        origin = "fitted to the learning-rate x batch grids" if h["fitted"] else "the design's, not fitted"
+        lr = (f"lr = {h['base_lr']:g} x {h['base_width']} / n_embd" if h.get("kind") == "width" else
+              f"eta_opt = {h['lr']['coef']:.4g} C^{h['lr']['exponent']:.4f}")
+        lines += [f"Hyperparameter law ({origin}; C = {h['compute']} FLOPs): {lr}, "
                   f"B_opt = {h['batch_tokens']['coef']:.4g} C^{h['batch_tokens']['exponent']:.4f} tokens.", ""]
     lines += ["## Warnings", ""]
     lines += [f"- {w}" for w in result["warnings"]] or ["- none"]
