@@ -197,11 +197,11 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
     """Approach 3 + bootstrap, Approach 2, hyperparameter laws and the recommendation for one variant."""
     warnings: list[str] = []
     grids = F.hyperparameter_grids(runs)
-    hyper = F.fit_hyperparameters(runs, grids, name=f"fit{' ' + label if label else ''}") if grids else None
+    hyper, hyper_warnings = F.fit_hyperparameters(runs, grids, name=f"fit{' ' + label if label else ''}")
+    warnings += hyper_warnings
     grid_runs = [runs.subset(g) for g in grids]
     runs = F.best_of_grids(runs, grids)
     if hyper is not None:
-        warnings += hyper["warnings"]
         hp_law = hyper["law"]
     else:
         hp_law = hyperparameter_law_from_dict(design["hparams"], where="the design's hyperparameter law")
