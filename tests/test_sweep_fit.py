@@ -49,7 +49,7 @@ def test_the_prediction_interval_holds_the_true_loss_with_noisy_runs(tmp_path):
 def test_ab_names_the_winner_or_says_not_distinguishable(tmp_path, dE, noise, verdict):
     laws = {"rope_theta=10000": dataclasses.replace(LAW, E=LAW.E + dE), "rope_theta=500000": LAW}
     doc = write_sweep_file(tmp_path, make_sweep(tmp_path, laws, noise=noise, seed=1))
-    c = public(fit_sweep(tmp_path, doc, bootstrap=30))["comparison"]
+    c = public(fit_sweep(tmp_path, doc, bootstrap=20))["comparison"]
     assert verdict in c["verdict"]
     if verdict == "wins":
         assert c["winner"] == "rope_theta=500000" and c["distinguishable"]
