@@ -317,7 +317,8 @@ def _register_run(verbs) -> None:
     r.add_argument("--parallel", type=int, default=1, help="runs in flight at once")
     r.add_argument("--gpus-per-run", type=int, default=1, help="GPUs per run (torchrun inside the job when > 1)")
     r.add_argument("--retries", type=int, default=2, help="tries after a run's first failure before it is reported")
-    r.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: torch's default)")
+    r.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: this machine's cores / --parallel "
+                   "for local runs, torch's default for Slurm jobs: more threads than cores slows every run down)")
     r.add_argument("--timeout-min", type=int, default=7 * 24 * 60, help="a job's time limit in minutes")
     r.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="an sbatch parameter of submitit's SlurmExecutor, e.g. partition=gpu (repeatable)")
@@ -361,6 +362,9 @@ def run_run(args) -> int:
     if not (Path(doc["design"]["data_dir"]) / "meta.json").is_file():
         raise UserError(f"the sweep's data {doc['design']['data_dir']} is gone (no meta.json); prepare it there again")
     slurm = _slurm_params(args.slurm)
+    threads = args.threads
+    if threads == 0 and args.executor == "local":
+        threads = max(1, (os.cpu_count() or 1) // args.parallel)
     if args.dry_run:
         if args.executor != "slurm":
             raise UserError("--dry-run writes Slurm scripts; add --executor slurm")
@@ -379,7 +383,7 @@ def run_run(args) -> int:
 
     try:
         rows = run_sweep(out, executor=args.executor, parallel=args.parallel, gpus_per_run=args.gpus_per_run,
-                         retries=args.retries, timeout_min=args.timeout_min, slurm=slurm, threads=args.threads,
+                         retries=args.retries, timeout_min=args.timeout_min, slurm=slurm, threads=threads,
                          show=show)
     except ValueError as e:
         raise UserError(f"--slurm: {str(e).splitlines()[0]}") from None
