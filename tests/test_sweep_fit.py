@@ -141,3 +141,13 @@ def test_a_style_variant_plans_with_the_kv_heads_its_runs_trained():
     assert space.style == "llama2" and space.mha and fields == {}
     space, _ = search_space(design, "style=llama3", [{"n_head": 8, "num_key_value_heads": 2}])
     assert space.kv_heads == (2,) and not space.mha
+
+
+def test_the_designs_token_limit_holds_for_the_recommendation(tmp_path):
+    """A design limited to one pass over its data (--max-tokens) recommends within it at the target."""
+    doc = make_sweep(tmp_path)
+    free = public(fit_sweep(tmp_path, write_sweep_file(tmp_path, doc), bootstrap=0))["recommendation"]
+    limit = free["D"] / 3
+    doc["design"]["space"]["max_tokens"] = limit
+    rec = public(fit_sweep(tmp_path, write_sweep_file(tmp_path, doc), bootstrap=0))["recommendation"]
+    assert rec["D"] <= limit * 1.01 and rec["N"] > free["N"]

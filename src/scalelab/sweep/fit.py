@@ -111,8 +111,8 @@ def grown_range(text: str) -> tuple[int, ...]:
 
 
 def search_space(design: dict[str, Any], label: str, models: list[dict[str, Any]] = ()):
-    """The design's search space for one variant (width and depth ranges grown, grown_range), and the model
-    fields the variant sets outside the space ({} for none). A style variant's KV heads are those its runs
+    """The design's search space for one variant (width and depth ranges grown, grown_range; its --max-tokens
+    and --max-params kept), and the model fields the variant sets outside the space ({} for none). A style variant's KV heads are those its runs
     (`models`: their [model] tables) trained with (MHA when every run has as many as query heads), and its
     FFN ratio the style's."""
     from scalelab.scaling.search import SearchSpace
@@ -121,7 +121,9 @@ def search_space(design: dict[str, Any], label: str, models: list[dict[str, Any]
     kw: dict[str, Any] = {"style": d["style"], "head_dims": tuple(d["head_dims"]), "seq_len": int(d["seq_len"]),
                           "hidden": grown_range(str(d["hidden"])), "layers": grown_range(str(d["layers"])),
                           "vocab_size": int(d["vocab_size"]), "ffn_ratio": float(d["ffn_ratio"]),
-                          "aspect": tuple(d["aspect"]) if d.get("aspect") else None}
+                          "aspect": tuple(d["aspect"]) if d.get("aspect") else None,
+                          # the design's data and size limits hold for the extrapolation too (one pass over the data)
+                          "max_tokens": d.get("max_tokens"), "max_params": d.get("max_params")}
     if d.get("kv_heads") == "MHA":
         kw["mha"] = True
     elif d.get("kv_heads"):
