@@ -151,3 +151,14 @@ def test_the_designs_token_limit_holds_for_the_recommendation(tmp_path):
     doc["design"]["space"]["max_tokens"] = limit
     rec = public(fit_sweep(tmp_path, write_sweep_file(tmp_path, doc), bootstrap=0))["recommendation"]
     assert rec["D"] <= limit * 1.01 and rec["N"] > free["N"]
+
+
+def test_three_variants_rank_against_the_winner(tmp_path):
+    laws = {"rope_theta=1": dataclasses.replace(LAW, E=LAW.E + 0.1), "rope_theta=2": LAW,
+            "rope_theta=3": dataclasses.replace(LAW, E=LAW.E + 0.05)}
+    doc = write_sweep_file(tmp_path, make_sweep(tmp_path, laws))
+    c = public(fit_sweep(tmp_path, doc, bootstrap=0))["comparison"]
+    assert c["winner"] == "rope_theta=2" and c["loser"] == "rope_theta=3"
+    assert [o["variant"] for o in c["others"]] == ["rope_theta=3", "rope_theta=1"]
+    assert c["difference"] == pytest.approx(0.05, rel=1e-3) and c["distinguishable"] is None
+    assert "no bootstrap intervals" in c["verdict"]

@@ -268,32 +268,42 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
 # ---- A/B --------------------------------------------------------------------------------------------
 
 def compare_variants(results: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
-    """Which variant predicts the lower loss at the target, by how much, and whether the bootstrap interval
-    of the difference (independent resamples of each variant's runs) excludes zero."""
-    (a, ra), (b, rb) = list(results.items())[:2]
-    la, lb = ra["recommendation"]["loss"], rb["recommendation"]["loss"]
-    winner, loser = (a, b) if la <= lb else (b, a)
-    diff = abs(la - lb)
-    out: dict[str, Any] = {"variants": [a, b], "winner": winner, "loser": loser, "loss": {a: la, b: lb},
-                           "difference": diff, "relative": diff / max(la, lb)}
-    sa, sb = ra.get("_law_losses"), rb.get("_law_losses")
-    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
-        out.update(distinguishable=None, verdict=f"{winner} predicts the lower loss by {diff:.4f} nats; no bootstrap "
-                   "intervals (run with --bootstrap K) to say whether that exceeds the noise")
-        return out
+    """Which variant predicts the lowest loss at the target, by how much over the runner-up (the `loser`; every
+    other variant under `others`), and whether the bootstrap interval of each difference (independent resamples
+    of each variant's runs) excludes zero."""
+    losses = {label: r["recommendation"]["loss"] for label, r in results.items()}
+    ranked = sorted(losses, key=losses.get)
+    winner = ranked[0]
     rng = np.random.default_rng(seed)
-    k = max(len(sa), len(sb))
-    d = rng.choice(sb if winner == a else sa, k) - rng.choice(sa if winner == a else sb, k)  # loser - winner
-    lo, hi = (float(v) for v in np.percentile(d, [2.5, 97.5]))
-    out["difference_interval_95"] = [lo, hi]
-    out["distinguishable"] = bool(lo > 0)
-    if out["distinguishable"]:
-        out["verdict"] = (f"{winner} wins at C = {ra['recommendation']['C']:.3g}: predicted loss {diff:.4f} nats "
-                          f"({100 * out['relative']:.2f}%) lower than {loser}; the 95% interval of the difference "
-                          f"[{lo:.4f}, {hi:.4f}] excludes zero")
+    sw = results[winner].get("_law_losses")
+    others = []
+    for label in ranked[1:]:
+        diff = losses[label] - losses[winner]
+        row: dict[str, Any] = {"variant": label, "difference": diff, "relative": diff / losses[label],
+                               "difference_interval_95": None, "distinguishable": None}
+        sl = results[label].get("_law_losses")
+        if sw is not None and sl is not None and len(sw) >= 2 and len(sl) >= 2:
+            k = max(len(sw), len(sl))
+            d = rng.choice(sl, k) - rng.choice(sw, k)  # this variant - the winner
+            lo, hi = (float(v) for v in np.percentile(d, [2.5, 97.5]))
+            row.update(difference_interval_95=[lo, hi], distinguishable=bool(lo > 0))
+        others.append(row)
+    first = others[0]
+    C = results[winner]["recommendation"]["C"]
+    out: dict[str, Any] = {"variants": list(results), "winner": winner, "loser": first["variant"], "loss": losses,
+                           **{k: first[k] for k in ("difference", "relative", "difference_interval_95",
+                                                    "distinguishable")}, "others": others}
+    diff, iv = first["difference"], first["difference_interval_95"]
+    if iv is None:
+        out["verdict"] = (f"{winner} predicts the lowest loss at C = {C:.3g}, {diff:.4f} nats below {first['variant']}; "
+                          "no bootstrap intervals (run with --bootstrap K) to say whether that exceeds the noise")
+    elif first["distinguishable"]:
+        out["verdict"] = (f"{winner} wins at C = {C:.3g}: predicted loss {diff:.4f} nats ({100 * first['relative']:.2f}%) "
+                          f"lower than {first['variant']}; the 95% interval of the difference [{iv[0]:.4f}, {iv[1]:.4f}] "
+                          "excludes zero")
     else:
-        out["verdict"] = (f"not distinguishable: {winner} predicts {diff:.4f} nats lower than {loser}, but the 95% "
-                          f"interval of the difference [{lo:.4f}, {hi:.4f}] includes zero")
+        out["verdict"] = (f"not distinguishable: {winner} predicts {diff:.4f} nats lower than {first['variant']} at "
+                          f"C = {C:.3g}, but the 95% interval of the difference [{iv[0]:.4f}, {iv[1]:.4f}] includes zero")
     return out
 
 

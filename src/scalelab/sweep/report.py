@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import numpy as np
 from scalelab.units import format_count
 
 FRONTIER_POINTS = 9
+COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray",
+          "tab:olive", "tab:cyan")  # one per variant, cycled
 
 
 def slug(label: str) -> str:
@@ -66,8 +69,7 @@ def plot_frontier(result: dict[str, Any], design: dict[str, Any], path: Path) ->
     fig, ax = plt.subplots(figsize=(8, 5))
     target = result["budget"]
     budgets = np.geomspace(min(design["budgets"]) / 1.5, target * 1.5, FRONTIER_POINTS)
-    colors = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
-    for (label, r), col in zip(result["_results"].items(), colors):
+    for (label, r), col in zip(result["_results"].items(), itertools.cycle(COLORS)):
         fr = frontier(r["_law"], r["_laws"], design, label, budgets, r["_models"])
         name = label or "fitted law"
         ax.plot(fr["C"], fr["loss"], color=col, lw=2, label=f"{name}: best predicted loss (planner's shapes)")
@@ -93,7 +95,7 @@ def plot_frontier(result: dict[str, Any], design: dict[str, Any], path: Path) ->
 def plot_residuals(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for (label, r), col in zip(result["_results"].items(), ["tab:blue", "tab:red", "tab:green", "tab:purple"]):
+    for (label, r), col in zip(result["_results"].items(), itertools.cycle(COLORS)):
         runs, law = r["_runs"], r["_law"]
         ratio = runs.loss / law.loss(runs.N, runs.D) - 1
         for ax, x, name in ((axes[0], runs.N, "parameters N"), (axes[1], runs.D, "tokens D")):
