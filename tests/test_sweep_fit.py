@@ -153,11 +153,15 @@ def test_the_designs_token_limit_holds_for_the_recommendation(tmp_path):
     assert rec["D"] <= limit * 1.01 and rec["N"] > free["N"]
 
 
-def test_three_variants_rank_against_the_winner(tmp_path):
+def test_three_variants_rank_against_the_winner(tmp_path, capsys):
     laws = {"rope_theta=1": dataclasses.replace(LAW, E=LAW.E + 0.1), "rope_theta=2": LAW,
             "rope_theta=3": dataclasses.replace(LAW, E=LAW.E + 0.05)}
-    doc = write_sweep_file(tmp_path, make_sweep(tmp_path, laws))
-    c = public(fit_sweep(tmp_path, doc, bootstrap=0))["comparison"]
+    write_sweep_file(tmp_path, make_sweep(tmp_path, laws))
+    assert main(["sweep", "fit", str(tmp_path), "--bootstrap", "0"]) == 0
+    c = json.loads((tmp_path / "fit.json").read_text())["comparison"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## A/B" in report and all(f"| rope_theta={v} |" in report for v in (1, 2, 3))
+    assert all((tmp_path / f"law-rope_theta-{v}.json").is_file() for v in (1, 2, 3))
     assert c["winner"] == "rope_theta=2" and c["loser"] == "rope_theta=3"
     assert [o["variant"] for o in c["others"]] == ["rope_theta=3", "rope_theta=1"]
     assert c["difference"] == pytest.approx(0.05, rel=1e-3) and c["distinguishable"] is None

@@ -27,7 +27,7 @@ COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:b
 
 
 def slug(label: str) -> str:
-    return "-" + re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-") if label else ""
+    return "-" + re.sub(r"[^A-Za-z0-9._]+", "-", label).strip("-") if label else ""
 
 
 def _pyplot():
