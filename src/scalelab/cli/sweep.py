@@ -217,6 +217,8 @@ def run_design(args) -> int:
         print_json(result)
     else:
         print_design(result)
+    for note in result["notes"]:
+        print(f"scalelab sweep design: warning: {note}", file=sys.stderr)
     print(f"{'unchanged' if previous else 'wrote'} {out / SWEEP_FILE} (fingerprint {result['fingerprint']}); next: "
           f"scalelab sweep run {out}", file=sys.stderr)
     return 0
@@ -300,8 +302,6 @@ def print_design(result: dict) -> None:
     if "isoflop_flops" in cost:
         print(f"The same {sum(r['kind'] == 'branch' for r in result['runs'])} points as independent runs (isoflop): "
               f"{cost['isoflop_flops']:.4g} FLOPs; WSD costs {cost['flops'] / cost['isoflop_flops']:.0%} of that")
-    for note in result["notes"]:
-        print(f"note: {note}")
 
 
 # ---- run and status -------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ METHODS = ("isoflop", "grid", "wsd")
 SWEEP_FILE = "sweep.toml"
 RUNS_DIR = "runs"
 FORMAT = 1
+MIN_STEPS = 20  # fewer optimizer steps than this: a note says the run measures early optimisation
 MAX_MICRO_BATCH = 16  # sequences per forward/backward: the largest divisor of the batch up to this
 # What the design decides for every run: --set may not change these (the figures assume them).
 DESIGN_OWNED = ("data.dir", "train.seq_len", "train.global_batch_tokens", "train.max_steps", "train.max_tokens",
@@ -302,6 +303,11 @@ def design(spec: Spec) -> dict[str, Any]:
                     sched = {"schedule": hp["schedule"]}
                     runs.append(dict(p, hparams=_hp_record(hp),
                                      config=train_config(spec, cfgs[i], hp, p["steps"], sched)))
+    short = [r["name"] for r in runs if r["kind"] != "stable" and r["steps"] < MIN_STEPS]
+    if short:
+        notes.append(f"{len(short)} run(s) train fewer than {MIN_STEPS} steps ({', '.join(short[:3])}"
+                     f"{' ...' if len(short) > 3 else ''}): their losses measure the first steps of optimisation more "
+                     "than the model; raise the budgets or lower --batch-tokens")
     for r in runs:
         r["run_dir"] = f"{RUNS_DIR}/{r['name']}"
     cost = {"flops": sum(r["flops_trained"] if "flops_trained" in r else r["flops"] for r in runs)}
