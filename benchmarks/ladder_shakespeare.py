@@ -1,21 +1,22 @@
-"""Fit a scaling law to a ladder of tiny CPU runs on Shakespeare, then test it on a run it never saw.
+"""A scaling study on a CPU, from design to verification: `scalelab sweep` on Shakespeare.
 
-The loop a researcher runs with scalelab, at a scale a 2-core CPU finishes in well under an hour:
+Nothing but the public verbs, in order:
 
-1. the demo's data: a 2048-token BPE trained on Shakespeare and memory-mapped shards (reused from
+1. the demo's data: a 2048-token BPE trained on Shakespeare and its token shards (reused from
    --demo-dir when `scalelab demo` already made them);
-2. a ladder: 5 LLaMA-3-style sizes (2L x 64 ... 5L x 256, head_dim 32, 2 KV heads) x 3 token counts
-   (0.25M, 0.6M, 1.4M; never more than one pass over the training split), every run one recipe
-   (`scalelab train`, AdamW at 3e-3 x 128/width, cosine to a tenth, batch 16 x 128);
-3. `scalelab fit` on the 15 run directories -> law.json and fit.png;
-4. `scalelab plan` with that law at the demo's budget and in its search space, then train the
-   planned model (a shape the ladder never ran) and compare the law's predicted validation loss
-   with the measured one — the number that says whether planning with a fitted law is worth
-   anything.
+2. `scalelab sweep design`: an IsoFLOP ladder at three budgets (1.5e11, 3e11, 6e11 FLOPs), five
+   LLaMA-3-style shapes each from the demo's CPU-sized space (heads of 32, 2 KV heads, sequence
+   128) around the prior optimum of the `shakespeare-cpu` law, D solved exactly from C, every run
+   on one recipe: batch 16 x 128, AdamW peak 3e-3 x 128 / width (the width rule), cosine to a tenth;
+3. `scalelab sweep run` (resumable: rerun after an interruption and it continues);
+4. `scalelab sweep fit --budget 6e12`: Approach 3 with bootstrap intervals and Approach 2, and the
+   recommended run at ten times the largest budget;
+5. `scalelab sweep verify`: train that recommendation and compare its loss with the prediction.
 
-    python benchmarks/ladder_shakespeare.py                  # ~25 min on 2 cores
-    python benchmarks/ladder_shakespeare.py --out runs/ladder --budget 2e13
-Everything goes to --out; finished runs are skipped, so an interrupted ladder continues.
+    python benchmarks/ladder_shakespeare.py                 # about 15 min on 2 idle cores
+    python benchmarks/ladder_shakespeare.py --out runs/ladder --parallel 2
+
+OUT/summary.json records the wall time of each step and the verification.
 """
 
 from __future__ import annotations
@@ -27,107 +28,48 @@ import sys
 import time
 from pathlib import Path
 
-from scalelab.cli.demo import demo_learning_rate
-from scalelab.scaling.fit import read_run_dir
-
-SIZES = [(2, 64), (2, 128), (4, 128), (4, 192), (5, 256)]  # (n_layer, n_embd); heads of 32
-TOKENS = [250_000, 600_000, 1_400_000]
-RECIPE = ["train.seq_len=128", "model.block_size=128", "train.micro_batch_size=16", "train.global_batch_tokens=2048",
-          "train.warmup=20", "eval.every=100000", "eval.batches=16", "logging.every=50", "checkpoint.every=100000"]
+BUDGETS = "1.5e11,3e11,6e11"
+TARGET = "6e12"  # ten times the largest budget
+SPACE = ["--style", "llama3", "--hidden", "64:512:32", "--layers", "1:12", "--head-dims", "32", "--kv-heads", "2",
+         "--aspect", "16:130", "--seq-len", "128", "--batch-tokens", "2048", "--hparams", "width:3e-3@128",
+         "--law", "shakespeare-cpu", "--points", "5"]
 
 
-def learning_rate(n_embd: int) -> list[str]:
-    """`scalelab demo`'s rule: AdamW peak 3e-3 at width 128, scaled as 1/width (muP's rule for
-    hidden matrices), cosine to a tenth. One rate for every width made the widest runs worse than
-    narrower ones (5L x 256 on 0.25M tokens: 5.355 nats at 3e-3, 5.151 at 1.5e-3), and a law
-    cannot be fitted to a ladder whose big models are mistrained."""
-    lr = demo_learning_rate(n_embd)
-    return ["--set", f"train.lr={lr:.6g}", "--set", f"train.min_lr={lr / 10:.6g}"]
-
-
-def scalelab(*args: str, capture: bool = False) -> str:
-    cmd = [sys.executable, "-m", "scalelab", *args]
+def scalelab(*args: str) -> None:
     print("$ scalelab " + " ".join(args), file=sys.stderr, flush=True)
-    r = subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE if capture else None)
-    return r.stdout if capture else ""
-
-
-def base_config(out: Path, data_dir: Path, vocab: int) -> Path:
-    cfg = out / "base.toml"
-    cfg.write_text(f"""[model]
-style = "llama3"
-n_layer = 2
-n_embd = 64
-n_head = 2
-num_key_value_heads = 2
-vocab_size = {vocab}
-block_size = 128
-
-[data]
-dir = "{data_dir.resolve()}"
-
-[train]
-max_tokens = 250000
-dtype = "fp32"
-""")
-    return cfg
+    subprocess.run([sys.executable, "-m", "scalelab", *args], check=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/ladder")
+    ap.add_argument("--out", default="runs/ladder", help="the sweep directory (and the data, unless --demo-dir has it)")
     ap.add_argument("--demo-dir", default="runs/demo", help="reuse this demo's tokenizer/ and data/ when present")
-    ap.add_argument("--budget", default="1e13", help="the held-out run's compute (the demo's budget)")
+    ap.add_argument("--parallel", type=int, default=2, help="runs trained at once (`sweep run --parallel`)")
     args = ap.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    seconds: dict[str, float] = {}
 
-    demo = Path(args.demo_dir)
-    tok_dir, data_dir = demo / "tokenizer", demo / "data"
+    def step(name: str, *argv: str) -> None:
+        start = time.time()
+        scalelab(*argv)
+        seconds[name] = round(time.time() - start, 1)
+
+    data_dir = Path(args.demo_dir) / "data"
     if not (data_dir / "meta.json").is_file():
-        tok_dir, data_dir = out / "tokenizer", out / "data"
+        work = out.parent / f"{out.name}-data"
+        tok_dir, data_dir = work / "tokenizer", work / "data"
         if not (tok_dir / "tokenizer.json").is_file():
-            scalelab("tokenizer", "train", "--dataset", "shakespeare", "--vocab-size", "2048", "--out", str(tok_dir))
+            step("tokenizer", "tokenizer", "train", "--dataset", "shakespeare", "--vocab-size", "2048",
+                 "--out", str(tok_dir))
         if not (data_dir / "meta.json").is_file():
-            scalelab("prepare", "--dataset", "shakespeare", "--tokenizer", f"hf:{tok_dir}", "--out", str(data_dir))
-    meta = json.loads((data_dir / "meta.json").read_text())
-    vocab, train_tokens = meta["vocab_size"], meta["splits"]["train"]["tokens"]
-    cfg = base_config(out, data_dir, vocab)
-    sets = [x for kv in RECIPE for x in ("--set", kv)]
-
-    for n_layer, n_embd in SIZES:
-        for tokens in TOKENS:
-            run = out / "runs" / f"L{n_layer}-H{n_embd}-D{tokens // 1000}K"
-            if (run / "final").is_dir():  # written after the last evaluation
-                continue
-            scalelab("train", str(cfg), "--run-dir", str(run), *sets, *learning_rate(n_embd),
-                     "--set", f"model.n_layer={n_layer}",
-                     "--set", f"model.n_embd={n_embd}", "--set", f"model.n_head={n_embd // 32}",
-                     "--set", f"train.max_tokens={tokens}")
-
-    law_file, fit_png = out / "law.json", out / "fit.png"
-    fit = json.loads(scalelab("fit", str(out / "runs"), "--out", str(law_file), "--plot", str(fit_png),
-                              "--bootstrap", "100", "--budget", args.budget, "--json", capture=True))
-
-    plan_toml = out / "heldout.toml"
-    plan = json.loads(scalelab("plan", args.budget, "--law-file", str(law_file), "--style", "llama3",
-                               "--hidden", "64:512:32", "--layers", "2:12:1", "--head-dims", "32", "--kv-heads", "2",
-                               "--vocab", str(vocab), "--seq-len", "128", "--max-tokens", str(train_tokens),
-                               "--emit-config", str(plan_toml), "--json", capture=True))
-    best = plan["best"]
-    heldout = out / "heldout"
-    if not (heldout / "final").is_dir():
-        scalelab("train", str(plan_toml), "--run-dir", str(heldout), "--set", f"data.dir={data_dir.resolve()}",
-                 *sets, *learning_rate(best["n_embd"]))
-    measured = read_run_dir(heldout)[2]
-
-    summary = {"law": {k: fit[k] for k in ("E", "A", "B", "alpha", "beta", "objective")},
-               "stderr": fit.get("stderr"), "runs": len(SIZES) * len(TOKENS),
-               "heldout": {"budget": float(args.budget), "shape": best.get("name"), "N": best["N"], "D": best["D"],
-                           "predicted_val_loss": best["loss"], "measured_val_loss": measured,
-                           "error": measured - best["loss"]},
-               "minutes": (time.time() - started) / 60}
+            step("prepare", "prepare", "--dataset", "shakespeare", "--tokenizer", f"hf:{tok_dir}", "--out", str(data_dir))
+    step("design", "sweep", "design", str(out), "--budgets", BUDGETS, "--data", str(data_dir), *SPACE)
+    step("run", "sweep", "run", str(out), "--parallel", str(args.parallel))
+    step("fit", "sweep", "fit", str(out), "--budget", TARGET)
+    # one thread: on a machine shared with other work, two threads on two cores ran 20x slower
+    step("verify", "sweep", "verify", str(out), "--budget", TARGET, "--threads", "1")
+    verify = json.loads((out / "verify.json").read_text())
+    summary = {"seconds": seconds, "minutes": round(sum(seconds.values()) / 60, 1), "verify": verify}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 

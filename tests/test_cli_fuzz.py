@@ -62,6 +62,11 @@ every = 1
 """
 
 
+# `sweep design`'s tiny search space for the workspace's byte-level data (vocabulary 258)
+SWEEP_SPACE = ("--hidden 32:96:16 --layers 1:3 --head-dims 16 --kv-heads 1 --seq-len 16 --aspect none "
+               "--batch-tokens 64 --law shakespeare-cpu --gpus 1 --gpu-type H100")
+
+
 def _fill(directory: Path) -> None:
     """Fill a tmpfs to the last byte, so the next write fails with ENOSPC."""
     with open(directory / "filler", "wb", buffering=0) as f:
@@ -96,6 +101,8 @@ def workspace(tmp_path_factory):
     (ws / "a_dir").mkdir()
     (ws / "a_dir" / "keep.txt").write_text("keep\n")
     (ws / "garbage.toml").write_text("[model\nnot toml")
+    subprocess.run([*py, "sweep", "design", str(ws / "sweep"), "--budgets", "4e8,8e8", "--data", str(ws / "data"),
+                    *SWEEP_SPACE.split()], check=True, capture_output=True, env=env)
     bad_hf = ws / "hf_bad"
     bad_hf.mkdir()
     (bad_hf / "config.json").write_text(json.dumps({
@@ -135,6 +142,13 @@ CASES = [
     ("count-top-k-over-experts", "count mixtral-8x7b --set num_experts_per_tok=99"),
     ("count-mla-field-on-dense", "count llama3.1-8b --set q_lora_rank=1e30"),
     ("count-odd-rope-dim", "count deepseek-v2-lite --set qk_rope_head_dim=7"),
+    # sweep fit (a sweep directory's own refusals: tests/test_sweep_fit.py)
+    ("sweep-fit-no-such-dir", "sweep fit {ws}/nowhere"),
+    ("sweep-fit-not-a-sweep", "sweep fit {ws}/a_dir"),
+    ("sweep-fit-a-file", "sweep fit {ws}/a_file"),
+    ("sweep-fit-nan-budget", "sweep fit {ws}/a_dir --budget nan"),
+    ("sweep-fit-bad-bootstrap", "sweep fit {ws}/a_dir --bootstrap -3"),
+    ("sweep-fit-nothing-finished", "sweep fit {ws}/sweep"),
     # plan
     ("plan-degenerate-law", "plan 1e21 --B 1e308 --beta 0.0001"),
     ("plan-negative-budget", "plan -5"),
@@ -211,6 +225,34 @@ CASES = [
     ("demo-out-is-a-file", "demo --out {ws}/a_file"),
     ("demo-out-read-only", "demo --out {ro}/demo"),
     ("demo-negative-budget", "demo --out {ws}/demo --budget -1"),
+    # sweep
+    ("sweep-budgets-out-of-order", "sweep design {ws}/sw2 --budgets 8e8,4e8 --data {ws}/data " + SWEEP_SPACE),
+    ("sweep-budgets-repeated", "sweep design {ws}/sw2 --budgets 4e8,4e8 --data {ws}/data " + SWEEP_SPACE),
+    ("sweep-budget-too-small", "sweep design {ws}/sw2 --budgets 1e3,1e4 --data {ws}/data " + SWEEP_SPACE),
+    ("sweep-budget-nan", "sweep design {ws}/sw2 --budgets nan,1e9 --data {ws}/data " + SWEEP_SPACE),
+    ("sweep-missing-data", "sweep design {ws}/sw2 --budgets 4e8,8e8 --data {ws}/no_such " + SWEEP_SPACE),
+    ("sweep-data-not-data", "sweep design {ws}/sw2 --budgets 4e8,8e8 --data {ws}/a_dir " + SWEEP_SPACE),
+    ("sweep-other-design", "sweep design {ws}/sweep --budgets 4e8,1.6e9 --data {ws}/data " + SWEEP_SPACE),
+    ("sweep-design-over-a-dir", "sweep design {ws}/a_dir --budgets 4e8,8e8 --data {ws}/data " + SWEEP_SPACE),
+    ("sweep-design-over-a-file", "sweep design {ws}/a_file --budgets 4e8,8e8 --data {ws}/data " + SWEEP_SPACE),
+    ("sweep-design-read-only", "sweep design {ro}/sw --budgets 4e8,8e8 --data {ws}/data " + SWEEP_SPACE),
+    ("sweep-design-disk-full", "sweep design {full}/sw --budgets 4e8,8e8 --data {ws}/data " + SWEEP_SPACE),
+    ("sweep-design-owned-set", "sweep design {ws}/sw2 --budgets 4e8,8e8 --data {ws}/data --set train.lr=1 "
+     + SWEEP_SPACE),
+    ("sweep-design-bad-set", "sweep design {ws}/sw2 --budgets 4e8,8e8 --data {ws}/data --set eval.batches=abc "
+     + SWEEP_SPACE),
+    ("sweep-design-one-point", "sweep design {ws}/sw2 --budgets 4e8,8e8 --data {ws}/data --points 1 " + SWEEP_SPACE),
+    ("sweep-design-bad-compare", "sweep design {ws}/sw2 --budgets 4e8,8e8 --data {ws}/data --compare ffn_type "
+     + SWEEP_SPACE),
+    ("sweep-design-bad-hparams", "sweep design {ws}/sw2 --budgets 4e8,8e8 --data {ws}/data --hparams width:x "
+     + SWEEP_SPACE),
+    ("sweep-run-not-a-sweep", "sweep run {ws}/a_dir"),
+    ("sweep-run-bad-executor", "sweep run {ws}/sweep --executor pbs"),
+    ("sweep-run-zero-parallel", "sweep run {ws}/sweep --parallel 0"),
+    ("sweep-run-dry-run-local", "sweep run {ws}/sweep --dry-run"),
+    ("sweep-run-bad-slurm-key", "sweep run {ws}/sweep --executor slurm --dry-run --slurm no_such_key=1"),
+    ("sweep-status-missing", "sweep status {ws}/no_such"),
+    ("sweep-verify-without-fit", "sweep verify {ws}/sweep"),
 ]
 
 

@@ -544,29 +544,80 @@ def _jsonl(tmp_path, runs: F.Runs, name="iso.jsonl") -> Path:
     return path
 
 
-def test_isoflop_warns_when_budgets_do_not_cluster(tmp_path, cli):
+def test_isoflop_refuses_budgets_that_do_not_cluster(tmp_path, cli):
     """Continuous budgets (log-uniform over 2 decades, 40 runs): consecutive runs chain within the
-    tolerance into groups that span far more than it; the fit says so instead of staying silent."""
+    tolerance into groups that span far more than it; the fit refuses (once it warned and printed
+    exponents anyway)."""
     rng = np.random.default_rng(0)
     law = LAWS["chinchilla"]
     C = 10 ** rng.uniform(18, 20, 40)
     N = law.optimal_n(C) * 10 ** rng.uniform(-0.5, 0.5, 40)
     runs = F.Runs(N, C / (6 * N), law.loss(N, C / (6 * N)), C, ["x"] * 40)
-    res = F.fit_isoflop(runs, tolerance_dex=0.1)
-    assert res["warnings"] and "runs' FLOPs do not cluster" in res["warnings"][0]
-    spans = [np.ptp(np.log10(C[p["index"]])) for p in res["budgets"]]
-    assert max(spans) > 0.1  # the truth the warning reports: a "budget" mixing budgets
+    with pytest.raises(UserError, match="do not form separate budgets"):
+        F.fit_isoflop(runs, tolerance_dex=0.1)
     r = cli("fit", _jsonl(tmp_path, runs), "--method", "isoflop")
-    assert r.returncode == 0 and "warning: runs' FLOPs do not cluster" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--budgets" in r.stderr
     # well-separated budgets: no warning
     assert F.fit_isoflop(isoflop_runs(law))["warnings"] == []
+
+
+PAPER_BUDGETS = [6e18, 1e19, 3e19, 6e19, 1e20, 3e20, 6e20, 1e21, 3e21]  # Hoffmann et al. 2022, Figure 3
+
+
+def test_chinchilla_figure_4_needs_the_papers_budgets():
+    """At the default 0.1 dex, 222 of the digitised runs (6e18 .. 1e21) chain into one group: once that gave
+    N_opt ∝ C^0.16 "± nan"; now it is refused, and with the paper's 9 budgets the exponent is the paper's 0.50."""
+    chinchilla = F.read_table(DATA, tokens_from_flops=True)
+    with pytest.raises(UserError, match=r"222 runs from C = .* to 1.01e\+21"):
+        F.fit_isoflop(chinchilla)
+    res = F.fit_isoflop(chinchilla, budgets=PAPER_BUDGETS)
+    assert len(res["budgets"]) == 9
+    assert res["N_opt_exponent"] == pytest.approx(0.50, abs=0.03)  # Hoffmann et al. Table 2, Approach 2: a = 0.49
+
+
+def small_shape_runs(budgets=(1e13, 3e13, 1e14), best=2):
+    """LLaMA-3-style shapes of 0.4M-14M parameters (vocab 2048, seq 128), D solved exactly from C with each
+    shape's exact training FLOPs per token (0.75-0.99 x 6N), loss a parabola in ln N whose minimum is the
+    shape `best` at every budget."""
+    from scalelab.counting import count_params, training_flops_per_token
+    from scalelab.presets import style_config
+
+    shapes = [(2, 64), (3, 96), (3, 128), (4, 192), (5, 256), (6, 384)]
+    cfgs = [style_config("llama3", L, H, max(H // 32, 1), vocab_size=2048, block_size=128) for L, H in shapes]
+    n = np.array([count_params(c).total for c in cfgs], float)
+    fpt = np.array([training_flops_per_token(c, 128) for c in cfgs], float)
+    N, D, L, C = [], [], [], []
+    for c in budgets:
+        N += list(n)
+        D += list(c / fpt)
+        C += [c] * len(n)
+        L += list(3.0 + 0.1 * (np.log(n) - np.log(n[best])) ** 2)
+    return F.Runs(np.array(N), np.array(D), np.array(L), np.array(C), ["s"] * len(N)), c / fpt[best], n[best]
+
+
+def test_isoflop_d_opt_uses_the_runs_exact_flops_per_token():
+    """Small shapes cost 0.75-0.99 x 6N FLOPs per token: D_opt = C/(6 N_opt) was 13% short of the tokens the
+    optimal run actually trained on (3L x 128H); now D_opt is the tokens C buys at N_opt at the runs' own rate."""
+    runs, d_true, n_true = small_shape_runs()
+    res = F.fit_isoflop(runs)
+    for p in res["budgets"]:
+        assert p["N_opt"] == pytest.approx(n_true, rel=1e-6)
+        assert p["D_opt"] == pytest.approx(d_true * p["C"] / 1e14, rel=0.005)
+
+
+def test_isoflop_warns_about_edges_and_too_few_budgets():
+    runs, _, _ = small_shape_runs(budgets=(1e13, 1e14), best=0)
+    res = F.fit_isoflop(runs)
+    assert any("at the edge of the sampled shapes" in w or "outside the sampled sizes" in w for w in res["warnings"])
+    assert any("only 2 budgets bracket the fit" in w for w in res["warnings"])
+    assert any("exponent outside (0, 1)" in w for w in res["warnings"])  # N_opt constant: exponent 0
 
 
 def test_isoflop_says_which_runs_explicit_budgets_leave_out():
     runs = isoflop_runs(LAWS["chinchilla"], budgets=(1e18, 1e19, 1e20))
     res = F.fit_isoflop(runs, budgets=[1e18, 1e19])
-    assert res["warnings"] == ["9 of 27 runs are more than 0.1 dex from every --budgets value and are left out; "
-                               "add their budgets or raise --flop-tolerance"]
+    assert res["warnings"][0] == ("9 of 27 runs are more than 0.1 dex from every --budgets value and are left out; "
+                               "add their budgets or raise --flop-tolerance")
 
 
 def test_isoflop_two_budgets_say_why_there_is_no_standard_error(tmp_path, cli):

@@ -532,3 +532,39 @@ def test_huge_but_finite_limits_plan_without_numpy_warnings(cli, args):
     r = cli("plan", "1e21", *args, "--json")
     assert r.returncode == 0 and "RuntimeWarning" not in r.stderr
     assert json.loads(r.stdout)["best"]["N"] == plan_json(cli, "1e21")["best"]["N"]  # a limit that never binds
+
+
+def test_emit_config_fills_hyperparameters_from_the_default_law_labelled(cli, tmp_path):
+    """No law file hyperparameters: DeepSeek LLM's laws at the plan's C in their convention (non-embedding
+    FLOPs: 72 L d^2 + 6 L d S per token for these blocks, computed here by hand), labelled as the default."""
+    from scalelab.train.config import load_config
+
+    path = tmp_path / "plan.toml"
+    plan_json(cli, "1e21", "--emit-config", str(path))
+    text = path.read_text()
+    assert "DEFAULT hyperparameter laws" in text and "2401.02954" in text
+    cfg = load_config(path)
+    m, t = cfg.model, cfg.train
+    L, d, S = m.n_layer, m.n_embd, t.seq_len
+    gemm = 2 * d * d + 2 * d * m.kv_dim + 3 * d * m.ffn_hidden  # Q, O, K, V and the SwiGLU FFN
+    c_deepseek = (6 * L * gemm + 6 * L * d * S) * t.max_tokens
+    assert t.lr == pytest.approx(0.3118 * c_deepseek ** -0.125, rel=1e-9)
+    assert t.global_batch_tokens == pytest.approx(0.2920 * c_deepseek ** 0.3271, rel=8 * S / t.global_batch_tokens)
+    assert t.global_batch_tokens % (S * t.micro_batch_size) == 0
+    assert t.min_lr == pytest.approx(0.1 * t.lr) and t.schedule == "cosine" and t.warmup == 2000
+
+
+def test_emit_config_uses_the_law_files_fitted_hyperparameters(cli, tmp_path):
+    from scalelab.scaling import hparams
+    from scalelab.train.config import load_config
+
+    law_path = tmp_path / "law.json"
+    law = hparams.HyperparameterLaw(lr_coef=2.0, lr_exponent=-0.1, batch_coef=1.0, batch_exponent=0.3,
+                                    compute="training", min_lr_ratio=0.05)
+    law_path.write_text(json.dumps(dict(LAWS["chinchilla"].to_dict(), hyperparameters=law.to_dict())))
+    path = tmp_path / "plan.toml"
+    plan_json(cli, "1e21", "--law-file", str(law_path), "--emit-config", str(path))
+    assert f"fitted in {law_path}" in path.read_text()
+    cfg = load_config(path)
+    C = counting.training_flops_per_token(cfg.model, cfg.train.seq_len) * cfg.train.max_tokens
+    assert cfg.train.lr == pytest.approx(2.0 * C ** -0.1, rel=1e-9) and cfg.train.min_lr == pytest.approx(0.05 * cfg.train.lr)

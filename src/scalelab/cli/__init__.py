@@ -36,6 +36,7 @@ VERB_MODULES = [
     "plot",
     "hf",
     "demo",
+    "sweep",
 ]
 
 

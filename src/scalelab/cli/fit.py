@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     runs = F.load_runs(args.inputs, tokens_from_flops=args.tokens_from_flops, pick=args.pick,
                        non_embedding=args.non_embedding)
     runs = F.drop_highest_loss(runs, args.drop_highest_loss)
+    grids = F.hyperparameter_grids(runs)
+    hyper, hyper_warnings = F.fit_hyperparameters(runs, grids)
+    runs = F.best_of_grids(runs, grids)
     if budget is None:
         budget = float(runs.C.max())
 
@@ -154,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         fit = F.fit_approach3(runs, delta=args.huber_delta)
     summary = F.summarize(fit, budget, runs)  # NoOptimum (exit 2) when a term vanished
+    for message in hyper_warnings:
+        _warn(message)
+    if hyper is not None:
+        summary["hyperparameters"] = {"law": hyper["law"].to_dict(), "budgets": hyper["budgets"],
+                                      "lr_exponent_stderr": hyper["lr"]["exponent_stderr"],
+                                      "batch_exponent_stderr": hyper["batch_tokens"]["exponent_stderr"]}
     for bound in summary["at_bounds"]:
         term = "N" if bound.startswith("alpha") else "D"
         _warn(f"{bound} is at its bound: the loss does not fall as a power of {term} "
@@ -176,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         for key in ("stderr", "bootstrap"):
             if key in summary:
                 extra[key] = summary[key]
+        if hyper is not None:
+            extra["hyperparameters"] = hyper["law"].to_dict()
         save_law(fit.law, args.out, jsonable(extra))  # atomic: an existing law file changes only now
     if args.plot:
         F.plot_approach3(runs, fit, args.plot, budget=budget)
@@ -224,6 +235,14 @@ def _print_approach3(s, args) -> None:
             ("tokens per param", _pm(s, "tokens_per_param", ".2f")),
             ("predicted loss", f"{s['loss_at_budget']:.4f}")]
     print_table(rows, "compute-optimal at the budget (C = 6ND)")
+    if "hyperparameters" in s:
+        law, h = s["hyperparameters"]["law"], s["hyperparameters"]
+        print_table([
+            ("eta_opt", f"{law['lr']['coef']:.4g} · C^{law['lr']['exponent']:.4f}"),
+            ("B_opt (tokens)", f"{law['batch_tokens']['coef']:.4g} · C^{law['batch_tokens']['exponent']:.4f}"),
+            ("from", f"{len(h['budgets'])} learning-rate x batch grids (C = training FLOPs; the loss law uses "
+                     "each grid's best run)"),
+        ], "hyperparameter laws (DeepSeek LLM's method)")
     if args.out:
         print(f"wrote {args.out} (use: scalelab plan C --law-file {args.out})")
     if args.plot:

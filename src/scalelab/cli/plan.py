@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     if args.layout == "auto":
         choose_layout(result)
     if args.emit_config:
-        write_config(result, args.emit_config, args.overrides, argv=_command_argv())
+        write_config(result, args.emit_config, args.overrides, argv=_command_argv(), law_file=args.law_file)
         result.search["emitted_config"] = args.emit_config
     if args.plot:
         plot_isoflop(result, args.plot)
@@ -401,9 +401,43 @@ def trainer_checkpointing_modes() -> tuple[tuple[str, str], ...]:
     return tuple(m for m in layout_search.CHECKPOINTING if m[0] in accepted)
 
 
-def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | None = None) -> str:
+def planned_hyperparameters(result, law_file: str | None = None) -> tuple[dict, str]:
+    """The plan's [train] lr, min_lr, warmup, schedule and global_batch_tokens from a hyperparameter law
+    (scaling/hparams.py): the law file's fitted one when it has one, else DeepSeek LLM's default; and the
+    comment that names the source. The batch is a whole number of micro-batches: the plan's micro-batch on
+    its GPUs, or, without memory settings, the trainer's default micro_batch_size (TrainSection)."""
+    from scalelab.config import ModelConfig
+    from scalelab.scaling import hparams
+
+    b, space = result.best, result.space
+    law = hparams.hyperparameter_law_from_file(law_file) if law_file else None
+    if law is not None:
+        source = (f"# lr, min_lr, warmup, schedule, global_batch_tokens: the hyperparameter law fitted in {law_file} "
+                  f"(eta_opt = {law.lr_coef:.4g} C^{law.lr_exponent:.4f}, B_opt = {law.batch_coef:.4g} "
+                  f"C^{law.batch_exponent:.4f} tokens, C = {law.compute} FLOPs)")
+    else:
+        law = hparams.DEFAULT
+        source = ("# lr, min_lr, warmup, schedule, global_batch_tokens: DEFAULT hyperparameter laws, not fitted to "
+                  "this setup: DeepSeek LLM (arXiv 2401.02954, sec. 3.1), eta_opt = 0.3118 C^-0.125, B_opt = 0.2920 "
+                  "C^0.3271 tokens, C = non-embedding training FLOPs; fit your own with `scalelab fit` on "
+                  "learning-rate x batch grids (`scalelab sweep design --tune-lr`)")
+    cfg = ModelConfig(**b["config"])
+    from scalelab.train.config import TrainSection
+
+    micro = space.micro_batch if space.trainer_settings() else TrainSection().micro_batch_size
+    unit = b["seq_len"] * micro * space.gpus
+    hp = hparams.hyperparameters(hparams.law_compute(law, cfg, b["seq_len"], b["D_rounded"]), law, width=cfg.n_embd,
+                                 tokens=b["D_rounded"], seq_len=unit)  # seq_len=unit: whole micro-batches
+    train = {"global_batch_tokens": int(hp["batch_tokens"]), "lr": hp["peak_lr"], "min_lr": hp["min_lr"],
+             "warmup": float(hp["warmup"]), "schedule": hp["schedule"]}
+    return train, source
+
+
+def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | None = None,
+                        law_file: str | None = None) -> str:
     """A training config: [model] with the full fields, [data] dir placeholder, [train] seq_len and
-    max_tokens = D rounded down to whole sequences, and, when the plan filtered by memory, every
+    max_tokens = D rounded down to whole sequences, lr, min_lr, warmup, schedule and global batch from a
+    hyperparameter law (planned_hyperparameters), and, when the plan filtered by memory, every
     setting that memory figure assumed ([train] micro-batch, activation checkpointing, dtype,
     attention; [parallel] strategy), so that counting the config gives the plan's figure."""
     import tomli_w
@@ -412,8 +446,14 @@ def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | Non
 
     b, space = result.best, result.space
     settings = b.get("trainer_settings") or space.trainer_settings()
+    hyper, hyper_source = planned_hyperparameters(result, law_file)
+    if "layout" in b:  # the layout's figures (memory with pipeline micro-batches, step time) assume its batch
+        hyper_source += (f"\n# global_batch_tokens: the layout search's {settings['train']['global_batch_tokens']:,} "
+                         f"(its step time assumes it), not the law's {hyper['global_batch_tokens']:,}")
+        hyper = {k: v for k, v in hyper.items() if k != "global_batch_tokens"}
     sections = {"data": {"dir": "data/shakespeare"},
-                "train": {"seq_len": b["seq_len"], "max_tokens": b["D_rounded"], **settings.get("train", {})},
+                "train": {"seq_len": b["seq_len"], "max_tokens": b["D_rounded"], **settings.get("train", {}),
+                          **hyper},
                 "parallel": dict(settings.get("parallel", {}))}
     apply_overrides(sections, overrides)
     command = "scalelab " + " ".join(argv) if argv else f"scalelab plan {result.C:.4g}"
@@ -423,8 +463,6 @@ def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | Non
         f"{b['loss']:.4f}, N = {b['N']:,} parameters, D = {b['D_rounded']:,} tokens (D/N {b['tokens_per_param']:.1f}).",
     ]
     if settings:
-        per_micro = b["seq_len"] * space.micro_batch * space.gpus
-        accumulation = max(1, round(2**19 / per_micro))
         launch = (f"torchrun --nproc_per_node {space.gpus} -m scalelab train FILE" if space.gpus > 1
                   else "scalelab train FILE")
         lines += [
@@ -441,20 +479,15 @@ def emitted_config_text(result, overrides: list[str] = (), argv: list[str] | Non
         tomli_w.dumps(sections.pop("data")).rstrip(),
         "",
         "[train]",
+        "# max_tokens is D from the plan (whole sequences; the trainer rounds up to whole steps)",
+        hyper_source,
         tomli_w.dumps(sections.pop("train")).rstrip(),
-        "# max_tokens is D from the plan (whole sequences); the trainer's defaults cover the rest, e.g.",
     ]
     if "layout" in b:
         lay = b["layout"]
         lines.append(f"# layout (--layout auto): {lay['describe']}, predicted {lay['step_seconds']:.2f} s per step, "
                      f"{lay['tokens_per_second_per_device']:,.0f} tokens/s per GPU, MFU {lay['mfu']:.1%} "
                      "(scalelab.steptime; `scalelab count FILE --gpu-type ... --mfu auto` shows the breakdown)")
-    elif settings:
-        lines.append(f"# global_batch_tokens = {accumulation * per_micro}   # ~0.5M tokens/step by gradient "
-                     "accumulation, which leaves the memory as planned")
-    else:
-        lines += ["# micro_batch_size = 8", "# global_batch_tokens = 524288   # 0.5M tokens/step"]
-    lines.append("# lr = 3e-4")
     parallel = sections.pop("parallel")
     if parallel:
         lines += ["", "[parallel]", tomli_w.dumps(parallel).rstrip()]
@@ -469,7 +502,8 @@ def _command_argv() -> list[str]:
     return argv[argv.index("plan"):] if "plan" in argv else ["plan", *argv]
 
 
-def write_config(result, path: str, overrides: list[str] = (), argv: list[str] | None = None) -> None:
+def write_config(result, path: str, overrides: list[str] = (), argv: list[str] | None = None,
+                 law_file: str | None = None) -> None:
     """Check the config with the trainer's own loader (no torch), then write it atomically: an
     invalid one (`--set train.lr=abc`) is a UserError and nothing is written."""
     import tomllib
@@ -477,7 +511,7 @@ def write_config(result, path: str, overrides: list[str] = (), argv: list[str] |
     from scalelab.files import atomic_write_text
     from scalelab.train.config import config_from_dict
 
-    text = emitted_config_text(result, overrides, argv)
+    text = emitted_config_text(result, overrides, argv, law_file)
     config_from_dict(tomllib.loads(text), where=f"--emit-config {path}")
     atomic_write_text(path, text)
 

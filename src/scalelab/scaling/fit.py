@@ -18,7 +18,8 @@ L-BFGS-B with an analytic gradient. On the Chinchilla data this reaches an objec
 good as the full classic grid about 100x faster (benchmarks/fit_speed.py).
 
 Approach 2 (`fit_isoflop`): runs grouped by compute budget C, a parabola of loss in log N per
-budget, its minimum N_opt(C), D_opt = C / (6 N_opt), and power laws N_opt ∝ C^a, D_opt ∝ C^b.
+budget, its minimum N_opt(C), D_opt = the tokens C buys at N_opt at the runs' own FLOPs per token,
+and power laws N_opt ∝ C^a, D_opt ∝ C^b.
 
 Reading runs (`load_runs`): CSV / JSONL tables with N, D, loss (aliases below), or run
 directories written by `scalelab train` (metrics.jsonl + config.toml / model.toml).
@@ -52,6 +53,8 @@ _ALIASES = {
     "D": ("d", "tokens", "trainingtokens", "ntokens", "tokensseen"),
     "loss": ("loss", "valloss", "finalloss", "evalloss"),
     "C": ("c", "flops", "trainingflop", "trainingflops", "compute"),
+    "lr": ("lr", "learningrate", "peaklr"),
+    "batch": ("batch", "batchtokens", "globalbatchtokens"),
 }
 
 
@@ -63,13 +66,16 @@ class Runs:
     loss: np.ndarray
     C: np.ndarray  # FLOPs as given (a table's C column, a run's logged flops), else 6ND
     source: list[str] = field(default_factory=list)  # "file:line" or run directory, per run
+    lr: np.ndarray | None = None     # peak learning rate per run, when every run gives one
+    batch: np.ndarray | None = None  # global batch in tokens per run, when every run gives one
 
     def __len__(self) -> int:
         return len(self.loss)
 
     def subset(self, idx) -> "Runs":
         idx = np.asarray(idx)
-        return Runs(self.N[idx], self.D[idx], self.loss[idx], self.C[idx], [self.source[i] for i in idx])
+        return Runs(self.N[idx], self.D[idx], self.loss[idx], self.C[idx], [self.source[i] for i in idx],
+                    None if self.lr is None else self.lr[idx], None if self.batch is None else self.batch[idx])
 
 
 def _norm(name: str) -> str:
@@ -152,7 +158,7 @@ def read_table(path: str | Path, *, tokens_from_flops: bool = False) -> Runs:
             raise UserError(f"{path}: missing column 'D' (or 'tokens'); columns are {', '.join(columns)}")
     if not rows:
         raise UserError(f"{path}: no data rows")
-    N, D, L, C, src = [], [], [], [], []
+    N, D, L, C, src, LR, B = [], [], [], [], [], [], []
     for where, rec in rows:
         def get(ours: str) -> float:
             col = cols[ours]
@@ -163,7 +169,10 @@ def read_table(path: str | Path, *, tokens_from_flops: bool = False) -> Runs:
         c = get("C") if "C" in cols else None
         d = get("D") if "D" in cols else _number(c / (6.0 * n), where=where, column=f"{cols['C']}/(6·{cols['N']})")
         N.append(n), D.append(d), L.append(loss), C.append(c if c is not None else 6.0 * n * d), src.append(where)
-    return Runs(np.array(N), np.array(D), np.array(L), np.array(C), src)
+        if "lr" in cols and "batch" in cols:
+            LR.append(get("lr")), B.append(get("batch"))
+    return Runs(np.array(N), np.array(D), np.array(L), np.array(C), src,
+                np.array(LR) if LR else None, np.array(B) if B else None)
 
 
 # ---- run directories (scalelab train) --------------------------------------------------------
@@ -181,6 +190,25 @@ def _run_params(run_dir: Path, *, non_embedding: bool) -> float:
             counts = count_params(ModelConfig.from_toml(cfg_path))
             return float(counts.non_embedding if non_embedding else counts.total)
     raise UserError(f"{run_dir}: no {' or '.join(RUN_CONFIG_NAMES)} to count the model's parameters")
+
+
+def run_hyperparameters(run_dir: Path) -> tuple[float, float] | None:
+    """(peak lr, global batch tokens) from a run's config.toml [train]; None when it has none. A batch of 0
+    (one micro-batch per device) counts micro_batch_size x seq_len (one device)."""
+    import tomllib
+
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return None
+    try:
+        train = tomllib.loads(path.read_text(encoding="utf-8")).get("train", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    if not isinstance(train, dict) or "lr" not in train:
+        return None
+    batch = train.get("global_batch_tokens") or (train.get("micro_batch_size", 8) * train.get("seq_len", 1024))
+    return (_number(train["lr"], where=str(path), column="train.lr"),
+            _number(batch, where=str(path), column="train.global_batch_tokens"))
 
 
 def read_run_dir(run_dir: str | Path, *, pick: str = "final",
@@ -245,20 +273,60 @@ def load_runs(inputs: Sequence[str | Path], *, tokens_from_flops: bool = False, 
             vals = [read_run_dir(d, pick=pick, non_embedding=non_embedding) for d in dirs]
             n, d, loss = (np.array([v[k] for v in vals]) for k in range(3))
             c = np.array([v[3] if v[3] is not None else 6.0 * v[0] * v[1] for v in vals])
-            parts.append(Runs(n, d, loss, c, [v[4] for v in vals]))
+            hp = [run_hyperparameters(Path(v[4])) for v in vals]
+            lr, batch = (np.array([h[k] for h in hp]) if all(hp) else None for k in range(2))
+            parts.append(Runs(n, d, loss, c, [v[4] for v in vals], lr, batch))
         elif path.is_file():
             parts.append(read_table(path, tokens_from_flops=tokens_from_flops))
         else:
             raise UserError(f"input not found: {path}")
     if not parts:
         raise UserError("no input: give CSV/JSONL files or run directories")
+    with_hp = all(p.lr is not None for p in parts)
     runs = Runs(np.concatenate([p.N for p in parts]), np.concatenate([p.D for p in parts]),
                 np.concatenate([p.loss for p in parts]), np.concatenate([p.C for p in parts]),
-                [s for p in parts for s in p.source])
+                [s for p in parts for s in p.source],
+                np.concatenate([p.lr for p in parts]) if with_hp else None,
+                np.concatenate([p.batch for p in parts]) if with_hp else None)
     overflow = np.flatnonzero(~np.isfinite(runs.C))
     if len(overflow):
         raise UserError(f"{runs.source[overflow[0]]}: C = 6·N·D overflows a float; give N and D in raw counts")
     return runs
+
+
+def hyperparameter_grids(runs: Runs, tolerance_dex: float = 0.1) -> list[list[int]]:
+    """The learning-rate x batch grids among the runs (hparams.grid_groups); [] without lr and batch."""
+    from scalelab.scaling.hparams import grid_groups
+
+    if runs.lr is None or runs.batch is None:
+        return []
+    return grid_groups(runs.C, runs.N, runs.lr, runs.batch, tolerance_dex=tolerance_dex)
+
+
+def best_of_grids(runs: Runs, grids: list[list[int]]) -> Runs:
+    """The runs with each learning-rate x batch grid reduced to its lowest-loss run: a loss law L(N, D) is a
+    law of well-tuned runs, and a grid's mistuned corners would pull it up."""
+    if not grids:
+        return runs
+    drop = {i for g in grids for i in g} - {min(g, key=lambda i: runs.loss[i]) for g in grids}
+    return runs.subset([i for i in range(len(runs)) if i not in drop])
+
+
+def fit_hyperparameters(runs: Runs, grids: list[list[int]], name: str = "fit") -> tuple[dict[str, Any] | None, list[str]]:
+    """hparams.fit_hyperparameter_law over the grids' runs (DeepSeek LLM's method) and its warnings; (None, [])
+    without grids, (None, [why]) when the grids cannot give a law (all at one budget): the loss law is still
+    fitted."""
+    from scalelab.scaling.hparams import fit_hyperparameter_law
+
+    if not grids:
+        return None, []
+    idx = np.array(sorted(i for g in grids for i in g))
+    sub = runs.subset(idx)
+    try:
+        result = fit_hyperparameter_law(sub.C, sub.N, sub.lr, sub.batch, sub.loss, name=name)
+    except UserError as e:
+        return None, [f"no hyperparameter law fitted: {e}"]
+    return result, result["warnings"]
 
 
 def drop_highest_loss(runs: Runs, k: int) -> Runs:
@@ -649,7 +717,7 @@ def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int
     """Refit k resamples of the runs (drawn with replacement): standard errors (std over
     resamples) and 95% percentile intervals for E, A, B, alpha, beta, the exponents, and
     N_opt / D_opt / tokens-per-parameter at the budget. Each refit starts from the full-data
-    optimum plus the best cells of a coarser projected grid.
+    optimum plus the best cells of a coarser projected grid. `laws`: the valid resamples' LossLaws.
 
     A resample whose runs cannot identify the law (design_problem) or whose law has no compute
     optimum (NoOptimum) is counted under `degenerate` by reason, not fatal; the intervals come
@@ -657,7 +725,7 @@ def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int
     if k < 2:
         raise UserError(f"--bootstrap needs at least 2 resamples, got {k}")
     rng = np.random.default_rng(seed)
-    rows, degenerate = [], {}
+    rows, degenerate, laws = [], {}, []
     for i in range(k):
         sample = runs.subset(rng.integers(0, len(runs), len(runs)))
         why = design_problem(sample)
@@ -666,6 +734,7 @@ def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int
                 f = fit_approach3(sample, delta=delta, grid_size=24, n_starts=2, x0=fit.x)
                 s = summarize(f, budget, sample)
                 rows.append([s[key] for key in BOOTSTRAP_KEYS])
+                laws.append(f.law)
             except NoOptimum as e:
                 why = e.why
             except UserError as e:
@@ -674,7 +743,8 @@ def bootstrap(runs: Runs, fit: Approach3Fit, budget: float, k: int, *, seed: int
             degenerate[why] = degenerate.get(why, 0) + 1
         if progress is not None:
             progress(i + 1, k)
-    out: dict[str, Any] = {"resamples": k, "seed": seed, "valid": len(rows), "degenerate": degenerate}
+    out: dict[str, Any] = {"resamples": k, "seed": seed, "valid": len(rows), "degenerate": degenerate,
+                           "laws": laws}
     if len(rows) < 2:
         out["no_interval"] = (f"only {len(rows)} of {k} resamples gave a law with a compute optimum; "
                               "no standard errors (the runs do not pin the law down: widen the ladder)")
@@ -727,34 +797,76 @@ def _power_law(logc: np.ndarray, logy: np.ndarray) -> dict[str, Any]:
 FAR_MINIMUM_DEX = 1.0  # a parabola whose minimum lies more than a decade outside the sampled N is too flat to use
 
 
-def _clustering_warnings(runs: Runs, group: np.ndarray, budgets, tolerance_dex: float) -> list[str]:
-    """Budgets that do not cluster: a group spanning more than the tolerance (consecutive runs
-    chained continuous FLOPs together) mixes budgets; runs farther than the tolerance from every
-    --budgets value are left out."""
-    warnings = []
+def _check_clusters(runs: Runs, group: np.ndarray, budgets, tolerance_dex: float) -> list[str]:
+    """Budgets that do not cluster are refused: a group spanning more than the tolerance (consecutive runs
+    chained continuous FLOPs together, e.g. Chinchilla's Figure 4 at 0.1 dex chains 222 runs from 6e18 to 1e21)
+    mixes budgets, and its "optimum" means nothing. Runs farther than the tolerance from every --budgets value
+    are left out, with a warning (returned)."""
     logc = np.log10(runs.C)
-    for g in sorted(set(group.tolist()) - {-1}):
-        span = float(np.ptp(logc[group == g]))
-        if budgets is None and span > tolerance_dex:
-            warnings.append(f"runs' FLOPs do not cluster: the group at C ≈ {10 ** logc[group == g].mean():.3g} spans "
-                            f"{span:.2f} dex, more than --flop-tolerance {tolerance_dex:g} (consecutive runs chain "
-                            "together), so its profile mixes budgets; give --budgets, or run each budget's sizes "
-                            "at one FLOP count")
+    if budgets is None:
+        for g in sorted(set(group.tolist())):
+            members = logc[group == g]
+            span = float(np.ptp(members))
+            if span > tolerance_dex:
+                raise UserError(
+                    f"the runs' FLOPs do not form separate budgets: at --flop-tolerance {tolerance_dex:g} dex, "
+                    f"{len(members)} runs from C = {10 ** members.min():.3g} to {10 ** members.max():.3g} "
+                    f"({span:.2f} dex) chain into one group, whose profile would mix budgets; give the budgets "
+                    "the runs were planned at with --budgets (e.g. --budgets 1e18,3e18,1e19)")
     left_out = int((group == -1).sum())
     if left_out:
-        warnings.append(f"{left_out} of {len(runs)} runs are more than {tolerance_dex:g} dex from every --budgets "
-                        "value and are left out; add their budgets or raise --flop-tolerance")
-    return warnings
+        return [f"{left_out} of {len(runs)} runs are more than {tolerance_dex:g} dex from every --budgets "
+                "value and are left out; add their budgets or raise --flop-tolerance"]
+    return []
+
+
+def tokens_at(runs: Runs, idx: np.ndarray, C: float, n: float) -> float:
+    """The tokens budget C buys a model of n parameters, from the runs' own FLOPs per token (C_i / D_i:
+    exact logged FLOPs include attention and leave out the embedding, so for small shapes they differ from
+    6N by 4-25%), interpolated piecewise linearly in log N between the budget's runs (exactly C/6N when the
+    runs' C is 6ND)."""
+    logn, inverse = np.unique(np.round(np.log(runs.N[idx]), 9), return_inverse=True)
+    logk = np.bincount(inverse, np.log(runs.C[idx] / runs.D[idx])) / np.bincount(inverse)
+    logk_at = float(np.interp(math.log(n), logn, logk))  # piecewise linear; the end values outside
+    return float(C / math.exp(logk_at))
+
+
+MIN_BRACKETING_BUDGETS = 3
+
+
+def _isoflop_warnings(profiles: list[dict[str, Any]], runs: Runs) -> list[str]:
+    """Honest diagnostics: optima at the edge of a budget's sampled sizes, too few budgets, exponents
+    outside (0, 1) (N_opt and D_opt cannot both grow with C otherwise)."""
+    out = []
+    for p in profiles:
+        idx = np.asarray(p["index"])
+        n = runs.N[idx]
+        best_n = n[np.argmin(runs.loss[idx])]
+        if not p["in_range"]:
+            out.append(f"budget C = {p['C']:.3g}: the fitted optimum N = {format_count(p['N_opt'])} lies outside the "
+                       f"sampled sizes ({format_count(n.min())} .. {format_count(n.max())}), an extrapolation; add "
+                       f"sizes {'below' if p['N_opt'] < n.min() else 'above'} them")
+        elif best_n in (n.min(), n.max()):
+            out.append(f"budget C = {p['C']:.3g}: the lowest loss is at the {'smallest' if best_n == n.min() else 'largest'} "
+                       f"sampled size ({format_count(best_n)}), so the optimum sits at the edge of the sampled shapes; "
+                       f"add sizes {'below' if best_n == n.min() else 'above'} it")
+    if len(profiles) < MIN_BRACKETING_BUDGETS:
+        out.append(f"only {len(profiles)} budgets bracket the fit (fewer than {MIN_BRACKETING_BUDGETS}): the exponents "
+                   "rest on a line through two points; add a budget")
+    return out
 
 
 def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance_dex: float = 0.1,
                 min_runs: int = 3) -> dict[str, Any]:
     """Approach 2. Per budget: loss = p2·x² + p1·x + p0 with x = ln N; N_opt = exp(−p1 / 2p2),
-    D_opt = C / (6 N_opt). Across budgets: N_opt = k·C^a, D_opt = k'·C^b (least squares in log).
+    D_opt = the tokens C buys at N_opt from the runs' own FLOPs per token (tokens_at; not C / 6N).
+    Across budgets: N_opt = k·C^a, D_opt = k'·C^b (least squares in log).
     A budget needs min_runs runs at ≥ 3 distinct N, an upward parabola (p2 > 0) and a minimum
-    within FAR_MINIMUM_DEX of the sampled N; others are listed as skipped. Minima outside the
-    sampled N range are extrapolations and flagged. `warnings` lists budgets that do not cluster."""
+    within FAR_MINIMUM_DEX of the sampled N; others are listed as skipped. Runs whose FLOPs chain into
+    a group wider than the tolerance are refused (give --budgets). `warnings`: runs left out, optima at the
+    edge of or outside the sampled sizes, fewer than 3 budgets, exponents outside (0, 1)."""
     group = group_budgets(runs.C, budgets=budgets, tolerance_dex=tolerance_dex)
+    warnings = _check_clusters(runs, group, budgets, tolerance_dex)
     profiles, skipped = [], []
     far = FAR_MINIMUM_DEX * math.log(10)
     for g in sorted(set(group.tolist()) - {-1}):
@@ -776,7 +888,8 @@ def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance
             continue
         n_opt = float(math.exp(xo))
         profiles.append({"C": C, "runs": int(len(idx)), "parabola": [float(p2), float(p1), float(p0)],
-                         "N_opt": n_opt, "D_opt": C / (6 * n_opt), "loss_opt": float(p0 - p1 * p1 / (4 * p2)),
+                         "N_opt": n_opt, "D_opt": tokens_at(runs, idx, C, n_opt),
+                         "loss_opt": float(p0 - p1 * p1 / (4 * p2)),
                          "in_range": bool(x.min() <= xo <= x.max()), "index": idx.tolist()})
     if len(profiles) < 2:
         raise UserError(f"IsoFLOP needs at least 2 budgets with {max(min_runs, 3)}+ runs at distinct N; found "
@@ -785,10 +898,14 @@ def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance
     logc = np.log([p["C"] for p in profiles])
     n_law = _power_law(logc, np.log([p["N_opt"] for p in profiles]))
     d_law = _power_law(logc, np.log([p["D_opt"] for p in profiles]))
+    warnings += _isoflop_warnings(profiles, runs)
+    for key, law in (("N_opt", n_law), ("D_opt", d_law)):
+        if not 0 < law["exponent"] < 1:
+            warnings.append(f"{key} ∝ C^{law['exponent']:.3f}: an exponent outside (0, 1) means one of N and D "
+                            "shrinks as compute grows; the budgets' optima are not trustworthy (see the profiles)")
     return {"method": "isoflop", "n_points": len(runs), "budgets": profiles, "skipped": skipped,
             "N_opt": n_law, "D_opt": d_law, "N_opt_exponent": n_law["exponent"],
-            "D_opt_exponent": d_law["exponent"],
-            "warnings": _clustering_warnings(runs, group, budgets, tolerance_dex)}
+            "D_opt_exponent": d_law["exponent"], "warnings": warnings}
 
 
 def isoflop_at(result: dict[str, Any], budget: float) -> dict[str, float]:

@@ -100,7 +100,7 @@ LAWS: dict[str, LossLaw] = {
     "epoch": LossLaw(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658, name="epoch"),
     # Our own fit, for `scalelab demo`'s setup only (Shakespeare, 2048-token BPE, LLaMA-3-style
     # models of 0.4M-5.3M parameters, seq 128, AdamW 3e-3·128/width, 0.25M-1.4M tokens): 15 CPU
-    # runs of benchmarks/ladder_shakespeare.py, 2026-11-28 (docs/fit.md). Poorly determined
+    # runs of benchmarks/ladder_shakespeare.py (its first version), 2026-11-28 (docs/fit.md). Poorly determined
     # (bootstrap stderr: E ±1.1, alpha ±0.81, beta ±0.12), but it predicted the val loss of a
     # shape the ladder never ran (3L×128H on 1.52M tokens, C = 1e13) to +0.019 nats.
     "shakespeare-cpu": LossLaw(E=2.68405, A=590343.1, B=74.87883, alpha=1.125575, beta=0.2748871,

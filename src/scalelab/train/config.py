@@ -24,8 +24,9 @@ from typing import Any, Iterable, Mapping
 from scalelab.config import DEFAULT_LOSS_CHUNK_TOKENS, ModelConfig, apply_overrides, closest, load_toml
 from scalelab.errors import UserError
 from scalelab.layout import LAYOUT_KEYS, MESH_KEYS, PP_SCHEDULES, TRAINED_PP_SCHEDULES, Layout
+from scalelab.train.schedule import DECAY_SHAPES
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -78,7 +79,16 @@ class TrainSection:
     min_lr: float = option(3e-5, "learning rate at the end of the decay", "float")
     warmup: float = option(100, "linear warmup from 0: steps (≥ 1) or a fraction of the run (< 1)", "float",
                            bounds=(0, MAX_STEPS))
-    schedule: str = option("cosine", "decay after warmup", "str", SCHEDULES)
+    schedule: str = option("cosine", "decay after warmup: cosine / linear over the whole run, constant, or wsd "
+                           "(warmup-stable-decay: hold lr, then decay over the last train.decay steps)", "str", SCHEDULES)
+    decay: float = option(0.2, "wsd: the decay's length: steps (≥ 1) or a fraction of the run (< 1)", "float",
+                          bounds=(0, MAX_STEPS))
+    decay_shape: str = option("1-sqrt", "wsd: the decay's shape from lr to min_lr", "str", DECAY_SHAPES)
+    branch_from: str = option("", "wsd: start from this checkpoint of a stable run (a checkpoint directory, "
+                              "RUN/checkpoints/step_N, or a run directory for its newest): model, optimizer, data "
+                              "position, step, tokens and FLOPs continue exactly, so the run is that stable run "
+                              "continued and decayed. Its lr on the steps already taken must equal this "
+                              "config's schedule. Empty: start at step 0", "str")
     weight_decay: float = option(0.1, "AdamW decoupled weight decay, applied to matrices (dim ≥ 2: linear "
                                  "weights and embeddings) only, never to norms or biases", "float")
     betas: list = option([0.9, 0.95], "AdamW (beta1, beta2)", "float2")
@@ -325,6 +335,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model.rope_scaling and cfg.model.position_encoding != "rope":
         raise UserError(f"{where}: model.rope_scaling scales RoPE, but this model has learned positions; drop "
                         "rope_scaling or set model.position_encoding = \"rope\"")
+    if t.branch_from and t.schedule != "wsd":
+        raise UserError(f"{where}: train.branch_from continues a stable run into a decay, which needs "
+                        f"train.schedule = \"wsd\" (got {t.schedule!r})")
+    if t.branch_from and t.init_from:
+        raise UserError(f"{where}: give train.branch_from or train.init_from, not both (a branch takes its weights "
+                        "from the stable run's checkpoint)")
     if cfg.parallel.strategy == "fsdp" and t.dtype == "fp16":
         raise UserError(f"{where}: FSDP with fp16 is not supported (no sharded grad scaler); use dtype bf16")
     if _layout_keys_set(cfg.parallel):
@@ -405,7 +421,8 @@ def sequences_per_step(train: Mapping[str, Any], world_size: int) -> int:
 # of these keys changes what those steps meant, so resuming with a change is refused (as is a change
 # of the global batch in sequences, or of the data itself, checked where they are known). Every
 # other key changes only the steps still to run, and is accepted with a printed diff.
-RESUME_FIXED = ("data.train_split", "train.seq_len", "train.seed", "train.dtype", "train.init_from")
+RESUME_FIXED = ("data.train_split", "train.seq_len", "train.seed", "train.dtype", "train.init_from",
+                "train.branch_from")
 
 
 def resume_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -435,6 +452,29 @@ def _shown(v: Any) -> str:
 def warmup_steps(warmup: float, steps: int) -> int:
     """train.warmup in steps: a whole number of steps, or a fraction (< 1) of the run's `steps`."""
     return int(round(warmup * steps)) if warmup < 1 else int(warmup)
+
+
+def schedule_settings(train: Mapping[str, Any], steps: int) -> dict[str, Any]:
+    """The keywords of schedule.learning_rate for a run of `steps` steps, from a [train] table (as
+    TrainConfig.to_dict() gives it; keys a config from before them lacks take their defaults)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSection)}
+    t = {**defaults, **train}
+    return {"lr": t["lr"], "min_lr": t["min_lr"], "warmup": warmup_steps(t["warmup"], steps), "total": steps,
+            "schedule": t["schedule"], "decay": warmup_steps(t["decay"], steps) if t["schedule"] == "wsd" else 0,
+            "decay_shape": t["decay_shape"]}
+
+
+def schedule_problem(settings: Mapping[str, Any]) -> str | None:
+    """Why a resolved schedule (schedule_settings) cannot run, or None."""
+    if settings["schedule"] != "wsd":
+        return None
+    if settings["decay"] < 1:
+        return (f"train.decay {settings['decay']} steps: a wsd schedule needs a decay of at least one step; raise "
+                "train.decay (steps, or a fraction of the run)")
+    if settings["warmup"] + settings["decay"] > settings["total"]:
+        return (f"train.warmup ({settings['warmup']} steps) + train.decay ({settings['decay']} steps) exceed the "
+                f"run's {settings['total']} steps; shorten them or lengthen the run")
+    return None
 
 
 # ---- documentation ------------------------------------------------------------------------------

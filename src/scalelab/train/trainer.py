@@ -51,8 +51,8 @@ from scalelab.units import format_bytes
 from scalelab.train import checkpoint as ckpt
 from scalelab.train import init_from
 from scalelab.layout import Layout
-from scalelab.train.config import (TrainConfig, grad_accum_steps, layout_of, resume_differences, sequences_per_step,
-                                   total_steps, warmup_steps)
+from scalelab.train.config import (TrainConfig, grad_accum_steps, layout_of, resume_differences, schedule_problem,
+                                   schedule_settings, sequences_per_step, total_steps)
 from scalelab.train.metrics import MetricsLog, console_line, eta_seconds, read_metrics, recorded_figures
 from scalelab.train.parallel import (Dist, ParallelDims, agree, all_reduce_sum, as_plain, decide_on_main,
                                      destroy_distributed, init_distributed, unwrap)
@@ -466,7 +466,9 @@ class Trainer:
             self.tokens_per_step = seqs_per_step * t.seq_len
             self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
             self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
-            self.warmup = warmup_steps(t.warmup, self.steps)
+            self.schedule = schedule_settings(cfg.to_dict()["train"], self.steps)
+            if (why := schedule_problem(self.schedule)) is not None:
+                raise UserError(f"{cfg.source or 'config'}: {why}")
             ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
             problem = memory_problem(cfg, self.strategy, d.world_size, free_memory(d.device), ranks_sharing,
                                      dims.layout)
@@ -484,6 +486,7 @@ class Trainer:
         if claim["complete"] is not None:
             return claim["complete"]
         latest = None if claim["latest"] is None else Path(claim["latest"])
+        branch = None if claim["branch"] is None else Path(claim["branch"])
 
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -506,16 +509,22 @@ class Trainer:
         self.use_autocast = t.dtype != "fp32" and self.dims.autocast
 
         self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0
-        if latest is not None:
-            state = ckpt.load_checkpoint(latest, self.model, self.optimizer, d)
+        self.branched_from = ""  # train.branch_from resolved to the checkpoint this run started from
+        if latest is not None or branch is not None:
+            state = ckpt.load_checkpoint(latest or branch, self.model, self.optimizer, d)
             self.loader.load_state_dict(state["loader"])
             self.initialised_from = state.get("init_from", "")
+            self.branched_from = state.get("branch_from", "") if latest is not None else str(branch.resolve())
             self.start_step, self.tokens_seen, self.flops_seen = state["step"], state["tokens"], state["flops"]
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             if d.is_main:
-                log(f"scalelab train: resumed from {latest} at step {self.start_step}")
-            figures = recorded_figures(read_metrics(run_dir), self.start_step) if d.is_main else {}
+                log(f"scalelab train: resumed from {latest} at step {self.start_step}" if latest is not None else
+                    f"scalelab train: branched from {branch} at step {self.start_step} (model, optimizer, data "
+                    f"position continue; {self.steps - self.start_step} steps to go, the last "
+                    f"{self.schedule['decay']} decaying)")
+            source = run_dir if latest is not None else branch.parent.parent
+            figures = recorded_figures(read_metrics(source), self.start_step) if d.is_main else {}
             self.last_loss = figures.get("loss", float("nan"))
         self.step = self.start_step
         self.last_saved = self.start_step if latest is not None else -1
@@ -550,8 +559,10 @@ class Trainer:
         return None
 
     def _claim_run_dir(self, resume: bool) -> dict[str, Any]:
-        """Rank 0: check and lock the run directory, hold a checkpoint against the resume rule,
-        then write the run's files. {"latest": checkpoint or None, "complete": summary or None}."""
+        """Rank 0: check and lock the run directory, hold a checkpoint against the resume rule (or,
+        for a new branch, train.branch_from's checkpoint against the branch rule), then write the
+        run's files. {"latest": checkpoint or None, "branch": checkpoint to branch from or None,
+        "complete": summary or None}."""
         cfg, run_dir = self.cfg, self.run_dir
         check_run_dir(run_dir)
         if resume and ckpt.latest_checkpoint(run_dir, warn=lambda message: None) is None:
@@ -562,29 +573,65 @@ class Trainer:
             state = ckpt.load_trainer_state(latest)
             self._check_resume(latest, state)
             if state["step"] == self.steps and (run_dir / "final" / "model.safetensors").is_file():
-                return {"latest": str(latest), "complete": self._already_complete(latest, state)}
+                return {"latest": str(latest), "branch": None, "complete": self._already_complete(latest, state)}
+        branch = None
+        if latest is None and cfg.train.branch_from:
+            branch = ckpt.resolve_checkpoint(cfg.train.branch_from)
+            self._check_branch(branch, ckpt.load_trainer_state(branch))
         _prepare_run_dir(run_dir, cfg, self.loader)
-        return {"latest": None if latest is None else str(latest), "complete": None}
+        return {"latest": None if latest is None else str(latest), "branch": None if branch is None else str(branch),
+                "complete": None}
 
-    def _check_resume(self, latest: Path, state: dict[str, Any]) -> None:
-        """The resume rule (docs/training.md): refuse changes to what the finished steps meant or to
-        the data order; accept the rest, saying what changed and what it does to the schedule."""
+    def _continuation_problems(self, state: dict[str, Any], recorded_data: Path) -> tuple[list[str], list[str]]:
+        """What differs between the config a checkpoint was trained with and this one, split by the
+        resume rule into (refused, accepted); `recorded_data` is the data.json of the checkpoint's run."""
         import tomllib
 
-        cfg, t, done = self.cfg, self.cfg.train, int(state["step"])
+        cfg, done = self.cfg, int(state["step"])
         old = tomllib.loads(state["config"])
         refused, accepted = resume_differences(old, cfg.to_dict())
         old_seqs = sequences_per_step(old["train"], int(state.get("dp", state["world_size"])))
         new_seqs = sequences_per_step(cfg.to_dict()["train"], self.dims.dp)
         if old_seqs != new_seqs:
             refused.append(f"global batch {old_seqs} -> {new_seqs} sequences per step")
-        recorded = self.run_dir / "data.json"
-        if recorded.is_file():
-            then = {k: v for k, v in json.loads(recorded.read_text()).items() if k != "data_dir"}
+        if recorded_data.is_file():
+            then = {k: v for k, v in json.loads(recorded_data.read_text()).items() if k != "data_dir"}
             if then != json.loads(json.dumps(self.loader.metadata)):
                 refused.append(f"the data: {cfg.data.dir}/meta.json differs from the run's data.json")
         if self.steps < done:
             refused.append(f"total steps {state['total_steps']} -> {self.steps}, fewer than the {done} already done")
+        return refused, accepted
+
+    def _check_branch(self, source: Path, state: dict[str, Any]) -> None:
+        """The branch rule: the source's finished steps must be exactly the first steps of this run:
+        the resume rule's fixed keys unchanged (train.branch_from itself aside) and the same learning
+        rate on every one of them."""
+        import tomllib
+
+        done = int(state["step"])
+        refused, _ = self._continuation_problems(state, source.parent.parent / "data.json")
+        refused = [r for r in refused if not r.startswith("train.branch_from ")]
+        theirs = schedule_settings(tomllib.loads(state["config"])["train"], int(state["total_steps"]))
+        differ = next((s for s in range(done) if learning_rate(s, **theirs) != learning_rate(s, **self.schedule)),
+                      None)
+        if differ is not None:
+            refused.append(f"the learning rate at step {differ + 1}: {learning_rate(differ, **theirs):.6g} there, "
+                           f"{learning_rate(differ, **self.schedule):.6g} in this schedule (a branch must share the "
+                           "source's warmup, lr and stable phase; give train.warmup in steps)")
+        if done > self.steps - self.schedule["decay"]:
+            refused.append(f"step {done} is past this run's decay start, step {self.steps - self.schedule['decay']} "
+                           f"({self.steps} steps, the last {self.schedule['decay']} decaying)")
+        if refused:
+            raise UserError(f"cannot branch from {source}: {'; '.join(refused)}; branch from an earlier checkpoint "
+                            "of a stable run trained with this config's other settings")
+
+    def _check_resume(self, latest: Path, state: dict[str, Any]) -> None:
+        """The resume rule (docs/training.md): refuse changes to what the finished steps meant or to
+        the data order; accept the rest, saying what changed and what it does to the schedule."""
+        import tomllib
+
+        done = int(state["step"])
+        refused, accepted = self._continuation_problems(state, self.run_dir / "data.json")
         if refused:
             raise UserError(f"cannot resume {latest}: changed since its {done} steps were trained: "
                             f"{'; '.join(refused)}; these change what those steps meant or the data order: "
@@ -593,11 +640,8 @@ class Trainer:
         if old_total != self.steps:
             accepted.append(f"total steps {old_total} -> {self.steps}")
         if accepted:
-            o = old["train"]
-            before = learning_rate(done, lr=o["lr"], min_lr=o["min_lr"], warmup=warmup_steps(o["warmup"], old_total),
-                                   total=old_total, schedule=o["schedule"])
-            after = learning_rate(done, lr=t.lr, min_lr=t.min_lr, warmup=self.warmup, total=self.steps,
-                                  schedule=t.schedule)
+            before = learning_rate(done, **schedule_settings(tomllib.loads(state["config"])["train"], old_total))
+            after = learning_rate(done, **self.schedule)
             self.log(f"scalelab train: resuming {latest} with changed settings (they change only the steps still "
                      f"to run): {'; '.join(accepted)}. The learning-rate schedule is recomputed over "
                      f"{self.steps} steps with the new values: lr at step {done + 1} {before:.3g} -> {after:.3g}")
@@ -623,8 +667,7 @@ class Trainer:
         Returns the step's mean loss, gradient norm and learning rate (the same on every rank)."""
         t, d, accum, step = self.cfg.train, self.d, self.accum, self.step
         model, optimizer, scaler = self.model, self.optimizer, self.scaler
-        lr = learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup=self.warmup, total=self.steps,
-                           schedule=t.schedule)
+        lr = learning_rate(step, **self.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if self.pipeline is not None:
@@ -724,7 +767,7 @@ class Trainer:
                 "model": self.cfg.model.to_dict(), "config": self.cfg.to_toml(), "world_size": self.d.world_size,
                 "dp": self.dims.dp, "layout": dataclasses.asdict(self.dims.layout),
                 "strategy": self.strategy, "total_steps": self.steps,
-                "init_from": self.initialised_from}
+                "init_from": self.initialised_from, "branch_from": self.branched_from}
 
     def checkpoint(self) -> Path:
         """A checkpoint at the current step, unless the last one saved is already there."""
