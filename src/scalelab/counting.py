@@ -275,49 +275,271 @@ def loss_bytes(tokens, vocab_size, compute_bytes: int, loss_chunk_tokens: int = 
     return rows * vocab_size * (4 + (compute_bytes if compute_bytes != 4 else 0))
 
 
+# ---- activation checkpointing ---------------------------------------------------------------
+
+AC_MODES = ("none", "full", "selective")
+
+
+def checkpointing(mode: Any, option: Any = "op") -> tuple[str, str]:
+    """(mode, selective option) as train.activation_checkpointing / selective_ac_option mean them:
+    a bool is the key's old form (true = full); the option is "op" or a whole k >= 1 (as digits)."""
+    if isinstance(mode, bool) or mode is None:
+        mode = "full" if mode else "none"
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing must be one of {', '.join(AC_MODES)}, got {mode!r}")
+    option = str(option)
+    if option != "op" and not (option.isdigit() and int(option) >= 1):
+        raise ValueError(f'selective_ac_option must be "op" or a whole number k >= 1, got {option!r}')
+    return mode, option
+
+
+def checkpointed_layer_count(n_layer, mode: str, option: str = "op"):
+    """Blocks that train/parallel.py's apply_activation_checkpointing wraps (its checkpointed_layers):
+    every block under full and selective-by-op, every k-th (n_layer // k) under selective by layer."""
+    n_layer = np.asarray(n_layer, dtype=np.float64)
+    if mode == "none":
+        return np.zeros_like(n_layer)
+    if mode == "selective" and option != "op":
+        return np.floor(n_layer / int(option))
+    return n_layer
+
+
+def last_block_wrapped(n_layer, mode: str, option: str = "op"):
+    """1.0 where the last block is checkpointed (so backward starts by recomputing it), else 0.0."""
+    n_layer = np.asarray(n_layer, dtype=np.float64)
+    if mode == "none":
+        return np.zeros_like(n_layer)
+    if mode == "selective" and option != "op":
+        return (n_layer % int(option) == 0).astype(np.float64)
+    return np.ones_like(n_layer)
+
+
+def block_matmuls(n_embd, kv_dim, d_ff, *, ffn_type: str = "swiglu", kv_packed: bool = True) -> list[tuple[Any, Any]]:
+    """(in, out) widths of one block's matmuls in the order its forward runs them: q_proj,
+    kv_proj ([K | V] packed, as our model does; `kv_packed=False`: separate K and V projections,
+    as torchtitan's and transformers' LLaMA do), o_proj, then gate (SwiGLU only), up, down."""
+    ffn = [(n_embd, d_ff)] * (2 if ffn_type == "swiglu" else 1) + [(d_ff, n_embd)]
+    kv = [(n_embd, 2 * kv_dim)] if kv_packed else [(n_embd, kv_dim), (n_embd, kv_dim)]
+    return [(n_embd, n_embd), *kv, (n_embd, n_embd), *ffn]
+
+
+def selective_op_saved_per_token(n_embd, kv_dim, d_ff, n_head, *, ffn_type: str = "swiglu", residual_bytes=4,
+                                 compute_bytes=2, attention: str = "sdpa", kv_packed: bool = True):
+    """Bytes per token one block keeps under selective-by-op checkpointing (parallel.py's
+    _selective_op_context, torchtitan's policy): its input (the checkpoint's argument, residual
+    dtype), the outputs of the 1st, 3rd, 5th ... matmul, and the fused attention's output and fp32
+    log-sum-exp per head (the math path's matmuls are not on the save list: nothing)."""
+    mms = block_matmuls(n_embd, kv_dim, d_ff, ffn_type=ffn_type, kv_packed=kv_packed)
+    saved = sum(out for i, (_, out) in enumerate(mms) if i % 2 == 0)
+    attn = compute_bytes * n_embd + 4 * n_head if attention == "sdpa" else 0
+    return residual_bytes * n_embd + compute_bytes * saved + attn
+
+
+def saved_activations_per_token(per_layer, n_layer, n_embd, kv_dim, d_ff, n_head, *, mode: str = "none",
+                                option: str = "op", ffn_type: str = "swiglu", residual_bytes=4,
+                                compute_bytes=2, attention: str = "sdpa", kv_packed: bool = True):
+    """Bytes per token all blocks keep for backward under a checkpointing mode, given `per_layer`
+    (activation_bytes_per_token's block figure, what one unwrapped block keeps): a fully
+    recomputed block keeps only its input; selective-by-op keeps selective_op_saved_per_token."""
+    wrapped = checkpointed_layer_count(n_layer, mode, option)
+    if mode == "selective" and option == "op":
+        kept = selective_op_saved_per_token(n_embd, kv_dim, d_ff, n_head, ffn_type=ffn_type,
+                                            residual_bytes=residual_bytes, compute_bytes=compute_bytes,
+                                            attention=attention, kv_packed=kv_packed)
+    else:
+        kept = residual_bytes * n_embd
+    return (np.asarray(n_layer, dtype=np.float64) - wrapped) * per_layer + wrapped * kept
+
+
+def recompute_flops_per_token_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, seq_len, *,
+                                     mode: str = "none", option: str = "op", ffn_type: str = "swiglu",
+                                     attention: str = "sdpa"):
+    """Forward FLOPs per token that backward executes again (the difference between hardware and
+    model FLOPs, measured with FlopCounterMode in tests/test_activation_checkpointing.py): a fully
+    recomputed block runs its forward again (matmuls and attention); selective-by-op runs again the
+    matmuls it did not save (the 2nd, 4th, ...) and, on the math path, attention's two matmuls
+    (fused attention is saved). In both, the block's last matmul (down) never runs again: PyTorch's
+    non-reentrant checkpoint stops recomputing once every tensor backward needs is back
+    (torch.utils.checkpoint.set_checkpoint_early_stop, on by default), and down's input, saved as
+    the op is recorded, is the last of them."""
+    n_layer, n_embd, n_head, kv, d_ff, seq_len = (np.asarray(x, dtype=np.float64) for x in
+                                                  (n_layer, n_embd, n_head, num_key_value_heads, d_ff, seq_len))
+    kv_dim = kv * (n_embd // n_head)
+    mms = block_matmuls(n_embd, kv_dim, d_ff, ffn_type=ffn_type)[:-1]  # all but down
+    attention_flops = 4.0 * seq_len * n_embd
+    wrapped = checkpointed_layer_count(n_layer, mode, option)
+    if mode == "selective" and option == "op":
+        per_block = sum(2.0 * i * o for j, (i, o) in enumerate(mms) if j % 2 == 1)
+        per_block = per_block + (attention_flops if attention == "math" else 0.0)
+    else:
+        per_block = sum(2.0 * i * o for i, o in mms) + attention_flops
+    return wrapped * per_block
+
+
+def executed_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, activation_checkpointing: Any = "none",
+                            selective_ac_option: Any = "op", attention: str = "sdpa") -> int:
+    """FLOPs one training step of (batch_size, seq_len) executes: training_flops plus the forward
+    recomputation of activation checkpointing (what hardware FLOPs utilisation, HFU, counts)."""
+    mode, option = checkpointing(activation_checkpointing, selective_ac_option)
+    extra = recompute_flops_per_token_arrays(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.num_key_value_heads,
+                                             cfg.ffn_hidden, seq_len, mode=mode, option=option,
+                                             ffn_type=cfg.ffn_type, attention=attention)
+    return training_flops(cfg, batch_size, seq_len) + int(round(float(extra))) * batch_size * seq_len
+
+
+# ---- memory over the step's timeline --------------------------------------------------------
+#
+# What the device holds at four moments of a steady-state step (step >= 2: optimizer state exists,
+# gradients were freed by zero_grad(set_to_none=True) after the last step), by component; the peak
+# is the largest (docs/memory.md has every formula):
+#   forward_end     weights, optimizer, DDP buckets, autocast weight copies, saved activations,
+#                   FSDP's gathered root unit and last block, lm_head's gradient when the chunked loss forms it
+#   loss_backward   forward_end + the loss temporaries (unchunked: fp32 log-probabilities and two fp32
+#                   gradients per logit; chunked: one chunk's buffers)
+#   backward        the first recomputed block: saved activations + one block recomputed + FSDP's
+#                   root, two gathered blocks and one block's unsharded gradient + the root's gradients
+#   optimizer_step  weights, gradients, optimizer, DDP buckets and the optimizer's temporaries
+# A runtime reserve (CUDA context, caching-allocator fragmentation) is shown separately.
+
+PHASES = ("forward_end", "loss_backward", "backward", "optimizer_step")
+OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")
+DEVICES = ("cuda", "cpu")
+
+# Runtime reserve constants, in one place (docs/memory.md "Runtime reserve"):
+# - CUDA_CONTEXT_BYTES: what a process's CUDA context (driver state, cuBLAS/cuDNN workspaces and
+#   kernel images, loaded lazily under CUDA >= 11.7's CUDA_MODULE_LOADING=LAZY) holds outside
+#   PyTorch's allocator: nvidia-smi shows it, torch.cuda.max_memory_reserved does not. PyTorch's
+#   CUDA semantics notes ("Memory management") say the context is not counted by the allocator;
+#   0.5 GiB is the usual size on an H100 with CUDA 12 (not measured here: no GPU was available).
+# - ALLOCATOR_FRAGMENTATION: the caching allocator's reserved-but-unallocated share at the peak,
+#   as a fraction of the allocated peak (torch.cuda.max_memory_reserved / max_memory_allocated - 1).
+#   Published gaps range from a few percent to 43% (Zhang et al. 2025, arXiv 2507.16274, "can waste
+#   up to 43% of memory" with recomputation and pipelines); 0.10 is a middle working figure that
+#   reproduces torchtitan's reserved 82.4 GiB for LLaMA 3.1 8B (tests/test_memory_timeline.py).
+# - On the CPU there is no caching allocator and no context: the reserve is 0.
+CUDA_CONTEXT_BYTES = 0.5 * 2**30
+ALLOCATOR_FRAGMENTATION = 0.10
+
+
+def state_bytes(total_params, precision: str, shards):
+    """(weights, gradients, optimizer) bytes per device: PRECISIONS' bytes per parameter, sharded
+    over `shards` devices by FSDP (1 otherwise)."""
+    wb, gb, ob = PRECISIONS[precision]
+    return total_params * wb / shards, total_params * gb / shards, total_params * ob / shards
+
+
+def fsdp_unsharded_bytes(per_layer_params, root_params, compute_bytes, *, sharded: bool):
+    """FSDP2's gathered (unsharded) parameters, in the compute dtype (MixedPrecisionPolicy's
+    param_dtype), as (after forward, during backward): after forward, the root unit (embeddings,
+    final norm, lm_head: FSDP2 never reshards the root after forward) and the last block (apply_fsdp
+    keeps it for backward); during backward, the root, two blocks (the current one and the
+    prefetched next) and the current block's unsharded gradient in the compute dtype plus its fp32
+    reduce-scatter input. Zero without FSDP over more than one device."""
+    if not sharded:
+        zero = np.zeros_like(np.asarray(per_layer_params, dtype=np.float64))
+        return zero, zero
+    after_forward = (root_params + per_layer_params) * compute_bytes
+    during_backward = root_params * compute_bytes + per_layer_params * (2 * compute_bytes + compute_bytes + 4)
+    return after_forward, during_backward
+
+
+def ddp_bucket_bytes(total_params, gradient_bytes, *, ddp: bool):
+    """DDP's gradient buckets: a second copy of every gradient, allocated when DDP wraps the model
+    (torch.nn.parallel.DistributedDataParallel with gradient_as_bucket_view=False, the default)."""
+    return total_params * gradient_bytes if ddp else np.zeros_like(np.asarray(total_params, dtype=np.float64))
+
+
+def optimizer_step_bytes(total_params, largest_param, shards, impl: str):
+    """AdamW's temporaries during optimizer.step(), fp32: `fused` (the trainer on CUDA) updates in
+    place; `foreach` (torch's default on CUDA without fused, torchtitan's) makes sqrt(v) for every
+    local parameter at once (4 bytes per parameter); `for-loop` (the CPU) makes sqrt(v) and its
+    quotient for one parameter at a time (8 bytes x the largest parameter)."""
+    zero = np.zeros_like(np.asarray(total_params, dtype=np.float64))
+    if impl == "fused":
+        return zero
+    if impl == "foreach":
+        return 4.0 * total_params / shards
+    return zero + 8.0 * largest_param / shards
+
+
+def runtime_reserve_bytes(peak, device: str):
+    """What the device holds beyond the allocated peak: on CUDA the context (CUDA_CONTEXT_BYTES) and
+    the caching allocator's fragmentation (ALLOCATOR_FRAGMENTATION x peak); nothing on the CPU."""
+    if device == "cpu":
+        return np.zeros_like(np.asarray(peak, dtype=np.float64))
+    return CUDA_CONTEXT_BYTES + ALLOCATOR_FRAGMENTATION * peak
+
+
+def step_phases(c: dict[str, Any]) -> dict[str, Any]:
+    """Bytes live at each of PHASES from the named components (see the comment above PHASES)."""
+    persistent = c["weights"] + c["optimizer"] + c["ddp_buckets"]
+    forward = c["weight_copies"] + c["activations"] + c["fsdp_unsharded"] + c["loss_gradient"]
+    return {
+        "forward_end": persistent + forward,
+        "loss_backward": persistent + forward + c["loss"],
+        "backward": (persistent + c["weight_copies"] + c["activations"] + c["recompute"]
+                     + c["fsdp_unsharded_backward"] + c["root_gradients"]),
+        "optimizer_step": persistent + c["gradients"] + c["optimizer_step"],
+    }
+
+
 def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | None = None,
                     num_devices: int = 1, sharding: str = "fsdp", precision: str = "bf16-mixed",
-                    activation_checkpointing: bool = False, attention: str = "sdpa",
-                    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, Any]:
-    """Estimated peak training memory per device, in bytes, by component.
-
-    Weights, gradients and optimizer state are exact given the precision; activations are what
-    autograd keeps, tensor by tensor (activation_bytes_per_token, proven against PyTorch), plus
-    what the loss holds (loss_bytes): unchunked, the logits' fp32 log-probabilities and two fp32
-    gradients at its backward; with `loss_chunk_tokens` > 0 (the model's default), one chunk's
-    logits. Under autocast (bf16-mixed without
-    FSDP) `weight_copies` is the bf16 copy of every matmul weight that autocast makes and
-    backward keeps. FSDP (ZeRO-3) shards weights, gradients and
-    optimizer state over devices, and holds two unsharded blocks at a time (current + prefetch).
-    DDP replicates everything. Activations never shard under data parallelism.
-    """
+                    activation_checkpointing: Any = "none", selective_ac_option: Any = "op",
+                    attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
+                    optimizer_impl: str = "fused", device: str = "cuda") -> dict[str, Any]:
+    """Peak training memory per device, in bytes, over one steady-state step, by named component
+    (training_memory_arrays; docs/memory.md): `peak` is the allocated peak, `peak_phase` when it
+    occurs, `runtime_reserve` what the device holds beyond it, and `total` = peak + reserve, what
+    the device must have. `optimizer_impl` is AdamW's implementation (the trainer: fused on CUDA,
+    for-loop on the CPU) and `device` cuda or cpu (the CPU has no reserve, and its composite
+    RMSNorm keeps one more vector per norm)."""
     s = cfg.block_size if seq_len is None else seq_len
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}")
+    mode, option = checkpointing(activation_checkpointing, selective_ac_option)
     parts = training_memory_arrays(*_shape_args(cfg), seq_len=s, micro_batch=micro_batch,
                                    num_devices=num_devices, sharding=sharding, precision=precision,
-                                   activation_checkpointing=activation_checkpointing, attention=attention,
-                                   loss_chunk_tokens=loss_chunk_tokens, **_style_kwargs(cfg))
-    out: dict[str, Any] = {k: float(v) for k, v in parts.items()}
+                                   activation_checkpointing=mode, selective_ac_option=option, attention=attention,
+                                   loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl,
+                                   device=device, **_style_kwargs(cfg))
+    out: dict[str, Any] = {k: (str(v) if k == "peak_phase" else float(v)) for k, v in parts.items()}
     out.update(micro_batch=micro_batch, seq_len=s, num_devices=num_devices, sharding=sharding,
-               precision=precision, activation_checkpointing=activation_checkpointing,
-               loss_chunk_tokens=loss_chunk_tokens)
+               precision=precision, activation_checkpointing=mode, selective_ac_option=option,
+               loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device)
     return out
+
+
+# The components training_memory_arrays returns (bytes per device), then the per-phase totals
+# ("phase_" + each of PHASES), "peak", "peak_phase", "runtime_reserve" and "total".
+MEMORY_COMPONENTS = ("weights", "gradients", "optimizer", "weight_copies", "activations", "loss", "loss_gradient",
+                     "fsdp_unsharded", "fsdp_unsharded_backward", "ddp_buckets", "recompute", "root_gradients",
+                     "optimizer_step")
 
 
 def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *, seq_len: int,
                            micro_batch: int = 1, num_devices: int = 1, sharding: str = "fsdp",
-                           precision: str = "bf16-mixed", activation_checkpointing: bool = False,
-                           attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
-                           **style: Any) -> dict[str, Any]:
+                           precision: str = "bf16-mixed", activation_checkpointing: Any = "none",
+                           selective_ac_option: Any = "op", attention: str = "sdpa",
+                           loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, optimizer_impl: str = "fused",
+                           device: str = "cuda", kv_packed: bool = True, **style: Any) -> dict[str, Any]:
     """`training_memory` over numpy arrays of shapes (the planner's memory filter), same model.
     `style` takes param_breakdown_arrays' keywords (ffn_type, normalization, bias, ...).
-    Returns bytes per device by component as float64 arrays."""
-    wb, gb, ob = PRECISIONS[precision]
+    Returns bytes per device by component (MEMORY_COMPONENTS) as float64 arrays, each phase's total
+    ("phase_<name>"), the allocated "peak" and its "peak_phase" (a string array), "runtime_reserve"
+    and "total" = peak + runtime_reserve. `kv_packed=False` models a block with separate K and V
+    projections (torchtitan's), which changes what selective-by-op checkpointing saves."""
+    mode, option = checkpointing(activation_checkpointing, selective_ac_option)
+    if optimizer_impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+    ffn_type = style.get("ffn_type", "swiglu")
     p = param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, **style)
     total_params = p["total"].astype(np.float64)
+    fsdp = sharding == "fsdp" and np.any(np.asarray(num_devices) > 1)
     shards = num_devices if sharding == "fsdp" else 1
     # How the trainer runs each precision: fp32 throughout; bf16-mixed is torch.autocast over fp32
     # weights, except under FSDP, where MixedPrecisionPolicy gathers bf16 weights and the whole
@@ -325,27 +547,56 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     autocast = precision == "bf16-mixed" and sharding != "fsdp"
     residual = 4 if precision == "fp32" or autocast else 2
     compute_bytes = ACTIVATION_BYTES[precision]
-    copies = (2.0 * matmul_weights_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size,
-                                          ffn_type=style.get("ffn_type", "swiglu"))
+    weights, gradients, optimizer = state_bytes(total_params, precision, shards)
+    # autocast's bf16 weight copies are saved for backward, except in checkpointed blocks (recomputed)
+    matmul_weights = matmul_weights_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size,
+                                           ffn_type=ffn_type).astype(np.float64)
+    per_block_matmul_weights = (matmul_weights - vocab_size * np.asarray(n_embd, dtype=np.float64)) / n_layer
+    copies = (2.0 * (matmul_weights - checkpointed_layer_count(n_layer, mode, option) * per_block_matmul_weights)
               if autocast else np.zeros_like(total_params))
+    lm_head_params = (vocab_size * np.asarray(n_embd, dtype=np.float64))
+    root_params = total_params - np.asarray(n_layer, dtype=np.float64) * p["per_layer"]
     n_layer, n_embd, n_head, kv, d_ff, vocab = (np.asarray(x, dtype=np.float64) for x in
                                                 (n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size))
-    unsharded = (2.0 * p["per_layer"] * compute_bytes if sharding == "fsdp" and num_devices > 1
-                 else np.zeros_like(total_params))
+    kv_dim = kv * (n_embd // n_head)
     tokens = micro_batch * seq_len
     per_layer, head = activation_bytes_per_token(
-        n_embd, kv * (n_embd // n_head), d_ff, n_head, seq_len, ffn_type=style.get("ffn_type", "swiglu"),
+        n_embd, kv_dim, d_ff, n_head, seq_len, ffn_type=ffn_type,
         normalization=style.get("normalization", "rmsnorm"), rope=not style.get("learned_positions", 0),
         residual_bytes=residual, compute_bytes=compute_bytes, autocast=autocast, attention=attention)
-    if activation_checkpointing:  # each block's input, plus one block's activations while it is recomputed
-        layer_acts = tokens * (n_layer * residual * n_embd + per_layer)
-    else:
-        layer_acts = tokens * n_layer * per_layer
-    activations = layer_acts + tokens * head + loss_bytes(tokens, vocab, compute_bytes, loss_chunk_tokens)
-    out = {"weights": total_params * wb / shards, "gradients": total_params * gb / shards,
-           "optimizer": total_params * ob / shards, "unsharded_buffers": unsharded, "weight_copies": copies,
-           "activations": activations}
-    out["total"] = sum(out.values())
+    if device == "cpu" and style.get("normalization", "rmsnorm") == "rmsnorm":
+        # PyTorch's CPU RMSNorm is a composite that also keeps the normalised input (residual dtype)
+        per_layer, head = per_layer + 2 * residual * n_embd, head + residual * n_embd
+    blocks = saved_activations_per_token(per_layer, n_layer, n_embd, kv_dim, d_ff, n_head, mode=mode, option=option,
+                                         ffn_type=ffn_type, residual_bytes=residual, compute_bytes=compute_bytes,
+                                         attention=attention, kv_packed=kv_packed)
+    # backward meets the last block first; when it is wrapped, it is recomputed whole
+    recompute = tokens * per_layer * last_block_wrapped(n_layer, mode, option)
+    # the chunked loss forms lm_head's weight gradient in forward, in the dtype lm_head computes in
+    lm_head_grad_bytes = compute_bytes if fsdp else PRECISIONS[precision][1]
+    loss_gradient = (lm_head_params * lm_head_grad_bytes if loss_chunk_tokens
+                     else np.zeros_like(total_params))
+    unsharded_fwd, unsharded_bwd = fsdp_unsharded_bytes(p["per_layer"].astype(np.float64), root_params,
+                                                        compute_bytes, sharded=bool(fsdp))
+    c = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "weight_copies": copies,
+         "activations": tokens * (blocks + head),
+         "loss": loss_bytes(tokens, vocab, compute_bytes, loss_chunk_tokens) + 0.0 * total_params,
+         "loss_gradient": loss_gradient,
+         "fsdp_unsharded": unsharded_fwd, "fsdp_unsharded_backward": unsharded_bwd,
+         "ddp_buckets": ddp_bucket_bytes(total_params, PRECISIONS[precision][1], ddp=sharding == "ddp"),
+         "recompute": recompute,
+         "root_gradients": root_params * PRECISIONS[precision][1] / shards,
+         "optimizer_step": optimizer_step_bytes(total_params, np.maximum(lm_head_params, 0), shards, optimizer_impl)}
+    out = dict(c)
+    phases = step_phases(c)
+    stacked = np.stack([np.broadcast_to(np.asarray(phases[k], dtype=np.float64), np.shape(total_params))
+                        for k in PHASES])
+    for k in PHASES:
+        out[f"phase_{k}"] = phases[k]
+    out["peak"] = stacked.max(axis=0)
+    out["peak_phase"] = np.asarray(PHASES)[stacked.argmax(axis=0)]
+    out["runtime_reserve"] = runtime_reserve_bytes(out["peak"], device)
+    out["total"] = out["peak"] + out["runtime_reserve"]
     return out
 
 

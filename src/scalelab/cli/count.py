@@ -39,8 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how weights/optimizer are split over GPUs (default: fsdp when --gpus > 1)")
     p.add_argument("--precision", choices=("bf16-mixed", "bf16", "fp32"), default=None,
                    help="training precision (bytes per parameter for weights, grads, optimizer)")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute blocks in backward")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", default=None,
+                   choices=("none", "full", "selective"), metavar="MODE",
+                   help="recompute activations in backward: none, full (the flag alone) or selective "
+                   "(see --selective-ac-option); docs/memory.md")
+    p.add_argument("--selective-ac-option", default=None, metavar="OPT",
+                   help="with --activation-checkpointing selective: op (save attention's and every other "
+                   "matmul's outputs; default) or an integer k (recompute every k-th block)")
     p.add_argument("--attention", choices=("sdpa", "math"), default=None, help="attention kernel (default sdpa)")
     p.add_argument("--loss-chunk-tokens", type=int, default=None, metavar="N",
                    help="score the loss N tokens at a time, as the trainer does by default "
@@ -51,8 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_type: str | None = None,
                  mfu: float = 0.4, tokens: float | None = None, sharding: str | None = None,
-                 precision: str = "bf16-mixed", activation_checkpointing: bool = False,
-                 attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict:
+                 precision: str = "bf16-mixed", activation_checkpointing: str | bool = "none",
+                 selective_ac_option: str = "op", attention: str = "sdpa",
+                 loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict:
     """Everything `count` prints, as one dict (the --json object)."""
     from scalelab import counting
     from scalelab.hardware import get_accelerator
@@ -62,8 +68,13 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
     sharding = sharding or ("fsdp" if gpus > 1 else "ddp")
     memory = counting.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, num_devices=gpus,
                                       sharding=sharding, precision=precision,
-                                      activation_checkpointing=activation_checkpointing, attention=attention,
+                                      activation_checkpointing=activation_checkpointing,
+                                      selective_ac_option=selective_ac_option, attention=attention,
                                       loss_chunk_tokens=loss_chunk_tokens)
+    # hardware FLOPs: activation checkpointing's recomputation on top of the model's FLOPs
+    flops["training_per_token_executed"] = counting.executed_training_flops(
+        cfg, 1, seq_len, activation_checkpointing=activation_checkpointing, selective_ac_option=selective_ac_option,
+        attention=attention) / seq_len
     report = {
         "model": cfg.name(),
         "config": cfg.to_dict(),
@@ -83,6 +94,7 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
         report["memory"]["fits"] = bool(memory["total"] <= acc.memory_bytes)
         if tokens is not None:
             report["time"] = counting.training_time(flops["training_per_token"], tokens, acc, gpus, mfu)
+            report["time"]["hfu"] = mfu * flops["training_per_token_executed"] / flops["training_per_token"]
     if tokens is not None:
         report["tokens"] = tokens
         report["training_flops"] = flops["training_per_token"] * tokens
@@ -101,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("give a MODEL (a preset name or a .toml file); `scalelab count --list` lists presets")
     given = training_config_settings(args.model)
-    for flag, default in (("micro_batch", 1), ("precision", "bf16-mixed"), ("activation_checkpointing", False),
+    for flag, default in (("micro_batch", 1), ("precision", "bf16-mixed"), ("activation_checkpointing", "none"),
+                          ("selective_ac_option", "op"),
                           ("attention", "sdpa"), ("sharding", None), ("seq_len", None),
                           ("loss_chunk_tokens", DEFAULT_LOSS_CHUNK_TOKENS)):
         if getattr(args, flag) is None:
@@ -116,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seq-len must be between 1 and {INT_LIMITS['block_size']:,}, got {args.seq_len:.3g}")
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu is a fraction in (0, 1], got {args.mfu}")
+    from scalelab.train.config import checkpointing_mode, selective_option
+
+    args.activation_checkpointing = checkpointing_mode(args.activation_checkpointing)
+    if selective_option(args.selective_ac_option) is None:
+        raise UserError(f"--selective-ac-option must be op or a whole number k >= 1, got {args.selective_ac_option!r}")
+    args.selective_ac_option = selective_option(args.selective_ac_option)
     tokens = parse_quantity(args.tokens, name="--tokens") if args.tokens is not None else None
     if tokens is not None and tokens <= 0:
         raise UserError("--tokens must be positive")
@@ -134,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     report = count_report(cfg, seq_len=seq_len, micro_batch=args.micro_batch, gpus=args.gpus,
                           gpu_type=args.gpu_type, mfu=args.mfu, tokens=tokens, sharding=args.sharding,
                           precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-                          attention=args.attention, loss_chunk_tokens=args.loss_chunk_tokens)
+                          selective_ac_option=args.selective_ac_option, attention=args.attention,
+                          loss_chunk_tokens=args.loss_chunk_tokens)
     if args.json:
         print_json(report)
     else:
@@ -148,6 +168,7 @@ def training_config_settings(spec: str | None) -> dict:
     from pathlib import Path
 
     from scalelab.config import load_toml
+    from scalelab.train.config import selective_option
 
     if spec is None or not Path(spec).is_file():
         return {}
@@ -160,12 +181,13 @@ def training_config_settings(spec: str | None) -> dict:
     out = {}
     for key, flag in (("micro_batch_size", "micro_batch"), ("seq_len", "seq_len"),
                       ("activation_checkpointing", "activation_checkpointing"), ("attention", "attention"),
-                      ("loss_chunk_tokens", "loss_chunk_tokens")):
+                      ("loss_chunk_tokens", "loss_chunk_tokens"), ("selective_ac_option", "selective_ac_option")):
         if key in train:
             out[flag] = train[key]
     for flag, ok in (("micro_batch", lambda v: isinstance(v, int) and not isinstance(v, bool)),
                      ("seq_len", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-                     ("activation_checkpointing", lambda v: isinstance(v, bool)),
+                     ("activation_checkpointing", lambda v: isinstance(v, bool) or v in ("none", "full", "selective")),
+                     ("selective_ac_option", lambda v: selective_option(v) is not None),
                      ("attention", lambda v: v in ("sdpa", "math")),
                      ("loss_chunk_tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
         if flag in out and not ok(out[flag]):
@@ -179,7 +201,7 @@ def training_config_settings(spec: str | None) -> dict:
 
 
 def print_report(cfg, r: dict) -> None:
-    from scalelab.counting import FLOPS_SHORTCUTS
+    from scalelab.counting import FLOPS_SHORTCUTS, MEMORY_COMPONENTS, PHASES
 
     print_table(cfg.summary(), title=f"Model {r['model']}")
     p = r["params"]
@@ -196,6 +218,9 @@ def print_report(cfg, r: dict) -> None:
             *[(f"  {label}", f"{f[key]:.4e}  ({f[key] / f['training_per_token'] - 1:+.1%})")
               for key, label in FLOPS_SHORTCUTS.items()],
             ("Attention share of forward", f"{f['attention_share']:.1%}")]
+    if f["training_per_token_executed"] != f["training_per_token"]:
+        rows.insert(2, ("Executed / token (with recomputation)", f"{f['training_per_token_executed']:.4e}  "
+                        f"({f['training_per_token_executed'] / f['training_per_token'] - 1:+.1%})"))
     print_table(rows, title=f"FLOPs at sequence length {f['seq_len']}")
     g = r["gqa"]
     if g["attention_type"] != "MHA":
@@ -209,12 +234,16 @@ def print_report(cfg, r: dict) -> None:
         print_table([("KV cache / token (bf16)", format_bytes(r["kv_cache_bytes_per_token"]))], title="Inference")
     m = r["memory"]
     loss = f"loss in chunks of {m['loss_chunk_tokens']:,} tokens" if m["loss_chunk_tokens"] else "unchunked loss"
+    ac = m["activation_checkpointing"]
+    ac = "" if ac == "none" else f", {ac} activation checkpointing" + (
+        f" ({'by op' if m['selective_ac_option'] == 'op' else 'every ' + m['selective_ac_option'] + ' blocks'})"
+        if ac == "selective" else "")
     title = (f"Training memory per device ({m['sharding'].upper()} over {m['num_devices']}, {m['precision']}, "
-             f"micro-batch {m['micro_batch']} x {m['seq_len']}{', activation checkpointing' if m['activation_checkpointing'] else ''}, "
-             f"{loss})")
-    rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k]))
-            for k in ("weights", "gradients", "optimizer", "unsharded_buffers", "weight_copies", "activations")
-            if m[k]]
+             f"micro-batch {m['micro_batch']} x {m['seq_len']}{ac}, {loss})")
+    rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k])) for k in MEMORY_COMPONENTS if m[k]]
+    rows += [(f"Live at {phase.replace('_', ' ')}", format_bytes(m[f"phase_{phase}"])) for phase in PHASES]
+    rows.append(("Peak (allocated)", f"{format_bytes(m['peak'])} at {m['peak_phase'].replace('_', ' ')}"))
+    rows.append(("Runtime reserve (CUDA context, allocator)", format_bytes(m["runtime_reserve"])))
     rows.append(("Total (estimate)", format_bytes(m["total"])))
     if "device_memory" in m:
         verdict = "fits" if m["fits"] else "DOES NOT FIT"
@@ -230,4 +259,4 @@ def print_report(cfg, r: dict) -> None:
                      ("Throughput", f"{t['tokens_per_second_per_device']:,.0f} tokens/s/device, "
                       f"{t['tokens_per_second']:,.0f} tokens/s total"),
                      ("Wall-clock", f"{format_duration(t['seconds'])} ({t['gpu_hours']:,.0f} GPU-hours)")],
-                    title=f"Time on {t['num_devices']} x {t['gpu_type']} at {t['mfu']:.0%} MFU")
+                    title=f"Time on {t['num_devices']} x {t['gpu_type']} at {t['mfu']:.0%} MFU ({t['hfu']:.0%} HFU)")

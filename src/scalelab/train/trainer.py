@@ -41,7 +41,7 @@ from typing import IO, Any, Callable
 import torch
 import torch.nn as nn
 
-from scalelab.counting import training_flops, training_memory
+from scalelab.counting import MEMORY_COMPONENTS, executed_training_flops, training_flops, training_memory
 from scalelab.errors import UserError, describe_os_error
 from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.units import format_bytes
@@ -89,14 +89,19 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
     return None
 
 
-def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int) -> dict[str, Any]:
-    """counting.training_memory for this run's shape, precision and parallelism (bytes per device)."""
+def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int, device_type: str = "cuda") -> dict[str, Any]:
+    """counting.training_memory for this run's shape, precision, parallelism, checkpointing and
+    device (bytes per device): AdamW is fused on CUDA and a per-parameter loop elsewhere (make_optimizer);
+    only CUDA has a runtime reserve (context and caching allocator)."""
     t = cfg.train
     precision = "fp32" if t.dtype == "fp32" else "bf16-mixed"
     m = training_memory(cfg.model, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=world_size,
                         sharding={"fsdp": "fsdp", "ddp": "ddp"}.get(strategy, "none"), precision=precision,
-                        activation_checkpointing=t.activation_checkpointing, attention=t.attention,
-                        loss_chunk_tokens=t.loss_chunk_tokens)
+                        activation_checkpointing=t.activation_checkpointing,
+                        selective_ac_option=t.selective_ac_option, attention=t.attention,
+                        loss_chunk_tokens=t.loss_chunk_tokens,
+                        optimizer_impl="fused" if device_type == "cuda" else "for-loop",
+                        device="cuda" if device_type == "cuda" else "cpu")
     return m
 
 
@@ -129,21 +134,22 @@ def free_memory(device: torch.device) -> tuple[float, str] | None:
 
 
 def memory_problem(cfg: TrainConfig, strategy: str, world_size: int, free: tuple[float, str] | None,
-                   ranks_sharing: int = 1) -> str | None:
+                   ranks_sharing: int = 1, device_type: str = "cuda") -> str | None:
     """Why this run cannot fit, or None: counting's predicted peak per device (× the ranks sharing
     one host's memory on CPU) against the free memory, with the ways to need less."""
     if not cfg.train.check_memory or free is None:
         return None
     t = cfg.train
-    m = predicted_memory(cfg, strategy, world_size)
+    m = predicted_memory(cfg, strategy, world_size, device_type)
     need = m["total"] * ranks_sharing
     if need <= free[0]:
         return None
-    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in m.items()
-                      if k != "total" and isinstance(v, float) and v > 0)
+    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(m[k])}" for k in (*MEMORY_COMPONENTS, "runtime_reserve")
+                      if m[k] > 0) + f"; peak at {m['peak_phase'].replace('_', ' ')}"
     ways = [f"lower train.micro_batch_size ({t.micro_batch_size})" if t.micro_batch_size > 1 else "",
             f"lower train.seq_len ({t.seq_len})",
-            "" if t.activation_checkpointing else "set train.activation_checkpointing = true",
+            "" if t.activation_checkpointing == "full" else "set train.activation_checkpointing = \"full\" (or "
+            "\"selective\")",
             "" if strategy == "fsdp" else "shard over more GPUs with parallel.strategy = \"fsdp\" under torchrun",
             "use a smaller [model]"]
     who = f" × {ranks_sharing} ranks on this host" if ranks_sharing > 1 else " per device"
@@ -331,7 +337,8 @@ def build_model(cfg: TrainConfig, strategy: str, d: Dist,
             model.load_state_dict(initial)
         model = model.to(d.device)
         return parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
-                           activation_checkpointing=t.activation_checkpointing)
+                           activation_checkpointing=t.activation_checkpointing,
+                           selective_ac_option=t.selective_ac_option)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if not d.is_main:
@@ -342,6 +349,7 @@ def build_model(cfg: TrainConfig, strategy: str, d: Dist,
         model = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
     model = parallelize(model, strategy, d, dtype=t.dtype, compile=t.compile,
                         activation_checkpointing=t.activation_checkpointing,
+                        selective_ac_option=t.selective_ac_option,
                         reshard_after_forward=cfg.parallel.reshard_after_forward)
     model.to_empty(device=d.device)
     model.tie_weights()
@@ -424,10 +432,15 @@ class Trainer:
             seqs_per_step = t.micro_batch_size * accum * d.world_size
             self.tokens_per_step = seqs_per_step * t.seq_len
             self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
+            # what the device executes, activation checkpointing's recomputation included (HFU)
+            self.executed_flops_per_step = executed_training_flops(
+                cfg.model, seqs_per_step, t.seq_len, activation_checkpointing=t.activation_checkpointing,
+                selective_ac_option=t.selective_ac_option, attention=t.attention)
             self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
             self.warmup = warmup_steps(t.warmup, self.steps)
             ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
-            problem = memory_problem(cfg, strategy, d.world_size, free_memory(d.device), ranks_sharing)
+            problem = memory_problem(cfg, strategy, d.world_size, free_memory(d.device), ranks_sharing,
+                                     d.device.type)
             if problem is None and self.init_source is not None and (strategy != "fsdp" or d.is_main):
                 self.init_weights = init_from.load_weights(self.init_source)  # FSDP: rank 0 broadcasts them
         except UserError as e:
@@ -479,7 +492,8 @@ class Trainer:
                 f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × world {d.world_size}), "
                 f"{self.flops_per_step * self.steps:.3g} FLOPs; run dir {run_dir}")
             log(f"scalelab train: predicted peak memory per device "
-                f"{format_bytes(predicted_memory(cfg, strategy, d.world_size)['total'])} (counting.training_memory; "
+                f"{format_bytes(predicted_memory(cfg, strategy, d.world_size, d.device.type)['total'])} "
+                f"(counting.training_memory; "
                 f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
         self.evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
         self.peak = peak_flops_per_device(cfg, d.device)
@@ -654,6 +668,8 @@ class Trainer:
                           "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"],
                           "tokens_per_second": self.tokens_per_step / dt, "tflops_per_second": tflops,
                           "mfu": tflops * 1e12 / self.peak if self.peak else None,
+                          "hfu": (tflops * 1e12 * self.executed_flops_per_step / self.flops_per_step / self.peak
+                                  if self.peak else None),
                           "peak_memory_bytes": mem, "elapsed_seconds": now - run_start}
                 if d.is_main:
                     self.metrics.write(record)
