@@ -470,6 +470,15 @@ def runtime_reserve_bytes(peak, device: str):
     return CUDA_CONTEXT_BYTES + ALLOCATOR_FRAGMENTATION * peak
 
 
+def chunked_loss_weight_transients(lm_head_params, loss_chunk_tokens: int, *, autocast: bool):
+    """Weight-sized buffers the chunked loss (model.score_chunks) holds beside a chunk's under
+    autocast, measured with the profiler: the bf16 copy of lm_head's fp32 weight (2 bytes per
+    weight), a chunk's bf16 weight-gradient product (2) and its fp32 promotion as it is added into
+    the fp32 gradient (4). In fp32, and under FSDP's bf16 parameters, the product accumulates in
+    place (addmm out=) and the weight needs no copy: nothing."""
+    return 8.0 * lm_head_params if (loss_chunk_tokens and autocast) else 0.0 * lm_head_params
+
+
 def step_phases(c: dict[str, Any]) -> dict[str, Any]:
     """Bytes live at each of PHASES from the named components (see the comment above PHASES)."""
     persistent = c["weights"] + c["optimizer"] + c["ddp_buckets"]
@@ -580,7 +589,8 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
                                                         compute_bytes, sharded=bool(fsdp))
     c = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "weight_copies": copies,
          "activations": tokens * (blocks + head),
-         "loss": loss_bytes(tokens, vocab, compute_bytes, loss_chunk_tokens) + 0.0 * total_params,
+         "loss": loss_bytes(tokens, vocab, compute_bytes, loss_chunk_tokens) + chunked_loss_weight_transients(
+             lm_head_params, loss_chunk_tokens, autocast=autocast) + 0.0 * total_params,
          "loss_gradient": loss_gradient,
          "fsdp_unsharded": unsharded_fwd, "fsdp_unsharded_backward": unsharded_bwd,
          "ddp_buckets": ddp_bucket_bytes(total_params, PRECISIONS[precision][1], ddp=sharding == "ddp"),
