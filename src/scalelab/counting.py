@@ -296,9 +296,9 @@ def checkpointing(mode: Any, option: Any = "op") -> tuple[str, str]:
 def checkpointed_layer_count(n_layer, mode: str, option: str = "op"):
     """Blocks that train/parallel.py's apply_activation_checkpointing wraps (its checkpointed_layers):
     every block under full and selective-by-op, every k-th (n_layer // k) under selective by layer."""
-    n_layer = np.asarray(n_layer, dtype=np.float64)
     if mode == "none":
-        return np.zeros_like(n_layer)
+        return 0.0
+    n_layer = np.asarray(n_layer, dtype=np.float64)
     if mode == "selective" and option != "op":
         return np.floor(n_layer / int(option))
     return n_layer
@@ -306,12 +306,11 @@ def checkpointed_layer_count(n_layer, mode: str, option: str = "op"):
 
 def last_block_wrapped(n_layer, mode: str, option: str = "op"):
     """1.0 where the last block is checkpointed (so backward starts by recomputing it), else 0.0."""
-    n_layer = np.asarray(n_layer, dtype=np.float64)
     if mode == "none":
-        return np.zeros_like(n_layer)
+        return 0.0
     if mode == "selective" and option != "op":
-        return (n_layer % int(option) == 0).astype(np.float64)
-    return np.ones_like(n_layer)
+        return (np.asarray(n_layer) % int(option) == 0).astype(np.float64)
+    return 1.0
 
 
 def block_matmuls(n_embd, kv_dim, d_ff, *, ffn_type: str = "swiglu", kv_packed: bool = True) -> list[tuple[Any, Any]]:
@@ -413,9 +412,11 @@ DEVICES = ("cuda", "cpu")
 #   0.5 GiB is the usual size on an H100 with CUDA 12 (not measured here: no GPU was available).
 # - ALLOCATOR_FRAGMENTATION: the caching allocator's reserved-but-unallocated share at the peak,
 #   as a fraction of the allocated peak (torch.cuda.max_memory_reserved / max_memory_allocated - 1).
-#   Published gaps range from a few percent to 43% (Zhang et al. 2025, arXiv 2507.16274, "can waste
-#   up to 43% of memory" with recomputation and pipelines); 0.10 is a middle working figure that
-#   reproduces torchtitan's reserved 82.4 GiB for LLaMA 3.1 8B (tests/test_memory_timeline.py).
+#   A working figure, not fitted and not measured here: reported gaps run from ~2% (1.83 GiB
+#   reserved-unallocated beside 75.3 GiB allocated, vllm-project/compressed-tensors#587) to "up to
+#   43%" with recomputation and pipelines (arXiv 2507.16274). With 0.10, torchtitan's published
+#   reserved memory for LLaMA 3.1 8B (docs/performance.md, Tables 1 and 3) is reproduced within
+#   10% (tests/test_memory_timeline.py::test_torchtitan_llama31_8b_reserved_memory).
 # - On the CPU there is no caching allocator and no context: the reserve is 0.
 CUDA_CONTEXT_BYTES = 0.5 * 2**30
 ALLOCATOR_FRAGMENTATION = 0.10
@@ -436,8 +437,7 @@ def fsdp_unsharded_bytes(per_layer_params, root_params, compute_bytes, *, sharde
     prefetched next) and the current block's unsharded gradient in the compute dtype plus its fp32
     reduce-scatter input. Zero without FSDP over more than one device."""
     if not sharded:
-        zero = np.zeros_like(np.asarray(per_layer_params, dtype=np.float64))
-        return zero, zero
+        return 0.0, 0.0
     after_forward = (root_params + per_layer_params) * compute_bytes
     during_backward = root_params * compute_bytes + per_layer_params * (2 * compute_bytes + compute_bytes + 4)
     return after_forward, during_backward
@@ -446,7 +446,7 @@ def fsdp_unsharded_bytes(per_layer_params, root_params, compute_bytes, *, sharde
 def ddp_bucket_bytes(total_params, gradient_bytes, *, ddp: bool):
     """DDP's gradient buckets: a second copy of every gradient, allocated when DDP wraps the model
     (torch.nn.parallel.DistributedDataParallel with gradient_as_bucket_view=False, the default)."""
-    return total_params * gradient_bytes if ddp else np.zeros_like(np.asarray(total_params, dtype=np.float64))
+    return total_params * gradient_bytes if ddp else 0.0
 
 
 def optimizer_step_bytes(total_params, largest_param, shards, impl: str):
@@ -454,19 +454,18 @@ def optimizer_step_bytes(total_params, largest_param, shards, impl: str):
     place; `foreach` (torch's default on CUDA without fused, torchtitan's) makes sqrt(v) for every
     local parameter at once (4 bytes per parameter); `for-loop` (the CPU) makes sqrt(v) and its
     quotient for one parameter at a time (8 bytes x the largest parameter)."""
-    zero = np.zeros_like(np.asarray(total_params, dtype=np.float64))
     if impl == "fused":
-        return zero
+        return 0.0
     if impl == "foreach":
         return 4.0 * total_params / shards
-    return zero + 8.0 * largest_param / shards
+    return 8.0 * largest_param / shards
 
 
 def runtime_reserve_bytes(peak, device: str):
     """What the device holds beyond the allocated peak: on CUDA the context (CUDA_CONTEXT_BYTES) and
     the caching allocator's fragmentation (ALLOCATOR_FRAGMENTATION x peak); nothing on the CPU."""
     if device == "cpu":
-        return np.zeros_like(np.asarray(peak, dtype=np.float64))
+        return 0.0
     return CUDA_CONTEXT_BYTES + ALLOCATOR_FRAGMENTATION * peak
 
 
@@ -476,7 +475,7 @@ def chunked_loss_weight_transients(lm_head_params, loss_chunk_tokens: int, *, au
     weight), a chunk's bf16 weight-gradient product (2) and its fp32 promotion as it is added into
     the fp32 gradient (4). In fp32, and under FSDP's bf16 parameters, the product accumulates in
     place (addmm out=) and the weight needs no copy: nothing."""
-    return 8.0 * lm_head_params if (loss_chunk_tokens and autocast) else 0.0 * lm_head_params
+    return 8.0 * lm_head_params if (loss_chunk_tokens and autocast) else 0.0
 
 
 def step_phases(c: dict[str, Any]) -> dict[str, Any]:
@@ -514,7 +513,7 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
                                    activation_checkpointing=mode, selective_ac_option=option, attention=attention,
                                    loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl,
                                    device=device, **_style_kwargs(cfg))
-    out: dict[str, Any] = {k: (str(v) if k == "peak_phase" else float(v)) for k, v in parts.items()}
+    out: dict[str, Any] = {k: (PHASES[int(v)] if k == "peak_phase" else float(v)) for k, v in parts.items()}
     out.update(micro_batch=micro_batch, seq_len=s, num_devices=num_devices, sharding=sharding,
                precision=precision, activation_checkpointing=mode, selective_ac_option=option,
                loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device)
@@ -536,8 +535,9 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
                            device: str = "cuda", kv_packed: bool = True, **style: Any) -> dict[str, Any]:
     """`training_memory` over numpy arrays of shapes (the planner's memory filter), same model.
     `style` takes param_breakdown_arrays' keywords (ffn_type, normalization, bias, ...).
-    Returns bytes per device by component (MEMORY_COMPONENTS) as float64 arrays, each phase's total
-    ("phase_<name>"), the allocated "peak" and its "peak_phase" (a string array), "runtime_reserve"
+    Returns bytes per device by component (MEMORY_COMPONENTS) as float64 arrays (0.0 where a
+    component does not apply), each phase's total
+    ("phase_<name>"), the allocated "peak" and its "peak_phase" (an index into PHASES), "runtime_reserve"
     and "total" = peak + runtime_reserve. `kv_packed=False` models a block with separate K and V
     projections (torchtitan's), which changes what selective-by-op checkpointing saves."""
     mode, option = checkpointing(activation_checkpointing, selective_ac_option)
@@ -562,7 +562,7 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
                                            ffn_type=ffn_type).astype(np.float64)
     per_block_matmul_weights = (matmul_weights - vocab_size * np.asarray(n_embd, dtype=np.float64)) / n_layer
     copies = (2.0 * (matmul_weights - checkpointed_layer_count(n_layer, mode, option) * per_block_matmul_weights)
-              if autocast else np.zeros_like(total_params))
+              if autocast else 0.0)
     lm_head_params = (vocab_size * np.asarray(n_embd, dtype=np.float64))
     root_params = total_params - np.asarray(n_layer, dtype=np.float64) * p["per_layer"]
     n_layer, n_embd, n_head, kv, d_ff, vocab = (np.asarray(x, dtype=np.float64) for x in
@@ -584,13 +584,13 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     # the chunked loss forms lm_head's weight gradient in forward, in the dtype lm_head computes in
     lm_head_grad_bytes = compute_bytes if fsdp else PRECISIONS[precision][1]
     loss_gradient = (lm_head_params * lm_head_grad_bytes if loss_chunk_tokens
-                     else np.zeros_like(total_params))
+                     else 0.0)
     unsharded_fwd, unsharded_bwd = fsdp_unsharded_bytes(p["per_layer"].astype(np.float64), root_params,
                                                         compute_bytes, sharded=bool(fsdp))
     c = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "weight_copies": copies,
          "activations": tokens * (blocks + head),
          "loss": loss_bytes(tokens, vocab, compute_bytes, loss_chunk_tokens) + chunked_loss_weight_transients(
-             lm_head_params, loss_chunk_tokens, autocast=autocast) + 0.0 * total_params,
+             lm_head_params, loss_chunk_tokens, autocast=autocast),
          "loss_gradient": loss_gradient,
          "fsdp_unsharded": unsharded_fwd, "fsdp_unsharded_backward": unsharded_bwd,
          "ddp_buckets": ddp_bucket_bytes(total_params, PRECISIONS[precision][1], ddp=sharding == "ddp"),
@@ -599,12 +599,12 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
          "optimizer_step": optimizer_step_bytes(total_params, np.maximum(lm_head_params, 0), shards, optimizer_impl)}
     out = dict(c)
     phases = step_phases(c)
-    stacked = np.stack([np.broadcast_to(np.asarray(phases[k], dtype=np.float64), np.shape(total_params))
-                        for k in PHASES])
     for k in PHASES:
         out[f"phase_{k}"] = phases[k]
-    out["peak"] = stacked.max(axis=0)
-    out["peak_phase"] = np.asarray(PHASES)[stacked.argmax(axis=0)]
+    out["peak"] = np.maximum(np.maximum(phases["forward_end"], phases["loss_backward"]),
+                             np.maximum(phases["backward"], phases["optimizer_step"]))
+    # the first phase that reaches the peak, as an index into PHASES (training_memory names it)
+    out["peak_phase"] = np.select([phases[k] == out["peak"] for k in PHASES], list(range(len(PHASES))))
     out["runtime_reserve"] = runtime_reserve_bytes(out["peak"], device)
     out["total"] = out["peak"] + out["runtime_reserve"]
     return out
