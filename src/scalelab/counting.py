@@ -429,6 +429,13 @@ def state_bytes(total_params, precision: str, shards):
     return total_params * wb / shards, total_params * gb / shards, total_params * ob / shards
 
 
+def autocast_weight_copy_bytes(matmul_weights, lm_head_params, n_layer, wrapped_layers):
+    """Autocast's bf16 copy of each matmul weight (2 bytes per weight), which backward keeps, except
+    in checkpointed blocks, whose copies are made again when they are recomputed."""
+    per_block = (matmul_weights - lm_head_params) / n_layer
+    return 2.0 * (matmul_weights - wrapped_layers * per_block)
+
+
 def fsdp_unsharded_bytes(per_layer_params, root_params, compute_bytes, *, sharded: bool):
     """FSDP2's gathered (unsharded) parameters, in the compute dtype (MixedPrecisionPolicy's
     param_dtype), as (after forward, during backward): after forward, the root unit (embeddings,
@@ -453,7 +460,8 @@ def optimizer_step_bytes(total_params, largest_param, shards, impl: str):
     """AdamW's temporaries during optimizer.step(), fp32: `fused` (the trainer on CUDA) updates in
     place; `foreach` (torch's default on CUDA without fused, torchtitan's) makes sqrt(v) for every
     local parameter at once (4 bytes per parameter); `for-loop` (the CPU) makes sqrt(v) and its
-    quotient for one parameter at a time (8 bytes x the largest parameter)."""
+    quotient for one parameter at a time (8 bytes x the largest parameter: the embedding or
+    lm_head, or an FFN matrix)."""
     if impl == "fused":
         return 0.0
     if impl == "foreach":
@@ -557,13 +565,11 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     residual = 4 if precision == "fp32" or autocast else 2
     compute_bytes = ACTIVATION_BYTES[precision]
     weights, gradients, optimizer = state_bytes(total_params, precision, shards)
-    # autocast's bf16 weight copies are saved for backward, except in checkpointed blocks (recomputed)
+    lm_head_params = vocab_size * np.asarray(n_embd, dtype=np.float64)
     matmul_weights = matmul_weights_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size,
                                            ffn_type=ffn_type).astype(np.float64)
-    per_block_matmul_weights = (matmul_weights - vocab_size * np.asarray(n_embd, dtype=np.float64)) / n_layer
-    copies = (2.0 * (matmul_weights - checkpointed_layer_count(n_layer, mode, option) * per_block_matmul_weights)
-              if autocast else 0.0)
-    lm_head_params = (vocab_size * np.asarray(n_embd, dtype=np.float64))
+    copies = (autocast_weight_copy_bytes(matmul_weights, lm_head_params, n_layer,
+                                         checkpointed_layer_count(n_layer, mode, option)) if autocast else 0.0)
     root_params = total_params - np.asarray(n_layer, dtype=np.float64) * p["per_layer"]
     n_layer, n_embd, n_head, kv, d_ff, vocab = (np.asarray(x, dtype=np.float64) for x in
                                                 (n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size))
@@ -582,9 +588,7 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     # backward meets the last block first; when it is wrapped, it is recomputed whole
     recompute = tokens * per_layer * last_block_wrapped(n_layer, mode, option)
     # the chunked loss forms lm_head's weight gradient in forward, in the dtype lm_head computes in
-    lm_head_grad_bytes = compute_bytes if fsdp else PRECISIONS[precision][1]
-    loss_gradient = (lm_head_params * lm_head_grad_bytes if loss_chunk_tokens
-                     else 0.0)
+    loss_gradient = lm_head_params * (compute_bytes if fsdp else PRECISIONS[precision][1]) if loss_chunk_tokens else 0.0
     unsharded_fwd, unsharded_bwd = fsdp_unsharded_bytes(p["per_layer"].astype(np.float64), root_params,
                                                         compute_bytes, sharded=bool(fsdp))
     c = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "weight_copies": copies,
@@ -596,7 +600,8 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
          "ddp_buckets": ddp_bucket_bytes(total_params, PRECISIONS[precision][1], ddp=sharding == "ddp"),
          "recompute": recompute,
          "root_gradients": root_params * PRECISIONS[precision][1] / shards,
-         "optimizer_step": optimizer_step_bytes(total_params, np.maximum(lm_head_params, 0), shards, optimizer_impl)}
+         "optimizer_step": optimizer_step_bytes(total_params, np.maximum(lm_head_params, n_embd * d_ff), shards,
+                                                optimizer_impl)}
     out = dict(c)
     phases = step_phases(c)
     for k in PHASES:
