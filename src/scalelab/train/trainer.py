@@ -491,10 +491,12 @@ class Trainer:
                 f"[{strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
                 f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × world {d.world_size}), "
                 f"{self.flops_per_step * self.steps:.3g} FLOPs; run dir {run_dir}")
-            log(f"scalelab train: predicted peak memory per device "
-                f"{format_bytes(predicted_memory(cfg, strategy, d.world_size, d.device.type)['total'])} "
-                f"(counting.training_memory; "
-                f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
+            m = predicted_memory(cfg, strategy, d.world_size, d.device.type)
+            reserve = (f" + {format_bytes(m['runtime_reserve'])} CUDA context and allocator reserve"
+                       if m["runtime_reserve"] else "")
+            log(f"scalelab train: predicted peak memory per device {format_bytes(m['peak'])} at "
+                f"{m['peak_phase'].replace('_', ' ')}{reserve} (counting.training_memory, docs/memory.md; "
+                f"on a GPU the log's mem column measures the peak, on a CPU that column is the whole process's RSS)")
         self.evaluator = _Evaluator(cfg, d, log) if (cfg.eval.every or cfg.eval.at_end) else None
         self.peak = peak_flops_per_device(cfg, d.device)
         self.stop = _StopFlag(cfg.checkpoint.on_signal)
