@@ -383,7 +383,7 @@ def executed_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, 
     extra = recompute_flops_per_token_arrays(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.num_key_value_heads,
                                              cfg.ffn_hidden, seq_len, mode=mode, option=option,
                                              ffn_type=cfg.ffn_type, attention=attention)
-    return training_flops(cfg, batch_size, seq_len) + int(round(float(extra))) * batch_size * seq_len
+    return training_flops(cfg, batch_size, seq_len) + round(float(extra)) * batch_size * seq_len
 
 
 # ---- memory over the step's timeline --------------------------------------------------------
