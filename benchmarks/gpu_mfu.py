@@ -91,7 +91,9 @@ def run_one(out: Path, data: Path, name: str, model: dict, seq_len: int, micro: 
         "tflops_per_second": statistics.median(r["tflops_per_second"] for r in steady),
         "mfu": statistics.median(mfu) if mfu else None,
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in steady),
-        "predicted_memory_bytes": predicted["total"], "predicted": predicted,
+        # max_memory_allocated is the allocated peak: counting's "peak" (its "total" adds the CUDA
+        # context and allocator reserve, which max_memory_allocated does not see)
+        "predicted_memory_bytes": predicted["peak"], "predicted": predicted,
         "wall_seconds": time.time() - started,
     }
 

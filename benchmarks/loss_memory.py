@@ -8,7 +8,7 @@ memory is the CPU allocator's: every allocation and free the profiler records
 (`profile_memory=True`), summed in time order, above what was allocated before the step (the
 weights). Speed is timed separately, without the profiler, alternating the three models (best of
 --repeats windows each) so background load hits all alike. Beside each peak, counting's
-prediction for it (weights excluded: gradients, AdamW state and activations with the loss term).
+prediction for it (counting.training_memory's step timeline for a first step, weights excluded).
 
     python benchmarks/loss_memory.py          # 2 layers x 256, vocab 128256, batch 8 x 256, fp32, CPU
 """
@@ -95,8 +95,12 @@ def main() -> None:
             predicted = ""
         else:
             m = counting.training_memory(cfg, micro_batch=args.batch, seq_len=args.seq_len, precision="fp32",
-                                         sharding="none", loss_chunk_tokens=args.chunk if name == "chunked" else 0)
-            predicted = f"{(m['total'] - m['weights']) / 2**30:.2f}"
+                                         sharding="none", loss_chunk_tokens=args.chunk if name == "chunked" else 0,
+                                         optimizer_impl="for-loop", device="cpu")
+            # a first step: AdamW's state appears only at its optimizer step
+            first_step = max(*(m[f"phase_{p}"] - m["optimizer"] for p in counting.PHASES[:-1]),
+                             m["phase_optimizer_step"])
+            predicted = f"{(first_step - m['weights']) / 2**30:.2f}"
         print(f"{name:<14}{peaks[name] / 2**30:>10.2f}{peaks[name] / peaks['transformers']:>7.2f}x{predicted:>11}"
               f"{best[name]:>9.2f}{tokens / best[name]:>10,.0f}{best['transformers'] / best[name]:>7.2f}x"
               f"{losses[name]:>12.6f}")

@@ -19,6 +19,37 @@ def test_count_json_llama31_8b(cli):
     assert "time" not in out
 
 
+def test_count_checkpointing_modes_report_the_timeline_and_hfu(cli, tmp_path):
+    """--activation-checkpointing takes a mode (the flag alone is full); the memory names its peak's
+    phase and runtime reserve; the time shows HFU = MFU x executed / model FLOPs; a training config's
+    old `activation_checkpointing = true` and its selective option are read as the trainer reads them."""
+    from scalelab import counting
+
+    out = {}
+    for mode in (["--activation-checkpointing"], ["--activation-checkpointing", "selective"],
+                 ["--activation-checkpointing", "selective", "--selective-ac-option", "4"]):
+        r = cli("count", "llama3.1-8b", *mode, "--gpus", "8", "--gpu-type", "H100", "--tokens", "1T", "--json")
+        assert r.returncode == 0, r.stderr
+        out[" ".join(mode[1:]) or "full"] = json.loads(r.stdout)
+    full, op, layer = out["full"], out["selective"], out["selective --selective-ac-option 4"]
+    assert full["memory"]["activation_checkpointing"] == "full" and layer["memory"]["selective_ac_option"] == "4"
+    assert full["memory"]["activations"] < layer["memory"]["activations"] and \
+        full["memory"]["activations"] < op["memory"]["activations"]
+    for r in out.values():
+        m, f, t = r["memory"], r["flops"], r["time"]
+        assert m["peak_phase"] in counting.PHASES and m["peak"] == m[f"phase_{m['peak_phase']}"]
+        assert m["total"] == m["peak"] + m["runtime_reserve"] and m["runtime_reserve"] > 0
+        assert t["hfu"] == pytest.approx(t["mfu"] * f["training_per_token_executed"] / f["training_per_token"])
+        assert t["hfu"] > t["mfu"]
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\npreset = "gpt2"\n[train]\nactivation_checkpointing = true\n')
+    assert json.loads(cli("count", str(config), "--json").stdout)["memory"]["activation_checkpointing"] == "full"
+    config.write_text('[model]\npreset = "gpt2"\n[train]\nactivation_checkpointing = "selective"\n'
+                      'selective_ac_option = 2\n')
+    m = json.loads(cli("count", str(config), "--json").stdout)["memory"]
+    assert (m["activation_checkpointing"], m["selective_ac_option"]) == ("selective", "2")
+
+
 def test_count_time_and_fit_verdict(cli):
     r = cli("count", "llama3.1-70b", "--gpus", "1", "--gpu-type", "H100", "--tokens", "1T", "--json")
     out = json.loads(r.stdout)

@@ -435,7 +435,7 @@ def test_emitted_config_carries_every_memory_assumption(cli, tmp_path, hardware)
     gpus = int(hardware[hardware.index("--gpus") + 1])
     cfg = load_config(path)
     assert (cfg.train.micro_batch_size, cfg.train.activation_checkpointing, cfg.train.dtype, cfg.train.attention,
-            cfg.parallel.strategy) == (1, True, "bf16", "sdpa", "fsdp" if gpus > 1 else "none")
+            cfg.parallel.strategy) == (1, "full", "bf16", "sdpa", "fsdp" if gpus > 1 else "none")
     strategy = resolve_strategy(cfg.parallel.strategy, gpus)
     assert predicted_memory(cfg, strategy, gpus)["total"] == best["memory_per_gpu_bytes"]
     gpu_type = hardware[hardware.index("--gpu-type") + 1]

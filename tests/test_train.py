@@ -453,11 +453,23 @@ def test_activation_checkpointing_and_mixed_precision(tmp_path, data_dir):
     cfg = write_config(tmp_path / "c.toml", data_dir, steps=4, ckpt_every=0)
     base = ["checkpoint.every=0", "train.deterministic=false"]
     runs = {}
-    for name, extra in {"fp32": [], "ac": ["train.activation_checkpointing=true"], "bf16": ["train.dtype=bf16"],
-                        "fp16": ["train.dtype=fp16"]}.items():
+    for name, extra in {"fp32": [], "ac": ["train.activation_checkpointing=true"],
+                        "ac_op": ["train.activation_checkpointing=selective", "logging.peak_tflops=1"],
+                        "ac_layer": ["train.activation_checkpointing=selective", "train.selective_ac_option=2"],
+                        "bf16": ["train.dtype=bf16"], "fp16": ["train.dtype=fp16"]}.items():
         train_inprocess(cfg, tmp_path / name, base + extra)
         runs[name] = [losses(tmp_path / name)[s] for s in range(1, 5)]
-    assert runs["ac"] == runs["fp32"]
+    assert runs["ac"] == runs["ac_op"] == runs["ac_layer"] == runs["fp32"]
+    # HFU counts the recomputation selective-by-op executes on top of the model's FLOPs
+    from scalelab.counting import executed_training_flops, training_flops
+    from scalelab.train.config import load_config
+    from scalelab.train.metrics import read_metrics
+
+    c = load_config(cfg, base)
+    record = [r for r in read_metrics(tmp_path / "ac_op") if r["kind"] == "train"][-1]
+    ratio = executed_training_flops(c.model, 1, c.train.seq_len, activation_checkpointing="selective",
+                                    attention=c.train.attention) / training_flops(c.model, 1, c.train.seq_len)
+    assert ratio > 1 and record["hfu"] == pytest.approx(record["mfu"] * ratio)
     for name in ("bf16", "fp16"):
         assert runs[name] != runs["fp32"]  # autocast did something
         assert runs[name] == pytest.approx(runs["fp32"], abs=0.02), name
@@ -624,7 +636,7 @@ def test_memory_feasibility_is_checked_before_building(tmp_path, data_dir):
     cfg = load_config(write_config(tmp_path / "c.toml", data_dir))
     assert memory_problem(cfg, "none", 1, (64 * 2**30, "free")) is None
     problem = memory_problem(cfg, "none", 1, (1e5, "available on this host (MemAvailable)"))
-    for way in ("lower train.micro_batch_size (4)", "lower train.seq_len (32)", "train.activation_checkpointing = true",
+    for way in ("lower train.micro_batch_size (4)", "lower train.seq_len (32)", 'train.activation_checkpointing = "full"',
                 'parallel.strategy = "fsdp" under torchrun', "train.check_memory = false"):
         assert way in problem
     assert "× 4 ranks on this host" in memory_problem(cfg, "ddp", 4, (1e5, "x"), ranks_sharing=4)

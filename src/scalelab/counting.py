@@ -597,49 +597,286 @@ def loss_bytes(tokens, vocab_size, compute_bytes: int, loss_chunk_tokens: int = 
     return rows * vocab_size * (4 + (compute_bytes if compute_bytes != 4 else 0))
 
 
+# ---- activation checkpointing ---------------------------------------------------------------
+
+AC_MODES = ("none", "full", "selective")
+
+
+def checkpointing(mode: Any, option: Any = "op") -> tuple[str, str]:
+    """(mode, selective option) as train.activation_checkpointing / selective_ac_option mean them:
+    a bool is the key's old form (true = full); the option is "op" or a whole k >= 1 (as digits)."""
+    if isinstance(mode, bool) or mode is None:
+        mode = "full" if mode else "none"
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing must be one of {', '.join(AC_MODES)}, got {mode!r}")
+    option = str(option)
+    if option != "op" and not (option.isdigit() and int(option) >= 1):
+        raise ValueError(f'selective_ac_option must be "op" or a whole number k >= 1, got {option!r}')
+    return mode, option
+
+
+def checkpointed_layer_count(n_layer, mode: str, option: str = "op"):
+    """Blocks that train/parallel.py's apply_activation_checkpointing wraps (its checkpointed_layers):
+    every block under full and selective-by-op, every k-th (n_layer // k) under selective by layer."""
+    if mode == "none":
+        return 0.0
+    n_layer = np.asarray(n_layer, dtype=np.float64)
+    if mode == "selective" and option != "op":
+        return np.floor(n_layer / int(option))
+    return n_layer
+
+
+def last_block_wrapped(n_layer, mode: str, option: str = "op"):
+    """1.0 where the last block is checkpointed (so backward starts by recomputing it), else 0.0."""
+    if mode == "none":
+        return 0.0
+    if mode == "selective" and option != "op":
+        return (np.asarray(n_layer) % int(option) == 0).astype(np.float64)
+    return 1.0
+
+
+def block_matmuls(n_embd, kv_dim, d_ff, *, ffn_type: str = "swiglu") -> list[tuple[Any, Any]]:
+    """(in, out) widths of one block's matmuls in the order its forward runs them: q_proj, k_proj,
+    v_proj (separate, as torchtitan's and transformers' LLaMA have them), o_proj, then gate (SwiGLU
+    only), up, down."""
+    ffn = [(n_embd, d_ff)] * (2 if ffn_type == "swiglu" else 1) + [(d_ff, n_embd)]
+    return [(n_embd, n_embd), (n_embd, kv_dim), (n_embd, kv_dim), (n_embd, n_embd), *ffn]
+
+
+def selective_op_saved_per_token(n_embd, kv_dim, d_ff, n_head, *, ffn_type: str = "swiglu", residual_bytes=4,
+                                 compute_bytes=2, attention: str = "sdpa":
+    """Bytes per token one block keeps under selective-by-op checkpointing (parallel.py's
+    _selective_op_context, torchtitan's policy): its input (the checkpoint's argument, residual
+    dtype), the outputs of the 1st, 3rd, 5th ... matmul, and the fused attention's output and fp32
+    log-sum-exp per head (the math path's matmuls are not on the save list: nothing)."""
+    mms = block_matmuls(n_embd, kv_dim, d_ff, ffn_type=ffn_type)
+    saved = sum(out for i, (_, out) in enumerate(mms) if i % 2 == 0)
+    attn = compute_bytes * n_embd + 4 * n_head if attention == "sdpa" else 0
+    return residual_bytes * n_embd + compute_bytes * saved + attn
+
+
+def saved_activations_per_token(per_layer, n_layer, n_embd, kv_dim, d_ff, n_head, *, mode: str = "none",
+                                option: str = "op", ffn_type: str = "swiglu", residual_bytes=4,
+                                compute_bytes=2, attention: str = "sdpa":
+    """Bytes per token all blocks keep for backward under a checkpointing mode, given `per_layer`
+    (activation_bytes_per_token's block figure, what one unwrapped block keeps): a fully
+    recomputed block keeps only its input; selective-by-op keeps selective_op_saved_per_token."""
+    wrapped = checkpointed_layer_count(n_layer, mode, option)
+    if mode == "selective" and option == "op":
+        kept = selective_op_saved_per_token(n_embd, kv_dim, d_ff, n_head, ffn_type=ffn_type,
+                                            residual_bytes=residual_bytes, compute_bytes=compute_bytes,
+                                            attention=attention)
+    else:
+        kept = residual_bytes * n_embd
+    return (np.asarray(n_layer, dtype=np.float64) - wrapped) * per_layer + wrapped * kept
+
+
+def recompute_flops_per_token_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, seq_len, *,
+                                     mode: str = "none", option: str = "op", ffn_type: str = "swiglu",
+                                     attention: str = "sdpa"):
+    """Forward FLOPs per token that backward executes again (the difference between hardware and
+    model FLOPs, measured with FlopCounterMode in tests/test_activation_checkpointing.py): a fully
+    recomputed block runs its forward again (matmuls and attention); selective-by-op runs again the
+    matmuls it did not save (the 2nd, 4th, ...) and, on the math path, attention's two matmuls
+    (fused attention is saved). In both, the block's last matmul (down) never runs again: PyTorch's
+    non-reentrant checkpoint stops recomputing once every tensor backward needs is back
+    (torch.utils.checkpoint.set_checkpoint_early_stop, on by default), and down's input, saved as
+    the op is recorded, is the last of them."""
+    n_layer, n_embd, n_head, kv, d_ff, seq_len = (np.asarray(x, dtype=np.float64) for x in
+                                                  (n_layer, n_embd, n_head, num_key_value_heads, d_ff, seq_len))
+    kv_dim = kv * (n_embd // n_head)
+    mms = block_matmuls(n_embd, kv_dim, d_ff, ffn_type=ffn_type)[:-1]  # all but down
+    attention_flops = 4.0 * seq_len * n_embd
+    wrapped = checkpointed_layer_count(n_layer, mode, option)
+    if mode == "selective" and option == "op":
+        per_block = sum(2.0 * i * o for j, (i, o) in enumerate(mms) if j % 2 == 1)
+        per_block = per_block + (attention_flops if attention == "math" else 0.0)
+    else:
+        per_block = sum(2.0 * i * o for i, o in mms) + attention_flops
+    return wrapped * per_block
+
+
+def executed_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, activation_checkpointing: Any = "none",
+                            selective_ac_option: Any = "op", attention: str = "sdpa") -> int:
+    """FLOPs one training step of (batch_size, seq_len) executes: training_flops plus the forward
+    recomputation of activation checkpointing (what hardware FLOPs utilisation, HFU, counts)."""
+    mode, option = checkpointing(activation_checkpointing, selective_ac_option)
+    extra = recompute_flops_per_token_arrays(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.num_key_value_heads,
+                                             cfg.ffn_hidden, seq_len, mode=mode, option=option,
+                                             ffn_type=cfg.ffn_type, attention=attention)
+    return training_flops(cfg, batch_size, seq_len) + round(float(extra)) * batch_size * seq_len
+
+
+# ---- memory over the step's timeline --------------------------------------------------------
+#
+# What the device holds at four moments of a steady-state step (step >= 2: optimizer state exists,
+# gradients were freed by zero_grad(set_to_none=True) after the last step), by component; the peak
+# is the largest (docs/memory.md has every formula):
+#   forward_end     weights, optimizer, DDP buckets, autocast weight copies, saved activations,
+#                   FSDP's gathered root unit and last block, lm_head's gradient when the chunked loss forms it
+#   loss_backward   forward_end + the loss temporaries (unchunked: fp32 log-probabilities and two fp32
+#                   gradients per logit; chunked: one chunk's buffers)
+#   backward        the first recomputed block: saved activations + one block recomputed + FSDP's
+#                   root, two gathered blocks and one block's unsharded gradient + the root's gradients
+#   optimizer_step  weights, gradients, optimizer, DDP buckets and the optimizer's temporaries
+# A runtime reserve (CUDA context, caching-allocator fragmentation) is shown separately.
+
+PHASES = ("forward_end", "loss_backward", "backward", "optimizer_step")
+OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")
+DEVICES = ("cuda", "cpu")
+
+# Runtime reserve constants, in one place (docs/memory.md "Runtime reserve"):
+# - CUDA_CONTEXT_BYTES: what a process's CUDA context (driver state, cuBLAS/cuDNN workspaces and
+#   kernel images, loaded lazily under CUDA >= 11.7's CUDA_MODULE_LOADING=LAZY) holds outside
+#   PyTorch's allocator: nvidia-smi shows it, torch.cuda.max_memory_reserved does not. PyTorch's
+#   CUDA semantics notes ("Memory management") say the context is not counted by the allocator;
+#   0.5 GiB is the usual size on an H100 with CUDA 12 (not measured here: no GPU was available).
+# - ALLOCATOR_FRAGMENTATION: the caching allocator's reserved-but-unallocated share at the peak,
+#   as a fraction of the allocated peak (torch.cuda.max_memory_reserved / max_memory_allocated - 1).
+#   A working figure, not fitted and not measured here: reported gaps run from ~2% (1.83 GiB
+#   reserved-unallocated beside 75.3 GiB allocated, vllm-project/compressed-tensors#587) to "up to
+#   43%" with recomputation and pipelines (arXiv 2507.16274). With 0.10, torchtitan's published
+#   reserved memory for LLaMA 3.1 8B (docs/performance.md, Tables 1 and 3) is reproduced within
+#   10% (tests/test_memory_timeline.py::test_torchtitan_llama31_8b_reserved_memory).
+# - On the CPU there is no caching allocator and no context: the reserve is 0.
+CUDA_CONTEXT_BYTES = 0.5 * 2**30
+ALLOCATOR_FRAGMENTATION = 0.10
+
+
+def state_bytes(total_params, precision: str, shards):
+    """(weights, gradients, optimizer) bytes per device: PRECISIONS' bytes per parameter, sharded
+    over `shards` devices by FSDP (1 otherwise)."""
+    wb, gb, ob = PRECISIONS[precision]
+    return total_params * wb / shards, total_params * gb / shards, total_params * ob / shards
+
+
+def autocast_weight_copy_bytes(matmul_weights, lm_head_params, n_layer, wrapped_layers):
+    """Autocast's bf16 copy of each matmul weight (2 bytes per weight), which backward keeps, except
+    in checkpointed blocks, whose copies are made again when they are recomputed."""
+    per_block = (matmul_weights - lm_head_params) / n_layer
+    return 2.0 * (matmul_weights - wrapped_layers * per_block)
+
+
+def fsdp_unsharded_bytes(per_layer_params, root_params, compute_bytes, *, sharded: bool):
+    """FSDP2's gathered (unsharded) parameters, in the compute dtype (MixedPrecisionPolicy's
+    param_dtype), as (after forward, during backward): after forward, the root unit (embeddings,
+    final norm, lm_head: FSDP2 never reshards the root after forward) and the last block (apply_fsdp
+    keeps it for backward); during backward, the root, two blocks (the current one and the
+    prefetched next) and the current block's unsharded gradient in the compute dtype plus its fp32
+    reduce-scatter input. Zero without FSDP over more than one device."""
+    if not sharded:
+        return 0.0, 0.0
+    after_forward = (root_params + per_layer_params) * compute_bytes
+    during_backward = root_params * compute_bytes + per_layer_params * (2 * compute_bytes + compute_bytes + 4)
+    return after_forward, during_backward
+
+
+def ddp_bucket_bytes(total_params, gradient_bytes, *, ddp: bool):
+    """DDP's gradient buckets: a second copy of every gradient, allocated when DDP wraps the model
+    (torch.nn.parallel.DistributedDataParallel with gradient_as_bucket_view=False, the default)."""
+    return total_params * gradient_bytes if ddp else 0.0
+
+
+def optimizer_step_bytes(total_params, largest_param, shards, impl: str):
+    """AdamW's temporaries during optimizer.step(), fp32: `fused` (the trainer on CUDA) updates in
+    place; `foreach` (torch's default on CUDA without fused, torchtitan's) makes sqrt(v) for every
+    local parameter at once (4 bytes per parameter); `for-loop` (the CPU) makes sqrt(v) and its
+    quotient for one parameter at a time (8 bytes x the largest parameter: the embedding or
+    lm_head, or an FFN matrix)."""
+    if impl == "fused":
+        return 0.0
+    if impl == "foreach":
+        return 4.0 * total_params / shards
+    return 8.0 * largest_param / shards
+
+
+def runtime_reserve_bytes(peak, device: str):
+    """What the device holds beyond the allocated peak: on CUDA the context (CUDA_CONTEXT_BYTES) and
+    the caching allocator's fragmentation (ALLOCATOR_FRAGMENTATION x peak); nothing on the CPU."""
+    if device == "cpu":
+        return 0.0
+    return CUDA_CONTEXT_BYTES + ALLOCATOR_FRAGMENTATION * peak
+
+
+def chunked_loss_weight_transients(lm_head_params, loss_chunk_tokens: int, *, autocast: bool):
+    """Weight-sized buffers the chunked loss (model.score_chunks) holds beside a chunk's under
+    autocast, measured with the profiler: the bf16 copy of lm_head's fp32 weight (2 bytes per
+    weight), a chunk's bf16 weight-gradient product (2) and its fp32 promotion as it is added into
+    the fp32 gradient (4). In fp32, and under FSDP's bf16 parameters, the product accumulates in
+    place (addmm out=) and the weight needs no copy: nothing."""
+    return 8.0 * lm_head_params if (loss_chunk_tokens and autocast) else 0.0
+
+
+def step_phases(c: dict[str, Any]) -> dict[str, Any]:
+    """Bytes live at each of PHASES from the named components (see the comment above PHASES)."""
+    persistent = c["weights"] + c["optimizer"] + c["ddp_buckets"]
+    forward = c["weight_copies"] + c["activations"] + c["fsdp_unsharded"] + c["loss_gradient"]
+    return {
+        "forward_end": persistent + forward,
+        "loss_backward": persistent + forward + c["loss"],
+        "backward": (persistent + c["weight_copies"] + c["activations"] + c["recompute"]
+                     + c["fsdp_unsharded_backward"] + c["root_gradients"]),
+        "optimizer_step": persistent + c["gradients"] + c["optimizer_step"],
+    }
+
+
 def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | None = None,
                     num_devices: int = 1, sharding: str = "fsdp", precision: str = "bf16-mixed",
-                    activation_checkpointing: bool = False, attention: str = "sdpa",
-                    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, Any]:
-    """Estimated peak training memory per device, in bytes, by component.
-
-    Weights, gradients and optimizer state are exact given the precision; activations are what
-    autograd keeps, tensor by tensor (activation_bytes_per_token, proven against PyTorch), plus
-    what the loss holds (loss_bytes): unchunked, the logits' fp32 log-probabilities and two fp32
-    gradients at its backward; with `loss_chunk_tokens` > 0 (the model's default), one chunk's
-    logits. Under autocast (bf16-mixed without
-    FSDP) `weight_copies` is the bf16 copy of every matmul weight that autocast makes and
-    backward keeps. FSDP (ZeRO-3) shards weights, gradients and
-    optimizer state over devices, and holds two unsharded blocks at a time (current + prefetch).
-    DDP replicates everything. Activations never shard under data parallelism.
-    """
+                    activation_checkpointing: Any = "none", selective_ac_option: Any = "op",
+                    attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
+                    optimizer_impl: str = "fused", device: str = "cuda") -> dict[str, Any]:
+    """Peak training memory per device, in bytes, over one steady-state step, by named component
+    (training_memory_arrays; docs/memory.md): `peak` is the allocated peak, `peak_phase` when it
+    occurs, `runtime_reserve` what the device holds beyond it, and `total` = peak + reserve, what
+    the device must have. `optimizer_impl` is AdamW's implementation (the trainer: fused on CUDA,
+    for-loop on the CPU) and `device` cuda or cpu (the CPU has no reserve, and its composite
+    RMSNorm keeps one more vector per norm)."""
     s = cfg.block_size if seq_len is None else seq_len
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}")
+    mode, option = checkpointing(activation_checkpointing, selective_ac_option)
     parts = training_memory_arrays(*_shape_args(cfg), seq_len=s, micro_batch=micro_batch,
                                    num_devices=num_devices, sharding=sharding, precision=precision,
-                                   activation_checkpointing=activation_checkpointing, attention=attention,
-                                   loss_chunk_tokens=loss_chunk_tokens, **_style_kwargs(cfg))
-    out: dict[str, Any] = {k: float(v) for k, v in parts.items()}
+                                   activation_checkpointing=mode, selective_ac_option=option, attention=attention,
+                                   loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl,
+                                   device=device, **_style_kwargs(cfg))
+    out: dict[str, Any] = {k: (PHASES[int(v)] if k == "peak_phase" else float(v)) for k, v in parts.items()}
     out.update(micro_batch=micro_batch, seq_len=s, num_devices=num_devices, sharding=sharding,
-               precision=precision, activation_checkpointing=activation_checkpointing,
-               loss_chunk_tokens=loss_chunk_tokens)
+               precision=precision, activation_checkpointing=mode, selective_ac_option=option,
+               loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device)
     return out
+
+
+# The components training_memory_arrays returns (bytes per device), then the per-phase totals
+# ("phase_" + each of PHASES), "peak", "peak_phase", "runtime_reserve" and "total".
+MEMORY_COMPONENTS = ("weights", "gradients", "optimizer", "weight_copies", "activations", "loss", "loss_gradient",
+                     "fsdp_unsharded", "fsdp_unsharded_backward", "ddp_buckets", "recompute", "root_gradients",
+                     "optimizer_step")
 
 
 def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *, seq_len: int,
                            micro_batch: int = 1, num_devices: int = 1, sharding: str = "fsdp",
-                           precision: str = "bf16-mixed", activation_checkpointing: bool = False,
-                           attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
-                           **style: Any) -> dict[str, Any]:
+                           precision: str = "bf16-mixed", activation_checkpointing: Any = "none",
+                           selective_ac_option: Any = "op", attention: str = "sdpa",
+                           loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, optimizer_impl: str = "fused",
+                           device: str = "cuda", **style: Any) -> dict[str, Any]:
     """`training_memory` over numpy arrays of shapes (the planner's memory filter), same model.
     `style` takes param_breakdown_arrays' keywords (ffn_type, normalization, bias, ...).
-    Returns bytes per device by component as float64 arrays."""
-    wb, gb, ob = PRECISIONS[precision]
+    Returns bytes per device by component (MEMORY_COMPONENTS) as float64 arrays (0.0 where a
+    component does not apply), each phase's total
+    ("phase_<name>"), the allocated "peak" and its "peak_phase" (an index into PHASES), "runtime_reserve"
+    and "total" = peak + runtime_reserve."""
+    mode, option = checkpointing(activation_checkpointing, selective_ac_option)
+    if optimizer_impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+    ffn_type = style.get("ffn_type", "swiglu")
     p = param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, **style)
     total_params = p["total"].astype(np.float64)
+    fsdp = sharding == "fsdp" and np.any(np.asarray(num_devices) > 1)
     shards = num_devices if sharding == "fsdp" else 1
     # How the trainer runs each precision: fp32 throughout; bf16-mixed is torch.autocast over fp32
     # weights, except under FSDP, where MixedPrecisionPolicy gathers bf16 weights and the whole
@@ -647,24 +884,60 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     autocast = precision == "bf16-mixed" and sharding != "fsdp"
     residual = 4 if precision == "fp32" or autocast else 2
     compute_bytes = ACTIVATION_BYTES[precision]
-    copies = (2.0 * matmul_weights_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, **style)
-              if autocast else np.zeros_like(total_params))
+    weights, gradients, optimizer = state_bytes(total_params, precision, shards)
+    lm_head_params = vocab_size * np.asarray(n_embd, dtype=np.float64)
+    matmul_weights = matmul_weights_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size,
+                                           **style).astype(np.float64)
+    copies = (autocast_weight_copy_bytes(matmul_weights, lm_head_params, n_layer,
+                                         checkpointed_layer_count(n_layer, mode, option)) if autocast else 0.0)
+    # FSDP's root unit: embeddings, lm_head and the final norm (a MoE model's layers differ in size)
+    final_norm = (np.asarray(n_embd, dtype=np.float64) * (1 + (style.get("normalization") == "layernorm"
+                                                                and bool(style.get("bias"))))
+                  if style.get("final_norm", True) else 0.0)
+    root_params = p["embedding"].astype(np.float64) + final_norm
     a = Arch(*(np.asarray(x, dtype=np.float64) for x in (n_layer, n_embd, n_head, num_key_value_heads, d_ff,
                                                           vocab_size)), **style)
-    unsharded = (2.0 * p["per_layer"] * compute_bytes if sharding == "fsdp" and num_devices > 1
-                 else np.zeros_like(total_params))
+    n_layer, n_embd, n_head, d_ff, vocab = a.n_layer, a.n_embd, a.n_head, a.d_ff, a.vocab_size
+    kv_dim = a.num_key_value_heads * a.hd
     tokens = micro_batch * seq_len
     all_layers, largest_layer, head = layer_activation_bytes_per_token(
         a, seq_len, residual_bytes=residual, compute_bytes=compute_bytes, autocast=autocast, attention=attention)
-    if activation_checkpointing:  # each block's input, plus one block's activations while it is recomputed
-        layer_acts = tokens * (a.n_layer * residual * a.n_embd + largest_layer)
-    else:
-        layer_acts = tokens * all_layers
-    activations = layer_acts + tokens * head + loss_bytes(tokens, a.vocab_size, compute_bytes, loss_chunk_tokens)
-    out = {"weights": total_params * wb / shards, "gradients": total_params * gb / shards,
-           "optimizer": total_params * ob / shards, "unsharded_buffers": unsharded, "weight_copies": copies,
-           "activations": activations}
-    out["total"] = sum(out.values())
+    if device == "cpu" and style.get("normalization", "rmsnorm") == "rmsnorm":
+        # PyTorch's CPU RMSNorm is a composite that also keeps the normalised input (residual dtype)
+        all_layers = all_layers + n_layer * 2 * residual * n_embd
+        largest_layer, head = largest_layer + 2 * residual * n_embd, head + residual * n_embd
+    # checkpointing modes over the mean layer (every layer, for a dense model); selective-by-op's
+    # save list is the dense block's (block_matmuls)
+    blocks = saved_activations_per_token(all_layers / n_layer, n_layer, n_embd, kv_dim, d_ff, n_head, mode=mode,
+                                         option=option, ffn_type=ffn_type, residual_bytes=residual,
+                                         compute_bytes=compute_bytes, attention=attention)
+    # backward meets the last block first; when it is wrapped, it is recomputed whole
+    recompute = tokens * largest_layer * last_block_wrapped(n_layer, mode, option)
+    # the chunked loss forms lm_head's weight gradient in forward, in the dtype lm_head computes in
+    loss_gradient = lm_head_params * (compute_bytes if fsdp else PRECISIONS[precision][1]) if loss_chunk_tokens else 0.0
+    unsharded_fwd, unsharded_bwd = fsdp_unsharded_bytes(p["per_layer"].astype(np.float64), root_params,
+                                                        compute_bytes, sharded=bool(fsdp))
+    c = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "weight_copies": copies,
+         "activations": tokens * (blocks + head),
+         "loss": loss_bytes(tokens, vocab, compute_bytes, loss_chunk_tokens) + chunked_loss_weight_transients(
+             lm_head_params, loss_chunk_tokens, autocast=autocast),
+         "loss_gradient": loss_gradient,
+         "fsdp_unsharded": unsharded_fwd, "fsdp_unsharded_backward": unsharded_bwd,
+         "ddp_buckets": ddp_bucket_bytes(total_params, PRECISIONS[precision][1], ddp=sharding == "ddp"),
+         "recompute": recompute,
+         "root_gradients": root_params * PRECISIONS[precision][1] / shards,
+         "optimizer_step": optimizer_step_bytes(total_params, np.maximum(lm_head_params, n_embd * d_ff), shards,
+                                                optimizer_impl)}
+    out = dict(c)
+    phases = step_phases(c)
+    for k in PHASES:
+        out[f"phase_{k}"] = phases[k]
+    out["peak"] = np.maximum(np.maximum(phases["forward_end"], phases["loss_backward"]),
+                             np.maximum(phases["backward"], phases["optimizer_step"]))
+    # the first phase that reaches the peak, as an index into PHASES (training_memory names it)
+    out["peak_phase"] = np.select([phases[k] == out["peak"] for k in PHASES], list(range(len(PHASES))))
+    out["runtime_reserve"] = runtime_reserve_bytes(out["peak"], device)
+    out["total"] = out["peak"] + out["runtime_reserve"]
     return out
 
 

@@ -39,11 +39,11 @@ def device_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int, seq_len
                   loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, Any]:
     """Memory per device of a resolved layout: the one figure count, plan and the emitted config share."""
     mode, option = layout_cost.checkpointing(activation_checkpointing, selective_ac_option)
-    if is_plain_data_parallel(layout) and mode in ("none", "full"):
+    if is_plain_data_parallel(layout):
         out = counting.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, num_devices=layout.world,
                                        sharding=sharding_of(layout), precision=precision,
-                                       activation_checkpointing=mode == "full", attention=attention,
-                                       loss_chunk_tokens=loss_chunk_tokens)
+                                       activation_checkpointing=mode, selective_ac_option=option,
+                                       attention=attention, loss_chunk_tokens=loss_chunk_tokens)
         out["model"] = "counting.training_memory"
         return out
     out = layout_cost.layout_memory(cfg, layout, micro_batch=micro_batch, seq_len=seq_len, precision=precision,

@@ -46,8 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how weights/optimizer are split over GPUs (default: fsdp when --gpus > 1)")
     p.add_argument("--precision", choices=("bf16-mixed", "bf16", "fp32"), default=None,
                    help="training precision (bytes per parameter for weights, grads, optimizer)")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute blocks in backward")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", default=None,
+                   choices=("none", "full", "selective"), metavar="MODE",
+                   help="recompute activations in backward: none, full (the flag alone) or selective "
+                   "(see --selective-ac-option); docs/memory.md")
+    p.add_argument("--selective-ac-option", default=None, metavar="OPT",
+                   help="with --activation-checkpointing selective: op (save attention's and every other "
+                   "matmul's outputs; default) or an integer k (recompute every k-th block)")
     p.add_argument("--attention", choices=("sdpa", "math"), default=None, help="attention kernel (default sdpa)")
     p.add_argument("--loss-chunk-tokens", type=int, default=None, metavar="N",
                    help="score the loss N tokens at a time, as the trainer does by default "
@@ -145,8 +150,8 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
     mode, option = layout_cost.checkpointing(activation_checkpointing, selective_ac_option)
     if layout is None:
         memory = counting.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, num_devices=gpus,
-                                          sharding=sharding, precision=precision,
-                                          activation_checkpointing=mode != "none", attention=attention,
+                                          sharding=sharding, precision=precision, activation_checkpointing=mode,
+                                          selective_ac_option=option, attention=attention,
                                           loss_chunk_tokens=loss_chunk_tokens)
         costed = strategy_layout(sharding, gpus)
     else:
@@ -158,6 +163,9 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
                                              precision=precision, activation_checkpointing=mode,
                                              selective_ac_option=option, attention=attention,
                                              loss_chunk_tokens=loss_chunk_tokens)
+    # hardware FLOPs: activation checkpointing's recomputation on top of the model's FLOPs
+    flops["training_per_token_executed"] = counting.executed_training_flops(
+        cfg, 1, seq_len, activation_checkpointing=mode, selective_ac_option=option, attention=attention) / seq_len
     report = {
         "model": cfg.name(),
         "config": cfg.to_dict(),
@@ -188,6 +196,7 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
             used = predicted["mfu"] if predicted else mfu
             report["time"] = dict(counting.training_time(flops["training_per_token"], tokens, acc, gpus, used),
                                   **({"predicted": predicted} if predicted else {}))
+            report["time"]["hfu"] = used * flops["training_per_token_executed"] / flops["training_per_token"]
     elif mfu == "auto":
         raise UserError("--mfu auto needs --gpu-type (and --gpus), e.g. --gpus 8 --gpu-type H100")
     if tokens is not None:
@@ -241,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("give a MODEL (a preset name or a .toml file); `scalelab count --list` lists presets")
     given = training_config_settings(args.model)
-    for flag, default in (("micro_batch", 1), ("precision", "bf16-mixed"), ("activation_checkpointing", False),
+    for flag, default in (("micro_batch", 1), ("precision", "bf16-mixed"), ("activation_checkpointing", "none"),
+                          ("selective_ac_option", "op"),
                           ("attention", "sdpa"), ("sharding", None), ("seq_len", None),
                           ("loss_chunk_tokens", DEFAULT_LOSS_CHUNK_TOKENS)):
         if getattr(args, flag) is None:
@@ -259,6 +269,12 @@ def run(args: argparse.Namespace) -> int:
              if args.global_batch_tokens is not None else given.get("global_batch_tokens"))
     if batch is not None and not 1 <= batch <= 2**50:
         raise UserError(f"--global-batch-tokens must be between 1 and 2**50 tokens, got {batch:.3g}")
+    from scalelab.train.config import checkpointing_mode, selective_option
+
+    args.activation_checkpointing = checkpointing_mode(args.activation_checkpointing)
+    if selective_option(args.selective_ac_option) is None:
+        raise UserError(f"--selective-ac-option must be op or a whole number k >= 1, got {args.selective_ac_option!r}")
+    args.selective_ac_option = selective_option(args.selective_ac_option)
     tokens = parse_quantity(args.tokens, name="--tokens") if args.tokens is not None else None
     if tokens is not None and tokens <= 0:
         raise UserError("--tokens must be positive")
@@ -281,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
     report = count_report(cfg, seq_len=seq_len, micro_batch=args.micro_batch, gpus=args.gpus,
                           gpu_type=args.gpu_type, mfu=mfu, tokens=tokens, sharding=args.sharding,
                           precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-                          attention=args.attention, loss_chunk_tokens=args.loss_chunk_tokens, layout=layout,
+                          selective_ac_option=args.selective_ac_option, attention=args.attention,
+                          loss_chunk_tokens=args.loss_chunk_tokens, layout=layout,
                           global_batch_tokens=batch, layout_auto=args.layout == "auto")
     if args.json:
         print_json(report)
@@ -311,6 +328,7 @@ def training_config_settings(spec: str | None) -> dict:
     from pathlib import Path
 
     from scalelab.config import load_toml
+    from scalelab.train.config import selective_option
 
     if spec is None or not Path(spec).is_file():
         return {}
@@ -323,12 +341,13 @@ def training_config_settings(spec: str | None) -> dict:
     out = {}
     for key, flag in (("micro_batch_size", "micro_batch"), ("seq_len", "seq_len"),
                       ("activation_checkpointing", "activation_checkpointing"), ("attention", "attention"),
-                      ("loss_chunk_tokens", "loss_chunk_tokens")):
+                      ("loss_chunk_tokens", "loss_chunk_tokens"), ("selective_ac_option", "selective_ac_option")):
         if key in train:
             out[flag] = train[key]
     for flag, ok in (("micro_batch", lambda v: isinstance(v, int) and not isinstance(v, bool)),
                      ("seq_len", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-                     ("activation_checkpointing", lambda v: isinstance(v, bool)),
+                     ("activation_checkpointing", lambda v: isinstance(v, bool) or v in ("none", "full", "selective")),
+                     ("selective_ac_option", lambda v: selective_option(v) is not None),
                      ("attention", lambda v: v in ("sdpa", "math")),
                      ("loss_chunk_tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
         if flag in out and not ok(out[flag]):
@@ -350,7 +369,7 @@ def training_config_settings(spec: str | None) -> dict:
 
 
 def print_report(cfg, r: dict) -> None:
-    from scalelab.counting import FLOPS_SHORTCUTS
+    from scalelab.counting import FLOPS_SHORTCUTS, MEMORY_COMPONENTS, PHASES
 
     print_table(cfg.summary(), title=f"Model {r['model']}")
     p = r["params"]
@@ -371,6 +390,9 @@ def print_report(cfg, r: dict) -> None:
             *[(f"  {label}", f"{f[key]:.4e}  ({f[key] / f['training_per_token'] - 1:+.1%})")
               for key, label in FLOPS_SHORTCUTS.items() if key in f],
             ("Attention share of forward", f"{f['attention_share']:.1%}")]
+    if f["training_per_token_executed"] != f["training_per_token"]:
+        rows.insert(2, ("Executed / token (with recomputation)", f"{f['training_per_token_executed']:.4e}  "
+                        f"({f['training_per_token_executed'] / f['training_per_token'] - 1:+.1%})"))
     print_table(rows, title=f"FLOPs at sequence length {f['seq_len']}")
     g = r["gqa"]
     if g["attention_type"] == "MLA":
@@ -398,9 +420,10 @@ def print_report(cfg, r: dict) -> None:
     if "layout" in m:  # layout_cost.layout_memory (tp, pp or HSDP)
         rows = _layout_memory_rows(m)
     else:
-        rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k]))
-                for k in ("weights", "gradients", "optimizer", "unsharded_buffers", "weight_copies", "activations")
-                if m[k]]
+        rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k])) for k in MEMORY_COMPONENTS if m[k]]
+        rows += [(f"Live at {phase.replace('_', ' ')}", format_bytes(m[f"phase_{phase}"])) for phase in PHASES]
+        rows.append(("Peak (allocated)", f"{format_bytes(m['peak'])} at {m['peak_phase'].replace('_', ' ')}"))
+        rows.append(("Runtime reserve (CUDA context, allocator)", format_bytes(m["runtime_reserve"])))
     rows.append(("Total (estimate)", format_bytes(m["total"])))
     if "device_memory" in m:
         verdict = "fits" if m["fits"] else "DOES NOT FIT"
@@ -420,7 +443,7 @@ def print_report(cfg, r: dict) -> None:
                      ("Throughput", f"{t['tokens_per_second_per_device']:,.0f} tokens/s/device, "
                       f"{t['tokens_per_second']:,.0f} tokens/s total"),
                      ("Wall-clock", f"{format_duration(t['seconds'])} ({t['gpu_hours']:,.0f} GPU-hours)")],
-                    title=f"Time on {t['num_devices']} x {t['gpu_type']} at {t['mfu']:.0%} MFU")
+                    title=f"Time on {t['num_devices']} x {t['gpu_type']} at {t['mfu']:.0%} MFU ({t['hfu']:.0%} HFU)")
 
 
 def print_layout(r: dict) -> None:

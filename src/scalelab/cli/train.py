@@ -105,7 +105,7 @@ def _check(cfg, args) -> int:
     t.dtype = resolved_dtype(t.dtype, device)
     free = free_memory(device)
     ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    problem = memory_problem(cfg, strategy, world, free, ranks_sharing, layout)
+    problem = memory_problem(cfg, strategy, world, free, ranks_sharing, layout, device.type)
     if problem is not None:
         raise UserError(problem)
     accum = grad_accum_steps(cfg, layout.dp)
@@ -123,7 +123,7 @@ def _check(cfg, args) -> int:
             "grad_accum_steps": accum, "tokens_per_step": seqs * t.seq_len, "steps": steps,
             "tokens": steps * seqs * t.seq_len, "flops": steps * flops, "train_tokens_available": loader.num_tokens,
             "strategy": strategy, "dtype": t.dtype,
-            "predicted_memory_bytes_per_device": predicted_memory(cfg, strategy, world, layout)["total"],
+            "predicted_memory_bytes_per_device": predicted_memory(cfg, strategy, world, layout, device.type)["total"],
             "free_memory_bytes": None if free is None else free[0]}
     if args.json:
         print_json(info)

@@ -32,6 +32,32 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
 ATTENTIONS = ("sdpa", "math")
+AC_MODES = ("none", "full", "selective")
+
+
+def checkpointing_mode(value: Any) -> Any:
+    """train.activation_checkpointing as a mode: the bool it was before modes existed is read as
+    full (true) or none (false), so old configs and run directories keep their meaning."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    return value
+
+
+def selective_option(value: Any) -> str | None:
+    """train.selective_ac_option as its canonical string ("op", or a whole k >= 1 as digits), or
+    None when it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        return str(value) if value >= 1 else None
+    if isinstance(value, str):
+        if value == "op":
+            return value
+        if value.isdigit() and int(value) >= 1:
+            return str(int(value))
+    return None
 
 
 MAX_STEPS = 10**9  # a billion optimizer steps: ~1000x the longest published pretraining runs
@@ -99,7 +125,14 @@ class TrainSection:
                         "most CPUs); bf16: autocast (FSDP: bf16 params, fp32 reduce); fp16: autocast + "
                         "GradScaler; fp32: full precision", "str", DTYPES)
     compile: bool = option(False, "torch.compile each transformer block", "bool")
-    activation_checkpointing: bool = option(False, "recompute each block's activations in backward", "bool")
+    activation_checkpointing: str = option("none", "recompute activations in backward (docs/memory.md): none; full "
+                                           "(every block from its input); selective (see selective_ac_option). "
+                                           "true and false are read as full and none", "checkpointing",
+                                           AC_MODES)
+    selective_ac_option: str = option("op", "under activation_checkpointing = \"selective\": \"op\" saves "
+                                      "attention's and every other matmul's outputs in each block and recomputes "
+                                      "the rest (torchtitan's op policy); an integer k (e.g. 2 or \"2\") fully "
+                                      "recomputes every k-th block", "selective")
     check_memory: bool = option(True, "refuse to start when counting's predicted peak memory per device "
                                 "exceeds the device's free memory (free GPU memory on CUDA, MemAvailable of "
                                 "the host shared by its ranks on CPU); false starts anyway", "bool")
@@ -254,6 +287,16 @@ def _check_value(value: Any, kind: str, where: str) -> Any:
         if not isinstance(value, str):
             raise bad("a string")
         return value
+    if base == "checkpointing":
+        value = checkpointing_mode(value)
+        if not isinstance(value, str):
+            raise bad("one of none, full, selective (or true / false)")
+        return value
+    if base == "selective":
+        chosen = selective_option(value)
+        if chosen is None:
+            raise bad('"op" or a whole number k >= 1 (checkpoint every k-th block)')
+        return chosen
     if base == "float2":
         if (not isinstance(value, (list, tuple)) or len(value) != 2
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
@@ -436,6 +479,8 @@ def resume_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[
     defaults = {f"{name}.{f.name}": f.default for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
                 if f.default is not dataclasses.MISSING}
     a, b = {**defaults, **flat(old)}, {**defaults, **flat(new)}
+    for d in (a, b):  # a config written before the modes said true / false
+        d["train.activation_checkpointing"] = checkpointing_mode(d["train.activation_checkpointing"])
     refused, accepted = [], []
     for key in sorted(set(a) | set(b)):
         if key == "logging.run_dir" or a.get(key) == b.get(key):
@@ -505,7 +550,8 @@ def config_reference_markdown() -> str:
                   "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            kind = {"int?": "int", "float?": "float", "float2": "[float, float]"}.get(f.metadata["kind"],
+            kind = {"int?": "int", "float?": "float", "float2": "[float, float]", "checkpointing": "str",
+                    "selective": "str or int"}.get(f.metadata["kind"],
                                                                                       f.metadata["kind"])
             shown = "—" if default is None else f"`{_toml_value(default)}`"
             doc = f.metadata["doc"]

@@ -3,7 +3,9 @@ line on stderr, and optional TensorBoard / Weights & Biases mirrors.
 
 Records (units in the names):
   {"kind": "train", "step", "tokens", "flops", "loss", "lr", "grad_norm", "tokens_per_second",
-   "tflops_per_second" (per device), "mfu" (fraction, null when the peak is unknown),
+   "tflops_per_second" (per device, model FLOPs), "mfu" (fraction, null when the peak is unknown),
+   "hfu" (hardware FLOPs utilisation: what was executed, activation checkpointing's recomputation
+   included, counting.executed_training_flops; equals mfu without checkpointing),
    "peak_memory_bytes", "elapsed_seconds"}
   {"kind": "eval", "step", "tokens", "flops", "val_loss", "val_bpb" (null when the tokenizer
    cannot measure bytes)}
@@ -148,7 +150,7 @@ def console_line(r: dict[str, Any], total_steps: int, eta_seconds: float, memory
         f"grad {r['grad_norm']:.3f}",
         f"{format_count(r['tokens_per_second'])} tok/s",
         f"{r['tflops_per_second']:.3g} TFLOP/s/dev",
-        f"mfu {mfu}",
+        f"mfu {mfu}" + (f" (hfu {100 * r['hfu']:.1f}%)" if r.get("hfu") is not None and r["hfu"] != r["mfu"] else ""),
         f"{memory_label} {r['peak_memory_bytes'] / 2**30:.2f} GiB",
         f"eta {format_duration(eta_seconds)}",
     )

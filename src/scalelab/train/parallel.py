@@ -102,13 +102,62 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
     return strategy
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block in backward. The composable API keeps parameter names unchanged,
-    so checkpoints are interchangeable with runs without it."""
+# torchtitan's op-level selective checkpointing (torchtitan/distributed/activation_checkpoint.py,
+# `_save_list` and `_custom_policy`): inside each block, save the outputs of attention and of every
+# other matmul (the 1st, 3rd, ... aten.mm), recompute everything else in backward. The CPU's fused
+# SDPA and addmm (a Linear with a bias) are added so the policy means the same on every device.
+SELECTIVE_OP_SAVED_ATTENTION = ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                                "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+SELECTIVE_OP_MATMULS = ("mm", "addmm")
+
+
+def _selective_op_context():
+    """A fresh (forward, recompute) context pair for one checkpointed block call: the matmul
+    count restarts at every block, separately for the forward and its recomputation."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    attention = {getattr(aten, name).default for name in SELECTIVE_OP_SAVED_ATTENTION if hasattr(aten, name)}
+    matmuls = {getattr(aten, name).default for name in SELECTIVE_OP_MATMULS}
+    count = {False: 0, True: 0}
+
+    def policy(ctx, func, *args, **kwargs):
+        if func in matmuls:
+            count[ctx.is_recompute] += 1
+            save = count[ctx.is_recompute] % 2 == 1
+        else:
+            save = func in attention
+        return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def checkpointed_layers(n_layer: int, mode: str, selective_option: str = "op") -> list[int]:
+    """Which blocks (0-based) `apply_activation_checkpointing` wraps: none; every block (full, and
+    selective by op); every k-th under selective by layer, counting from 1 as torchtitan does
+    (k = 2 wraps blocks 1, 3, 5, ...)."""
+    if mode == "none":
+        return []
+    if mode == "selective" and selective_option != "op":
+        k = int(selective_option)
+        return [i for i in range(n_layer) if (i + 1) % k == 0]
+    return list(range(n_layer))
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full", selective_option: str = "op") -> None:
+    """Recompute blocks in backward (train.activation_checkpointing, docs/memory.md): `full`
+    recomputes every block from its input; `selective` with option "op" saves attention's and every
+    other matmul's outputs in each block and recomputes the rest; with an integer k it fully
+    recomputes every k-th block. The composable API keeps parameter names unchanged, so
+    checkpoints are interchangeable with runs without it."""
     from torch.distributed._composable import checkpoint
 
-    for block in model.layers:
-        checkpoint(block)
+    by_op = mode == "selective" and selective_option == "op"
+    for i in checkpointed_layers(len(model.layers), mode, selective_option):
+        if by_op:
+            checkpoint(model.layers[i], context_fn=_selective_op_context)
+        else:
+            checkpoint(model.layers[i])
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -271,8 +320,8 @@ class ParallelDims:
             return None
         return self.build_mesh()[present if len(present) > 1 else present[0]]
 
-    def parallelize(self, model: nn.Module, *, dtype: str, compile: bool, activation_checkpointing: bool,
-                    reshard_after_forward: bool = True) -> nn.Module:
+    def parallelize(self, model: nn.Module, *, dtype: str, compile: bool, activation_checkpointing: str = "none",
+                    selective_ac_option: str = "op", reshard_after_forward: bool = True) -> nn.Module:
         """Wrap `model` (identical on every rank, or on the meta device when `sharded`) in torchtitan's
         order: tensor parallelism, activation checkpointing, compile, then FSDP2 / HSDP on the data
         dimensions (or DDP when the layout is replicas only)."""
@@ -281,8 +330,8 @@ class ParallelDims:
             model.loss_chunk_tokens = 0  # the vocabulary is sharded instead: see docs/parallelism.md
             apply_tp(model, self.submesh("tp"), sequence_parallel=lay.sequence_parallel,
                      loss_parallel=lay.loss_parallel)
-        if activation_checkpointing:
-            apply_activation_checkpointing(model)
+        if activation_checkpointing != "none":
+            apply_activation_checkpointing(model, activation_checkpointing, selective_ac_option)
         if compile:
             apply_compile(model)
         if lay.uses_fsdp:

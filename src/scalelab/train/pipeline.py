@@ -188,6 +188,7 @@ def build_pipeline(cfg, dims, initial: dict[str, torch.Tensor] | None = None) ->
             view.loss_chunk_tokens = 0
         return dims.parallelize(view, dtype=t.dtype, compile=t.compile,
                                 activation_checkpointing=t.activation_checkpointing,
+                                selective_ac_option=t.selective_ac_option,
                                 reshard_after_forward=cfg.parallel.reshard_after_forward)
 
     pp_mesh = dims.submesh("pp")

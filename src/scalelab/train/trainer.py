@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from scalelab.counting import count_params, training_flops, training_memory
+from scalelab.counting import MEMORY_COMPONENTS, count_params, executed_training_flops, training_flops, training_memory
 from scalelab.errors import UserError, describe_os_error
 from scalelab.files import atomic_directory, atomic_write_text
 from scalelab.units import format_bytes
@@ -93,10 +93,12 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
     return None
 
 
-def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int, layout: Layout | None = None) -> dict[str, Any]:
-    """Bytes per device for this run's shape, precision and parallelism: counting.training_memory
-    for one process, DDP and FSDP (`strategy`), layout_cost.layout_memory for a `layout` with tp, pp
-    or HSDP (its busiest pipeline rank)."""
+def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int, layout: Layout | None = None,
+                     device_type: str = "cuda") -> dict[str, Any]:
+    """Bytes per device for this run's shape, precision, parallelism, checkpointing and device:
+    counting.training_memory for one process, DDP and FSDP (`strategy`; AdamW is fused on CUDA and a
+    per-parameter loop elsewhere (make_optimizer); only CUDA has a runtime reserve), and
+    layout_cost.layout_memory for a `layout` with tp, pp or HSDP (its busiest pipeline rank)."""
     t = cfg.train
     precision = "fp32" if t.dtype == "fp32" else "bf16-mixed"
     if layout is not None and (layout.tp > 1 or layout.pp > 1 or (layout.dp_replicate > 1 and layout.uses_fsdp)):
@@ -107,8 +109,11 @@ def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int, layout: L
                              loss_chunk_tokens=t.loss_chunk_tokens)
     m = training_memory(cfg.model, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=world_size,
                         sharding={"fsdp": "fsdp", "ddp": "ddp"}.get(strategy, "none"), precision=precision,
-                        activation_checkpointing=t.activation_checkpointing, attention=t.attention,
-                        loss_chunk_tokens=t.loss_chunk_tokens)
+                        activation_checkpointing=t.activation_checkpointing,
+                        selective_ac_option=t.selective_ac_option, attention=t.attention,
+                        loss_chunk_tokens=t.loss_chunk_tokens,
+                        optimizer_impl="fused" if device_type == "cuda" else "for-loop",
+                        device="cuda" if device_type == "cuda" else "cpu")
     return m
 
 
@@ -141,21 +146,22 @@ def free_memory(device: torch.device) -> tuple[float, str] | None:
 
 
 def memory_problem(cfg: TrainConfig, strategy: str, world_size: int, free: tuple[float, str] | None,
-                   ranks_sharing: int = 1, layout: Layout | None = None) -> str | None:
+                   ranks_sharing: int = 1, layout: Layout | None = None, device_type: str = "cuda") -> str | None:
     """Why this run cannot fit, or None: counting's predicted peak per device (× the ranks sharing
     one host's memory on CPU) against the free memory, with the ways to need less."""
     if not cfg.train.check_memory or free is None:
         return None
     t = cfg.train
-    m = predicted_memory(cfg, strategy, world_size, layout)
+    m = predicted_memory(cfg, strategy, world_size, layout, device_type)
     need = m["total"] * ranks_sharing
     if need <= free[0]:
         return None
-    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in m.items()
-                      if k != "total" and isinstance(v, float) and v > 0)
+    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(m[k])}" for k in (*MEMORY_COMPONENTS, "runtime_reserve")
+                      if m[k] > 0) + f"; peak at {m['peak_phase'].replace('_', ' ')}"
     ways = [f"lower train.micro_batch_size ({t.micro_batch_size})" if t.micro_batch_size > 1 else "",
             f"lower train.seq_len ({t.seq_len})",
-            "" if t.activation_checkpointing else "set train.activation_checkpointing = true",
+            "" if t.activation_checkpointing == "full" else "set train.activation_checkpointing = \"full\" (or "
+            "\"selective\")",
             "" if strategy == "fsdp" else "shard over more GPUs with parallel.strategy = \"fsdp\" under torchrun",
             "use a smaller [model]"]
     who = f" × {ranks_sharing} ranks on this host" if ranks_sharing > 1 else " per device"
@@ -364,7 +370,8 @@ def build_model(cfg: TrainConfig, dims: ParallelDims,
             model.load_state_dict(initial)
         model = model.to(d.device)
         return dims.parallelize(model, dtype=t.dtype, compile=t.compile,
-                                activation_checkpointing=t.activation_checkpointing)
+                                activation_checkpointing=t.activation_checkpointing,
+                                selective_ac_option=t.selective_ac_option)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if not d.is_main:
@@ -375,6 +382,7 @@ def build_model(cfg: TrainConfig, dims: ParallelDims,
         model = Transformer(cfg.model, attention=t.attention, loss_chunk_tokens=t.loss_chunk_tokens)
     model = dims.parallelize(model, dtype=t.dtype, compile=t.compile,
                              activation_checkpointing=t.activation_checkpointing,
+                             selective_ac_option=t.selective_ac_option,
                              reshard_after_forward=cfg.parallel.reshard_after_forward)
     model.to_empty(device=d.device)
     model.tie_weights()
@@ -465,13 +473,17 @@ class Trainer:
             seqs_per_step = t.micro_batch_size * accum * dims.dp
             self.tokens_per_step = seqs_per_step * t.seq_len
             self.flops_per_step = training_flops(cfg.model, seqs_per_step, t.seq_len)
+            # what the device executes, activation checkpointing's recomputation included (HFU)
+            self.executed_flops_per_step = executed_training_flops(
+                cfg.model, seqs_per_step, t.seq_len, activation_checkpointing=t.activation_checkpointing,
+                selective_ac_option=t.selective_ac_option, attention=t.attention)
             self.steps = total_steps(cfg, self.tokens_per_step, self.flops_per_step)
             self.schedule = schedule_settings(cfg.to_dict()["train"], self.steps)
             if (why := schedule_problem(self.schedule)) is not None:
                 raise UserError(f"{cfg.source or 'config'}: {why}")
             ranks_sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1
             problem = memory_problem(cfg, self.strategy, d.world_size, free_memory(d.device), ranks_sharing,
-                                     dims.layout)
+                                     dims.layout, d.device.type)
             # sharded: rank 0 broadcasts them; a pipeline's ranks each build the whole model first
             if problem is None and self.init_source is not None and (not dims.sharded or d.is_main
                                                                       or dims.layout.pp > 1):
@@ -540,10 +552,13 @@ class Trainer:
                 f"[{self.strategy}, {t.dtype}], {self.steps} steps × {self.tokens_per_step:,} tokens "
                 f"(micro-batch {t.micro_batch_size} × seq {t.seq_len} × accum {accum} × {data_world}), "
                 f"{self.flops_per_step * self.steps:.3g} FLOPs; run dir {run_dir}")
-            log(f"scalelab train: predicted peak memory per device "
-                f"{format_bytes(predicted_memory(cfg, self.strategy, d.world_size, self.dims.layout)['total'])} "
-                f"(counting.training_memory; "
-                f"on a GPU the log's peak column measures it, on a CPU that column is the whole process's RSS)")
+            m = predicted_memory(cfg, self.strategy, d.world_size, self.dims.layout, d.device.type)
+            reserve = (f" + {format_bytes(m['runtime_reserve'])} CUDA context and allocator reserve"
+                       if m.get("runtime_reserve") else "")
+            at = f" at {m['peak_phase'].replace('_', ' ')}" if "peak_phase" in m else ""
+            log(f"scalelab train: predicted peak memory per device {format_bytes(m.get('peak', m['total']))}{at}"
+                f"{reserve} ({m.get('model', 'counting.training_memory')}, docs/memory.md; on a GPU the log's mem "
+                f"column measures the peak, on a CPU that column is the whole process's RSS)")
         if self.pipeline is not None and d.is_main:
             from scalelab.train.pipeline import describe_stages
 
@@ -799,6 +814,8 @@ class Trainer:
                           "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"],
                           "tokens_per_second": self.tokens_per_step / dt, "tflops_per_second": tflops,
                           "mfu": tflops * 1e12 / self.peak if self.peak else None,
+                          "hfu": (tflops * 1e12 * self.executed_flops_per_step / self.flops_per_step / self.peak
+                                  if self.peak else None),
                           "peak_memory_bytes": mem, "elapsed_seconds": now - run_start}
                 record.update(r.get("moe", {}))  # a MoE's expert load at this step (moe.load_figures)
                 if d.is_main:

@@ -1,0 +1,205 @@
+"""counting.training_memory's peak is the real peak of a training step, on the CPU.
+
+Independent truth: the PyTorch profiler's allocator events (`profile_memory=True`), recorded from
+before the model is built to the end of the second optimizer step and summed in time order, give
+the bytes live at every moment; the peak of the second (steady-state) step is compared with
+counting's `peak` for the same configuration (device="cpu": no runtime reserve, AdamW's
+per-parameter loop, the CPU's composite RMSNorm). The phase the measured peak falls in (forward,
+backward, optimizer) is reported beside counting's `peak_phase`.
+
+One process: fp32 and bf16 autocast, chunked and unchunked loss, every checkpointing mode. Two
+gloo ranks, in ONE torchrun launch: DDP and FSDP2 (train/parallel.py's own parallelize).
+
+    python tests/test_memory_timeline.py                               # the one-process table
+    torchrun --standalone --nproc_per_node 2 tests/test_memory_timeline.py   # the two-rank table
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 0.05
+SHAPE = dict(n_layer=4, n_embd=128, n_head=4, num_key_value_heads=2, d_ff=384, vocab_size=8192, block_size=128)
+B, S, CHUNK = 4, 128, 128
+STEPS = 3  # the last is measured: optimizer state exists, and DDP has rebuilt its buckets after the first
+# (name, precision, loss chunk tokens, checkpointing mode, selective option)
+ONE_PROCESS = [
+    ("fp32, unchunked, no AC", "fp32", 0, "none", "op"),
+    ("fp32, chunked, no AC", "fp32", CHUNK, "none", "op"),
+    ("fp32, chunked, full AC", "fp32", CHUNK, "full", "op"),
+    ("bf16, unchunked, selective op", "bf16-mixed", 0, "selective", "op"),
+    ("bf16, chunked, selective every 2", "bf16-mixed", CHUNK, "selective", "2"),
+    ("bf16, unchunked, no AC", "bf16-mixed", 0, "none", "op"),
+]
+TWO_RANKS = [
+    ("DDP fp32, unchunked, no AC", "ddp", "fp32", 0, "none", "op"),
+    ("DDP bf16, chunked, selective op", "ddp", "bf16-mixed", CHUNK, "selective", "op"),
+    ("FSDP fp32, unchunked, full AC", "fsdp", "fp32", 0, "full", "op"),
+    ("FSDP fp32, chunked, selective op", "fsdp", "fp32", CHUNK, "selective", "op"),
+]
+PHASE_OF_RANGE = {"forward": ("forward_end", "loss_backward"), "backward": ("loss_backward", "backward"),
+                  "optimizer": ("optimizer_step",)}
+
+
+def measure(strategy: str, precision: str, chunk: int, mode: str, option: str) -> dict:
+    """Build, parallelise and train two steps under the profiler; the second step's peak live
+    bytes and the range (forward, backward, optimizer) it falls in, with counting's prediction."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from scalelab import counting
+    from scalelab.config import ModelConfig
+    from scalelab.model import Transformer
+    from scalelab.layout import Layout
+    from scalelab.train.parallel import Dist, ParallelDims
+
+    gc.collect()  # the previous configuration's model (DDP and FSDP hold reference cycles) is gone
+    cfg = ModelConfig(**SHAPE)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(rank=int(os.environ.get("RANK", "0")), world_size=world)
+    g = torch.Generator().manual_seed(d.rank)
+    x, y = (torch.randint(0, cfg.vocab_size, (B, S), generator=g) for _ in range(2))
+    autocast = precision == "bf16-mixed" and strategy != "fsdp"
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.manual_seed(0)
+        dims = ParallelDims(Layout.from_strategy(strategy, world), d)
+        model = dims.parallelize(Transformer(cfg, loss_chunk_tokens=chunk),
+                                 dtype="bf16" if precision == "bf16-mixed" else "fp32", compile=False,
+                                 activation_checkpointing=mode, selective_ac_option=option)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        other = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}])
+        for step in range(STEPS):
+            with record_function(f"step{step}:forward"), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(x, y)[1]
+            with record_function(f"step{step}:backward"):
+                loss.backward()
+                del loss
+            with record_function(f"step{step}:optimizer"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    events = prof.profiler.kineto_results.events()
+    ranges = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name().startswith(f"step{STEPS - 1}:")}
+    start = min(a for a, _ in ranges.values())
+    live, peak, at = 0, 0, 0
+    for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += nbytes
+        if t >= start and live > peak:
+            peak, at = live, t
+    where = next(name.split(":")[1] for name, (a, b) in ranges.items() if a <= at <= b)
+    m = counting.training_memory(cfg, micro_batch=B, seq_len=S, num_devices=world,
+                                 sharding={"ddp": "ddp", "fsdp": "fsdp"}.get(strategy, "none"), precision=precision,
+                                 activation_checkpointing=mode, selective_ac_option=option, loss_chunk_tokens=chunk,
+                                 optimizer_impl="for-loop", device="cpu")
+    phases = sorted((m[f"phase_{p}"] for p in counting.PHASES), reverse=True)
+    return {"measured": peak, "measured_in": where, "predicted": m["peak"], "predicted_phase": m["peak_phase"],
+            "phase_margin": phases[0] / phases[1] - 1, "components": {k: m[k] for k in counting.MEMORY_COMPONENTS}}
+
+
+def check(name: str, r: dict) -> None:
+    """The peak within TOLERANCE; its phase too, where counting's runner-up phase is not within the
+    tolerance of it (otherwise the two are the same prediction)."""
+    assert r["predicted"] == pytest.approx(r["measured"], rel=TOLERANCE), (name, r)
+    if r["phase_margin"] > TOLERANCE:
+        assert r["predicted_phase"] in PHASE_OF_RANGE[r["measured_in"]], (name, r)
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    lines = ["| configuration | measured peak | predicted | error | measured in | predicted phase |",
+             "|---|---:|---:|---:|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['measured'] / 2**20:.2f} MiB | {r['predicted'] / 2**20:.2f} MiB | "
+                     f"{r['predicted'] / r['measured'] - 1:+.1%} | {r['measured_in']} | {r['predicted_phase']} |")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("config", ONE_PROCESS, ids=[c[0] for c in ONE_PROCESS])
+def test_one_process_peak_is_the_measured_peak(config):
+    name, precision, chunk, mode, option = config
+    check(name, measure("none", precision, chunk, mode, option))
+
+
+def test_two_rank_ddp_and_fsdp_peaks(tmp_path):
+    """Every two-rank configuration in one torchrun launch (gloo); each rank reports its own peak and
+    the worse rank is checked. Known CPU-only gaps, stated rather than hidden in a tolerance
+    (docs/memory.md "CPU against CUDA"):
+    - DDP over gloo sometimes holds one more gradient-sized buffer at the peak (its asynchronous
+      all-reduce's, timing-dependent): the peak is within the tolerance of counting's, or of
+      counting's plus one more DDP bucket;
+    - FSDP2 over gloo sometimes holds gathered or reduce buffers of about one root unit more on one
+      rank, varying from run to run (0% to +33% over counting here): counting, which models the
+      CUDA path, is checked only as a lower bound of the gloo measurement."""
+    out = tmp_path / "two_ranks.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", MEMORY_TIMELINE_OUT=str(out))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        __file__], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [name for name, _ in results] == [c[0] for c in TWO_RANKS]
+    for (name, res), config in zip(results, TWO_RANKS):
+        if config[1] == "ddp":
+            with_gloo_buffer = res["predicted"] + res["components"]["ddp_buckets"]
+            assert any(p == pytest.approx(res["measured"], rel=TOLERANCE) for p in (res["predicted"], with_gloo_buffer)), \
+                (name, res)
+        else:
+            assert res["measured"] >= res["predicted"] * (1 - TOLERANCE), (name, res)
+
+
+def main() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        print(table([(c[0], measure("none", *c[1:])) for c in ONE_PROCESS]))
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rows = [(c[0], measure(*c[1:])) for c in TWO_RANKS]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    if dist.get_rank() == 0:
+        worst = [(name, max((r[i][1] for r in gathered), key=lambda x: abs(x["predicted"] / x["measured"] - 1)))
+                 for i, (name, _) in enumerate(rows)]
+        print(table(worst))
+        for rank, rank_rows in enumerate(gathered):
+            print(f"rank {rank}:", ", ".join(f"{r['measured'] / 2**20:.2f}/{r['predicted'] / 2**20:.2f}" for _, r in rank_rows))
+        if os.environ.get("MEMORY_TIMELINE_OUT"):
+            Path(os.environ["MEMORY_TIMELINE_OUT"]).write_text(json.dumps(worst))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+
+
+# torchtitan docs/performance.md (commit 9dec370, torch nightly 2024-12-23), LLaMA 3.1 8B on H100s,
+# FSDP, local batch 2 x 8192, selective activation checkpointing (op, torchtitan's default option),
+# no torch.compile, no Float8: Table 1 (8 GPUs) 82.4 GiB, Table 3 (128 GPUs) 67.0 GiB per GPU. The
+# figure is torch.cuda's max_memory_reserved (torchtitan's metrics log "memory: {max_reserved_gib}"):
+# the caching allocator's reserve, without the CUDA context. torchtitan's model projects K and V
+# separately (as ours does: it decides what selective-by-op saves), computes the full logits with its loss
+# in fp32 (unchunked), and bf16 MixedPrecisionPolicy over fp32 weights.
+TORCHTITAN_8B = [(8, 82.4), (128, 67.0)]
+
+
+@pytest.mark.parametrize("gpus, published_gib", TORCHTITAN_8B)
+def test_torchtitan_llama31_8b_reserved_memory(gpus, published_gib):
+    from scalelab import counting
+    from scalelab.presets import get_preset
+
+    cfg = get_preset("llama3.1-8b")
+    m = counting.training_memory_arrays(
+        *counting._shape_args(cfg), seq_len=8192, micro_batch=2, num_devices=gpus, sharding="fsdp",
+        precision="bf16-mixed", activation_checkpointing="selective", selective_ac_option="op", loss_chunk_tokens=0,
+        optimizer_impl="fused", **counting._style_kwargs(cfg))
+    reserved = float(m["peak"]) * (1 + counting.ALLOCATOR_FRAGMENTATION)  # reserved excludes the context
+    assert reserved / 2**30 == pytest.approx(published_gib, rel=0.10)
+    assert counting.PHASES[int(m["peak_phase"])] == "loss_backward"
