@@ -108,6 +108,20 @@ def assert_same_losses(got: dict, want: dict, steps, what: str) -> None:
         assert abs(got[step] - want[step]) < 1e-5, (what, step, got[step], want[step])
 
 
+def grad_norms(run: Path) -> dict[int, float]:
+    from scalelab.train.metrics import read_metrics
+
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run) if r["kind"] == "train"}
+
+
+def assert_same_grad_norms(run: Path, single: Path, what: str) -> None:
+    """The logged global gradient norm (before clipping) is one process's, over every TP / FSDP shard."""
+    got, want = grad_norms(run), grad_norms(single)
+    assert got.keys() == want.keys()
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (what, step)
+
+
 def test_single_runs_train_with_accumulation_and_clipping(setup):
     from scalelab.train.metrics import read_metrics
 
@@ -120,14 +134,16 @@ def test_single_runs_train_with_accumulation_and_clipping(setup):
 
 @pytest.mark.parametrize("name", list(TWO_RANKS))
 def test_tp2_losses_equal_one_process(setup, two_ranks, name):
-    _, _, single = setup
+    d, _, single = setup
     assert_same_losses(losses(two_ranks / name), single[TWO_RANKS[name][0]], range(1, STEPS + 1), name)
+    assert_same_grad_norms(two_ranks / name, d / f"{TWO_RANKS[name][0]}-single", name)
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
 def test_fsdp_tp_and_hsdp_losses_equal_one_process(setup, four_ranks, name):
-    _, _, single = setup
+    d, _, single = setup
     assert_same_losses(losses(four_ranks / name), single[FOUR_RANKS[name][0]], range(1, STEPS + 1), name)
+    assert_same_grad_norms(four_ranks / name, d / f"{FOUR_RANKS[name][0]}-single", name)
 
 
 def test_tp2_checkpoint_resumes_in_one_process(setup, two_ranks):
