@@ -76,13 +76,15 @@ def spec_runs(d: Path, configs: dict, runs: dict, measure: bool) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_ranks(setup):
     """One 2-rank launch: TP2 with sequence parallelism, TP2 with gathered activations and
-    loss_parallel, for both models; then TP2 resuming a checkpoint written in the old fused-[K | V]
-    format (DCP) by one process."""
+    loss_parallel, for both models; TP2 resuming a checkpoint written in the old fused-[K | V]
+    format (DCP) by one process; TP2 with activation checkpointing."""
     d, configs, _ = setup
     legacy = restart_from(d / "llama-single", d / "legacy-to-tp2")
     write_as_fused_kv_dcp(legacy / "checkpoints" / "step_00000003")
     runs = spec_runs(d, configs, TWO_RANKS, measure=True)
     runs.append({"name": "legacy-to-tp2", "config": str(configs["llama"]), "run_dir": str(legacy), "overrides": TP2})
+    runs.append({"name": "llama-tp2-checkpointed", "config": str(configs["llama"]),
+                 "run_dir": str(d / "llama-tp2-checkpointed"), "overrides": [*TP2, "train.activation_checkpointing=true"]})
     r = torchrun_worker({"runs": runs, "out": str(d)}, d / "two.json", nproc=2)
     assert r.returncode == 0, r.stderr[-4000:]
     return d
@@ -137,6 +139,14 @@ def test_tp2_losses_equal_one_process(setup, two_ranks, name):
     d, _, single = setup
     assert_same_losses(losses(two_ranks / name), single[TWO_RANKS[name][0]], range(1, STEPS + 1), name)
     assert_same_grad_norms(two_ranks / name, d / f"{TWO_RANKS[name][0]}-single", name)
+
+
+def test_tp2_with_activation_checkpointing_equals_one_process(setup, two_ranks):
+    """Each block recomputed in backward (applied after the TP plan, as torchtitan orders them)."""
+    d, _, single = setup
+    run = two_ranks / "llama-tp2-checkpointed"
+    assert_same_losses(losses(run), single["llama"], range(1, STEPS + 1), "tp2 + activation checkpointing")
+    assert_same_grad_norms(run, d / "llama-single", "tp2 + activation checkpointing")
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
