@@ -333,8 +333,16 @@ def test_old_fused_kv_checkpoints_load(setup, tmp_path):
 def test_old_fused_kv_sharded_checkpoint_resumes_under_tp2(setup, two_ranks):
     """dcp/ with kv_proj (an FSDP checkpoint of the old format) resumes under TP2: each rank takes
     its shard of the split halves and of their moments, and steps 4.. equal the one-process run."""
-    _, _, single = setup
+    import torch
+
+    from scalelab.train.checkpoint import load_model_for_inference
+
+    d, _, single = setup
     assert_same_losses(losses(two_ranks / "legacy-to-tp2"), single["llama"], range(4, STEPS + 1), "legacy -> tp2")
+    # read in one process (what export-hf and sample do): the weights of the checkpoint it was made from
+    old = load_model_for_inference(two_ranks / "legacy-to-tp2" / "checkpoints" / "step_00000003").state_dict()
+    new = load_model_for_inference(d / "llama-single" / "checkpoints" / "step_00000003").state_dict()
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
 
 
 # ---- the layout, without torch ----------------------------------------------------------------------
