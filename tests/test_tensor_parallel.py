@@ -76,13 +76,15 @@ def spec_runs(d: Path, configs: dict, runs: dict, measure: bool) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_ranks(setup):
     """One 2-rank launch: TP2 with sequence parallelism, TP2 with gathered activations and
-    loss_parallel, for both models; then TP2 resuming a checkpoint written in the old fused-[K | V]
-    format (DCP) by one process."""
+    loss_parallel, for both models; TP2 resuming a checkpoint written in the old fused-[K | V]
+    format (DCP) by one process; TP2 with activation checkpointing."""
     d, configs, _ = setup
     legacy = restart_from(d / "llama-single", d / "legacy-to-tp2")
     write_as_fused_kv_dcp(legacy / "checkpoints" / "step_00000003")
     runs = spec_runs(d, configs, TWO_RANKS, measure=True)
     runs.append({"name": "legacy-to-tp2", "config": str(configs["llama"]), "run_dir": str(legacy), "overrides": TP2})
+    runs.append({"name": "llama-tp2-checkpointed", "config": str(configs["llama"]),
+                 "run_dir": str(d / "llama-tp2-checkpointed"), "overrides": [*TP2, "train.activation_checkpointing=true"]})
     r = torchrun_worker({"runs": runs, "out": str(d)}, d / "two.json", nproc=2)
     assert r.returncode == 0, r.stderr[-4000:]
     return d
@@ -108,6 +110,20 @@ def assert_same_losses(got: dict, want: dict, steps, what: str) -> None:
         assert abs(got[step] - want[step]) < 1e-5, (what, step, got[step], want[step])
 
 
+def grad_norms(run: Path) -> dict[int, float]:
+    from scalelab.train.metrics import read_metrics
+
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run) if r["kind"] == "train"}
+
+
+def assert_same_grad_norms(run: Path, single: Path, what: str) -> None:
+    """The logged global gradient norm (before clipping) is one process's, over every TP / FSDP shard."""
+    got, want = grad_norms(run), grad_norms(single)
+    assert got.keys() == want.keys()
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (what, step)
+
+
 def test_single_runs_train_with_accumulation_and_clipping(setup):
     from scalelab.train.metrics import read_metrics
 
@@ -120,14 +136,24 @@ def test_single_runs_train_with_accumulation_and_clipping(setup):
 
 @pytest.mark.parametrize("name", list(TWO_RANKS))
 def test_tp2_losses_equal_one_process(setup, two_ranks, name):
-    _, _, single = setup
+    d, _, single = setup
     assert_same_losses(losses(two_ranks / name), single[TWO_RANKS[name][0]], range(1, STEPS + 1), name)
+    assert_same_grad_norms(two_ranks / name, d / f"{TWO_RANKS[name][0]}-single", name)
+
+
+def test_tp2_with_activation_checkpointing_equals_one_process(setup, two_ranks):
+    """Each block recomputed in backward (applied after the TP plan, as torchtitan orders them)."""
+    d, _, single = setup
+    run = two_ranks / "llama-tp2-checkpointed"
+    assert_same_losses(losses(run), single["llama"], range(1, STEPS + 1), "tp2 + activation checkpointing")
+    assert_same_grad_norms(run, d / "llama-single", "tp2 + activation checkpointing")
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
 def test_fsdp_tp_and_hsdp_losses_equal_one_process(setup, four_ranks, name):
-    _, _, single = setup
+    d, _, single = setup
     assert_same_losses(losses(four_ranks / name), single[FOUR_RANKS[name][0]], range(1, STEPS + 1), name)
+    assert_same_grad_norms(four_ranks / name, d / f"{FOUR_RANKS[name][0]}-single", name)
 
 
 def test_tp2_checkpoint_resumes_in_one_process(setup, two_ranks):
@@ -307,8 +333,16 @@ def test_old_fused_kv_checkpoints_load(setup, tmp_path):
 def test_old_fused_kv_sharded_checkpoint_resumes_under_tp2(setup, two_ranks):
     """dcp/ with kv_proj (an FSDP checkpoint of the old format) resumes under TP2: each rank takes
     its shard of the split halves and of their moments, and steps 4.. equal the one-process run."""
-    _, _, single = setup
+    import torch
+
+    from scalelab.train.checkpoint import load_model_for_inference
+
+    d, _, single = setup
     assert_same_losses(losses(two_ranks / "legacy-to-tp2"), single["llama"], range(4, STEPS + 1), "legacy -> tp2")
+    # read in one process (what export-hf and sample do): the weights of the checkpoint it was made from
+    old = load_model_for_inference(two_ranks / "legacy-to-tp2" / "checkpoints" / "step_00000003").state_dict()
+    new = load_model_for_inference(d / "llama-single" / "checkpoints" / "step_00000003").state_dict()
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
 
 
 # ---- the layout, without torch ----------------------------------------------------------------------

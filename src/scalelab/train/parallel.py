@@ -91,15 +91,9 @@ def destroy_distributed() -> None:
 
 
 def resolve_strategy(strategy: str, world_size: int) -> str:
-    if strategy == "auto":
-        return "ddp" if world_size > 1 else "none"
-    if strategy == "ddp" and world_size == 1:
-        return "none"  # DDP over one process is the plain model
-    if strategy == "fsdp" and world_size == 1:
-        raise UserError("parallel.strategy = fsdp shards over processes: launch with torchrun "
-                        "(torchrun --nproc_per_node=N -m scalelab train ...), or use parallel.strategy = none "
-                        "(or auto) in one process")
-    return strategy
+    """The old `[parallel] strategy` as none / ddp / fsdp for this world size (Layout.from_strategy:
+    auto is ddp under torchrun, ddp over one process is the plain model, fsdp needs torchrun)."""
+    return ParallelDims.strategy_of(Layout.from_strategy(strategy, world_size))
 
 
 # torchtitan's op-level selective checkpointing (torchtitan/distributed/activation_checkpoint.py,
