@@ -644,7 +644,7 @@ def block_matmuls(n_embd, kv_dim, d_ff, *, ffn_type: str = "swiglu") -> list[tup
 
 
 def selective_op_saved_per_token(n_embd, kv_dim, d_ff, n_head, *, ffn_type: str = "swiglu", residual_bytes=4,
-                                 compute_bytes=2, attention: str = "sdpa":
+                                 compute_bytes=2, attention: str = "sdpa"):
     """Bytes per token one block keeps under selective-by-op checkpointing (parallel.py's
     _selective_op_context, torchtitan's policy): its input (the checkpoint's argument, residual
     dtype), the outputs of the 1st, 3rd, 5th ... matmul, and the fused attention's output and fp32
@@ -657,7 +657,7 @@ def selective_op_saved_per_token(n_embd, kv_dim, d_ff, n_head, *, ffn_type: str 
 
 def saved_activations_per_token(per_layer, n_layer, n_embd, kv_dim, d_ff, n_head, *, mode: str = "none",
                                 option: str = "op", ffn_type: str = "swiglu", residual_bytes=4,
-                                compute_bytes=2, attention: str = "sdpa":
+                                compute_bytes=2, attention: str = "sdpa"):
     """Bytes per token all blocks keep for backward under a checkpointing mode, given `per_layer`
     (activation_bytes_per_token's block figure, what one unwrapped block keeps): a fully
     recomputed block keeps only its input; selective-by-op keeps selective_op_saved_per_token."""

@@ -324,8 +324,9 @@ class ParallelDims:
             model.loss_chunk_tokens = 0  # the vocabulary is sharded instead: see docs/parallelism.md
             apply_tp(model, self.submesh("tp"), sequence_parallel=lay.sequence_parallel,
                      loss_parallel=lay.loss_parallel)
-        if activation_checkpointing != "none":
-            apply_activation_checkpointing(model, activation_checkpointing, selective_ac_option)
+        mode = {False: "none", True: "full"}.get(activation_checkpointing, activation_checkpointing)  # old bools
+        if mode != "none":
+            apply_activation_checkpointing(model, mode, selective_ac_option)
         if compile:
             apply_compile(model)
         if lay.uses_fsdp:
