@@ -113,7 +113,7 @@ def _pair_sum(terms: list[tuple]):
         if id(x) not in groups and id(y) in groups:
             x, y = y, x
         partners = groups.setdefault(id(x), (x, {}))[1]
-        key = (id(y), "int" if isinstance(n, int) else id(n))
+        key = (id(y), ("int", n) if isinstance(n, int) else id(n))  # routed (k) and shared (1) experts differ
         times, _, _ = partners.get(key, (0, n, y))
         partners[key] = (times + 1, n, y)  # gate and up: n_embd x d_ff twice -> 2 · d_ff, one array pass
     return _sum([x * _sum([_times(times, _times(n, y)) for times, n, y in partners.values()])
