@@ -176,6 +176,7 @@ first_k_dense_replace = 1
 scoring_func = "sigmoid"
 topk_method = "noaux_tc"
 norm_topk_prob = true
+router_aux_loss_coef = 0.01
 """
 
 
@@ -267,3 +268,19 @@ def test_two_gloo_ranks_ddp_and_fsdp_equal_one_process(moe_setup, straight_run):
         bias = final_biases(d / "two" / strategy)["layers.1.ffn.router.e_score_correction_bias"]
         torch.testing.assert_close(bias, final_biases(single)["layers.1.ffn.router.e_score_correction_bias"],
                                    atol=1e-6, rtol=0)
+
+
+def test_activation_checkpointing_counts_each_token_once_and_keeps_the_aux_loss(moe_setup):
+    """Recomputing the blocks in backward neither counts the expert load twice nor loses the auxiliary
+    loss's gradient (the model reads each MoE layer's routing once per forward, outside the blocks)."""
+    d, cfg = moe_setup
+    runs = {}
+    for checkpointing in ("false", "true"):
+        run = d / f"ac_{checkpointing}"
+        train_inprocess(cfg, run, ["train.max_steps=3", f"train.activation_checkpointing={checkpointing}",
+                                   "model.router_aux_loss_coef=0.1"])
+        runs[checkpointing] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["false"], runs["true"], strict=True):
+        assert a["moe_tokens_per_expert"] == b["moe_tokens_per_expert"]
+        assert sum(a["moe_tokens_per_expert"][0]) == 256 * 2
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-6
