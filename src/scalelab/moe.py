@@ -91,23 +91,31 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.arange(12, dtype=dtype, device=device_type).view(3, 4) / 8
-        w = torch.arange(40, dtype=dtype, device=device_type).view(2, 4, 5) / 8
+        x = torch.arange(24, dtype=dtype, device=device_type).view(3, 8) / 8
+        w = torch.arange(128, dtype=dtype, device=device_type).view(2, 8, 8) / 64
         out = torch._grouped_mm(x, w, offs=torch.tensor([1, 3], dtype=torch.int32, device=device_type))
         return bool(torch.equal(out, torch.cat((x[:1] @ w[0], x[1:] @ w[1]))))
     except (RuntimeError, NotImplementedError):
         return False
 
 
+def use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """_grouped_mm for rows x (N, in) and weights w (E, in, out): the kernel needs every row stride
+    a multiple of 16 bytes (in and out of 4 fp32 or 8 bf16 numbers; any real model's widths)."""
+    aligned = (x.size(-1) * x.element_size()) % 16 == 0 and (w.size(-1) * w.element_size()) % 16 == 0
+    return aligned and grouped_mm_works(x.device.type, x.dtype)
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, loop: bool) -> torch.Tensor:
     """Rows of x (N, in) sorted by expert, counts[e] of them for expert e, each times its w[e]
-    (in, out) -> (N, out). One grouped matmul, or with `loop` a plain matmul per expert with rows."""
+    (in, out) -> (N, out). One grouped matmul, or with `loop` (or where _grouped_mm cannot run) a
+    plain matmul per expert with rows."""
     if torch.is_autocast_enabled(x.device.type):  # _grouped_mm has no autocast rule: cast as a matmul would
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
     elif w.dtype != x.dtype:
         x = x.to(w.dtype)
-    if not loop and grouped_mm_works(x.device.type, x.dtype):
+    if not loop and use_grouped_mm(x, w):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
