@@ -39,6 +39,13 @@ def test_count_time_and_fit_verdict(cli):
     (["gpt2", "--set", "ffn_expansion_ratio=1e300"], "ffn_expansion_ratio must be positive and at most"),
     (["llama3.1-8b", "--set", "rope_theta=inf"], "rope_theta must be positive"),
     (["llama3.1-8b", "--seq-len", str(10**30)], "--seq-len must be between 1 and"),
+    (["mixtral-8x7b", "--set", "num_experts_per_tok=9"], "num_experts_per_tok (9) must be at most n_routed_experts (8)"),
+    (["llama3.1-8b", "--set", "qk_rope_head_dim=64"], "qk_rope_head_dim applies only to MLA models"),
+    (["llama3.1-8b", "--set", "kv_lora_rank=512"], "MLA (kv_lora_rank set) needs qk_nope_head_dim"),
+    (["deepseek-v3", "--set", "qk_rope_head_dim=63"], "RoPE needs an even qk_rope_head_dim, got 63"),
+    (["deepseek-v3", "--set", "num_key_value_heads=8"], "MLA (kv_lora_rank) does not support num_key_value_heads"),
+    (["llama3.1-8b", "--set", "head_dim=0"], "head_dim must be a positive integer"),
+    (["llama3.1-8b", "--set", "n_shared_experts=1"], "n_shared_experts applies only to MoE models"),
 ])
 def test_bad_input_exits_2_with_one_line(cli, args, fragment):
     r = cli("count", *args)
@@ -76,3 +83,17 @@ def test_seq_len_past_rope_block_size_warns(cli):
 def test_width_override_follows_gpt2_ffn_rule(cli):
     out = json.loads(cli("count", "gpt2", "--set", "n_embd=128", "--set", "n_head=4", "--json").stdout)
     assert out["params"]["breakdown"]["ffn"] == 12 * (2 * 128 * 512 + 512 + 128)  # fc 128->512, proj 512->128
+
+
+def test_count_shows_total_active_and_mla_kv_cache(cli):
+    """DeepSeek-V3: 58 MoE layers each skip 248 of 256 experts (3 matrices of 7168 x 2048) per token; the KV cache
+    holds the 512 latent + 64 RoPE-key entries per layer, against 128 heads x (192 key + 128 value) for MHA."""
+    out = json.loads(cli("count", "deepseek-v3", "--json").stdout)
+    assert out["params"]["total"] == 671_026_404_352
+    assert out["params"]["active"] == 671_026_404_352 - 58 * (256 - 8) * 3 * 7168 * 2048
+    assert out["kv_cache_bytes_per_token"] == 61 * (512 + 64) * 2 == out["gqa"]["kv_cache_bytes_per_token"]
+    assert out["gqa"]["kv_cache_bytes_per_token_mha"] == 61 * 128 * (128 + 64 + 128) * 2
+    human = cli("count", "deepseek-v3").stdout
+    assert "Active per token           37,552,282,624 (37.6B" in human and "70,272 B (latent + RoPE key" in human
+    dense = json.loads(cli("count", "llama3.1-8b", "--json").stdout)["params"]
+    assert dense["active"] == dense["total"] and "router" not in dense["breakdown"]

@@ -125,6 +125,9 @@ CASES = [
     ("count-unknown-model", "count gpt7"),
     ("count-zero-gpus", "count gpt2 --gpus 0"),
     ("count-nan-tokens", "count gpt2 --tokens nan"),
+    ("count-top-k-over-experts", "count mixtral-8x7b --set num_experts_per_tok=99"),
+    ("count-mla-field-on-dense", "count llama3.1-8b --set q_lora_rank=1e30"),
+    ("count-odd-rope-dim", "count deepseek-v2-lite --set qk_rope_head_dim=7"),
     # plan
     ("plan-degenerate-law", "plan 1e21 --B 1e308 --beta 0.0001"),
     ("plan-negative-budget", "plan -5"),

@@ -113,7 +113,7 @@ def _pair_sum(terms: list[tuple]):
         if id(x) not in groups and id(y) in groups:
             x, y = y, x
         partners = groups.setdefault(id(x), (x, {}))[1]
-        key = (id(y), ("int", n) if isinstance(n, int) else id(n))  # routed (k) and shared (1) experts differ
+        key = (id(y), n if isinstance(n, int) else id(n))  # the same partner at the same multiplicity
         times, _, _ = partners.get(key, (0, n, y))
         partners[key] = (times + 1, n, y)  # gate and up: n_embd x d_ff twice -> 2 · d_ff, one array pass
     return _sum([x * _sum([_times(times, _times(n, y)) for times, n, y in partners.values()])
@@ -276,12 +276,12 @@ def param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     norms = a.n_layer * 2 * norm + (norm if final_norm else 0)
     token_embedding = a.vocab_size * a.n_embd
     position_embedding = np.int64(learned_positions) * a.n_embd
-    lm_head = np.int64(head.params)
+    lm_head = head.params if not tie_embeddings else np.int64(0)
     attn_params, ffn_params = attn.params, ffn.params
     out = {"attention": attn.repeats * attn_params, "ffn": ffn.repeats * ffn_params, "norms": norms,
            "token_embedding": token_embedding, "position_embedding": position_embedding, "lm_head": lm_head}
     layer = attn_params + ffn_params + 2 * norm  # a dense layer; a MoE model's largest is a MoE layer
-    inactive = np.int64(0)
+    inactive = 0
     if a.n_routed_experts:
         moe = rest[0]
         for part in ("router", "experts.", "shared_experts."):
@@ -289,10 +289,10 @@ def param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
         layer = attn_params + moe.params + 2 * norm
         inactive = moe.repeats * (moe.params - moe.active_params)
     out["embedding"] = token_embedding + position_embedding + lm_head
-    out["non_embedding"] = sum(v for k, v in out.items() if k not in (
-        "token_embedding", "position_embedding", "lm_head", "embedding"))
+    out["non_embedding"] = _sum([v for k, v in out.items() if k not in (
+        "token_embedding", "position_embedding", "lm_head", "embedding")])
     out["total"] = out["embedding"] + out["non_embedding"]
-    out["active"] = out["total"] - inactive
+    out["active"] = out["total"] - inactive if a.n_routed_experts else out["total"]
     out["per_layer"] = layer
     return out
 

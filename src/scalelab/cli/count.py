@@ -94,9 +94,13 @@ def run(args: argparse.Namespace) -> int:
     from scalelab.presets import PRESETS, load_model_config
 
     if args.list:
+        from scalelab.counting import count_params
+
+        width = max(map(len, PRESETS)), max(len(cfg.name()) for cfg in PRESETS.values())
         for name, cfg in PRESETS.items():
-            from scalelab.counting import count_params
-            print(f"{name:<15} {cfg.name():<32} {count_params(cfg).total:>17,} params")
+            p = count_params(cfg)
+            active = f" ({format_count(p.active)} active)" if p.active != p.total else ""
+            print(f"{name:<{width[0]}} {cfg.name():<{width[1]}} {p.total:>17,} params{active}")
         return 0
     if not args.model:
         raise UserError("give a MODEL (a preset name or a .toml file); `scalelab count --list` lists presets")
@@ -194,7 +198,7 @@ def print_report(cfg, r: dict) -> None:
     rows.append(("Per layer", f"{p['per_layer']:,}"))
     print_table(rows, title="Parameters")
     f = r["flops"]
-    active = " (active path)" if p["active"] != p["total"] else ""
+    active = ", active path" if p["active"] != p["total"] else ""
     rows = [(f"Forward / token (exact{active})", f"{f['forward_per_token']:.4e}"),
             ("Training / token (exact, 3x fwd)", f"{f['training_per_token']:.4e}"),
             *[(f"  {label}", f"{f[key]:.4e}  ({f[key] / f['training_per_token'] - 1:+.1%})")
@@ -203,9 +207,11 @@ def print_report(cfg, r: dict) -> None:
     print_table(rows, title=f"FLOPs at sequence length {f['seq_len']}")
     g = r["gqa"]
     if g["attention_type"] == "MLA":
-        print_table([("KV cache / token (bf16)", f"{format_bytes(g['kv_cache_bytes_per_token'])} latent + RoPE key "
-                      f"vs {format_bytes(g['kv_cache_bytes_per_token_mha'])} with a K and V per head (MHA) "
-                      f"({g['kv_cache_reduction']:.1f}x smaller)")], title="MLA vs MHA")
+        print_table([("KV cache / token (bf16)", f"{g['kv_cache_bytes_per_token']:,} B (latent + RoPE key, "
+                      f"{format_bytes(g['kv_cache_bytes_per_token'])})"),
+                     ("  with a K and V per head (MHA)", f"{g['kv_cache_bytes_per_token_mha']:,} B "
+                      f"({format_bytes(g['kv_cache_bytes_per_token_mha'])}): MLA's is "
+                      f"{g['kv_cache_reduction']:.1f}x smaller")], title="MLA vs MHA")
     elif g["attention_type"] != "MHA":
         print_table([("Parameters saved vs MHA", f"{g['params_saved']:,} ({g['params_saved_fraction']:.1%})"),
                      ("Training FLOPs saved vs MHA", f"{g['flops_saved_fraction']:.1%}"),
