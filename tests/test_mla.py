@@ -1,18 +1,17 @@
 """Multi-head Latent Attention (scalelab.mla) with DeepSeek's MoE against transformers'
 DeepseekV3ForCausalLM and DeepseekV2ForCausalLM: logits equal after import and after export (tiny random
 models, fp32; low-rank and full-rank queries, group-limited routing, YaRN with DeepSeek's mscale), KV-cache
-generation (the cache holds the latent and the RoPE key) equal to generation without it, and
-FlopCounterMode equal to counting's forward FLOPs."""
+generation (the cache holds the latent and the RoPE key) equal to generation without it and to
+transformers' (FlopCounterMode against counting: tests/test_block_flops.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 
-from scalelab import counting, hf
+from scalelab import hf
 from scalelab.errors import UserError
 from scalelab.model import KVCache, Transformer
 from test_hf import randomize as randomize_like_hf
@@ -120,22 +119,6 @@ def test_kv_cache_holds_the_latent_and_generation_equals_no_cache(attention, tmp
     with torch.no_grad():
         model(prompt, kv_cache=cache)
     assert cache.k[0].shape == (2, 1, 8, 12) and cache.v[0].shape == (2, 1, 8, 4)
-
-
-@pytest.mark.parametrize("q_lora_rank", [12, None])
-def test_flop_counter_equals_counting_for_mla(q_lora_rank):
-    """FlopCounterMode on the math path equals counting's forward FLOPs of MLA + DeepSeek MoE (router,
-    k routed experts, the shared expert, the dense first layer); forward + backward = 3x."""
-    cfg = hf.config_from_hf(deepseek(3, q_lora_rank=q_lora_rank).to_dict())
-    model = Transformer(cfg, attention="math")
-    B, S = 2, 24
-    x = torch.randint(0, V, (B, S))
-    with FlopCounterMode(display=False) as forward:
-        model(x)
-    assert forward.get_total_flops() == counting.forward_flops(cfg, B, S)
-    with FlopCounterMode(display=False) as training:
-        model(x, x)[1].backward()
-    assert training.get_total_flops() == counting.training_flops(cfg, B, S) == 3 * counting.forward_flops(cfg, B, S)
 
 
 def test_export_and_import_refuse_what_they_cannot_compute(tmp_path):
