@@ -77,7 +77,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, dtype, ours, theirs = build(args)
+    _, dtype, ours, theirs = build(args)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, args.tokens, args.width, generator=gen).to(args.device, dtype)
     g = torch.randn(1, args.tokens, args.width, generator=gen).to(args.device, dtype)

@@ -130,3 +130,21 @@ def test_export_and_import_refuse_what_they_cannot_compute(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     with pytest.raises(UserError, match="rope_interleave = false"):
         hf.config_from_hf(deepseek(3, rope_interleave=False).to_dict())
+
+
+def test_import_skips_deepseek_v3_multi_token_prediction_layer(idx, tmp_path):
+    """The released DeepSeek-V3 holds one more layer (index n_layer) for multi-token prediction, outside
+    the main model: the import ignores its tensors, as transformers does, and refuses any other stray one."""
+    from safetensors.torch import save_file
+
+    reference = randomized(deepseek(3), 0)
+    reference.save_pretrained(tmp_path / "hf")
+    tensors = hf.read_safetensors(tmp_path / "hf")
+    mtp = {k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in tensors.items() if ".layers.2." in k}
+    save_file({**tensors, **mtp, "model.layers.3.eh_proj.weight": torch.zeros(32, 64)},
+              tmp_path / "hf" / "model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(hf.load(tmp_path / "hf")(idx), reference(idx).logits, atol=1e-5, rtol=0)
+    save_file({**tensors, "model.embed_extra.weight": torch.zeros(2)}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(UserError, match="does not use, e.g. 'model.embed_extra.weight'"):
+        hf.load(tmp_path / "hf")

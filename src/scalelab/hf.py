@@ -175,6 +175,7 @@ class HFArchitecture:
     kind: rows of one kind compute the same block structure ("gpt2", "llama", and the MoE/MLA kinds),
       so a config of that kind may be exported as any of them that accepts it.
     not_weights: suffixes of HF keys that hold no weight (buffers some checkpoints carry); dropped.
+    ignored: a function naming HF keys that are weights of something outside our model; dropped.
     optional_prefix: a prefix on every HF key but lm_head's that some checkpoints omit (GPT-2).
     """
     hf_class: str
@@ -185,6 +186,9 @@ class HFArchitecture:
     matches: Callable[[ModelConfig], bool]
     not_weights: tuple[str, ...] = ()
     optional_prefix: str = ""
+    # HF keys to skip that are weights, but of no part of our model (DeepSeek-V3's multi-token
+    # prediction layer): ignored(hf_keys, cfg) -> those keys.
+    ignored: Callable[[Iterable[str], ModelConfig], list[str]] | None = None
 
 
 # -- GPT-2 --
@@ -562,7 +566,7 @@ ARCHS: dict[str, HFArchitecture] = {
     "deepseek_v3": HFArchitecture(
         "DeepseekV3ForCausalLM", "deepseek", _deepseek_config_in("deepseek_v3"), _deepseek_config_out("deepseek_v3"),
         moe_weights("deepseek_v3"), lambda cfg: cfg.is_mla and (not cfg.is_moe or cfg.topk_method == "noaux_tc"),
-        not_weights=LLAMA_NOT_WEIGHTS),
+        not_weights=LLAMA_NOT_WEIGHTS, ignored=hf_moe.extra_layer_keys),
     "deepseek_v2": HFArchitecture(
         "DeepseekV2ForCausalLM", "deepseek", _deepseek_config_in("deepseek_v2"), _deepseek_config_out("deepseek_v2"),
         moe_weights("deepseek_v2"), lambda cfg: cfg.is_mla, not_weights=LLAMA_NOT_WEIGHTS),
@@ -657,6 +661,8 @@ def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: s
         used.update(k for k in ("lm_head.weight",) if k in hf_sd)  # a redundant copy of the embedding
     if row.not_weights:
         used.update(k for k in hf_sd if k.endswith(row.not_weights))
+    if row.ignored is not None:
+        used.update(row.ignored(hf_sd, cfg))
     unused = sorted(set(hf_sd) - used)
     if unused:
         raise UserError(f"checkpoint has {len(unused)} tensor(s) the {row.hf_class} mapping does not use, "

@@ -173,3 +173,13 @@ def rope_interleaved(hf: Mapping[str, Any], arch: str) -> bool:
     """Whether a DeepSeek checkpoint's RoPE rows are interleaved pairs (V2 always; V3 unless
     rope_interleave is false)."""
     return arch == "deepseek_v2" or bool(hf.get("rope_interleave", True))
+
+
+def extra_layer_keys(hf_keys, cfg) -> list[str]:
+    """Keys of layers at or beyond n_layer: DeepSeek-V3's multi-token-prediction module (layer 61 of
+    the release, num_nextn_predict_layers = 1), which the main model does not use (transformers
+    skips it too)."""
+    def layer(key: str) -> int | None:
+        parts = key.split(".")
+        return int(parts[2]) if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else None
+    return [k for k in hf_keys if (layer(k) or 0) >= cfg.n_layer]

@@ -203,7 +203,7 @@ class MoE(nn.Module):
         return scores if self.cfg.scoring_func != "sigmoid" else scores / scores.sum(dim=-1, keepdim=True)
 
 
-def aux_loss(moe_layers: list["MoE"]) -> torch.Tensor:
+def aux_loss(moe_layers: list[MoE]) -> torch.Tensor:
     """The load-balancing loss of the last forward of `moe_layers`, E · Σ_i f_i · P_i pooled over
     the layers exactly as transformers' load_balancing_loss_func pools them: f_i = assignments to
     expert i / rows (rows = tokens summed over the layers; so Σ f_i = k), P_i = routing probability
