@@ -273,3 +273,14 @@ def test_activation_checkpointing_counts_each_token_once_and_keeps_the_aux_loss(
         assert a["moe_tokens_per_expert"] == b["moe_tokens_per_expert"]
         assert sum(a["moe_tokens_per_expert"][0]) == 256 * 2
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-6
+
+
+def test_a_moe_layer_compiles():
+    """train.compile traces each block with dynamo: in fp32 the layer takes its per-expert path there
+    (torch 2.13's fake-tensor rule for _grouped_mm accepts bf16 only), and computes the same."""
+    torch.manual_seed(0)
+    layer = MoE(tiny_moe())
+    layer.init_weights(0.2, 0.2)
+    x = torch.randn(2, 12, 32)
+    compiled = torch.compile(layer, backend="eager", fullgraph=False)
+    torch.testing.assert_close(compiled(x), layer(x), atol=1e-6, rtol=0)

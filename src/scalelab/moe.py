@@ -84,6 +84,7 @@ def route(logits: torch.Tensor, cfg, bias: torch.Tensor | None) -> tuple[torch.T
 
 # ---- grouped matmul ---------------------------------------------------------------------------
 
+@torch.compiler.disable  # a probe that runs once, eagerly
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs on this device type and dtype (checked once, on a tiny
@@ -101,8 +102,11 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 def use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     """_grouped_mm for rows x (N, in) and weights w (E, in, out): the kernel needs every row stride
-    a multiple of 16 bytes (in and out of 4 fp32 or 8 bf16 numbers; any real model's widths)."""
+    a multiple of 16 bytes (in and out of 4 fp32 or 8 bf16 numbers; any real model's widths), and
+    torch.compile's tracing of it accepts bf16 only (torch 2.13)."""
     aligned = (x.size(-1) * x.element_size()) % 16 == 0 and (w.size(-1) * w.element_size()) % 16 == 0
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False
     return aligned and grouped_mm_works(x.device.type, x.dtype)
 
 
