@@ -267,16 +267,20 @@ def param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     V projections have one even without `bias` (Qwen2). Biases are no matmul, so no FLOPs.
     `arch_fields`: Arch's other fields (head_dim, qk_norm, the MLA and MoE sizes).
     `active`: the parameters one token's forward uses: all but the unchosen routed experts."""
-    a = _int_arch(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, dict(
+    return _param_breakdown(_int_arch(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, dict(
         ffn_type=ffn_type, normalization=normalization, bias=bias, qkv_bias=qkv_bias, tie_embeddings=tie_embeddings,
-        learned_positions=learned_positions, final_norm=final_norm, **arch_fields))
+        learned_positions=learned_positions, final_norm=final_norm, **arch_fields)))
+
+
+def _param_breakdown(a: Arch) -> dict[str, Any]:
+    """param_breakdown_arrays for an Arch of numbers (Python ints: exact and quick) or int64 arrays."""
     attn, ffn, *rest = blocks(a)
     head = rest[-1]
     norm = a.norm
-    norms = a.n_layer * 2 * norm + (norm if final_norm else 0)
+    norms = a.n_layer * 2 * norm + (norm if a.final_norm else 0)
     token_embedding = a.vocab_size * a.n_embd
-    position_embedding = np.int64(learned_positions) * a.n_embd
-    lm_head = head.params if not tie_embeddings else np.int64(0)
+    position_embedding = np.int64(a.learned_positions) * a.n_embd
+    lm_head = head.params if not a.tie_embeddings else np.int64(0)
     attn_params, ffn_params = attn.params, ffn.params
     out = {"attention": attn.repeats * attn_params, "ffn": ffn.repeats * ffn_params, "norms": norms,
            "token_embedding": token_embedding, "position_embedding": position_embedding, "lm_head": lm_head}
@@ -334,7 +338,7 @@ BREAKDOWN_KEYS = ("attention", "ffn", "router", "experts", "shared_experts", "no
 def count_params(cfg: ModelConfig) -> ParamCounts:
     """Exact parameter counts; `total` equals sum(p.numel()) of the torch model. The breakdown has
     router / experts (routed) / shared_experts only for a MoE model."""
-    p = {k: int(v) for k, v in param_breakdown_arrays(*_shape_args(cfg), **_style_kwargs(cfg)).items()}
+    p = {k: int(v) for k, v in _param_breakdown(arch(cfg)).items()}
     breakdown = {k: p[k] for k in BREAKDOWN_KEYS if k in p}
     return ParamCounts(total=p["total"], embedding=p["embedding"], non_embedding=p["non_embedding"],
                        breakdown=breakdown, per_layer=p["per_layer"], active=p["active"])
