@@ -194,8 +194,11 @@ class MoE(nn.Module):
         h = grouped_matmul(x[token], self.gate_up, counts, self.loop)
         gate, up = h.chunk(2, dim=-1)
         out = grouped_matmul(F.silu(gate) * up, self.down, counts, self.loop)
-        out = out * weights.reshape(-1)[order, None].to(out.dtype)
-        y = torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token, out)
+        # back to (token, k) order, then each token's weighted sum over its k experts: a gather and a
+        # reduction (fp32, as the weights are), deterministic on every device where index_add_ is not
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        y = (out[unsort].view(-1, k, out.size(-1)) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
         self.last_routing = (counts, self._probabilities(scores).sum(dim=0), x.size(0))
         if self.shared is not None:
             y = y + self.shared(x)
