@@ -148,3 +148,19 @@ def test_import_skips_deepseek_v3_multi_token_prediction_layer(idx, tmp_path):
     save_file({**tensors, "model.embed_extra.weight": torch.zeros(2)}, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(UserError, match="does not use, e.g. 'model.embed_extra.weight'"):
         hf.load(tmp_path / "hf")
+
+
+def test_dense_mla_model_round_trips_as_deepseek_v3(idx, tmp_path):
+    """An MLA model without experts exports as DeepseekV3ForCausalLM with every layer dense
+    (first_k_dense_replace = n_layer; transformers' config still wants integer MoE fields) and imports
+    back as the same dense model."""
+    from scalelab.config import ModelConfig
+
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=V, block_size=64, d_ff=48, kv_lora_rank=12,
+                      qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, family="deepseek_v3")
+    mine = randomize_like_hf(Transformer(cfg), 3, scale=0.2)
+    assert hf.save(mine, tmp_path / "export") == "deepseek_v3"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mine(idx), exported(idx).logits, atol=1e-5, rtol=0)
+    assert hf.load(tmp_path / "export").config == cfg

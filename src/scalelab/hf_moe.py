@@ -114,8 +114,10 @@ def moe_fields_to_hf(cfg, arch: str) -> dict[str, Any]:
                             f"(export as {'deepseek_v2' if v3 else 'deepseek_v3'} if that one matches)")
     out = {"q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
            "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
-           "n_routed_experts": E or None, "num_experts_per_tok": k, "n_shared_experts": cfg.n_shared_experts or None,
-           "moe_intermediate_size": cfg.expert_hidden if cfg.is_moe else None,
+           # a dense MLA model: every layer dense (first_k_dense_replace = n_layer), with placeholder
+           # integers where transformers' config wants them (no MoE layer is built from them)
+           "n_routed_experts": E or 1, "num_experts_per_tok": k or 1, "n_shared_experts": cfg.n_shared_experts,
+           "moe_intermediate_size": cfg.expert_hidden,
            "first_k_dense_replace": cfg.first_k_dense_replace if cfg.is_moe else cfg.n_layer,
            "topk_method": cfg.topk_method, "n_group": cfg.n_group or 1, "topk_group": cfg.topk_group or cfg.n_group or 1,
            "norm_topk_prob": cfg.norm_topk_prob, "routed_scaling_factor": cfg.routed_scaling_factor}
