@@ -130,6 +130,10 @@ def test_export_and_import_refuse_what_they_cannot_compute(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     with pytest.raises(UserError, match="rope_interleave = false"):
         hf.config_from_hf(deepseek(3, rope_interleave=False).to_dict())
+    with pytest.raises(UserError, match="quantized .*convert it to bf16 first"):
+        hf.config_from_hf({**deepseek(3).to_dict(), "quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(UserError, match="moe_layer_freq"):
+        hf.config_from_hf({**deepseek(2).to_dict(), "moe_layer_freq": 2})
 
 
 def test_import_skips_deepseek_v3_multi_token_prediction_layer(idx, tmp_path):

@@ -57,6 +57,12 @@ def moe_fields_from_hf(hf: Mapping[str, Any], arch: str, field: Callable) -> dic
                 "router_aux_loss_coef": field("router_aux_loss_coef", float, 0.0)}
     # DeepSeek: transformers' V2 always scores with softmax and never renormalises; V3 always
     # scores with sigmoid and routes with the bias (noaux_tc), whatever else config.json says.
+    if field("moe_layer_freq", int, 1) != 1:
+        raise UserError("moe_layer_freq != 1 (dense layers between MoE layers) is not supported; scalelab's dense "
+                        "layers are the first first_k_dense_replace")
+    if hf.get("quantization_config"):
+        raise UserError("this checkpoint is quantized (quantization_config; DeepSeek-V3's release is FP8 with "
+                        "block scales): convert it to bf16 first, e.g. with DeepSeek's fp8_cast_bf16.py")
     v3 = arch == "deepseek_v3"
     method = "noaux_tc" if v3 else field("topk_method", str, "greedy")
     if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
