@@ -110,6 +110,12 @@ def workspace(tmp_path_factory):
         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64,
         "vocab_size": 258, "max_position_embeddings": 32, "rms_norm_eps": 1e-5}))
     (bad_hf / "model.safetensors").write_bytes(b"not safetensors")
+    jitter = ws / "hf_mixtral_jitter"  # training-time router noise: not what our model computes
+    jitter.mkdir()
+    (jitter / "config.json").write_text(json.dumps({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 258,
+        "num_local_experts": 4, "num_experts_per_tok": 2, "router_jitter_noise": 0.1}))
     return ws
 
 
@@ -221,6 +227,10 @@ CASES = [
     ("import-hf-bad-config", "import-hf {ws}/hf_bad {ws}/imported"),
     ("import-hf-not-hf", "import-hf {ws}/a_dir {ws}/imported"),
     ("export-hf-out-is-a-file", "export-hf {ws}/run {ws}/a_file"),
+    ("export-hf-dense-as-moe", "export-hf {ws}/run {ws}/hf_out --arch mixtral"),
+    ("import-hf-router-noise", "import-hf {ws}/hf_mixtral_jitter {ws}/imported"),
+    ("train-top-k-over-experts", "train {ws}/tiny.toml --run-dir {ws}/run2 --set model.n_routed_experts=2 "
+                                 "--set model.num_experts_per_tok=3"),
     ("export-hf-out-read-only", "export-hf {ws}/run {ro}/hf"),
     ("demo-out-is-a-file", "demo --out {ws}/a_file"),
     ("demo-out-read-only", "demo --out {ro}/demo"),

@@ -29,10 +29,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from scalelab.config import ROPE_SCALING_KEYS, ModelConfig
+from scalelab.config import MOE_DEFAULTS, ROPE_SCALING_KEYS, ModelConfig
 from scalelab.errors import UserError
 from scalelab.files import atomic_path, atomic_write_text
+from scalelab import hf_moe
 from scalelab.model import Transformer, split_fused_kv
+from scalelab.moe import is_moe_layer
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
@@ -147,6 +149,11 @@ class Weights:
     our_sizes: tuple[int, ...] = ()
     their_sizes: tuple[int, ...] = ()
     dim: int = 0
+    # When the two sides are not one concatenation: theirs -> ours and ours -> theirs, as lists of
+    # tensors in the order of the names (a MoE's per-expert tensors stacked into one [E, in, out];
+    # DeepSeek's interleaved RoPE rows reordered).
+    convert: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    revert: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
 
 def rename(ours: str, theirs: str, transpose: bool = False) -> Weights:
@@ -168,6 +175,7 @@ class HFArchitecture:
     kind: rows of one kind compute the same block structure ("gpt2", "llama", and the MoE/MLA kinds),
       so a config of that kind may be exported as any of them that accepts it.
     not_weights: suffixes of HF keys that hold no weight (buffers some checkpoints carry); dropped.
+    ignored: a function naming HF keys that are weights of something outside our model; dropped.
     optional_prefix: a prefix on every HF key but lm_head's that some checkpoints omit (GPT-2).
     """
     hf_class: str
@@ -178,6 +186,9 @@ class HFArchitecture:
     matches: Callable[[ModelConfig], bool]
     not_weights: tuple[str, ...] = ()
     optional_prefix: str = ""
+    # HF keys to skip that are weights, but of no part of our model (DeepSeek-V3's multi-token
+    # prediction layer): ignored(hf_keys, cfg) -> those keys.
+    ignored: Callable[[Iterable[str], ModelConfig], list[str]] | None = None
 
 
 # -- GPT-2 --
@@ -409,6 +420,111 @@ def _lm_head(cfg: ModelConfig) -> list[Weights]:
 
 LLAMA_NOT_WEIGHTS = ("self_attn.rotary_emb.inv_freq",)
 
+
+# -- Mixture-of-Experts and Multi-head Latent Attention: Mixtral, Qwen3-MoE, DeepSeek-V2/V3 --
+# (their MoE/MLA config fields and tensor transforms are in scalelab.hf_moe)
+
+def _is_moe_kind(cfg: ModelConfig) -> bool:
+    return ((cfg.normalization, cfg.position_encoding, cfg.ffn_type, cfg.norm_position) ==
+            ("rmsnorm", "rope", "swiglu", "pre") and cfg.is_moe and not cfg.is_mla)
+
+
+def _mixtral_config_in(hf: Mapping[str, Any], field, where: str) -> ModelConfig:
+    return llama_config_in(hf, field, where, family="mixtral", bias=_same_bias(field),
+                           window=field("sliding_window", int, None), **hf_moe.moe_fields_from_hf(hf, "mixtral", field))
+
+
+def _mixtral_config_out(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_mistral_config_out(cfg.replace(n_routed_experts=0, **MOE_DEFAULTS)),
+            **hf_moe.moe_fields_to_hf(cfg, "mixtral")}
+
+
+def _qwen3_moe_config_in(hf: Mapping[str, Any], field, where: str) -> ModelConfig:
+    if field("attention_bias", bool, False):
+        raise UserError("Qwen3-MoE attention_bias (biases on q, k, v and o_proj) is not supported")
+    return llama_config_in(hf, field, where, family="qwen3_moe", qk_norm=True,
+                           window=_qwen_window(hf, field("num_hidden_layers", int), where), head_dim_default=128,
+                           **hf_moe.moe_fields_from_hf(hf, "qwen3_moe", field))
+
+
+def _qwen3_moe_config_out(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_qwen3_config_out(cfg.replace(n_routed_experts=0, **MOE_DEFAULTS)),
+            **hf_moe.moe_fields_to_hf(cfg, "qwen3_moe")}
+
+
+def _deepseek_config_in(arch: str):
+    def config_in(hf: Mapping[str, Any], field, where: str) -> ModelConfig:
+        if arch == "deepseek_v3" and not hf_moe.rope_interleaved(hf, arch):
+            raise UserError("rope_interleave = false is not supported (DeepSeek's checkpoints rotate interleaved "
+                            "RoPE pairs, which scalelab reorders on import)")
+        # transformers writes head_dim = qk_rope_head_dim (its RoPE width); ours is the q/k head width
+        without_head_dim = {k: v for k, v in hf.items() if k != "head_dim"}
+
+        def own_field(key: str, kind: type, default: Any = _REQUIRED) -> Any:
+            return config_field(without_head_dim, key, kind, default, where=where)
+
+        return llama_config_in(without_head_dim, own_field, where, family=arch,
+                               **hf_moe.moe_fields_from_hf(without_head_dim, arch, own_field))
+    return config_in
+
+
+def _deepseek_config_out(arch: str):
+    def config_out(cfg: ModelConfig) -> dict[str, Any]:
+        out = {**llama_config_out(cfg), "attention_bias": False, **hf_moe.moe_fields_to_hf(cfg, arch)}
+        del out["head_dim"]  # transformers derives its own (the RoPE width)
+        return out
+    return config_out
+
+
+def mla_attention_weights(cfg: ModelConfig, h: str, o: str) -> list[Weights]:
+    """MLA's projections; the RoPE rows of the query and of kv_a_proj reordered from DeepSeek's
+    interleaved pairs to our halves (hf_moe.rope_rows)."""
+    rules = []
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    q = ("q_a_proj", "q_a_norm", "q_b_proj") if cfg.q_lora_rank is not None else ("q_proj",)
+    names = {"q_proj": "q_proj", "q_a_proj": "q_a_proj", "q_a_norm": "q_a_layernorm", "q_b_proj": "q_b_proj",
+             "kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "kv_b_proj": "kv_b_proj",
+             "o_proj": "o_proj"}
+    permuted = {q[-1]: (qk, cfg.n_head, cfg.qk_nope_head_dim),
+                "kv_a_proj": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, 1, cfg.kv_lora_rank)}
+    for ours in (*q, "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj"):
+        ours_key, theirs_key = f"{o}attn.{ours}.weight", f"{h}self_attn.{names[ours]}.weight"
+        if ours not in permuted:
+            rules.append(rename(ours_key, theirs_key))
+            continue
+        halves, back = (hf_moe.rope_rows(*permuted[ours], cfg.qk_rope_head_dim, to_halves=way) for way in (True, False))
+        rules.append(Weights((ours_key,), (theirs_key,), convert=lambda ts, order=halves: [ts[0][order]],
+                             revert=lambda ts, order=back: [ts[0][order]]))
+    return rules
+
+
+def moe_weights(arch: str) -> Callable[[ModelConfig], list[Weights]]:
+    """The weight map of a MoE/MLA class: LLaMA's, with MLA's attention for DeepSeek and, from
+    layer first_k_dense_replace on, the router, the experts (per-expert tensors stacked into our
+    [E, in, out] parameters, hf_moe.stack_gate_up / stack_down) and the shared experts."""
+    block, (g, u, d) = hf_moe.expert_names(arch)
+
+    def mlp(cfg: ModelConfig, h: str, o: str, layer: int) -> list[Weights]:
+        if not is_moe_layer(cfg, layer):
+            return llama_mlp_weights(cfg, h, o)
+        p, o = f"{h}{block}.", f"{o}ffn."
+        rules = [rename(f"{o}router.weight", f"{p}gate.weight")]
+        if cfg.topk_method == "noaux_tc":
+            rules.append(rename(f"{o}router.e_score_correction_bias", f"{p}gate.e_score_correction_bias"))
+        experts = range(cfg.n_routed_experts)
+        rules += [Weights((f"{o}gate_up",), tuple(f"{p}experts.{e}.{n}.weight" for e in experts for n in (g, u)),
+                          convert=hf_moe.stack_gate_up, revert=hf_moe.split_gate_up),
+                  Weights((f"{o}down",), tuple(f"{p}experts.{e}.{d}.weight" for e in experts),
+                          convert=hf_moe.stack_down, revert=hf_moe.split_down)]
+        if cfg.n_shared_experts:
+            rules += [rename(f"{o}shared.{n}.weight", f"{p}shared_experts.{n}_proj.weight") for n in ("gate", "up", "down")]
+        return rules
+
+    def weights(cfg: ModelConfig) -> list[Weights]:
+        attention = mla_attention_weights if cfg.is_mla else llama_attention_weights
+        return llama_weights(cfg, attention=attention, mlp=mlp)
+    return weights
+
 ARCHS: dict[str, HFArchitecture] = {
     "gpt2": HFArchitecture(
         "GPT2LMHeadModel", "gpt2", _gpt2_config_in, _gpt2_config_out,
@@ -440,11 +556,19 @@ ARCHS: dict[str, HFArchitecture] = {
         "LlamaForCausalLM", "llama",
         lambda hf, field, where: llama_config_in(hf, field, where, bias=_same_bias(field)),
         _llama_config_out, llama_weights, _is_llama_kind, not_weights=LLAMA_NOT_WEIGHTS),
-    # Slots for the MoE / MLA classes (the moe helper's rows; see docs/interfaces.md):
-    # "mixtral": HFArchitecture("MixtralForCausalLM", "mixtral", ...),
-    # "qwen3_moe": HFArchitecture("Qwen3MoeForCausalLM", "qwen3_moe", ...),
-    # "deepseek_v3": HFArchitecture("DeepseekV3ForCausalLM", "deepseek", ...),
-    # "deepseek_v2": HFArchitecture("DeepseekV2ForCausalLM", "deepseek", ...),
+    "qwen3_moe": HFArchitecture(
+        "Qwen3MoeForCausalLM", "moe", _qwen3_moe_config_in, _qwen3_moe_config_out, moe_weights("qwen3_moe"),
+        lambda cfg: _is_moe_kind(cfg) and cfg.qk_norm, not_weights=LLAMA_NOT_WEIGHTS),
+    "mixtral": HFArchitecture(
+        "MixtralForCausalLM", "moe", _mixtral_config_in, _mixtral_config_out, moe_weights("mixtral"),
+        lambda cfg: _is_moe_kind(cfg) and not cfg.qk_norm, not_weights=LLAMA_NOT_WEIGHTS),
+    "deepseek_v3": HFArchitecture(
+        "DeepseekV3ForCausalLM", "deepseek", _deepseek_config_in("deepseek_v3"), _deepseek_config_out("deepseek_v3"),
+        moe_weights("deepseek_v3"), lambda cfg: cfg.is_mla and (not cfg.is_moe or cfg.topk_method == "noaux_tc"),
+        not_weights=LLAMA_NOT_WEIGHTS, ignored=hf_moe.extra_layer_keys),
+    "deepseek_v2": HFArchitecture(
+        "DeepseekV2ForCausalLM", "deepseek", _deepseek_config_in("deepseek_v2"), _deepseek_config_out("deepseek_v2"),
+        moe_weights("deepseek_v2"), lambda cfg: cfg.is_mla, not_weights=LLAMA_NOT_WEIGHTS),
 }
 
 
@@ -526,6 +650,9 @@ def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: s
 
     for rule in row.weights(cfg):
         theirs = [take(key, rule.transpose) for key in rule.theirs]
+        if rule.convert is not None:
+            sd.update(zip(rule.ours, rule.convert(theirs)))
+            continue
         full = theirs[0] if len(theirs) == 1 else torch.cat(theirs, rule.dim)
         parts = [full] if len(rule.ours) == 1 else full.split(list(rule.our_sizes), rule.dim)
         sd.update(zip(rule.ours, parts))
@@ -533,6 +660,8 @@ def _native_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: s
         used.update(k for k in ("lm_head.weight",) if k in hf_sd)  # a redundant copy of the embedding
     if row.not_weights:
         used.update(k for k in hf_sd if k.endswith(row.not_weights))
+    if row.ignored is not None:
+        used.update(row.ignored(hf_sd, cfg))
     unused = sorted(set(hf_sd) - used)
     if unused:
         raise UserError(f"checkpoint has {len(unused)} tensor(s) the {row.hf_class} mapping does not use, "
@@ -545,6 +674,9 @@ def _hf_from_native(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: str)
     out: dict[str, torch.Tensor] = {}
     for rule in ARCHS[arch].weights(cfg):
         ours = [sd[key] for key in rule.ours]
+        if rule.revert is not None:
+            out.update(zip(rule.theirs, rule.revert(ours)))
+            continue
         full = ours[0] if len(ours) == 1 else torch.cat(ours, rule.dim)
         parts = [full] if len(rule.theirs) == 1 else full.split(list(rule.their_sizes), rule.dim)
         out.update((key, _transposed(t) if rule.transpose else t) for key, t in zip(rule.theirs, parts))

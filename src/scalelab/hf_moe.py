@@ -1,8 +1,7 @@
 """Hugging Face conversion of the MLA and MoE parts: MixtralForCausalLM, Qwen3MoeForCausalLM,
-DeepseekV2ForCausalLM and DeepseekV3ForCausalLM (their config fields and their weight names).
+DeepseekV2ForCausalLM and DeepseekV3ForCausalLM (their config fields and their weight layouts).
 
-scalelab.hf keeps the parts these share with LLaMA (embeddings, norms, lm_head, GQA attention,
-dense FFN) and calls these per layer. The weights on disk are what the Hub holds and what
+The weights on disk are what the Hub holds and what
 transformers' save_pretrained writes: one tensor per expert and projection (transformers 5 fuses
 them only in memory). Here:
 
@@ -16,7 +15,11 @@ them only in memory). Here:
   default) rotate interleaved pairs (x0, x1), (x2, x3)... of the RoPE part; we rotate halves.
   Attention only ever takes q·k over the same layout for both, so the import reorders the RoPE
   rows of q_proj / q_b_proj and kv_a_proj to [x0, x2, x4, ..., x1, x3, ...] (a fixed permutation,
-  exact) and the export restores the interleaved order, the layout every DeepSeek runtime expects.
+  exact) and the export restores the interleaved order (and writes rope_interleave = true), the
+  layout every DeepSeek runtime expects.
+
+The table rows themselves (hf.ARCHS) are in scalelab.hf; this module holds their MoE/MLA config
+fields and tensor transforms.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import torch
 
 from scalelab.errors import UserError
 
-MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 HF_CLASS = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
             "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
@@ -47,12 +49,20 @@ def moe_fields_from_hf(hf: Mapping[str, Any], arch: str, field: Callable) -> dic
         if field("decoder_sparse_step", int, 1) != 1 or hf.get("mlp_only_layers"):
             raise UserError("Qwen3-MoE with decoder_sparse_step != 1 or mlp_only_layers (dense layers between "
                             "MoE layers) is not supported; scalelab's dense layers are the first first_k_dense_replace")
-        return {"n_routed_experts": field("num_experts", int), "num_experts_per_tok": field("num_experts_per_tok", int),
+        # the Hub's files say num_experts; transformers 5 writes its attribute num_local_experts
+        experts = field("num_experts", int, None) or field("num_local_experts", int)
+        return {"n_routed_experts": experts, "num_experts_per_tok": field("num_experts_per_tok", int),
                 "moe_intermediate_size": field("moe_intermediate_size", int),
                 "norm_topk_prob": field("norm_topk_prob", bool, False),
                 "router_aux_loss_coef": field("router_aux_loss_coef", float, 0.0)}
     # DeepSeek: transformers' V2 always scores with softmax and never renormalises; V3 always
     # scores with sigmoid and routes with the bias (noaux_tc), whatever else config.json says.
+    if field("moe_layer_freq", int, 1) != 1:
+        raise UserError("moe_layer_freq != 1 (dense layers between MoE layers) is not supported; scalelab's dense "
+                        "layers are the first first_k_dense_replace")
+    if hf.get("quantization_config"):
+        raise UserError("this checkpoint is quantized (quantization_config; DeepSeek-V3's release is FP8 with "
+                        "block scales): convert it to bf16 first, e.g. with DeepSeek's fp8_cast_bf16.py")
     v3 = arch == "deepseek_v3"
     method = "noaux_tc" if v3 else field("topk_method", str, "greedy")
     if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
@@ -70,7 +80,8 @@ def moe_fields_from_hf(hf: Mapping[str, Any], arch: str, field: Callable) -> dic
            "q_lora_rank": field("q_lora_rank", int, None), "kv_lora_rank": field("kv_lora_rank", int),
            "qk_nope_head_dim": field("qk_nope_head_dim", int), "qk_rope_head_dim": field("qk_rope_head_dim", int),
            "v_head_dim": field("v_head_dim", int)}
-    if field("n_routed_experts", int, 0) == 0:  # a dense DeepSeek
+    if not field("n_routed_experts", int, 0) or out["first_k_dense_replace"] >= field("num_hidden_layers", int):
+        # a dense DeepSeek (transformers builds no MoE layer)
         out = {k: v for k, v in out.items() if k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
                                                      "qk_rope_head_dim", "v_head_dim")}
     return out
@@ -109,8 +120,10 @@ def moe_fields_to_hf(cfg, arch: str) -> dict[str, Any]:
                             f"(export as {'deepseek_v2' if v3 else 'deepseek_v3'} if that one matches)")
     out = {"q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
            "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
-           "n_routed_experts": E or None, "num_experts_per_tok": k, "n_shared_experts": cfg.n_shared_experts or None,
-           "moe_intermediate_size": cfg.expert_hidden if cfg.is_moe else None,
+           # a dense MLA model: every layer dense (first_k_dense_replace = n_layer), with placeholder
+           # integers where transformers' config wants them (no MoE layer is built from them)
+           "n_routed_experts": E or 1, "num_experts_per_tok": k or 1, "n_shared_experts": cfg.n_shared_experts,
+           "moe_intermediate_size": cfg.expert_hidden,
            "first_k_dense_replace": cfg.first_k_dense_replace if cfg.is_moe else cfg.n_layer,
            "topk_method": cfg.topk_method, "n_group": cfg.n_group or 1, "topk_group": cfg.topk_group or cfg.n_group or 1,
            "norm_topk_prob": cfg.norm_topk_prob, "routed_scaling_factor": cfg.routed_scaling_factor}
@@ -121,69 +134,47 @@ def moe_fields_to_hf(cfg, arch: str) -> dict[str, Any]:
     return out
 
 
-# ---- weights: experts -------------------------------------------------------------------------
+# ---- weights ----------------------------------------------------------------------------------
 
-def _expert_names(arch: str, i: int) -> tuple[str, str, tuple[str, str, str]]:
-    """(the layer's MoE prefix, the router's name, the gate/up/down names of one expert)."""
+def expert_names(arch: str) -> tuple[str, tuple[str, str, str]]:
+    """(the MoE block's name in a layer, the gate/up/down names of one expert) on disk."""
     if arch == "mixtral":
-        return f"model.layers.{i}.block_sparse_moe.", "gate", ("w1", "w3", "w2")
-    return f"model.layers.{i}.mlp.", "gate", ("gate_proj", "up_proj", "down_proj")
+        return "block_sparse_moe", ("w1", "w3", "w2")
+    return "mlp", ("gate_proj", "up_proj", "down_proj")
 
 
-def moe_from_hf(take: Callable[[str], torch.Tensor], cfg, arch: str, i: int) -> dict[str, torch.Tensor]:
-    """Our `layers.{i}.ffn.*` tensors of MoE layer i from HF tensors (`take(name)` returns one and
-    marks it used)."""
-    p, router, (g, u, d) = _expert_names(arch, i)
-    o = f"layers.{i}.ffn."
-    sd = {f"{o}router.weight": take(f"{p}{router}.weight")}
-    if cfg.topk_method == "noaux_tc":
-        sd[f"{o}router.e_score_correction_bias"] = take(f"{p}{router}.e_score_correction_bias")
-    experts = range(cfg.n_routed_experts)
-    sd[f"{o}gate_up"] = torch.stack([torch.cat([take(f"{p}experts.{e}.{g}.weight"), take(f"{p}experts.{e}.{u}.weight")]).t()
-                                     for e in experts])
-    sd[f"{o}down"] = torch.stack([take(f"{p}experts.{e}.{d}.weight").t() for e in experts])
-    if cfg.n_shared_experts:
-        for name in ("gate", "up", "down"):
-            sd[f"{o}shared.{name}.weight"] = take(f"{p}shared_experts.{name}_proj.weight")
-    return sd
+def stack_gate_up(theirs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-expert [gate_0, up_0, gate_1, up_1, ...] (each I x n_embd) -> our gate_up [E, n_embd, 2I]."""
+    return [torch.stack([torch.cat(theirs[e:e + 2]).t() for e in range(0, len(theirs), 2)])]
 
 
-def moe_to_hf(sd: Mapping[str, torch.Tensor], cfg, arch: str, i: int) -> dict[str, torch.Tensor]:
-    """HF tensors of MoE layer i from our state dict; the inverse of moe_from_hf."""
-    p, router, (g, u, d) = _expert_names(arch, i)
-    o = f"layers.{i}.ffn."
-    out = {f"{p}{router}.weight": sd[f"{o}router.weight"]}
-    if cfg.topk_method == "noaux_tc":
-        out[f"{p}{router}.e_score_correction_bias"] = sd[f"{o}router.e_score_correction_bias"]
-    hidden = cfg.expert_hidden
-    for e in range(cfg.n_routed_experts):
-        gate_up = sd[f"{o}gate_up"][e].t()
-        out[f"{p}experts.{e}.{g}.weight"] = gate_up[:hidden].contiguous()
-        out[f"{p}experts.{e}.{u}.weight"] = gate_up[hidden:].contiguous()
-        out[f"{p}experts.{e}.{d}.weight"] = sd[f"{o}down"][e].t().contiguous()
-    if cfg.n_shared_experts:
-        for name in ("gate", "up", "down"):
-            out[f"{p}shared_experts.{name}_proj.weight"] = sd[f"{o}shared.{name}.weight"]
+def split_gate_up(ours: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of stack_gate_up."""
+    out = []
+    for w in ours[0]:  # [n_embd, 2I]
+        gate, up = w.t().chunk(2)
+        out += [gate.contiguous(), up.contiguous()]
     return out
 
 
-# ---- weights: MLA -----------------------------------------------------------------------------
+def stack_down(theirs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-expert down (n_embd x I each) -> our down [E, I, n_embd]."""
+    return [torch.stack([t.t() for t in theirs])]
 
-def _rope_rows(cfg, rows_per_head: int, heads: int, offset: int, interleaved_to_halves: bool) -> torch.Tensor:
-    """A row order for a projection whose output holds, for each of `heads` blocks of
-    `rows_per_head`, a RoPE part of qk_rope_head_dim rows at `offset`: interleaved pairs ->
-    halves ([0, 2, 4, ..., 1, 3, ...]) or back."""
-    r = cfg.qk_rope_head_dim
-    halves = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])
-    perm = halves if interleaved_to_halves else halves.argsort()
-    order = torch.arange(heads * rows_per_head).view(heads, rows_per_head)
-    order[:, offset:offset + r] = order[:, offset:offset + r][:, perm]
+
+def split_down(ours: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [w.t().contiguous() for w in ours[0]]
+
+
+def rope_rows(rows_per_block: int, blocks: int, offset: int, rope_dim: int, to_halves: bool) -> torch.Tensor:
+    """A row order for a projection whose output is `blocks` blocks of `rows_per_block` rows, each
+    with a RoPE part of rope_dim rows at `offset`: DeepSeek's interleaved pairs -> our halves
+    ([0, 2, 4, ..., 1, 3, ...]) or, with to_halves False, back."""
+    halves = torch.cat([torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)])
+    perm = halves if to_halves else halves.argsort()
+    order = torch.arange(blocks * rows_per_block).view(blocks, rows_per_block)
+    order[:, offset:offset + rope_dim] = order[:, offset:offset + rope_dim][:, perm]
     return order.reshape(-1)
-
-
-MLA_NAMES = (("q_proj", "q_proj"), ("q_a_proj", "q_a_proj"), ("q_a_norm", "q_a_layernorm"), ("q_b_proj", "q_b_proj"),
-             ("kv_a_proj", "kv_a_proj_with_mqa"), ("kv_a_norm", "kv_a_layernorm"), ("kv_b_proj", "kv_b_proj"),
-             ("o_proj", "o_proj"))
 
 
 def rope_interleaved(hf: Mapping[str, Any], arch: str) -> bool:
@@ -192,37 +183,11 @@ def rope_interleaved(hf: Mapping[str, Any], arch: str) -> bool:
     return arch == "deepseek_v2" or bool(hf.get("rope_interleave", True))
 
 
-def _permute_mla(sd: dict[str, torch.Tensor], cfg, prefix: str, q_name: str, kv_name: str, to_halves: bool) -> None:
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    q_order = _rope_rows(cfg, qk, cfg.n_head, cfg.qk_nope_head_dim, to_halves)
-    kv_order = _rope_rows(cfg, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 1, cfg.kv_lora_rank, to_halves)
-    sd[f"{prefix}{q_name}.weight"] = sd[f"{prefix}{q_name}.weight"][q_order]
-    sd[f"{prefix}{kv_name}.weight"] = sd[f"{prefix}{kv_name}.weight"][kv_order]
-
-
-def mla_from_hf(take: Callable[[str], torch.Tensor], cfg, i: int, interleaved: bool) -> dict[str, torch.Tensor]:
-    """Our `layers.{i}.attn.*` tensors of MLA layer i."""
-    h, o = f"model.layers.{i}.self_attn.", f"layers.{i}.attn."
-    low_rank = cfg.q_lora_rank is not None
-    query = ("q_a_proj", "q_a_norm", "q_b_proj") if low_rank else ("q_proj",)
-    sd = {f"{o}{ours}.weight": take(f"{h}{theirs}.weight") for ours, theirs in MLA_NAMES
-          if ours in query or not ours.startswith("q_")}
-    if interleaved:
-        _permute_mla(sd, cfg, o, "q_b_proj" if low_rank else "q_proj", "kv_a_proj", to_halves=True)
-    return sd
-
-
-def mla_to_hf(sd: Mapping[str, torch.Tensor], cfg, i: int, interleaved: bool) -> dict[str, torch.Tensor]:
-    h, o = f"model.layers.{i}.self_attn.", f"layers.{i}.attn."
-    out = {f"{h}{theirs}.weight": sd[f"{o}{ours}.weight"] for ours, theirs in MLA_NAMES if f"{o}{ours}.weight" in sd}
-    if interleaved:
-        low_rank = cfg.q_lora_rank is not None
-        _permute_mla(out, cfg, h, "q_b_proj" if low_rank else "q_proj", "kv_a_proj_with_mqa", to_halves=False)
-    return out
-
-
-def extra_layer_keys(hf_sd: Mapping[str, torch.Tensor], cfg) -> list[str]:
-    """Tensors of layers beyond n_layer: DeepSeek-V3's multi-token-prediction module (layer 61 of
-    the released checkpoint), which the main model does not use (transformers skips it too)."""
-    return [k for k in hf_sd if k.startswith("model.layers.")
-            and k.split(".")[2].isdigit() and int(k.split(".")[2]) >= cfg.n_layer]
+def extra_layer_keys(hf_keys, cfg) -> list[str]:
+    """Keys of layers at or beyond n_layer: DeepSeek-V3's multi-token-prediction module (layer 61 of
+    the release, num_nextn_predict_layers = 1), which the main model does not use (transformers
+    skips it too)."""
+    def layer(key: str) -> int | None:
+        parts = key.split(".")
+        return int(parts[2]) if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else None
+    return [k for k in hf_keys if (layer(k) or 0) >= cfg.n_layer]

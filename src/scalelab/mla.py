@@ -19,7 +19,7 @@ not done here).
 Parameter names follow Hugging Face's DeepseekV3Attention (kv_a_proj_with_mqa is kv_a_proj here,
 q_a_layernorm / kv_a_layernorm are q_a_norm / kv_a_norm). RoPE rotates the two halves of the
 rope part, as everywhere in scalelab; DeepSeek's checkpoints rotate interleaved pairs, and the
-import permutes those rows once (scalelab.moe_hf) so the two agree exactly.
+import permutes those rows once (scalelab.hf_moe) so the two agree exactly.
 
 Softmax scale: 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), times mscale(factor, mscale_all_dim)²
 when the RoPE is YaRN-scaled with `mscale_all_dim` (DeepSeek's correction for the attention

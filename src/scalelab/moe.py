@@ -84,6 +84,7 @@ def route(logits: torch.Tensor, cfg, bias: torch.Tensor | None) -> tuple[torch.T
 
 # ---- grouped matmul ---------------------------------------------------------------------------
 
+@torch.compiler.disable  # a probe that runs once, eagerly
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs on this device type and dtype (checked once, on a tiny
@@ -91,23 +92,34 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.arange(12, dtype=dtype, device=device_type).view(3, 4) / 8
-        w = torch.arange(40, dtype=dtype, device=device_type).view(2, 4, 5) / 8
+        x = torch.arange(24, dtype=dtype, device=device_type).view(3, 8) / 8
+        w = torch.arange(128, dtype=dtype, device=device_type).view(2, 8, 8) / 64
         out = torch._grouped_mm(x, w, offs=torch.tensor([1, 3], dtype=torch.int32, device=device_type))
         return bool(torch.equal(out, torch.cat((x[:1] @ w[0], x[1:] @ w[1]))))
     except (RuntimeError, NotImplementedError):
         return False
 
 
+def use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """_grouped_mm for rows x (N, in) and weights w (E, in, out): the kernel needs every row stride
+    a multiple of 16 bytes (in and out of 4 fp32 or 8 bf16 numbers; any real model's widths), and
+    torch.compile's tracing of it accepts bf16 only (torch 2.13)."""
+    aligned = (x.size(-1) * x.element_size()) % 16 == 0 and (w.size(-1) * w.element_size()) % 16 == 0
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False
+    return aligned and grouped_mm_works(x.device.type, x.dtype)
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, loop: bool) -> torch.Tensor:
     """Rows of x (N, in) sorted by expert, counts[e] of them for expert e, each times its w[e]
-    (in, out) -> (N, out). One grouped matmul, or with `loop` a plain matmul per expert with rows."""
+    (in, out) -> (N, out). One grouped matmul, or with `loop` (or where _grouped_mm cannot run) a
+    plain matmul per expert with rows."""
     if torch.is_autocast_enabled(x.device.type):  # _grouped_mm has no autocast rule: cast as a matmul would
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
     elif w.dtype != x.dtype:
         x = x.to(w.dtype)
-    if not loop and grouped_mm_works(x.device.type, x.dtype):
+    if not loop and use_grouped_mm(x, w):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
@@ -182,8 +194,11 @@ class MoE(nn.Module):
         h = grouped_matmul(x[token], self.gate_up, counts, self.loop)
         gate, up = h.chunk(2, dim=-1)
         out = grouped_matmul(F.silu(gate) * up, self.down, counts, self.loop)
-        out = out * weights.reshape(-1)[order, None].to(out.dtype)
-        y = torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token, out)
+        # back to (token, k) order, then each token's weighted sum over its k experts: a gather and a
+        # reduction (fp32, as the weights are), deterministic on every device where index_add_ is not
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        y = (out[unsort].view(-1, k, out.size(-1)) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
         self.last_routing = (counts, self._probabilities(scores).sum(dim=0), x.size(0))
         if self.shared is not None:
             y = y + self.shared(x)
@@ -195,7 +210,7 @@ class MoE(nn.Module):
         return scores if self.cfg.scoring_func != "sigmoid" else scores / scores.sum(dim=-1, keepdim=True)
 
 
-def aux_loss(moe_layers: list["MoE"]) -> torch.Tensor:
+def aux_loss(moe_layers: list[MoE]) -> torch.Tensor:
     """The load-balancing loss of the last forward of `moe_layers`, E · Σ_i f_i · P_i pooled over
     the layers exactly as transformers' load_balancing_loss_func pools them: f_i = assignments to
     expert i / rows (rows = tokens summed over the layers; so Σ f_i = k), P_i = routing probability

@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scalelab checkpoint directory (model.safetensors + model.toml or config.json)")
     p.add_argument("out", metavar="HF_DIR", help="directory to write (config.json + safetensors)")
     # scalelab.hf.ARCHITECTURES, written out: this module must not import torch (tests/test_qwen3.py checks)
-    p.add_argument("--arch", choices=("gpt2", "qwen3", "qwen2", "mistral", "llama"), default=None,
+    p.add_argument("--arch", choices=("gpt2", "qwen3", "qwen2", "mistral", "llama", "qwen3_moe", "mixtral",
+                                      "deepseek_v3", "deepseek_v2"), default=None,
                    help="Hugging Face architecture (default: the one matching the model)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file; bigger models are sharded with an index")

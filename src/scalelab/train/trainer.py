@@ -679,7 +679,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """Optimizer step `self.step + 1`: lr, accumulated micro-batches, clip, finite check, AdamW.
-        Returns the step's mean loss, gradient norm and learning rate (the same on every rank)."""
+        Returns the step's mean loss, gradient norm and learning rate (the same on every rank), and
+        for a MoE the step's expert load (`moe_load`)."""
         t, d, accum, step = self.cfg.train, self.d, self.accum, self.step
         model, optimizer, scaler = self.model, self.optimizer, self.scaler
         lr = learning_rate(step, **self.schedule)
@@ -748,9 +749,9 @@ class Trainer:
     def balance_experts(self) -> dict[str, Any]:
         """After the optimizer step of a MoE: the tokens each expert received during the step,
         summed over micro-batches and ranks (so every rank applies the same update), move the
-        noaux_tc routers' biases (moe.update_expert_bias) and are returned as load figures for
-        the metrics (empty for a dense model)."""
-        from scalelab.moe import load_figures, moe_layers, take_step_load, update_expert_bias
+        noaux_tc routers' biases (moe.update_expert_bias) and are returned as `moe_load` (MoE
+        layers, E) for the metrics (nothing for a dense model)."""
+        from scalelab.moe import moe_layers, take_step_load, update_expert_bias
 
         layers = moe_layers(unwrap(self.model))
         load = take_step_load(layers)
@@ -760,7 +761,7 @@ class Trainer:
             load = load.to(self.d.device)
             dist.all_reduce(load)
         update_expert_bias(layers, load, self.cfg.train.router_bias_update_rate)
-        return {"moe": load_figures(load)}
+        return {"moe_load": load}
 
     # ---- eval and checkpoint ------------------------------------------------------------------
 
@@ -817,7 +818,10 @@ class Trainer:
                           "hfu": (tflops * 1e12 * self.executed_flops_per_step / self.flops_per_step / self.peak
                                   if self.peak else None),
                           "peak_memory_bytes": mem, "elapsed_seconds": now - run_start}
-                record.update(r.get("moe", {}))  # a MoE's expert load at this step (moe.load_figures)
+                if "moe_load" in r:  # a MoE's expert load at this step
+                    from scalelab.moe import load_figures
+
+                    record.update(load_figures(r["moe_load"]))
                 if d.is_main:
                     self.metrics.write(record)
                     eta = eta_seconds(now - run_start - paused_total, step - self.start_step, steps - step)
