@@ -243,3 +243,13 @@ def test_verify_trains_the_recommendation_and_compares_the_loss(tmp_path, data_d
     assert v["extrapolation"] == pytest.approx(10.0)
     assert "n_layer = 2" in (run_dir / "config.toml").read_text()
     assert json.loads((out / "verify.json").read_text())["measured"] == measured
+
+
+def test_design_with_hardware_and_status_import_no_torch(tmp_path, data_dir):
+    from conftest import heavy_modules_loaded
+
+    out = tmp_path / "s"
+    argv = ["sweep", "design", str(out), "--budgets", "4e8,8e8", "--data", str(data_dir), *SPACE]
+    assert heavy_modules_loaded(argv) == []
+    assert (out / "sweep.toml").is_file()
+    assert heavy_modules_loaded(["sweep", "status", str(out)]) == []
