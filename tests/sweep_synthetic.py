@@ -23,7 +23,8 @@ BUDGETS = (1e13, 3e13, 1e14)
 
 
 def shapes():
-    """Every shape of SPACE (aspect and head rules applied) as (ModelConfig, N, fpt), by N."""
+    """Shapes of SPACE (aspect and head rules applied) as (ModelConfig, N, fpt), by N, at least 10% apart in N
+    (as a design's log-N grid samples them)."""
     out = []
     for L in SPACE.layers:
         for H in SPACE.hidden:
@@ -31,7 +32,11 @@ def shapes():
                 continue
             cfg = SPACE.model_config(L, H, H // 32, H // 32)
             out.append((cfg, float(count_params(cfg).total), float(training_flops_per_token(cfg, SPACE.seq_len))))
-    return sorted(out, key=lambda s: s[1])
+    spaced = []
+    for shape in sorted(out, key=lambda s: s[1]):
+        if not spaced or shape[1] > 1.1 * spaced[-1][1]:
+            spaced.append(shape)
+    return spaced
 
 
 def around_optimum(law: LossLaw, C: float, points: int = 5):
@@ -53,8 +58,8 @@ def write_run(run_dir: Path, cfg, C: float, fpt: float, loss: float, lr: float, 
     lines = []
     for k in range(1, steps_logged + 1):
         t = tokens * k / steps_logged
-        lines.append({"kind": "train", "step": k, "tokens": t, "flops": t * fpt, "loss": loss + 1.0 / k,
-                      "lr": lr * (1 - 0.8 * k / steps_logged)})
+        lines.append({"kind": "train", "step": math.ceil(steps * k / steps_logged), "tokens": t, "flops": t * fpt,
+                      "loss": loss + 1.0 / k, "lr": lr * (1 - 0.8 * k / steps_logged)})
     lines.append({"kind": "eval", "step": steps, "tokens": tokens, "flops": tokens * fpt, "val_loss": loss})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (run_dir / "final").mkdir()
@@ -62,9 +67,10 @@ def write_run(run_dir: Path, cfg, C: float, fpt: float, loss: float, lr: float, 
 
 
 def make_sweep(out_dir: Path, laws: dict[str, LossLaw] | None = None, *, noise: float = 0.0, seed: int = 0,
-               tune: bool = False, budgets=BUDGETS, finished: float = 1.0) -> dict:
+               tune: bool = False, budgets=BUDGETS, finished: float = 1.0, flat_n: bool = False) -> dict:
     """A sweep directory's runs and the sweep document (sweep.toml's content, as read_sweep returns it).
-    laws: {variant label: law}; {"": LAW} by default; labels "rope_theta=V" make a --compare design."""
+    laws: {variant label: law}; {"": LAW} by default; labels "rope_theta=V" make a --compare design.
+    flat_n: every loss as if N were 1e6 (the loss does not fall with N: no compute optimum)."""
     laws = laws or {"": LAW}
     rng = np.random.default_rng(seed)
     runs = []
@@ -75,10 +81,12 @@ def make_sweep(out_dir: Path, laws: dict[str, LossLaw] | None = None, *, noise: 
                 hp = hparams.hyperparameters_for(cfg, SPACE.seq_len, C / fpt, HP_LAW)
                 batch = int(hp["batch_tokens"])
                 steps = max(1, math.ceil(C / fpt / batch))
-                loss = float(law.loss(n, steps * batch)) * math.exp(noise * rng.standard_normal())
+                loss = float(law.loss(1e6 if flat_n else n, steps * batch)) * math.exp(noise * rng.standard_normal())
                 name = f"{label + '/' if label else ''}C{C:.3g}-L{cfg.n_layer}-H{cfg.n_embd}"
                 runs.append({"name": name, "variant": label, "kind": "isoflop", "budget": C, "N": n,
-                             "flops_per_token": fpt, "run_dir": f"runs/{name}", "_args": (cfg, C, fpt, loss, hp["peak_lr"], batch)})
+                             "flops_per_token": fpt, "run_dir": f"runs/{name}", "steps": steps,
+                             "config": {"train": {"global_batch_tokens": batch}},
+                             "_args": (cfg, C, fpt, loss, hp["peak_lr"], batch)})
             if tune and C <= budgets[-1]:
                 cfg, n, fpt = chosen[len(chosen) // 2]
                 lr0, b0 = HP_LAW.lr(C), HP_LAW.batch_tokens(C)
@@ -90,7 +98,8 @@ def make_sweep(out_dir: Path, laws: dict[str, LossLaw] | None = None, *, noise: 
                         loss = (float(law.loss(n, C / fpt)) + bowl) * math.exp(noise * rng.standard_normal())
                         name = f"{label + '/' if label else ''}tune-C{C:.3g}-lr{i}-b{j}"
                         runs.append({"name": name, "variant": label, "kind": "tune", "budget": C, "N": n,
-                                     "flops_per_token": fpt, "run_dir": f"runs/{name}",
+                                     "flops_per_token": fpt, "run_dir": f"runs/{name}", "steps": steps,
+                                     "config": {"train": {"global_batch_tokens": batch}},
                                      "_args": (cfg, C, fpt, loss, float(lr), batch)})
     for k, r in enumerate(runs):
         if k < finished * len(runs):

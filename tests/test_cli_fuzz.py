@@ -138,6 +138,7 @@ CASES = [
     ("sweep-fit-a-file", "sweep fit {ws}/a_file"),
     ("sweep-fit-nan-budget", "sweep fit {ws}/a_dir --budget nan"),
     ("sweep-fit-bad-bootstrap", "sweep fit {ws}/a_dir --bootstrap -3"),
+    ("sweep-fit-nothing-finished", "sweep fit {ws}/sweep"),
     # plan
     ("plan-degenerate-law", "plan 1e21 --B 1e308 --beta 0.0001"),
     ("plan-negative-budget", "plan -5"),

@@ -149,3 +149,29 @@ def test_scalelab_fit_writes_the_hyperparameter_law_and_fits_the_loss_law_on_the
     saved = json.loads(out.read_text())
     # the grids' mistuned runs are not in the loss law: it is the epoch law
     assert saved["alpha"] == pytest.approx(law.alpha, rel=0.02) and saved["beta"] == pytest.approx(law.beta, rel=0.02)
+
+
+def test_a_fixed_batch_replaces_the_laws_and_the_warmup_follows_it():
+    hp = hparams.hyperparameters(1e15, tokens=1e7, seq_len=128, batch_tokens=256 * 128)
+    assert hp["batch_tokens"] == 256 * 128
+    assert hp["warmup_steps"] == max(1, int(0.1 * math.ceil(1e7 / (256 * 128))))
+
+
+def test_a_grid_at_one_budget_warns_and_the_loss_law_is_still_fitted(tmp_path, cli):
+    import numpy as np
+
+    from scalelab.scaling.laws import LAWS
+
+    law = LAWS["epoch"]
+    rows = [(n, c / (6 * n), float(law.loss(n, c / (6 * n))), c, 1e-3, 1e5)
+            for c in (1e18, 1e19, 1e20) for n in law.optimal_n(c) * np.geomspace(1 / 4, 4, 6)]
+    C, _, lr, batch, loss = synthetic_grid(budgets=(1e19,))
+    n = float(law.optimal_n(1e19))
+    rows += [(n, 1e19 / (6 * n), float(law.loss(n, 1e19 / (6 * n))) + l - loss.min(), c, a, b)
+             for c, a, b, l in zip(C, lr, batch, loss)]
+    path = tmp_path / "runs.csv"
+    path.write_text("N,D,loss,flops,lr,batch_tokens\n" + "".join(",".join(map(repr, map(float, r))) + "\n" for r in rows))
+    r = cli("fit", path, "--out", tmp_path / "law.json")
+    assert r.returncode == 0, r.stderr
+    assert "no hyperparameter law fitted" in r.stderr and "at 2 or more budgets" in r.stderr
+    assert hparams.hyperparameter_law_from_file(tmp_path / "law.json") is None

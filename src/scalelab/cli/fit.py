@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                        non_embedding=args.non_embedding)
     runs = F.drop_highest_loss(runs, args.drop_highest_loss)
     grids = F.hyperparameter_grids(runs)
-    hyper = F.fit_hyperparameters(runs, grids) if grids else None  # UserError: grids at one budget only
+    hyper, hyper_warnings = F.fit_hyperparameters(runs, grids)
     runs = F.best_of_grids(runs, grids)
     if budget is None:
         budget = float(runs.C.max())
@@ -157,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         fit = F.fit_approach3(runs, delta=args.huber_delta)
     summary = F.summarize(fit, budget, runs)  # NoOptimum (exit 2) when a term vanished
+    for message in hyper_warnings:
+        _warn(message)
     if hyper is not None:
-        for message in hyper["warnings"]:
-            _warn(message)
         summary["hyperparameters"] = {"law": hyper["law"].to_dict(), "budgets": hyper["budgets"],
                                       "lr_exponent_stderr": hyper["lr"]["exponent_stderr"],
                                       "batch_exponent_stderr": hyper["batch_tokens"]["exponent_stderr"]}

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         from scalelab.sweep.report import write_report
 
         written += write_report(out_dir, result, doc["design"])
+    written += _write_laws(out_dir, result)
     content = jsonable(public(result))
     atomic_write_text(out_dir / FIT_FILE, json.dumps(content, indent=2) + "\n")
     written.append(FIT_FILE)
@@ -86,6 +87,27 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(result, out_dir, written)
     return 0
+
+
+def _write_laws(out_dir, result) -> list[str]:
+    """Each variant's fitted loss law, with its fitted hyperparameter law when grids gave one, as a law file
+    (OUT_DIR/law[-VARIANT].json) for `scalelab plan --law-file` and `sweep design --law-file`."""
+    from scalelab.scaling.laws import save_law
+    from scalelab.sweep.report import slug
+
+    names = []
+    for label, r in result["_results"].items():
+        name = f"law{slug(label)}.json"
+        extra = {"source": f"scalelab sweep fit ({r['runs']} runs of sweep {result['fingerprint']}"
+                           f"{', ' + label if label else ''})", "at_bounds": r["approach3"]["at_bounds"]}
+        if "bootstrap" in r["approach3"] and "stderr" in r["approach3"]["bootstrap"]:
+            extra["stderr"] = r["approach3"]["bootstrap"]["stderr"]
+        h = r["hyperparameter_law"]
+        if h["fitted"]:
+            extra["hyperparameters"] = {k: v for k, v in h.items() if k not in ("fitted", "budgets")}
+        save_law(r["_law"], out_dir / name, extra)
+        names.append(name)
+    return names
 
 
 def _print(result, out_dir, written) -> None:

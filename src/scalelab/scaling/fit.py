@@ -312,15 +312,21 @@ def best_of_grids(runs: Runs, grids: list[list[int]]) -> Runs:
     return runs.subset([i for i in range(len(runs)) if i not in drop])
 
 
-def fit_hyperparameters(runs: Runs, grids: list[list[int]], name: str = "fit") -> dict[str, Any] | None:
-    """hparams.fit_hyperparameter_law over the grids' runs (DeepSeek LLM's method); None without grids."""
+def fit_hyperparameters(runs: Runs, grids: list[list[int]], name: str = "fit") -> tuple[dict[str, Any] | None, list[str]]:
+    """hparams.fit_hyperparameter_law over the grids' runs (DeepSeek LLM's method) and its warnings; (None, [])
+    without grids, (None, [why]) when the grids cannot give a law (all at one budget): the loss law is still
+    fitted."""
     from scalelab.scaling.hparams import fit_hyperparameter_law
 
     if not grids:
-        return None
+        return None, []
     idx = np.array(sorted(i for g in grids for i in g))
     sub = runs.subset(idx)
-    return fit_hyperparameter_law(sub.C, sub.N, sub.lr, sub.batch, sub.loss, name=name)
+    try:
+        result = fit_hyperparameter_law(sub.C, sub.N, sub.lr, sub.batch, sub.loss, name=name)
+    except UserError as e:
+        return None, [f"no hyperparameter law fitted: {e}"]
+    return result, result["warnings"]
 
 
 def drop_highest_loss(runs: Runs, k: int) -> Runs:

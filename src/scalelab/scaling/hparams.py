@@ -146,7 +146,8 @@ def law_compute(law: HyperparameterLaw, cfg, seq_len: int, tokens: float) -> flo
 
 
 def hyperparameters(compute: float, law: HyperparameterLaw = DEFAULT, *, width: int | None = None,
-                    tokens: float | None = None, seq_len: int | None = None) -> dict[str, Any]:
+                    tokens: float | None = None, seq_len: int | None = None,
+                    batch_tokens: float | None = None) -> dict[str, Any]:
     """The law's hyperparameters at compute C (in the law's own convention, `law.compute`).
 
     Returns {peak_lr, batch_tokens, warmup, warmup_steps, schedule, min_lr, compute, compute_convention, law,
@@ -154,11 +155,12 @@ def hyperparameters(compute: float, law: HyperparameterLaw = DEFAULT, *, width: 
     least one). warmup is the trainer's train.warmup: whole steps when `tokens` (the run's length) is given,
     min(law.warmup_steps, max_warmup_fraction of the run's steps, at least 1), else the fraction
     max_warmup_fraction; warmup_steps is the step count or None. `width` (n_embd) is needed by a width rule.
+    `batch_tokens` fixes the batch instead of the law's (a sweep trained at one batch); the warmup follows it.
     """
     if isinstance(compute, bool) or not isinstance(compute, (int, float)) or not (math.isfinite(compute) and compute > 0):
         raise UserError(f"hyperparameters: the compute must be a positive number of FLOPs, got {compute!r}")
     lr = law.lr(float(compute), width)
-    batch = law.batch_tokens(float(compute))
+    batch = float(batch_tokens) if batch_tokens is not None else law.batch_tokens(float(compute))
     if seq_len is not None:
         batch = float(max(1, round(batch / seq_len)) * seq_len)
     warmup_steps = None
@@ -172,11 +174,12 @@ def hyperparameters(compute: float, law: HyperparameterLaw = DEFAULT, *, width: 
             "compute_convention": law.compute, "law": law.name, "source": law.source}
 
 
-def hyperparameters_for(cfg, seq_len: int, tokens: float, law: HyperparameterLaw = DEFAULT) -> dict[str, Any]:
+def hyperparameters_for(cfg, seq_len: int, tokens: float, law: HyperparameterLaw = DEFAULT, *,
+                        batch_tokens: float | None = None) -> dict[str, Any]:
     """hyperparameters() for a run of `cfg` on `tokens` tokens: converts to the law's C (law_compute), rounds
     the batch to whole sequences, and gives the warmup in steps."""
     return hyperparameters(law_compute(law, cfg, seq_len, tokens), law, width=cfg.n_embd, tokens=tokens,
-                           seq_len=seq_len)
+                           seq_len=seq_len, batch_tokens=batch_tokens)
 
 
 def hyperparameter_law_from_dict(data: dict[str, Any], where: str = "hyperparameter law") -> HyperparameterLaw:

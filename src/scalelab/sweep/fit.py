@@ -1,7 +1,7 @@
 """`scalelab sweep fit OUT_DIR`: fit a finished (or partly finished) sweep and extrapolate.
 
 For each variant of the design (one, or one per `--compare` value):
-- the runs: every finished run of the variant (RUN/final/model.safetensors) but the WSD stable trunks;
+- the runs: every finished run of the variant (done, as `sweep status` says) but the WSD stable trunks;
   N = total parameters, D = tokens and C = exact training FLOPs logged at the final evaluation, loss = that
   evaluation's val_loss; learning-rate x batch grids (sweep design --tune-lr) are found by
   hparams.grid_groups, fitted as hyperparameter laws (DeepSeek LLM's method) and reduced to their best run;
@@ -32,6 +32,7 @@ from scalelab.errors import UserError
 from scalelab.scaling import fit as F
 from scalelab.scaling.hparams import (HyperparameterLaw, hyperparameter_law_from_dict, hyperparameters_for)
 from scalelab.scaling.laws import LossLaw
+from scalelab.sweep.execute import run_progress
 
 FIT_FILE = "fit.json"
 REPORT_FILE = "report.md"
@@ -39,14 +40,11 @@ FORMAT = 1
 DEFAULT_EXTRAPOLATION = 10.0  # the default target budget: this times the largest budget
 DEFAULT_BOOTSTRAP = 200
 COMPARE_SPACE_FIELDS = {"style": "style", "num_key_value_heads": "kv_heads", "kv_heads": "kv_heads"}
+NO_FLOOR = 0.01  # E below this fraction of the lowest run loss: the fit found no irreducible loss
 NOT_FIT_KINDS = ("stable",)  # WSD trunks: constant learning rate, no decay; their branches are the points
 
 
 # ---- reading the sweep -----------------------------------------------------------------------------
-
-def run_finished(run_dir: Path) -> bool:
-    return (run_dir / "final" / "model.safetensors").is_file()
-
 
 def read_curves(run_dir: Path) -> dict[str, list[float]]:
     """The training records of RUN/metrics.jsonl as lists: step, tokens, loss, lr (for the plots)."""
@@ -72,7 +70,7 @@ def collect(out_dir: Path, doc: dict[str, Any]) -> dict[str, Any]:
         if run.get("kind") in NOT_FIT_KINDS:
             continue
         run_dir = out_dir / run["run_dir"]
-        if not run_finished(run_dir):
+        if run_progress(out_dir, run)["state"] != "done":  # as `sweep status` says
             unfinished.append(run["name"])
             continue
         n, d, loss, c, _ = F.read_run_dir(run_dir)
@@ -112,16 +110,20 @@ def grown_range(text: str) -> tuple[int, ...]:
     return tuple(range(lo, GROW * hi + 1, step))
 
 
-def search_space(design: dict[str, Any], label: str):
-    """The design's search space for one variant (width and depth ranges grown, grown_range), and the model
-    fields the variant sets outside the space ({} for none)."""
+def search_space(design: dict[str, Any], label: str, models: list[dict[str, Any]] = ()):
+    """The design's search space for one variant (width and depth ranges grown, grown_range; its --max-tokens
+    and --max-params kept), and the model fields the variant sets outside the space ({} for none). A style variant's KV heads are those its runs
+    (`models`: their [model] tables) trained with (MHA when every run has as many as query heads), and its
+    FFN ratio the style's."""
     from scalelab.scaling.search import SearchSpace
 
     d = design["space"]
     kw: dict[str, Any] = {"style": d["style"], "head_dims": tuple(d["head_dims"]), "seq_len": int(d["seq_len"]),
                           "hidden": grown_range(str(d["hidden"])), "layers": grown_range(str(d["layers"])),
                           "vocab_size": int(d["vocab_size"]), "ffn_ratio": float(d["ffn_ratio"]),
-                          "aspect": tuple(d["aspect"]) if d.get("aspect") else None}
+                          "aspect": tuple(d["aspect"]) if d.get("aspect") else None,
+                          # the design's data and size limits hold for the extrapolation too (one pass over the data)
+                          "max_tokens": d.get("max_tokens"), "max_params": d.get("max_params")}
     if d.get("kv_heads") == "MHA":
         kw["mha"] = True
     elif d.get("kv_heads"):
@@ -134,8 +136,10 @@ def search_space(design: dict[str, Any], label: str):
         if field in COMPARE_SPACE_FIELDS:
             key = COMPARE_SPACE_FIELDS[field]
             if key == "style":
-                kw["style"] = str(value)
-                kw.pop("ffn_ratio")  # the style's own
+                kv = {int(m["num_key_value_heads"]) for m in models}
+                mha = bool(models) and all(m["num_key_value_heads"] == m["n_head"] for m in models)
+                kw.update(style=str(value), mha=mha, kv_heads=None if mha or not kv else tuple(sorted(kv)))
+                kw.pop("ffn_ratio")
             else:
                 kw["kv_heads"], kw["mha"] = (int(value),), False
         else:
@@ -158,21 +162,27 @@ def prediction_interval(laws: list[LossLaw], residuals: np.ndarray, N: float, D:
     return [float(lo), float(hi)]
 
 
-def _recommend(law: LossLaw, hp_law: HyperparameterLaw, design: dict[str, Any], label: str, target: float):
+def _recommend(law: LossLaw, hp_law: HyperparameterLaw, design: dict[str, Any], label: str, target: float,
+               models: list[dict[str, Any]]):
     """The planner's best shape at the target under the fitted law, its tokens and hyperparameters."""
     from scalelab import counting
     from scalelab.config import ModelConfig
     from scalelab.scaling.search import search
 
-    space, fields = search_space(design, label)
-    result = search(target, law, space, top=1)
+    space, fields = search_space(design, label, models)
+    try:
+        result = search(target, law, space, top=1)
+    except UserError as e:
+        raise UserError(f"no recommendation at C = {target:.3g} under the fitted law "
+                        f"{law.E:.4g} + {law.A:.4g}/N^{law.alpha:.3g} + {law.B:.4g}/D^{law.beta:.3g}: {e}") from None
     best = result.best
     cfg = ModelConfig(**best["config"])
     if fields:  # a field outside the search space: the planner's shape with it set (parsed as --set would)
         cfg = cfg.with_overrides([f"{k}={v}" for k, v in fields.items()])
     seq = space.seq_len
     fpt = float(counting.training_flops_per_token(cfg, seq))
-    hp = hyperparameters_for(cfg, seq, target / fpt, hp_law)
+    # a sweep trained at a fixed batch (--batch-tokens) extrapolates at that batch
+    hp = hyperparameters_for(cfg, seq, target / fpt, hp_law, batch_tokens=design.get("batch_tokens"))
     batch = int(hp["batch_tokens"])
     steps = max(1, math.ceil(target / fpt / batch))
     N = float(counting.count_params(cfg).total)
@@ -185,21 +195,31 @@ def _recommend(law: LossLaw, hp_law: HyperparameterLaw, design: dict[str, Any], 
 
 
 def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float, *, bootstrap: int,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, models: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """Approach 3 + bootstrap, Approach 2, hyperparameter laws and the recommendation for one variant."""
     warnings: list[str] = []
     grids = F.hyperparameter_grids(runs)
-    hyper = F.fit_hyperparameters(runs, grids, name=f"fit{' ' + label if label else ''}") if grids else None
+    hyper, hyper_warnings = F.fit_hyperparameters(runs, grids, name=f"fit{' ' + label if label else ''}")
+    warnings += hyper_warnings
+    grid_runs = [runs.subset(g) for g in grids]
     runs = F.best_of_grids(runs, grids)
     if hyper is not None:
-        warnings += hyper["warnings"]
         hp_law = hyper["law"]
     else:
         hp_law = hyperparameter_law_from_dict(design["hparams"], where="the design's hyperparameter law")
     fit3 = F.fit_approach3(runs)
     law = fit3.law
+    name = f"variant {label}: " if label else ""
+    try:
+        F.compute_optimum(law, target, runs)  # NoOptimum: a term vanished, nothing to extrapolate
+    except F.NoOptimum as e:
+        raise UserError(f"{name}{e} (see the runs: scalelab fit RUN_DIRS --plot runs.png)") from None
     for bound in fit3.at_bounds:
         warnings.append(f"Approach 3: {bound} is at its bound; the runs do not pin that exponent down")
+    if law.E < NO_FLOOR * float(runs.loss.min()):
+        warnings.append(f"Approach 3: E = {law.E:.3g}, no irreducible loss: the law falls toward 0 with scale, so "
+                        "the extrapolation is optimistic; the runs are too far from their floor to measure it "
+                        "(larger budgets)")
     logres = np.log(runs.loss) - np.log(law.loss(runs.N, runs.D))
     out: dict[str, Any] = {
         "runs": len(runs), "run_names": list(runs.source),
@@ -225,7 +245,7 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
     except UserError as e:
         out["approach2"] = {"error": str(e)}
         warnings.append(f"Approach 2 not fitted: {e}")
-    rec = _recommend(law, hp_law, design, label, target)
+    rec = _recommend(law, hp_law, design, label, target, models)
     rec["loss_interval_95"] = prediction_interval(laws, logres, rec["N"], rec["D"], seed=seed)
     warnings += [f"recommendation: {w}" for w in rec["planner_warnings"]]
     if laws:
@@ -241,38 +261,49 @@ def fit_variant(runs: F.Runs, design: dict[str, Any], label: str, target: float,
         out["extrapolation"] = target / largest
     out["warnings"] = warnings
     out["_law"], out["_laws"], out["_runs"], out["_fit3"] = law, laws, runs, fit3
+    out["_grids"], out["_hp_law"], out["_models"] = grid_runs, hp_law, models
     return out
 
 
 # ---- A/B --------------------------------------------------------------------------------------------
 
 def compare_variants(results: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
-    """Which variant predicts the lower loss at the target, by how much, and whether the bootstrap interval
-    of the difference (independent resamples of each variant's runs) excludes zero."""
-    (a, ra), (b, rb) = list(results.items())[:2]
-    la, lb = ra["recommendation"]["loss"], rb["recommendation"]["loss"]
-    winner, loser = (a, b) if la <= lb else (b, a)
-    diff = abs(la - lb)
-    out: dict[str, Any] = {"variants": [a, b], "winner": winner, "loser": loser, "loss": {a: la, b: lb},
-                           "difference": diff, "relative": diff / max(la, lb)}
-    sa, sb = ra.get("_law_losses"), rb.get("_law_losses")
-    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
-        out.update(distinguishable=None, verdict=f"{winner} predicts the lower loss by {diff:.4f} nats; no bootstrap "
-                   "intervals (run with --bootstrap K) to say whether that exceeds the noise")
-        return out
+    """Which variant predicts the lowest loss at the target, by how much over the runner-up (the `loser`; every
+    other variant under `others`), and whether the bootstrap interval of each difference (independent resamples
+    of each variant's runs) excludes zero."""
+    losses = {label: r["recommendation"]["loss"] for label, r in results.items()}
+    ranked = sorted(losses, key=losses.get)
+    winner = ranked[0]
     rng = np.random.default_rng(seed)
-    k = max(len(sa), len(sb))
-    d = rng.choice(sb if winner == a else sa, k) - rng.choice(sa if winner == a else sb, k)  # loser - winner
-    lo, hi = (float(v) for v in np.percentile(d, [2.5, 97.5]))
-    out["difference_interval_95"] = [lo, hi]
-    out["distinguishable"] = bool(lo > 0)
-    if out["distinguishable"]:
-        out["verdict"] = (f"{winner} wins at C = {ra['recommendation']['C']:.3g}: predicted loss {diff:.4f} nats "
-                          f"({100 * out['relative']:.2f}%) lower than {loser}; the 95% interval of the difference "
-                          f"[{lo:.4f}, {hi:.4f}] excludes zero")
+    sw = results[winner].get("_law_losses")
+    others = []
+    for label in ranked[1:]:
+        diff = losses[label] - losses[winner]
+        row: dict[str, Any] = {"variant": label, "difference": diff, "relative": diff / losses[label],
+                               "difference_interval_95": None, "distinguishable": None}
+        sl = results[label].get("_law_losses")
+        if sw is not None and sl is not None and len(sw) >= 2 and len(sl) >= 2:
+            k = max(len(sw), len(sl))
+            d = rng.choice(sl, k) - rng.choice(sw, k)  # this variant - the winner
+            lo, hi = (float(v) for v in np.percentile(d, [2.5, 97.5]))
+            row.update(difference_interval_95=[lo, hi], distinguishable=bool(lo > 0))
+        others.append(row)
+    first = others[0]
+    C = results[winner]["recommendation"]["C"]
+    out: dict[str, Any] = {"variants": list(results), "winner": winner, "loser": first["variant"], "loss": losses,
+                           **{k: first[k] for k in ("difference", "relative", "difference_interval_95",
+                                                    "distinguishable")}, "others": others}
+    diff, iv = first["difference"], first["difference_interval_95"]
+    if iv is None:
+        out["verdict"] = (f"{winner} predicts the lowest loss at C = {C:.3g}, {diff:.4f} nats below {first['variant']}; "
+                          "no bootstrap intervals (run with --bootstrap K) to say whether that exceeds the noise")
+    elif first["distinguishable"]:
+        out["verdict"] = (f"{winner} wins at C = {C:.3g}: predicted loss {diff:.4f} nats ({100 * first['relative']:.2f}%) "
+                          f"lower than {first['variant']}; the 95% interval of the difference [{iv[0]:.4f}, {iv[1]:.4f}] "
+                          "excludes zero")
     else:
-        out["verdict"] = (f"not distinguishable: {winner} predicts {diff:.4f} nats lower than {loser}, but the 95% "
-                          f"interval of the difference [{lo:.4f}, {hi:.4f}] includes zero")
+        out["verdict"] = (f"not distinguishable: {winner} predicts {diff:.4f} nats lower than {first['variant']} at "
+                          f"C = {C:.3g}, but the 95% interval of the difference [{iv[0]:.4f}, {iv[1]:.4f}] includes zero")
     return out
 
 
@@ -306,7 +337,9 @@ def fit_sweep(out_dir: str | Path, doc: dict[str, Any], *, budget: float | None 
         if problem is not None:
             raise UserError(f"{out_dir}: {name}the {len(runs)} finished runs cannot determine a law yet: {problem} "
                             f"({len(got['unfinished'])} runs unfinished: `scalelab sweep run {out_dir}`)")
-        results[label] = fit_variant(runs, design, label, target, bootstrap=bootstrap, seed=seed)
+        models = [r["config"]["model"] for r in doc["runs"]
+                  if r.get("variant", "") == label and "model" in r.get("config", {})]
+        results[label] = fit_variant(runs, design, label, target, bootstrap=bootstrap, seed=seed, models=models)
     warnings = []
     if got["unfinished"]:
         warnings.append(f"{len(got['unfinished'])} runs are unfinished and left out: "

@@ -7,10 +7,12 @@
                           --compare, both variants' frontiers on one plot
   residuals.png           measured / predicted loss of every run against N and D
   curves.png              each run's training loss and learning rate against tokens (colour = budget)
+  learning-rates.png      with learning-rate x batch grids: final loss against lr per grid, fitted eta_opt
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,12 @@ import numpy as np
 from scalelab.units import format_count
 
 FRONTIER_POINTS = 9
+COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray",
+          "tab:olive", "tab:cyan")  # one per variant, cycled
 
 
-def _slug(label: str) -> str:
-    return "-" + re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-") if label else ""
+def slug(label: str) -> str:
+    return "-" + re.sub(r"[^A-Za-z0-9._]+", "-", label).strip("-") if label else ""
 
 
 def _pyplot():
@@ -42,13 +46,13 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
 
 
-def frontier(law, laws, design: dict[str, Any], label: str, budgets: np.ndarray) -> dict[str, np.ndarray]:
+def frontier(law, laws, design: dict[str, Any], label: str, budgets: np.ndarray, models=()) -> dict[str, np.ndarray]:
     """The planner's best predicted loss at each budget under `law` (exact FLOPs), and the bootstrap laws'
     2.5/97.5 percentiles at the same shapes."""
     from scalelab.scaling.search import search
     from scalelab.sweep.fit import search_space
 
-    space, _ = search_space(design, label)
+    space, _ = search_space(design, label, models)
     N, D, L = [], [], []
     for c in budgets:
         best = search(float(c), law, space, top=1).best
@@ -65,9 +69,8 @@ def plot_frontier(result: dict[str, Any], design: dict[str, Any], path: Path) ->
     fig, ax = plt.subplots(figsize=(8, 5))
     target = result["budget"]
     budgets = np.geomspace(min(design["budgets"]) / 1.5, target * 1.5, FRONTIER_POINTS)
-    colors = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
-    for (label, r), col in zip(result["_results"].items(), colors):
-        fr = frontier(r["_law"], r["_laws"], design, label, budgets)
+    for (label, r), col in zip(result["_results"].items(), itertools.cycle(COLORS)):
+        fr = frontier(r["_law"], r["_laws"], design, label, budgets, r["_models"])
         name = label or "fitted law"
         ax.plot(fr["C"], fr["loss"], color=col, lw=2, label=f"{name}: best predicted loss (planner's shapes)")
         if "lo" in fr:
@@ -92,7 +95,7 @@ def plot_frontier(result: dict[str, Any], design: dict[str, Any], path: Path) ->
 def plot_residuals(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for (label, r), col in zip(result["_results"].items(), ["tab:blue", "tab:red", "tab:green", "tab:purple"]):
+    for (label, r), col in zip(result["_results"].items(), itertools.cycle(COLORS)):
         runs, law = r["_runs"], r["_law"]
         ratio = runs.loss / law.loss(runs.N, runs.D) - 1
         for ax, x, name in ((axes[0], runs.N, "parameters N"), (axes[1], runs.D, "tokens D")):
@@ -138,6 +141,31 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def plot_learning_rates(result: dict[str, Any], path: Path) -> bool:
+    """Final loss against peak learning rate in each learning-rate x batch grid (the best batch at each lr),
+    with the fitted eta_opt(C) marked; False when the sweep had no grids."""
+    grids = [(label, g, r["_hp_law"]) for label, r in result["_results"].items() for g in r["_grids"]]
+    if not grids:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(grids)))
+    for (label, g, law), col in zip(grids, colors):
+        lrs = np.unique(g.lr)
+        best = [g.loss[g.lr == lr].min() for lr in lrs]
+        c = float(np.exp(np.log(g.C).mean()))
+        ax.plot(lrs, best, "o-", color=col, ms=4, label=f"{label + ', ' if label else ''}C = {c:.3g}")
+        ax.axvline(law.lr(c), color=col, ls="--", lw=1)
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final loss (best batch at each lr)",
+           title="learning-rate curves of the grids (dashed: fitted eta_opt(C))")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
 def write_plots(out_dir: Path, result: dict[str, Any], design: dict[str, Any]) -> list[str]:
     """Every PNG of the report into OUT_DIR; their file names."""
     from scalelab.scaling import fit as F
@@ -146,10 +174,10 @@ def write_plots(out_dir: Path, result: dict[str, Any], design: dict[str, Any]) -
     for label, r in result["_results"].items():
         runs = r["_runs"]
         if "_isoflop" in r:
-            name = f"isoflop{_slug(label)}.png"
+            name = f"isoflop{slug(label)}.png"
             F.plot_isoflop(runs, r["_isoflop"], out_dir / name)
             names.append(name)
-        name = f"surface{_slug(label)}.png"
+        name = f"surface{slug(label)}.png"
         F.plot_approach3(runs, r["_fit3"], out_dir / name, budget=result["budget"])
         names.append(name)
     plot_frontier(result, design, out_dir / "frontier.png")
@@ -157,6 +185,8 @@ def write_plots(out_dir: Path, result: dict[str, Any], design: dict[str, Any]) -
     names += ["frontier.png", "residuals.png"]
     if plot_curves(result["_curves"], out_dir / "curves.png"):
         names.append("curves.png")
+    if plot_learning_rates(result, out_dir / "learning-rates.png"):
+        names.append("learning-rates.png")
     return names
 
 
@@ -178,7 +208,7 @@ def report_markdown(result: dict[str, Any], design: dict[str, Any], images: list
     hp = rec["hyperparameters"]
     lines += ["## Recommendation", "",
               f"At **C = {target:.3g} FLOPs** ({target / result['largest_budget']:.3g}x the largest budget): "
-              f"**{rec['name']}** ({rec['n_layer']} layers x {rec['n_embd']} wide, {rec['n_head']} heads, "
+              f"**{rec['name']}** ({rec['n_layer']} layer{'s' if rec['n_layer'] > 1 else ''} x {rec['n_embd']} wide, {rec['n_head']} heads, "
               f"{rec['num_key_value_heads']} KV heads), N = {format_count(rec['N'])} parameters, "
               f"D = {format_count(rec['D'])} tokens ({rec['tokens_per_param']:.1f} tokens/param), "
               f"predicted loss **{rec['loss']:.4f}** (95% prediction interval {_interval(rec.get('loss_interval_95'))}).",
@@ -213,10 +243,14 @@ def report_markdown(result: dict[str, Any], design: dict[str, Any], images: list
                       f"{se(a2['N_opt'])}, D_opt ∝ C^{a2['D_opt']['exponent']:.3f}{se(a2['D_opt'])}; at the target "
                       f"N_opt {format_count(at['N_opt'])}, D_opt {format_count(at['D_opt'])} "
                       f"(Approach 3's planner: N {format_count(v['recommendation']['N'])}, "
-                      f"D {format_count(v['recommendation']['D'])}).", ""]
+                      f"D {format_count(v['recommendation']['D'])})."]
+            lines += [f"Approach 2 skipped C = {p['C']:.3g} ({p['runs']} runs): {p['why']}." for p in a2["skipped"]]
+            lines.append("")
         h = v["hyperparameter_law"]
-        lines += [f"Hyperparameter law ({'fitted to the learning-rate x batch grids' if h['fitted'] else 'the design' + chr(39) + 's, not fitted'}): "
-                  f"eta_opt = {h['lr']['coef']:.4g} C^{h['lr']['exponent']:.4f}, "
+        origin = "fitted to the learning-rate x batch grids" if h["fitted"] else "the design's, not fitted"
+        lr = (f"lr = {h['base_lr']:g} x {h['base_width']} / n_embd" if h.get("kind") == "width" else
+              f"eta_opt = {h['lr']['coef']:.4g} C^{h['lr']['exponent']:.4f}")
+        lines += [f"Hyperparameter law ({origin}; C = {h['compute']} FLOPs): {lr}, "
                   f"B_opt = {h['batch_tokens']['coef']:.4g} C^{h['batch_tokens']['exponent']:.4f} tokens.", ""]
     lines += ["## Warnings", ""]
     lines += [f"- {w}" for w in result["warnings"]] or ["- none"]
