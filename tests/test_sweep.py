@@ -253,3 +253,25 @@ def test_design_with_hardware_and_status_import_no_torch(tmp_path, data_dir):
     assert heavy_modules_loaded(argv) == []
     assert (out / "sweep.toml").is_file()
     assert heavy_modules_loaded(["sweep", "status", str(out)]) == []
+
+
+def test_tune_lr_adds_the_grids_sweep_fit_fits_hyperparameter_laws_to(tmp_path, data_dir):
+    from scalelab.scaling.hparams import grid_groups
+
+    result = design(tmp_path / "t", data_dir, "--points", "3", "--tune-lr", budgets="2e9,4e9,8e9")
+    runs = result["runs"]
+    tune = [r for r in runs if r["kind"] == "tune"]
+    assert sorted({r["budget"] for r in tune}) == [2e9, 4e9]  # the two smallest budgets
+    grids = grid_groups([r["flops"] for r in runs], [r["N"] for r in runs],
+                        [r["config"]["train"]["lr"] for r in runs],
+                        [r["config"]["train"]["global_batch_tokens"] for r in runs])
+    assert len(grids) == 2 and all(len(g) == 9 for g in grids)  # 3 x 3 each: the point's own run and 8 more
+    for g in grids:
+        base = next(runs[i] for i in g if runs[i]["kind"] == "isoflop")
+        lrs = sorted({runs[i]["config"]["train"]["lr"] / base["config"]["train"]["lr"] for i in g})
+        batch = base["config"]["train"]["global_batch_tokens"]
+        batches = sorted({runs[i]["config"]["train"]["global_batch_tokens"] / batch for i in g})
+        assert lrs == pytest.approx([0.5, 1, 2]) and batches == pytest.approx([0.5, 1, 2])
+        for i in g:
+            r = runs[i]
+            assert r["tokens_exact"] * r["flops_per_token"] == pytest.approx(r["budget"], rel=1e-12)
