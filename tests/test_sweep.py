@@ -275,3 +275,17 @@ def test_tune_lr_adds_the_grids_sweep_fit_fits_hyperparameter_laws_to(tmp_path, 
         for i in g:
             r = runs[i]
             assert r["tokens_exact"] * r["flops_per_token"] == pytest.approx(r["budget"], rel=1e-12)
+
+
+def test_a_run_of_several_processes_trains_under_torchrun_inside_its_job(tmp_path, data_dir):
+    """--gpus-per-run G: the job launches `torchrun --nproc-per-node G` (on a CPU: G gloo ranks)."""
+    from scalelab.train.checkpoint import latest_checkpoint, load_trainer_state
+
+    out = tmp_path / "s"
+    result = design(out, data_dir, "--points", "2", budgets="8e8")
+    r = cli("sweep", "run", out, "--gpus-per-run", "2", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    for run in result["runs"]:
+        state = load_trainer_state(latest_checkpoint(out / run["run_dir"]))
+        assert state["world_size"] == 2 and state["step"] == run["steps"]
+        assert (out / "jobs" / f"{run['name']}.toml").is_file()  # the config torchrun's ranks read

@@ -365,6 +365,11 @@ def run_run(args) -> int:
         raise UserError(f"{out} was designed without --data; design it again with --data DIR")
     if not (Path(doc["design"]["data_dir"]) / "meta.json").is_file():
         raise UserError(f"the sweep's data {doc['design']['data_dir']} is gone (no meta.json); prepare it there again")
+    from scalelab.sweep.execute import split_problem
+
+    for run in doc["runs"]:
+        if args.gpus_per_run > 1 and (why := split_problem(run, args.gpus_per_run)) is not None:
+            raise UserError(f"--gpus-per-run {args.gpus_per_run}: {why}")
     slurm = _slurm_params(args.slurm)
     threads = args.threads
     if threads == 0 and args.executor == "local":
