@@ -259,6 +259,7 @@ CASES = [
     ("sweep-run-not-a-sweep", "sweep run {ws}/a_dir"),
     ("sweep-run-bad-executor", "sweep run {ws}/sweep --executor pbs"),
     ("sweep-run-zero-parallel", "sweep run {ws}/sweep --parallel 0"),
+    ("sweep-run-batch-does-not-split", "sweep run {ws}/sweep --gpus-per-run 3"),
     ("sweep-run-dry-run-local", "sweep run {ws}/sweep --dry-run"),
     ("sweep-run-bad-slurm-key", "sweep run {ws}/sweep --executor slurm --dry-run --slurm no_such_key=1"),
     ("sweep-status-missing", "sweep status {ws}/no_such"),

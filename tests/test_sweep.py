@@ -243,3 +243,49 @@ def test_verify_trains_the_recommendation_and_compares_the_loss(tmp_path, data_d
     assert v["extrapolation"] == pytest.approx(10.0)
     assert "n_layer = 2" in (run_dir / "config.toml").read_text()
     assert json.loads((out / "verify.json").read_text())["measured"] == measured
+
+
+def test_design_with_hardware_and_status_import_no_torch(tmp_path, data_dir):
+    from conftest import heavy_modules_loaded
+
+    out = tmp_path / "s"
+    argv = ["sweep", "design", str(out), "--budgets", "4e8,8e8", "--data", str(data_dir), *SPACE]
+    assert heavy_modules_loaded(argv) == []
+    assert (out / "sweep.toml").is_file()
+    assert heavy_modules_loaded(["sweep", "status", str(out)]) == []
+
+
+def test_tune_lr_adds_the_grids_sweep_fit_fits_hyperparameter_laws_to(tmp_path, data_dir):
+    from scalelab.scaling.hparams import grid_groups
+
+    result = design(tmp_path / "t", data_dir, "--points", "3", "--tune-lr", budgets="2e9,4e9,8e9")
+    runs = result["runs"]
+    tune = [r for r in runs if r["kind"] == "tune"]
+    assert sorted({r["budget"] for r in tune}) == [2e9, 4e9]  # the two smallest budgets
+    grids = grid_groups([r["flops"] for r in runs], [r["N"] for r in runs],
+                        [r["config"]["train"]["lr"] for r in runs],
+                        [r["config"]["train"]["global_batch_tokens"] for r in runs])
+    assert len(grids) == 2 and all(len(g) == 9 for g in grids)  # 3 x 3 each: the point's own run and 8 more
+    for g in grids:
+        base = next(runs[i] for i in g if runs[i]["kind"] == "isoflop")
+        lrs = sorted({runs[i]["config"]["train"]["lr"] / base["config"]["train"]["lr"] for i in g})
+        batch = base["config"]["train"]["global_batch_tokens"]
+        batches = sorted({runs[i]["config"]["train"]["global_batch_tokens"] / batch for i in g})
+        assert lrs == pytest.approx([0.5, 1, 2]) and batches == pytest.approx([0.5, 1, 2])
+        for i in g:
+            r = runs[i]
+            assert r["tokens_exact"] * r["flops_per_token"] == pytest.approx(r["budget"], rel=1e-12)
+
+
+def test_a_run_of_several_processes_trains_under_torchrun_inside_its_job(tmp_path, data_dir):
+    """--gpus-per-run G: the job launches `torchrun --nproc-per-node G` (on a CPU: G gloo ranks)."""
+    from scalelab.train.checkpoint import latest_checkpoint, load_trainer_state
+
+    out = tmp_path / "s"
+    result = design(out, data_dir, "--points", "2", budgets="8e8")
+    r = cli("sweep", "run", out, "--gpus-per-run", "2", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    for run in result["runs"]:
+        state = load_trainer_state(latest_checkpoint(out / run["run_dir"]))
+        assert state["world_size"] == 2 and state["step"] == run["steps"]
+        assert (out / "jobs" / f"{run['name']}.toml").is_file()  # the config torchrun's ranks read

@@ -90,6 +90,9 @@ def _register_design(verbs) -> None:
                      "fitted hyperparameters")
     law.add_argument("--batch-tokens", type=int, default=None, help="a fixed global batch (tokens) for every run "
                      "instead of the law's")
+    law.add_argument("--tune-lr", action="store_true", help="add a learning-rate x batch grid (0.5, 1, 2 x the "
+                     "law's each) at the two smallest budgets, on the shape nearest the optimum: `sweep fit` fits "
+                     "hyperparameter laws to them (DeepSeek LLM's method)")
     w = d.add_argument_group("WSD and A/B")
     w.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: each branch's decay, as a fraction of "
                    "its length (rounded up to the stable run's checkpoint grid)")
@@ -186,7 +189,8 @@ def build_spec(args):
     spec = Spec(budgets=budgets, space=space, law=law, hparams=_hparams_law(args, args.law_file),
                 data_dir=str(Path(args.data).resolve()) if args.data else "", points=args.points,
                 method=args.method, spread_dex=args.spread, decay_fraction=args.decay_fraction,
-                decay_shape=args.decay_shape, batch_tokens=args.batch_tokens, compare=_compare(args.compare),
+                decay_shape=args.decay_shape, batch_tokens=args.batch_tokens, tune_lr=args.tune_lr,
+                compare=_compare(args.compare),
                 overrides=tuple(args.overrides))
     if args.decay_shape not in ("linear", "cosine", "1-sqrt"):
         raise UserError(f"--decay-shape must be linear, cosine or 1-sqrt, got {args.decay_shape!r}")
@@ -361,6 +365,11 @@ def run_run(args) -> int:
         raise UserError(f"{out} was designed without --data; design it again with --data DIR")
     if not (Path(doc["design"]["data_dir"]) / "meta.json").is_file():
         raise UserError(f"the sweep's data {doc['design']['data_dir']} is gone (no meta.json); prepare it there again")
+    from scalelab.sweep.execute import split_problem
+
+    for run in doc["runs"]:
+        if args.gpus_per_run > 1 and (why := split_problem(run, args.gpus_per_run)) is not None:
+            raise UserError(f"--gpus-per-run {args.gpus_per_run}: {why}")
     slurm = _slurm_params(args.slurm)
     threads = args.threads
     if threads == 0 and args.executor == "local":

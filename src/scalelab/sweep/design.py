@@ -46,6 +46,9 @@ METHODS = ("isoflop", "grid", "wsd")
 SWEEP_FILE = "sweep.toml"
 RUNS_DIR = "runs"
 FORMAT = 1
+TUNE_LR = (0.5, 1.0, 2.0)  # --tune-lr: multiples of the law's learning rate ...
+TUNE_BATCH = (0.5, 1.0, 2.0)  # ... and of its batch, at the smallest TUNE_BUDGETS budgets
+TUNE_BUDGETS = 2  # sweep fit's hyperparameter laws need grids at two budgets at least
 MIN_STEPS = 20  # fewer optimizer steps than this: a note says the run measures early optimisation
 MAX_MICRO_BATCH = 16  # sequences per forward/backward: the largest divisor of the batch up to this
 # What the design decides for every run: --set may not change these (the figures assume them).
@@ -69,6 +72,7 @@ class Spec:
     decay_fraction: float = 0.2
     decay_shape: str = "1-sqrt"
     batch_tokens: int | None = None  # a fixed global batch instead of the law's
+    tune_lr: bool = False  # add learning-rate x batch grids at the smallest budgets
     compare: tuple[str, tuple[Any, ...]] | None = None
     overrides: tuple[str, ...] = ()
 
@@ -77,7 +81,7 @@ class Spec:
                 "spread_dex": self.spread_dex, "space": self.space.describe(), "law": self.law.to_dict(),
                 "hparams": self.hparams.to_dict(), "data_dir": self.data_dir,
                 "decay_fraction": self.decay_fraction, "decay_shape": self.decay_shape,
-                "batch_tokens": self.batch_tokens,
+                "batch_tokens": self.batch_tokens, "tune_lr": self.tune_lr,
                 "compare": None if self.compare is None else {"field": self.compare[0], "values": list(self.compare[1])},
                 "overrides": list(self.overrides)}
 
@@ -220,18 +224,33 @@ def micro_batch(sequences: int) -> int:
     return max(d for d in range(1, min(sequences, MAX_MICRO_BATCH) + 1) if sequences % d == 0)
 
 
-def hyperparameters(spec: Spec, cfg, tokens: float) -> dict[str, Any]:
-    """The law's hyperparameters for a run of `cfg` on `tokens` tokens, with --batch-tokens applied."""
-    seq = spec.space.seq_len
-    hp = hyperparameters_for(cfg, seq, tokens, spec.hparams)
-    if spec.batch_tokens is not None:
-        hp = dict(hp, batch_tokens=float(spec.batch_tokens))
-        steps = max(1, math.ceil(tokens / spec.batch_tokens))
-        law = spec.hparams
-        hp["warmup"] = float(max(1, min(law.warmup_steps, int(law.max_warmup_fraction * steps)))
-                             if law.warmup_steps else 0)
+def hyperparameters(spec: Spec, cfg, tokens: float, batch_tokens: int | None = None) -> dict[str, Any]:
+    """The law's hyperparameters for a run of `cfg` on `tokens` tokens, at `batch_tokens`, --batch-tokens or
+    the law's batch (the warmup follows the batch)."""
+    hp = hyperparameters_for(cfg, spec.space.seq_len, tokens, spec.hparams,
+                             batch_tokens=batch_tokens or spec.batch_tokens)
     hp["batch_tokens"] = int(hp["batch_tokens"])
     return hp
+
+
+def tuning_runs(spec: Spec, label: str, C: float, cfg) -> list[dict[str, Any]]:
+    """--tune-lr: the learning-rate x batch grid around the law's values for one (budget, shape) point,
+    its centre left out (the point's own run): what `sweep fit` fits hyperparameter laws to."""
+    seq = spec.space.seq_len
+    base = hyperparameters(spec, cfg, C / _fpt(cfg, spec))
+    runs = []
+    for bm in TUNE_BATCH:
+        batch = max(seq, round(base["batch_tokens"] * bm / seq) * seq)
+        for lm in TUNE_LR:
+            if (lm, bm) == (1, 1):
+                continue
+            hp = hyperparameters(spec, cfg, C / _fpt(cfg, spec), batch_tokens=batch)
+            hp.update(peak_lr=hp["peak_lr"] * lm, min_lr=hp["min_lr"] * lm)
+            p = point(spec, label, C, cfg, hp, spec.law, "tune")
+            p["name"] += f"-lr{lm:g}x-b{bm:g}x"
+            runs.append(dict(p, hparams=_hp_record(hp),
+                             config=train_config(spec, cfg, hp, p["steps"], {"schedule": hp["schedule"]})))
+    return runs
 
 
 def train_config(spec: Spec, cfg, hp: dict[str, Any], steps: int, schedule: dict[str, Any],
@@ -278,10 +297,10 @@ def design(spec: Spec) -> dict[str, Any]:
     notes: list[str] = []
     for label, space, fields in variants(spec):
         shapes, snaps = snapped_shapes(space, grid_step(spec))
-        per_budget = {}
+        per_budget, optima = {}, {}
         for C in spec.budgets:
             chosen, plan = budget_points(C, spec, space, shapes, snaps)
-            per_budget[C] = chosen
+            per_budget[C], optima[C] = chosen, plan.best["N"]
             if plan.one_sided:
                 notes.append(f"{label + ': ' if label else ''}budget {C:g}: the prior optimum (N ≈ "
                              f"{plan.best['N']:.3g}) is at the edge of the space's shapes, so its ladder lies on one "
@@ -293,6 +312,11 @@ def design(spec: Spec) -> dict[str, Any]:
             every = sorted({i for c in per_budget.values() for i in c})
             per_budget = {C: [i for i in every if _feasible(shapes, space, C, i)] for C in spec.budgets}
         cfgs = {i: model_config(space, shapes, i, fields) for c in per_budget.values() for i in c}
+        if spec.tune_lr:  # at each of the smallest budgets, the shape nearest its prior optimum
+            for C in spec.budgets[:TUNE_BUDGETS]:
+                best = optima[C]
+                i = min(per_budget[C], key=lambda i: abs(math.log(shapes_n(shapes, space, i) / best)))
+                runs += tuning_runs(spec, label, C, cfgs[i])
         if spec.method == "wsd":
             runs += _wsd_runs(spec, label, per_budget, cfgs)
         else:

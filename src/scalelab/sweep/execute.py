@@ -35,12 +35,29 @@ EXECUTORS = ("local", "slurm")
 
 # ---- one run (inside the job) -------------------------------------------------------------------
 
-def run_config(sweep_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
-    """The run's training config with its paths made absolute: branch_from (written relative to the
-    sweep directory) and the run directory."""
+def split_problem(run: dict[str, Any], processes: int) -> str | None:
+    """Why the run's global batch cannot be split over `processes` ranks, or None."""
+    t = run["config"]["train"]
+    sequences = t["global_batch_tokens"] // t["seq_len"]
+    if sequences % processes:
+        return (f"{run['name']}: its batch of {sequences} sequences does not split over {processes} processes; "
+                f"design the sweep with a --batch-tokens that is a multiple of {processes} x --seq-len")
+    return None
+
+
+def run_config(sweep_dir: Path, run: dict[str, Any], processes: int = 1) -> dict[str, Any]:
+    """The run's training config with its paths made absolute (branch_from, written relative to the
+    sweep directory, and the run directory) and its micro-batch fitted to `processes` ranks (the
+    global batch in sequences, which fixes the data order, is unchanged)."""
     import copy
 
     data = copy.deepcopy(run["config"])
+    if processes > 1:
+        if (why := split_problem(run, processes)) is not None:
+            raise UserError(why)
+        t = data["train"]
+        per_rank = t["global_batch_tokens"] // t["seq_len"] // processes
+        t["micro_batch_size"] = max(d for d in range(1, min(t["micro_batch_size"], per_rank) + 1) if per_rank % d == 0)
     if data["train"].get("branch_from"):
         data["train"]["branch_from"] = str((sweep_dir / data["train"]["branch_from"]).resolve())
     data.setdefault("logging", {})["run_dir"] = str((sweep_dir / run["run_dir"]).resolve())
@@ -51,7 +68,7 @@ def train_one(sweep_dir: str, name: str, gpus: int = 1, threads: int = 0) -> dic
     """Train run `name` of the sweep (resuming it, or reporting it complete). The submitit job."""
     sweep_dir_p = Path(sweep_dir)
     run = runs_by_name(read_sweep(sweep_dir_p))[name]
-    data = run_config(sweep_dir_p, run)
+    data = run_config(sweep_dir_p, run, gpus)
     run_dir = Path(data["logging"]["run_dir"])
     if gpus > 1:
         import tomli_w
