@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 from sweep_synthetic import HP_LAW, LAW, SPACE, make_sweep, write_sweep_file
 

@@ -33,7 +33,6 @@ A law file (what `scalelab fit --out` writes) may carry a fitted law under the k
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -205,15 +204,9 @@ def hyperparameter_law_from_dict(data: dict[str, Any], where: str = "hyperparame
 
 def hyperparameter_law_from_file(path: str | Path) -> HyperparameterLaw | None:
     """The law file's fitted hyperparameter law, or None when it has none (a loss-only law file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"law file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a law file is a JSON object")
+    from scalelab.scaling.laws import read_law_json
+
+    data = read_law_json(path)
     if "hyperparameters" not in data:
         return None
     return hyperparameter_law_from_dict(data["hyperparameters"], where=f"{path} hyperparameters")

@@ -131,7 +131,9 @@ def law_from_values(values: dict[str, Any], *, where: str = "law") -> LossLaw:
     return LossLaw(**out, name=str(values.get("name", "custom")))
 
 
-def load_law_file(path: str | Path) -> LossLaw:
+def read_law_json(path: str | Path) -> dict:
+    """A law file's JSON object (the loss law's E, A, B, alpha, beta; `fit` may add "hyperparameters"),
+    or a one-line UserError naming what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"law file not found: {path}")
@@ -141,7 +143,11 @@ def load_law_file(path: str | Path) -> LossLaw:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a law file is a JSON object with E, A, B, alpha, beta")
-    return law_from_values(data, where=str(path))
+    return data
+
+
+def load_law_file(path: str | Path) -> LossLaw:
+    return law_from_values(read_law_json(path), where=str(path))
 
 
 def save_law(law: LossLaw, path: str | Path, extra: dict[str, Any] | None = None) -> None:
