@@ -8,6 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread per process (set before any test module imports torch, numpy or scipy): the suite
+# runs two xdist workers, and the torchrun and CLI processes they start, on 2 cores; more threads than
+# cores make torch's OpenMP workers spin against each other (a sweep run measured 20-40x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_cli(*args: str, cwd=None, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
