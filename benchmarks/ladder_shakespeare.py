@@ -6,7 +6,7 @@ Nothing but the public verbs, in order:
    4.53M training tokens), so that the embedding is a small part of every model and the verified
    run at ten times the largest budget stays within one pass over the data;
 2. `scalelab sweep design`: an IsoFLOP ladder at three budgets (1.5e11, 3e11, 6e11 FLOPs), five
-   LLaMA-3-style shapes each (widths 16-256 in steps of 8, heads of 8, 1 or 2 KV heads, sequence
+   LLaMA-3-style shapes each (widths 16-256 in steps of 8, heads of 8, 2 KV heads, sequence
    128) around the prior optimum (ladder_shakespeare_prior.json: Chinchilla's law with A halved),
    D solved exactly from C, every run on one recipe: batch 16 x 128, AdamW peak 3e-3 x 128 / width
    (the width rule), cosine to a tenth;
@@ -36,7 +36,7 @@ from pathlib import Path
 BUDGETS = "1.5e11,3e11,6e11"
 TARGET = "6e12"  # ten times the largest budget
 PRIOR = Path(__file__).with_name("ladder_shakespeare_prior.json")  # Chinchilla's law with A halved (its "source")
-SPACE = ["--style", "llama3", "--hidden", "16:256:8", "--layers", "1:8", "--head-dims", "8", "--kv-heads", "1,2",
+SPACE = ["--style", "llama3", "--hidden", "16:256:8", "--layers", "1:8", "--head-dims", "8", "--kv-heads", "2",
          "--aspect", "8:130", "--seq-len", "128", "--batch-tokens", "2048", "--hparams", "width:3e-3@128",
          "--points", "5", "--law-file", str(PRIOR)]
 
