@@ -32,7 +32,7 @@ from pathlib import Path
 BUDGETS = "2e11,4e11,8e11"
 SPACE = ["--style", "llama3", "--hidden", "64", "--layers", "1", "--head-dims", "16", "--kv-heads", "2",
          "--aspect", "none", "--seq-len", "128", "--batch-tokens", "1024", "--hparams", "width:3e-3@128",
-         "--points", "1"]
+         "--points", "2"]  # one shape in the space: both points snap to it
 
 
 def scalelab(*args: str, capture: bool = False) -> str:
