@@ -36,8 +36,8 @@ from pathlib import Path
 BUDGETS = "1.5e11,3e11,6e11"
 TARGET = "6e12"  # ten times the largest budget
 PRIOR = Path(__file__).with_name("ladder_shakespeare_prior.json")  # Chinchilla's law with A halved (its "source")
-SPACE = ["--style", "llama3", "--hidden", "16:256:8", "--layers", "1:8", "--head-dims", "8", "--kv-heads", "2",
-         "--aspect", "8:130", "--seq-len", "128", "--batch-tokens", "2048", "--hparams", "width:3e-3@128",
+SPACE = ["--style", "llama3", "--hidden", "16:256:8", "--layers", "1", "--head-dims", "8", "--kv-heads", "2",
+         "--aspect", "none", "--seq-len", "128", "--batch-tokens", "2048", "--hparams", "width:3e-3@128",
          "--points", "5", "--law-file", str(PRIOR)]
 
 

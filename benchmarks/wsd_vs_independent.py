@@ -13,7 +13,9 @@ branches decaying 1-sqrt over the last 20%, each design trained with --seeds see
 Per point it reports the mean final val loss of each method over the seeds, the difference, and
 the noise: the rms over points of the seed-to-seed standard deviation, the same statistic for
 both methods. The claim holds at a point when |mean WSD - mean isoflop| is within twice the
-standard error of that difference (sqrt(sd_wsd^2 / n + sd_iso^2 / n)). And the cost: FLOPs
+standard error of that difference (sqrt(sd_wsd^2 / n + sd_iso^2 / n)). A seed gives both methods the
+same initialisation and data order, so the per-seed (paired) differences are printed too: their
+spread excludes the seed noise and shows a systematic difference the seed noise hides. And the cost: FLOPs
 actually trained by each design (the WSD stable runs plus their branches' decays).
 
     python benchmarks/wsd_vs_independent.py --out runs/wsd-check          # about 10 min on 2 cores
@@ -73,6 +75,10 @@ def summarise(losses: dict[str, list[dict[str, float]]]) -> dict:
         row["difference"] = row["wsd"]["mean"] - row["isoflop"]["mean"]
         row["stderr"] = math.sqrt((row["wsd"]["sd"] ** 2 + row["isoflop"]["sd"] ** 2) / n)
         row["within_2_stderr"] = abs(row["difference"]) <= 2 * row["stderr"]
+        # paired by seed (the same init and data order for both schedules): the seed's own noise cancels
+        paired = [w - i for w, i in zip(row["wsd"]["losses"], row["isoflop"]["losses"])]
+        paired_sd = math.sqrt(sum((d - row["difference"]) ** 2 for d in paired) / (n - 1))
+        row["paired"] = {"differences": paired, "sd": paired_sd, "stderr": paired_sd / math.sqrt(n)}
         rows.append(row)
     rms = {m: math.sqrt(sum(s * s for s in v) / len(v)) for m, v in sds.items()}
     return {"points": rows, "seed_sd_rms": rms,
@@ -105,10 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     summary.update(flops_trained=flops, wsd_flops_fraction=flops["wsd"] / flops["isoflop"],
                    minutes=round((time.time() - start) / 60, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{'budget':>8}  {'WSD branch (mean ± sd)':>24}  {'isoflop cosine':>20}  {'diff':>8}  {'2 s.e.':>7}")
+    print(f"{'budget':>8}  {'WSD branch (mean ± sd)':>24}  {'isoflop cosine':>20}  {'diff':>8}  {'2 s.e.':>7}  "
+          "paired by seed: differences (2 s.e.)")
     for r in summary["points"]:
+        pairs = ", ".join(f"{d:+.4f}" for d in r["paired"]["differences"])
         print(f"{r['budget']:>8}  {r['wsd']['mean']:>14.4f} ± {r['wsd']['sd']:.4f}  {r['isoflop']['mean']:>10.4f} ± "
-              f"{r['isoflop']['sd']:.4f}  {r['difference']:>+8.4f}  {2 * r['stderr']:>7.4f}")
+              f"{r['isoflop']['sd']:.4f}  {r['difference']:>+8.4f}  {2 * r['stderr']:>7.4f}  {pairs} "
+              f"({2 * r['paired']['stderr']:.4f})")
     print(f"seed sd (rms over points): WSD {summary['seed_sd_rms']['wsd']:.4f}, isoflop "
           f"{summary['seed_sd_rms']['isoflop']:.4f}; rms difference of the means {summary['difference_rms']:.4f}")
     print(f"FLOPs trained: WSD {flops['wsd']:.3g}, isoflop {flops['isoflop']:.3g} "
