@@ -85,13 +85,12 @@ def summarise(losses: dict[str, list[dict[str, float]]]) -> dict:
             "difference_rms": math.sqrt(sum(r["difference"] ** 2 for r in rows) / len(rows))}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/wsd-check", help="a directory for the data and the sweeps")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per method (at least 2, for the noise)")
     ap.add_argument("--parallel", type=int, default=2, help="runs trained at once (`sweep run --parallel`)")
-    ap.add_argument("--budgets", default=BUDGETS, help=argparse.SUPPRESS)  # a tiny configuration for the test
-    args = ap.parse_args(argv)
+    args = ap.parse_args()
     out = Path(args.out)
     start = time.time()
     data = out / "data"
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(args.seeds):
         for method in ("isoflop", "wsd"):
             sweep = out / f"{method}-seed{seed}"
-            scalelab("sweep", "design", str(sweep), "--method", method, "--budgets", args.budgets, "--data", str(data),
+            scalelab("sweep", "design", str(sweep), "--method", method, "--budgets", BUDGETS, "--data", str(data),
                      *SPACE, "--set", f"train.seed={seed}")
             scalelab("sweep", "run", str(sweep), "--parallel", str(args.parallel))
             losses[method].append(final_losses(sweep))
