@@ -289,3 +289,27 @@ def test_a_run_of_several_processes_trains_under_torchrun_inside_its_job(tmp_pat
         state = load_trainer_state(latest_checkpoint(out / run["run_dir"]))
         assert state["world_size"] == 2 and state["step"] == run["steps"]
         assert (out / "jobs" / f"{run['name']}.toml").is_file()  # the config torchrun's ranks read
+
+
+def test_the_cpu_time_estimate_measures_one_thread_as_each_parallel_run_trains(tmp_path, data_dir, monkeypatch):
+    """torch's default thread count (every core) measured 0.8 GFLOP/s on 2 shared cores against 30 on one
+    thread, and the design printed 117 min for runs `sweep run --parallel 2` (one thread each) did in 2.
+    Now the measuring steps run on one thread (and the caller's thread count is restored)."""
+    import torch
+
+    from scalelab.cli.sweep import measure_cpu_flops
+    from scalelab.model import Transformer
+
+    result = design(tmp_path / "s", data_dir)
+    seen = []
+    forward = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: (seen.append(torch.get_num_threads()),
+                                                                      forward(self, *a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert measure_cpu_flops(result) > 0
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
