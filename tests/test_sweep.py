@@ -313,3 +313,18 @@ def test_the_cpu_time_estimate_measures_one_thread_as_each_parallel_run_trains(t
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_ladder_cut_off_by_max_tokens_says_so_not_widen_the_space(tmp_path, data_dir):
+    """The Shakespeare study's 6e11 ladder started at 32K because its 15.5K shape would need more tokens than the
+    data has; the note said to widen --hidden (already at its smallest width). Now it names --max-tokens. At
+    the smaller budgets, where the space itself ends, the note still says to widen it."""
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"E": 1.69, "A": 20.0, "B": 410.7, "alpha": 0.34, "beta": 0.28}))  # optimum small
+    space = [str(prior) if a == "shakespeare-cpu" else "--law-file" if a == "--law" else a for a in SPACE]
+    rc, _, err = main("sweep", "design", tmp_path / "t", "--budgets", "4e8,8e8,1.6e9", "--data", data_dir, *space,
+                      "--max-tokens", "8000")
+    assert rc == 0, err
+    notes = {line.split(":")[2].strip().split()[1]: line for line in err.splitlines() if "at the edge of" in line}
+    assert "more tokens than --max-tokens" in notes["1.6e+09"] and "widen --hidden" not in notes["1.6e+09"]
+    assert "widen --hidden" in notes["4e+08"]
