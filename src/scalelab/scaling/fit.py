@@ -860,7 +860,7 @@ def _too_few_profiles(profiles: list[dict[str, Any]], skipped: list[dict[str, An
                       tolerance_dex: float) -> str:
     """Why Approach 2 has fewer than 2 budgets to fit, counting the budgets the runs did form (three budgets
     that grouped but whose minima lie outside their sizes are not "1 budget found")."""
-    need = f"IsoFLOP needs at least 2 budgets with a minimum inside their {max(min_runs, 3)}+ sizes"
+    need = f"IsoFLOP needs at least 2 budgets whose runs ({max(min_runs, 3)}+ sizes each) have a loss minimum in log N"
     if not skipped:
         return (f"{need}; the runs form {len(profiles)} (budgets are runs within {tolerance_dex:g} dex of FLOPs; "
                 "add runs of 3+ sizes at another budget, or set --budgets or --flop-tolerance)")
