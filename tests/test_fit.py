@@ -642,6 +642,21 @@ def test_isoflop_skips_a_flat_parabola_whose_minimum_is_far_outside():
     assert res["skipped"] and "more than 1 decade outside the sampled sizes" in res["skipped"][0]["why"]
 
 
+def test_isoflop_with_too_few_minima_counts_the_budgets_the_runs_form():
+    """Three budgets that group correctly, two of them with no minimum near their sizes: the refusal said
+    "found 1" budget (the sweep study's report); now it counts all three and says why two were skipped."""
+    runs = isoflop_runs(LAWS["chinchilla"], budgets=(1e18, 1e19, 1e20))
+    for budget in (1e19, 1e20):
+        at = np.flatnonzero(np.abs(np.log10(runs.C / budget)) < 0.05)
+        runs.loss[at] = 3.0 - 0.05 * np.log(runs.N[at])  # falls monotonically with N: no minimum
+    with pytest.raises(UserError) as err:
+        F.fit_isoflop(runs, budgets=[1e18, 1e19, 1e20])
+    msg = str(err.value)
+    assert "found 1" not in msg
+    assert "of the 3 budgets the runs form, 1 has one and 2 were skipped" in msg
+    assert "C = 1e+19: loss is not convex in log N" in msg or "C = 1e+19: the parabola is nearly flat" in msg
+
+
 def test_isoflop_at_a_far_budget_is_refused_not_overflowed():
     result = {"N_opt": {"coefficient": 1.0, "exponent": 2.0}, "D_opt": {"coefficient": 1.0, "exponent": 0.5}}
     with pytest.raises(UserError, match="leave the floating-point range at --budget 1e\\+300"):

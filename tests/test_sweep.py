@@ -289,3 +289,42 @@ def test_a_run_of_several_processes_trains_under_torchrun_inside_its_job(tmp_pat
         state = load_trainer_state(latest_checkpoint(out / run["run_dir"]))
         assert state["world_size"] == 2 and state["step"] == run["steps"]
         assert (out / "jobs" / f"{run['name']}.toml").is_file()  # the config torchrun's ranks read
+
+
+def test_the_cpu_time_estimate_measures_one_thread_as_each_parallel_run_trains(tmp_path, data_dir, monkeypatch):
+    """torch's default thread count (every core) measured 0.8 GFLOP/s on 2 shared cores against 30 on one
+    thread, and the design printed 117 min for runs `sweep run --parallel 2` (one thread each) did in 2.
+    Now the measuring steps run on one thread (and the caller's thread count is restored)."""
+    import torch
+
+    from scalelab.cli.sweep import measure_cpu_flops
+    from scalelab.model import Transformer
+
+    result = design(tmp_path / "s", data_dir)
+    seen = []
+    forward = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: (seen.append(torch.get_num_threads()),
+                                                                      forward(self, *a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert measure_cpu_flops(result) > 0
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_ladder_cut_off_by_max_tokens_says_so_not_widen_the_space(tmp_path, data_dir):
+    """The Shakespeare study's 6e11 ladder started at 32K because its 15.5K shape would need more tokens than the
+    data has; the note said to widen --hidden (already at its smallest width). Now it names --max-tokens. At
+    the smaller budgets, where the space itself ends, the note still says to widen it."""
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"E": 1.69, "A": 20.0, "B": 410.7, "alpha": 0.34, "beta": 0.28}))  # optimum small
+    space = [str(prior) if a == "shakespeare-cpu" else "--law-file" if a == "--law" else a for a in SPACE]
+    rc, _, err = main("sweep", "design", tmp_path / "t", "--budgets", "4e8,8e8,1.6e9", "--data", data_dir, *space,
+                      "--max-tokens", "8000")
+    assert rc == 0, err
+    notes = {line.split(":")[2].strip().split()[1]: line for line in err.splitlines() if "at the edge of" in line}
+    assert "more tokens than --max-tokens" in notes["1.6e+09"] and "widen --hidden" not in notes["1.6e+09"]
+    assert "widen --hidden" in notes["4e+08"]

@@ -165,3 +165,17 @@ def test_three_variants_rank_against_the_winner(tmp_path, capsys):
     assert [o["variant"] for o in c["others"]] == ["rope_theta=3", "rope_theta=1"]
     assert c["difference"] == pytest.approx(0.05, rel=1e-3) and c["distinguishable"] is None
     assert "no bootstrap intervals" in c["verdict"]
+
+
+def test_a_dimension_the_design_fixed_stays_fixed_in_the_recommendation(tmp_path):
+    """A design that fixed the depth (--layers 3) never varied it, so its law says nothing about other depths:
+    the Shakespeare study's --layers 1 ladder was recommended a 4-layer model (the single value "grown" to
+    1..4). Now a single value stays, and the recommendation is the planner's best at that depth."""
+    doc = make_sweep(tmp_path)
+    doc["design"]["space"]["layers"] = "3"
+    doc = write_sweep_file(tmp_path, doc)
+    rec = public(fit_sweep(tmp_path, doc, bootstrap=0))["recommendation"]
+    space = dataclasses.replace(SPACE, hidden=grown_range("32:256:32"), layers=(3,))
+    truth = search(1e15, LAW, space, top=1).best
+    assert (rec["n_layer"], rec["n_embd"]) == (3, truth["n_embd"])
+    assert grown_range("1") == (1,) and grown_range("64,64") == (64,)

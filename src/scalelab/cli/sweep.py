@@ -240,14 +240,30 @@ def time_estimate(result: dict, args) -> dict:
         rate = gpus * acc.peak_bf16_flops * args.mfu
         return {"seconds": flops / rate, "flops_per_second": rate,
                 "how": f"{gpus} x {acc.name} at {args.mfu:.0%} MFU, one run at a time on all of them"}
-    rate = measure_cpu_flops(result)
+    per_thread = measure_cpu_flops(result)
+    cores = os.cpu_count() or 1
+    rate = per_thread * cores
     return {"seconds": flops / rate, "flops_per_second": rate,
-            "how": f"{rate / 1e9:.2f} GFLOP/s measured here training the median run's shape ({os.cpu_count()} "
-                   "CPU cores, one run at a time)"}
+            "how": f"{per_thread / 1e9:.2f} GFLOP/s measured here on one thread training the median run's shape, "
+                   f"on each of {cores} CPU cores: `sweep run --parallel {cores}`"}
 
 
 def measure_cpu_flops(result: dict, steps: int = 3) -> float:
-    """Training FLOP/s on this CPU: a few AdamW steps of the median-cost run's model and micro-batch."""
+    """Training FLOP/s of one thread on this CPU: a few AdamW steps of the median-cost run's model and
+    micro-batch. One thread, as each of `sweep run --parallel <cores>`'s runs trains: torch's default of
+    every core measured 0.8 GFLOP/s against 30 on one thread on 2 cores shared with other work (the
+    design printed 117 min for runs that took 2)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _training_flops_per_second(result, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _training_flops_per_second(result: dict, steps: int) -> float:
     import torch
 
     from scalelab.counting import training_flops

@@ -856,6 +856,20 @@ def _isoflop_warnings(profiles: list[dict[str, Any]], runs: Runs) -> list[str]:
     return out
 
 
+def _too_few_profiles(profiles: list[dict[str, Any]], skipped: list[dict[str, Any]], min_runs: int,
+                      tolerance_dex: float) -> str:
+    """Why Approach 2 has fewer than 2 budgets to fit, counting the budgets the runs did form (three budgets
+    that grouped but whose minima lie outside their sizes are not "1 budget found")."""
+    need = f"IsoFLOP needs at least 2 budgets whose runs ({max(min_runs, 3)}+ sizes each) have a loss minimum in log N"
+    if not skipped:
+        return (f"{need}; the runs form {len(profiles)} (budgets are runs within {tolerance_dex:g} dex of FLOPs; "
+                "add runs of 3+ sizes at another budget, or set --budgets or --flop-tolerance)")
+    reasons = "; ".join(f"C = {s['C']:.3g}: {s['why']}" for s in skipped)
+    return (f"{need}; of the {len(profiles) + len(skipped)} budgets the runs form, {len(profiles)} "
+            f"{'has' if len(profiles) == 1 else 'have'} one and {len(skipped)} {'was' if len(skipped) == 1 else 'were'} "
+            f"skipped ({reasons})")
+
+
 def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance_dex: float = 0.1,
                 min_runs: int = 3) -> dict[str, Any]:
     """Approach 2. Per budget: loss = p2·x² + p1·x + p0 with x = ln N; N_opt = exp(−p1 / 2p2),
@@ -892,9 +906,7 @@ def fit_isoflop(runs: Runs, *, budgets: Sequence[float] | None = None, tolerance
                          "loss_opt": float(p0 - p1 * p1 / (4 * p2)),
                          "in_range": bool(x.min() <= xo <= x.max()), "index": idx.tolist()})
     if len(profiles) < 2:
-        raise UserError(f"IsoFLOP needs at least 2 budgets with {max(min_runs, 3)}+ runs at distinct N; found "
-                        f"{len(profiles)} (budgets are runs within {tolerance_dex} dex of FLOPs; "
-                        f"add runs of 3+ sizes at another budget, or set --budgets or --flop-tolerance)")
+        raise UserError(_too_few_profiles(profiles, skipped, min_runs, tolerance_dex))
     logc = np.log([p["C"] for p in profiles])
     n_law = _power_law(logc, np.log([p["N_opt"] for p in profiles]))
     d_law = _power_law(logc, np.log([p["D_opt"] for p in profiles]))

@@ -184,6 +184,10 @@ def budget_points(C: float, spec: Spec, space: SearchSpace, shapes, snaps: dict[
                         "widen --hidden / --layers or change --budgets")
     taken = [j for j in near if snaps[j] in chosen]
     plan.one_sided = len(chosen) > 1 and (centre <= min(taken) or centre >= max(taken))
+    # what cuts the ladder off at that edge: the space's end, or limits (--max-tokens...) on its shapes beyond
+    below = centre <= min(taken) if plan.one_sided else False
+    beyond = {i for j, i in snaps.items() if (j < min(taken) if below else j > max(taken))} if plan.one_sided else set()
+    plan.edge_limits = sorted({k for i in beyond for k, m in ev["masks"].items() if not m[i]})
     return chosen, plan
 
 
@@ -290,6 +294,27 @@ def point(spec: Spec, label: str, C: float, cfg, hp, prior: LossLaw, kind: str) 
             "flops": steps * hp["batch_tokens"] * fpt, "prior_loss": float(prior.loss(n, tokens))}
 
 
+EDGE_LIMITS = {  # a mask of scaling.search.evaluate -> what excludes a shape, and how to allow it
+    "max_tokens": "need more tokens than --max-tokens (the data's training tokens by default: one pass); "
+                  "raise --max-tokens to allow repeated passes, or use larger budgets",
+    "max_params": "exceed --max-params; raise it",
+    "aspect": "fall outside --aspect; widen it",
+    "one_sequence": "cannot train one sequence at this budget",
+    "memory": "do not fit the accelerator's memory",
+}
+
+
+def edge_reason(limits: list[str]) -> str:
+    """Why a budget's ladder lies on one side of its prior optimum: the space ends there, or its shapes
+    beyond are excluded by a limit (at 6e11 FLOPs the Shakespeare study's 15.5K shape would need 6.5M tokens
+    of 4.5M: the note said to widen --hidden, which had its smallest width already)."""
+    if not limits:
+        return ("the space's shapes, so its ladder lies on one side of it (widen --hidden / --layers / --aspect "
+                "to bracket it)")
+    return ("the shapes it may train, so its ladder lies on one side of it: the space's shapes beyond "
+            + "; and ".join(EDGE_LIMITS.get(k, f"fail {k}") for k in limits))
+
+
 def design(spec: Spec) -> dict[str, Any]:
     """The runs of a design (each with its full training config) and its cost; see the module doc."""
     check_spec(spec)
@@ -303,8 +328,7 @@ def design(spec: Spec) -> dict[str, Any]:
             per_budget[C], optima[C] = chosen, plan.best["N"]
             if plan.one_sided:
                 notes.append(f"{label + ': ' if label else ''}budget {C:g}: the prior optimum (N ≈ "
-                             f"{plan.best['N']:.3g}) is at the edge of the space's shapes, so its ladder lies on one "
-                             "side of it (widen --hidden / --layers / --aspect to bracket it)")
+                             f"{plan.best['N']:.3g}) is at the edge of {edge_reason(plan.edge_limits)}")
             if len(chosen) < min(3, spec.points):
                 notes.append(f"{label + ': ' if label else ''}budget {C:g} has {len(chosen)} feasible shape(s) near "
                              "its optimum; a parabola needs 3 (widen --hidden / --layers)")

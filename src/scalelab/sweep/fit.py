@@ -100,13 +100,16 @@ GROW = 4  # the recommendation's width and depth ranges reach this times the des
 def grown_range(text: str) -> tuple[int, ...]:
     """A SearchSpace.describe() range ("LO:HI:STEP" or "A,B,...") extended to GROW x its largest value (same
     step; a list: its smallest gap), so the shape at a budget past the sweep's is not cut off by the
-    ranges the sweep's own budgets needed."""
+    ranges the sweep's own budgets needed. A single value stays as it is: the design fixed that dimension
+    (e.g. --layers 1), its runs never varied it, and L(N, D) cannot tell what changing it would cost."""
     if ":" in text:
         lo, hi, step = (int(x) for x in text.split(":"))
     else:
         values = sorted(int(x) for x in text.split(","))
         lo, hi = values[0], values[-1]
-        step = min((b - a for a, b in zip(values, values[1:])), default=max(1, lo // 2))
+        step = min((b - a for a, b in zip(values, values[1:])), default=0)
+    if lo == hi or step == 0:
+        return (lo,)
     return tuple(range(lo, GROW * hi + 1, step))
 
 
