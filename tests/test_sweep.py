@@ -328,3 +328,19 @@ def test_a_ladder_cut_off_by_max_tokens_says_so_not_widen_the_space(tmp_path, da
     notes = {line.split(":")[2].strip().split()[1]: line for line in err.splitlines() if "at the edge of" in line}
     assert "more tokens than --max-tokens" in notes["1.6e+09"] and "widen --hidden" not in notes["1.6e+09"]
     assert "widen --hidden" in notes["4e+08"]
+
+
+def test_sigterm_interrupts_sweep_run_as_ctrl_c_does():
+    """`sweep run` turns SIGTERM (kill, a scheduler's stop) into the KeyboardInterrupt whose handler
+    cancels its jobs, and puts the old handler back afterwards."""
+    from scalelab.sweep.execute import _interrupt_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    previous = _interrupt_on_sigterm()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode; never reached
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert previous is before and signal.getsignal(signal.SIGTERM) is before

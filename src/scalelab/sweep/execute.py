@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -265,6 +266,18 @@ def write_slurm_scripts(sweep_dir: Path, *, gpus_per_run: int, timeout_min: int,
 
 # ---- the loop --------------------------------------------------------------------------------------
 
+def _interrupt_on_sigterm():
+    """SIGTERM (a scheduler's or `kill`'s) becomes KeyboardInterrupt, so that `sweep run` cancels its jobs
+    as on Ctrl-C; returns the handler it replaced (None off the main thread, where none can be set)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        return None
+
+
 def lock_sweep(sweep_dir: Path) -> IO:
     f = open(sweep_dir / LOCK_FILE, "a+")
     try:
@@ -293,6 +306,7 @@ def run_sweep(sweep_dir: Path, *, executor: str = "local", parallel: int = 1, gp
     show = show or (lambda text: None)
     in_flight: dict[str, Any] = {}
     shown = ""
+    previous = _interrupt_on_sigterm()
     try:
         while True:
             rows = {r["name"]: r for r in status_rows(sweep_dir, doc)}
@@ -347,6 +361,8 @@ def run_sweep(sweep_dir: Path, *, executor: str = "local", parallel: int = 1, gp
             _wait(job)
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         atomic_write_text(sweep_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
         lock.close()
     return status_rows(sweep_dir, doc)
