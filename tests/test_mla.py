@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Confi
 from scalelab import hf
 from scalelab.errors import UserError
 from scalelab.model import KVCache, Transformer
+from hf_checks import assert_exports_with_equal_logits
 from test_hf import randomize as randomize_like_hf
 
 transformers.logging.set_verbosity_error()
@@ -71,17 +72,7 @@ def test_logits_equal_transformers_both_ways(case, idx, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
     mine = randomize_like_hf(Transformer(cfg), 1, scale=0.2)
-    assert hf.save(mine, tmp_path / "export") == arch
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    assert type(exported).__name__ == hf.HF_CLASS[arch]
-    with torch.no_grad():
-        expected, got = exported(idx).logits, mine(idx)
-    print(f"max |logit diff| {case} export: {(got - expected).abs().max().item():.3g}")
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    back = hf.load(tmp_path / "export")
-    assert back.config == mine.config
-    for key, tensor in mine.state_dict().items():
-        assert torch.equal(back.state_dict()[key], tensor), key
+    assert_exports_with_equal_logits(mine, tmp_path / "export", arch, idx, case)
 
 
 def test_interleaved_rope_rows_are_reordered(idx, tmp_path):

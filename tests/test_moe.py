@@ -22,6 +22,7 @@ from scalelab import hf
 from scalelab.config import ModelConfig
 from scalelab.model import Transformer
 from scalelab.moe import MoE
+from hf_checks import assert_exports_with_equal_logits
 from test_hf import randomize as randomize_like_hf
 from test_train import env_1thread, losses, make_corpus_dir, train_inprocess, write_config
 
@@ -72,17 +73,7 @@ def test_logits_equal_transformers_both_ways(case, idx, tmp_path):
     assert all((layer.ffn.last_routing[0] > 0).all() for layer in ours.layers)
 
     mine = randomize_like_hf(Transformer(cfg), 1, scale=0.2)
-    assert hf.save(mine, tmp_path / "export") == arch
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    assert type(exported).__name__ == hf.HF_CLASS[arch]
-    with torch.no_grad():
-        expected, got = exported(idx).logits, mine(idx)
-    print(f"max |logit diff| {case} export: {(got - expected).abs().max().item():.3g}")
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    back = hf.load(tmp_path / "export")
-    assert back.config == mine.config
-    for key, tensor in mine.state_dict().items():
-        assert torch.equal(back.state_dict()[key], tensor), key
+    assert_exports_with_equal_logits(mine, tmp_path / "export", arch, idx, case)
 
 
 def test_training_loss_with_aux_loss_equals_transformers(idx):

@@ -15,6 +15,7 @@ from scalelab import counting, hf
 from scalelab.errors import UserError
 from scalelab.model import Transformer
 from scalelab.presets import OFFICIAL_PARAMS, get_preset
+from hf_checks import assert_exports_with_equal_logits
 from test_hf import randomize as randomize_like_hf
 
 transformers.logging.set_verbosity_error()
@@ -81,17 +82,7 @@ def test_logits_equal_transformers_both_ways(kind, config, idx, tmp_path):
         assert (unnormed(idx) - expected).abs().max() > 1e-2
 
     mine = randomize_like_hf(Transformer(cfg), 1, scale=0.2)
-    assert hf.save(mine, tmp_path / "export") == "qwen3"
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    assert type(exported).__name__ == "Qwen3ForCausalLM"
-    with torch.no_grad():
-        expected, got = exported(idx).logits, mine(idx)
-    print(f"max |logit diff| qwen3 {kind} export: {(got - expected).abs().max().item():.3g}")
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    back = hf.load(tmp_path / "export")
-    assert back.config == mine.config
-    for key, tensor in mine.state_dict().items():
-        assert torch.equal(back.state_dict()[key], tensor), key
+    assert_exports_with_equal_logits(mine, tmp_path / "export", "qwen3", idx, f"qwen3 {kind}")
 
 
 def test_flop_counter_equals_counting_with_independent_head_dim():

@@ -139,6 +139,18 @@ def resolve_law(args: argparse.Namespace):
     return law_from_values(values, where="--E/--A/--B/--alpha/--beta")
 
 
+
+def shape_flags(args: argparse.Namespace) -> dict:
+    """The search space's shape flags (--hidden, --layers, --head-dims, --kv-heads) as SearchSpace
+    fields, each checked against the model's bounds; unset ones None (the space's defaults)."""
+    return {
+        "hidden": None if args.hidden is None else parse_int_values(args.hidden, "--hidden", INT_LIMITS["n_embd"]),
+        "layers": None if args.layers is None else parse_int_values(args.layers, "--layers", INT_LIMITS["n_layer"]),
+        "head_dims": parse_int_values(args.head_dims, "--head-dims", INT_LIMITS["n_embd"]),
+        "kv_heads": (None if args.kv_heads is None
+                     else parse_int_values(args.kv_heads, "--kv-heads", INT_LIMITS["num_key_value_heads"])),
+    }
+
 def build(args: argparse.Namespace):
     """(C, budget description, law, SearchSpace) from the flags; UserError on bad input."""
     from scalelab.hardware import get_accelerator
@@ -183,12 +195,7 @@ def build(args: argparse.Namespace):
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise UserError(f"--tolerance must be a non-negative fraction, got {args.tolerance}")
     space = SearchSpace(
-        hidden=None if args.hidden is None else parse_int_values(args.hidden, "--hidden", INT_LIMITS["n_embd"]),
-        layers=None if args.layers is None else parse_int_values(args.layers, "--layers", INT_LIMITS["n_layer"]),
-        head_dims=parse_int_values(args.head_dims, "--head-dims", INT_LIMITS["n_embd"]),
-        kv_heads=(None if args.kv_heads is None
-                  else parse_int_values(args.kv_heads, "--kv-heads", INT_LIMITS["num_key_value_heads"])),
-        mha=args.no_gqa, style=args.style, ffn_ratio=args.ffn_ratio, seq_len=args.seq_len,
+        **shape_flags(args), mha=args.no_gqa, style=args.style, ffn_ratio=args.ffn_ratio, seq_len=args.seq_len,
         vocab_size=args.vocab, aspect=parse_aspect(args.aspect), max_tokens=max_tokens, max_params=max_params,
         enforce_chinchilla=args.enforce_chinchilla, tokens_per_param=args.tokens_per_param,
         tolerance=args.tolerance, gpus=gpus, accelerator=accelerator, mfu=args.mfu)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -155,8 +156,7 @@ def _compare(text: str | None):
 
 def build_spec(args):
     """The design's inputs from the flags (UserError on bad input, before anything is written)."""
-    from scalelab.cli.plan import parse_aspect, parse_int_values
-    from scalelab.config import INT_LIMITS
+    from scalelab.cli.plan import parse_aspect, shape_flags
     from scalelab.scaling.laws import get_law, load_law_file
     from scalelab.scaling.search import SearchSpace
     from scalelab.sweep.design import Spec, check_spec
@@ -175,16 +175,9 @@ def build_spec(args):
     if max_tokens is None and meta is not None:
         max_tokens = float(meta["splits"]["train"]["tokens"])
     space = SearchSpace(
-        hidden=None if args.hidden is None else parse_int_values(args.hidden, "--hidden", INT_LIMITS["n_embd"]),
-        layers=None if args.layers is None else parse_int_values(args.layers, "--layers", INT_LIMITS["n_layer"]),
-        head_dims=parse_int_values(args.head_dims, "--head-dims", INT_LIMITS["n_embd"]),
-        kv_heads=(None if args.kv_heads is None
-                  else parse_int_values(args.kv_heads, "--kv-heads", INT_LIMITS["num_key_value_heads"])),
-        style=args.style, ffn_ratio=args.ffn_ratio, seq_len=args.seq_len, vocab_size=vocab,
+        **shape_flags(args), style=args.style, ffn_ratio=args.ffn_ratio, seq_len=args.seq_len, vocab_size=vocab,
         aspect=parse_aspect(args.aspect), max_tokens=max_tokens)
     from scalelab.scaling.search import DEFAULT_HIDDEN, DEFAULT_LAYERS
-    import dataclasses
-
     space = dataclasses.replace(space, hidden=space.hidden or DEFAULT_HIDDEN, layers=space.layers or DEFAULT_LAYERS)
     spec = Spec(budgets=budgets, space=space, law=law, hparams=_hparams_law(args, args.law_file),
                 data_dir=str(Path(args.data).resolve()) if args.data else "", points=args.points,
