@@ -273,3 +273,31 @@ def test_layout_counting_and_search_import_no_torch():
                  ["count", "llama3.1-8b", "--gpus", "16", "--gpu-type", "H100", "--layout", "auto"],
                  ["plan", "--gpus", "8", "--gpu-type", "H100", "--hours", "24", "--layout", "auto"]):
         assert heavy_modules_loaded(argv) == [], argv
+
+
+def test_count_of_a_layout_config_is_the_trainers_prediction(cli, tmp_path):
+    """The two verbs agree on a tp × FSDP layout with selective checkpointing every 2nd block: `count
+    CONFIG --gpus 4` prints the memory the trainer checks before it starts (a consistency check between
+    verbs; layout_memory itself is proven against real shards above)."""
+    from scalelab.train.config import config_from_dict, layout_of
+    from scalelab.train.trainer import predicted_memory
+
+    model = {"style": "llama3", "n_layer": 4, "n_embd": 128, "n_head": 4, "num_key_value_heads": 2,
+             "vocab_size": 512, "block_size": 64}
+    train = {"seq_len": 64, "micro_batch_size": 2, "max_steps": 1, "dtype": "bf16",
+             "activation_checkpointing": "selective", "selective_ac_option": "2"}
+    parallel = {"tp": 2, "dp_shard": 2}
+    cfg = config_from_dict({"model": model, "data": {"dir": "unused"}, "train": train, "parallel": parallel})
+    layout = layout_of(cfg, 4)
+    trainer = predicted_memory(cfg, layout.describe(), 4, layout)
+    toml = tmp_path / "run.toml"
+    toml.write_text("\n".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items())
+                              for name, section in (("model", model), ("train", train), ("parallel", parallel))))
+    r = cli("count", str(toml), "--gpus", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    counted = json.loads(r.stdout)["memory"]
+    assert counted["total"] == trainer["total"] and counted["activations"] == trainer["activations"]
+    other = predicted_memory(config_from_dict({"model": model, "data": {"dir": "unused"}, "parallel": parallel,
+                                               "train": {**train, "selective_ac_option": "op"}}),
+                             layout.describe(), 4, layout)
+    assert other["activations"] != trainer["activations"]  # the option reaches the prediction

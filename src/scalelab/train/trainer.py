@@ -105,7 +105,8 @@ def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int, layout: L
         from scalelab.layout_cost import layout_memory
 
         return layout_memory(cfg.model, layout, micro_batch=t.micro_batch_size, seq_len=t.seq_len, precision=precision,
-                             activation_checkpointing=t.activation_checkpointing, attention=t.attention,
+                             activation_checkpointing=t.activation_checkpointing,
+                             selective_ac_option=t.selective_ac_option, attention=t.attention,
                              loss_chunk_tokens=t.loss_chunk_tokens)
     m = training_memory(cfg.model, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=world_size,
                         sharding={"fsdp": "fsdp", "ddp": "ddp"}.get(strategy, "none"), precision=precision,
