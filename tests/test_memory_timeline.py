@@ -136,9 +136,9 @@ def test_two_rank_ddp_and_fsdp_peaks(tmp_path):
     - DDP over gloo sometimes holds one more gradient-sized buffer at the peak (its asynchronous
       all-reduce's, timing-dependent): the peak is within the tolerance of counting's, or of
       counting's plus one more DDP bucket;
-    - FSDP2 over gloo sometimes holds gathered or reduce buffers of about one root unit more on one
-      rank, varying from run to run (0% to +58% over counting in the runs seen): counting, which models the
-      CUDA path, is checked only as a lower bound of the gloo measurement."""
+    - FSDP2 over gloo sometimes holds gathered or reduce buffers beyond counting's on one rank,
+      varying from run to run (0% to +58% over counting in the runs seen): counting, which models
+      the CUDA path, is checked only as a lower bound of the gloo measurement."""
     out = tmp_path / "two_ranks.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", MEMORY_TIMELINE_OUT=str(out))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
