@@ -40,10 +40,16 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
+    """Write `fig` to `path` atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
     from scalelab.files import atomic_path
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def frontier(law, laws, design: dict[str, Any], label: str, budgets: np.ndarray, models=()) -> dict[str, np.ndarray]:
@@ -89,7 +95,6 @@ def plot_frontier(result: dict[str, Any], design: dict[str, Any], path: Path) ->
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
 
 
 def plot_residuals(result: dict[str, Any], path: Path) -> None:
@@ -110,7 +115,6 @@ def plot_residuals(result: dict[str, Any], path: Path) -> None:
     fig.suptitle("Approach 3 residuals")
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
 
 
 def plot_curves(curves: dict[str, dict[str, Any]], path: Path) -> bool:
@@ -137,7 +141,6 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path) -> bool:
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
         fig.colorbar(sm, ax=[a1, a2], label="budget C (FLOPs)", pad=0.01)
     _save(fig, path)
-    plt.close(fig)
     return True
 
 
@@ -162,7 +165,6 @@ def plot_learning_rates(result: dict[str, Any], path: Path) -> bool:
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return True
 
 
