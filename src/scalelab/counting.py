@@ -15,6 +15,7 @@ it, and that is what FlopCounterMode counts; a kernel that skipped the masked bl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -709,7 +710,7 @@ def executed_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, 
 
 # ---- memory over the step's timeline --------------------------------------------------------
 #
-# What the device holds at four moments of a steady-state step (step >= 2: optimizer state exists,
+# What the device holds at five moments of a steady-state step (step >= 2: optimizer state exists,
 # gradients were freed by zero_grad(set_to_none=True) after the last step), by component; the peak
 # is the largest (docs/memory.md has every formula):
 #   forward_end     weights, optimizer, DDP buckets, autocast weight copies, saved activations,
@@ -717,11 +718,13 @@ def executed_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, 
 #   loss_backward   forward_end + the loss temporaries (unchunked: fp32 log-probabilities and two fp32
 #                   gradients per logit; chunked: one chunk's buffers)
 #   backward        the first recomputed block: saved activations + one block recomputed + FSDP's
-#                   root, two gathered blocks and one block's unsharded gradient + the root's gradients
+#                   root and two gathered blocks + the root's gradients
+#   gradient_reduce FSDP only, the end of backward: the root unit's reduce-scatter (its fp32 input,
+#                   and gloo's copy of it on the CPU) beside every sharded gradient and lm_head's
 #   optimizer_step  weights, gradients, optimizer, DDP buckets and the optimizer's temporaries
 # A runtime reserve (CUDA context, caching-allocator fragmentation) is shown separately.
 
-PHASES = ("forward_end", "loss_backward", "backward", "optimizer_step")
+PHASES = ("forward_end", "loss_backward", "backward", "gradient_reduce", "optimizer_step")
 OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")
 DEVICES = ("cuda", "cpu")
 
@@ -757,18 +760,38 @@ def autocast_weight_copy_bytes(matmul_weights, lm_head_params, n_layer, wrapped_
     return 2.0 * (matmul_weights - wrapped_layers * per_block)
 
 
+def cpu_rms_norm_extra_bytes(residual_bytes):
+    """Bytes per element one RMSNorm keeps on the CPU beyond what the fused kernel's rule counts
+    (its input in the residual dtype, its statistics, and its output, which the next Linear saves).
+    PyTorch's CPU rms_norm is a composite that saves its input in fp32 (the input itself when it is
+    fp32, else an fp32 copy, and then not the 16-bit input) and the fp32 normalised input: 8 bytes
+    where the rule counts the input's own, 4 or 2 (measured tensor by tensor: tests/test_memory.py;
+    live, at the step's peak: tests/test_memory_timeline.py's FSDP bf16 rows)."""
+    return 8 - residual_bytes
+
+
 def fsdp_unsharded_bytes(per_layer_params, root_params, compute_bytes, *, sharded: bool):
     """FSDP2's gathered (unsharded) parameters, in the compute dtype (MixedPrecisionPolicy's
     param_dtype), as (after forward, during backward): after forward, the root unit (embeddings,
-    final norm, lm_head: FSDP2 never reshards the root after forward) and the last block (apply_fsdp
-    keeps it for backward); during backward, the root, two blocks (the current one and the
-    prefetched next) and the current block's unsharded gradient in the compute dtype plus its fp32
-    reduce-scatter input. Zero without FSDP over more than one device."""
+    final norm, lm_head) and the last block, which apply_fsdp keeps gathered for backward; during
+    a block's backward, the root and two blocks (the current one and the prefetched next). A
+    block's unsharded gradient and its reduce-scatter input appear only after its backward has
+    freed what it recomputed and saved, and are smaller (the root's, at the end of backward, is
+    gradient_reduce's). Zero without FSDP over more than one device."""
     if not sharded:
         return 0.0, 0.0
     after_forward = (root_params + per_layer_params) * compute_bytes
-    during_backward = root_params * compute_bytes + per_layer_params * (2 * compute_bytes + compute_bytes + 4)
+    during_backward = root_params * compute_bytes + per_layer_params * 2 * compute_bytes
     return after_forward, during_backward
+
+
+def fsdp_reduce_scatter_bytes(root_params, *, sharded: bool, device: str):
+    """The root unit's reduce-scatter at the end of backward, the largest of FSDP2's: its input in
+    the fp32 reduce dtype (MixedPrecisionPolicy(reduce_dtype=fp32)), and on the CPU a second copy,
+    which ProcessGroupGloo's reduce_scatter_tensor makes of its input (NCCL reduces in place)."""
+    if not sharded:
+        return 0.0
+    return root_params * 4.0 * (2 if device == "cpu" else 1)
 
 
 def ddp_bucket_bytes(total_params, gradient_bytes, *, ddp: bool):
@@ -811,11 +834,14 @@ def step_phases(c: dict[str, Any]) -> dict[str, Any]:
     """Bytes live at each of PHASES from the named components (see the comment above PHASES)."""
     persistent = c["weights"] + c["optimizer"] + c["ddp_buckets"]
     forward = c["weight_copies"] + c["activations"] + c["fsdp_unsharded"] + c["loss_gradient"]
+    root_gradients = c["loss_gradient"] + c["root_gradients"]
     return {
         "forward_end": persistent + forward,
         "loss_backward": persistent + forward + c["loss"],
         "backward": (persistent + c["weight_copies"] + c["activations"] + c["recompute"]
-                     + c["fsdp_unsharded_backward"] + c["root_gradients"]),
+                     + c["fsdp_unsharded_backward"] + root_gradients),
+        "gradient_reduce": persistent + c["gradients"] + np.where(c["fsdp_reduce_scatter"] > 0,
+                                                                   root_gradients + c["fsdp_reduce_scatter"], 0.0),
         "optimizer_step": persistent + c["gradients"] + c["optimizer_step"],
     }
 
@@ -852,8 +878,8 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
 # The components training_memory_arrays returns (bytes per device), then the per-phase totals
 # ("phase_" + each of PHASES), "peak", "peak_phase", "runtime_reserve" and "total".
 MEMORY_COMPONENTS = ("weights", "gradients", "optimizer", "weight_copies", "activations", "loss", "loss_gradient",
-                     "fsdp_unsharded", "fsdp_unsharded_backward", "ddp_buckets", "recompute", "root_gradients",
-                     "optimizer_step")
+                     "fsdp_unsharded", "fsdp_unsharded_backward", "fsdp_reduce_scatter", "ddp_buckets", "recompute",
+                     "root_gradients", "optimizer_step")
 
 
 def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *, seq_len: int,
@@ -903,9 +929,9 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     all_layers, largest_layer, head = layer_activation_bytes_per_token(
         a, seq_len, residual_bytes=residual, compute_bytes=compute_bytes, autocast=autocast, attention=attention)
     if device == "cpu" and style.get("normalization", "rmsnorm") == "rmsnorm":
-        # PyTorch's CPU RMSNorm is a composite that also keeps the normalised input (residual dtype)
-        all_layers = all_layers + n_layer * 2 * residual * n_embd
-        largest_layer, head = largest_layer + 2 * residual * n_embd, head + residual * n_embd
+        extra = cpu_rms_norm_extra_bytes(residual) * n_embd
+        all_layers = all_layers + n_layer * 2 * extra
+        largest_layer, head = largest_layer + 2 * extra, head + extra
     # checkpointing modes over the mean layer (every layer, for a dense model); selective-by-op's
     # save list is the dense block's (block_matmuls)
     blocks = saved_activations_per_token(all_layers / n_layer, n_layer, n_embd, kv_dim, d_ff, n_head, mode=mode,
@@ -923,17 +949,20 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
              lm_head_params, loss_chunk_tokens, autocast=autocast),
          "loss_gradient": loss_gradient,
          "fsdp_unsharded": unsharded_fwd, "fsdp_unsharded_backward": unsharded_bwd,
+         "fsdp_reduce_scatter": fsdp_reduce_scatter_bytes(root_params, sharded=bool(fsdp), device=device),
          "ddp_buckets": ddp_bucket_bytes(total_params, PRECISIONS[precision][1], ddp=sharding == "ddp"),
          "recompute": recompute,
-         "root_gradients": root_params * PRECISIONS[precision][1] / shards,
+         # the root's gradients the loss's backward forms (beside loss_gradient, formed in forward):
+         # FSDP2's unsharded lm_head gradient in the compute dtype; without FSDP, embedding and lm_head
+         "root_gradients": (lm_head_params * compute_bytes if fsdp else root_params * PRECISIONS[precision][1])
+                           - loss_gradient,
          "optimizer_step": optimizer_step_bytes(total_params, np.maximum(lm_head_params, n_embd * d_ff), shards,
                                                 optimizer_impl)}
     out = dict(c)
     phases = step_phases(c)
     for k in PHASES:
         out[f"phase_{k}"] = phases[k]
-    out["peak"] = np.maximum(np.maximum(phases["forward_end"], phases["loss_backward"]),
-                             np.maximum(phases["backward"], phases["optimizer_step"]))
+    out["peak"] = functools.reduce(np.maximum, (phases[k] for k in PHASES))
     # the first phase that reaches the peak, as an index into PHASES (training_memory names it)
     out["peak_phase"] = np.select([phases[k] == out["peak"] for k in PHASES], list(range(len(PHASES))))
     out["runtime_reserve"] = runtime_reserve_bytes(out["peak"], device)

@@ -173,7 +173,10 @@ def apply_fsdp(model: nn.Module, world_size: int, device: torch.device, param_dt
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # So are the root's (embeddings, final norm, lm_head: the loss's backward runs first). An explicit
+    # True would free and re-gather them between forward and backward (torch >= 2.8 keeps the root
+    # gathered only when reshard_after_forward is left to its default).
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model
 
 
