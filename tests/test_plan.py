@@ -307,6 +307,25 @@ def test_layout_auto_keeps_a_shape_that_only_tensor_or_pipeline_parallelism_fits
     assert counted["total"] == auto["memory_per_gpu_bytes"] <= gib40
 
 
+@pytest.mark.parametrize("gpus", [8, 64])
+def test_layout_memory_floor_is_below_every_layout_the_search_considers(gpus):
+    """The cheap filter of --layout auto never drops a shape some layout fits: its floor is at most the
+    memory of every (layout, micro-batch, checkpointing) the layout search costs, by brute force."""
+    from scalelab import layout_search
+    from scalelab.scaling.search import layout_global_batch, layout_memory_floor
+
+    acc = get_accelerator("H100")
+    for n_layer, n_embd, n_head in ((16, 2048, 16), (40, 5120, 40)):
+        cfg = style_config("llama3", n_layer, n_embd, n_head, num_key_value_heads=8, block_size=2048)
+        floor = layout_memory_floor(counting.count_params(cfg).total, "bf16-mixed", gpus)
+        least = min(layout_search.device_memory(cfg, layout, micro_batch=b, seq_len=2048, precision="bf16-mixed",
+                                                activation_checkpointing=mode, selective_ac_option=option)["total"]
+                    for layout, b, _ in layout_search.resolved_candidates(
+                        cfg, acc, gpus, seq_len=2048, global_batch_tokens=layout_global_batch(gpus, 2048))
+                    for mode, option in layout_search.CHECKPOINTING)
+        assert floor <= least
+
+
 def test_emit_config_loads_with_right_counts(cli, tmp_path):
     path = tmp_path / "plan.toml"
     out = plan_json(cli, "3e20", "--emit-config", str(path), "--set", "train.lr=1e-4")
