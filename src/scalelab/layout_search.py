@@ -130,11 +130,12 @@ def candidate_layouts(cfg: ModelConfig, acc: Accelerator, gpus: int) -> list[Lay
     return out
 
 
-def resolved_candidates(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int,
-                        global_batch_tokens: float) -> Iterator[tuple[Layout, int, int]]:
+def resolved_candidates(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, global_batch_tokens: float,
+                        layouts: list[Layout] | None = None) -> Iterator[tuple[Layout, int, int]]:
     """(layout with its pipeline micro-batches, micro-batch, accumulation) for every candidate layout
-    and micro-batch in MICRO_BATCHES that the global batch and the model allow."""
-    for base in candidate_layouts(cfg, acc, gpus):
+    (`layouts`, in that order, else candidate_layouts') and micro-batch in MICRO_BATCHES that the
+    global batch and the model allow, generated lazily."""
+    for base in candidate_layouts(cfg, acc, gpus) if layouts is None else layouts:
         for b in MICRO_BATCHES:
             try:
                 layout, accumulation, _ = resolve_batch(base, micro_batch=b, seq_len=seq_len,
@@ -180,8 +181,9 @@ def fits_any(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, glo
     recomputing, least memory) of the `checkpointing` modes on every candidate, the most divided
     layouts first, stopping at the first that fits."""
     mode, option = checkpointing[-1]
-    candidates = sorted(resolved_candidates(cfg, acc, gpus, seq_len=seq_len, global_batch_tokens=global_batch_tokens),
-                        key=lambda c: (-c[0].tp * c[0].pp * c[0].dp_shard, c[1]))
+    most_divided = sorted(candidate_layouts(cfg, acc, gpus), key=lambda lay: -lay.tp * lay.pp * lay.dp_shard)
+    candidates = resolved_candidates(cfg, acc, gpus, seq_len=seq_len, global_batch_tokens=global_batch_tokens,
+                                     layouts=most_divided)
     return any(device_memory(cfg, layout, micro_batch=b, seq_len=seq_len, precision=precision,
                              activation_checkpointing=mode, selective_ac_option=option, attention=attention,
                              loss_chunk_tokens=loss_chunk_tokens)["total"] <= acc.memory_bytes
