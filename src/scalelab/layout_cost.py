@@ -274,9 +274,10 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
         phases = counting.step_phases(out)
         if chunks < layout.pp_stages_per_rank * layout.microbatches:
             # a pipeline's steady state runs forwards and backwards of other micro-batches while
-            # this rank's gradients, formed by its first backward, accumulate
-            for k in ("forward_end", "loss_backward", "backward"):
+            # this rank's gradients (the root's among them), formed by its first backward, accumulate
+            for k in ("forward_end", "loss_backward"):
                 phases[k] += out["gradients"]
+            phases["backward"] += out["gradients"] - out["root_gradients"]
         out.update({f"phase_{k}": float(v) for k, v in phases.items()})
         out["peak"] = max(phases.values())
         out["peak_phase"] = next(k for k in counting.PHASES if phases[k] == out["peak"])
