@@ -224,6 +224,27 @@ def test_degenerate_layout_memory_consistency_check_llama31_8b():
     assert got["runtime_reserve"] == counting.CUDA_CONTEXT_BYTES + counting.ALLOCATOR_FRAGMENTATION * got["peak"]
 
 
+@pytest.mark.parametrize("layout, chunked", [
+    (Layout(pp=2, dp_shard=1), True), (Layout(pp=2, dp_shard=2), False), (Layout(tp=2, dp_shard=2), False),
+    (Layout(pp=2, dp_shard=1, pp_schedule="InterleavedZeroBubble", pp_stages_per_rank=2), False)],
+    ids=lambda x: x.describe() if isinstance(x, Layout) else str(x))
+def test_layout_memory_counts_the_loss_the_trainer_runs(layout, chunked):
+    """train/pipeline.py forms the logits whole on a pipeline's last stage under FSDP and under a
+    zero-bubble schedule (and TP always does): Layout.chunked_loss says where, and layout_memory's
+    loss follows it (it counted a chunked loss for pp x FSDP before)."""
+    from scalelab import counting
+
+    # a large vocabulary makes the last stage, which holds the loss, the one reported
+    cfg = style_config("llama3", 4, 64, 8, num_key_value_heads=4, d_ff=96, vocab_size=8192, block_size=32)
+    if layout.pp > 1:
+        layout = layout.replace(pp_microbatches=4)
+    layout = layout.validate(cfg, layout.pp * layout.dp_shard * layout.tp)
+    m = layout_cost.layout_memory(cfg, layout, micro_batch=1, seq_len=32, precision="fp32", loss_chunk_tokens=16)
+    assert layout.chunked_loss is chunked and m["loss_chunk_tokens"] == (16 if chunked else 0)
+    assert m["pp_rank"] == layout.pp - 1
+    assert m["loss"] == counting.loss_bytes(32, cfg.vocab_size, 4, 16 if chunked else 0)
+
+
 def test_layout_search_refuses_a_layout_that_fits_only_without_the_runtime_reserve():
     """LLaMA 3.1 8B on 8 x A100-40GB at 4096 tokens: PP 2 x TP 4 at micro-batch 2 without
     checkpointing peaks at 36.5 GiB allocated, which the 40 GiB card holds, but with the CUDA
