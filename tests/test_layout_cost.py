@@ -183,6 +183,109 @@ def test_pipeline_memory_holds_the_schedules_in_flight_micro_batches():
     assert gpipe["activations"] > one["activations"]
 
 
+# ---- the same memory model as counting.training_memory ----------------------------------------
+
+
+@pytest.mark.parametrize("layout, sharding, world", [(Layout(dp_shard=8), "fsdp", 8),
+                                                     (Layout(dp_replicate=8, dp_shard=1), "ddp", 8),
+                                                     (Layout(dp_shard=1), "none", 1)],
+                         ids=["fsdp8", "ddp8", "one"])
+@pytest.mark.parametrize("mode, option", [("none", "op"), ("full", "op"), ("selective", "op"), ("selective", "2")])
+@pytest.mark.parametrize("precision, chunk", [("bf16-mixed", 16), ("bf16-mixed", 0), ("fp32", 16), ("bf16", 0)])
+@pytest.mark.parametrize("impl, device", [("fused", "cuda"), ("foreach", "cuda"), ("for-loop", "cpu")])
+def test_degenerate_layout_memory_consistency_check_with_training_memory(layout, sharding, world, mode, option,
+                                                                          precision, chunk, impl, device):
+    """Consistency check: a layout with tp = pp = 1 (FSDP, DDP or one device) is what
+    counting.training_memory models, so layout_memory must give the same components, phases, peak,
+    runtime reserve and total (every row count divides 8: no FSDP padding)."""
+    from scalelab import counting
+
+    cfg = style_config("llama3", 4, 64, 8, num_key_value_heads=4, d_ff=96, vocab_size=256, block_size=32)
+    kw = dict(micro_batch=2, seq_len=32, precision=precision, activation_checkpointing=mode,
+              selective_ac_option=option, loss_chunk_tokens=chunk, optimizer_impl=impl, device=device)
+    got = layout_cost.layout_memory(cfg, layout.validate(cfg, world), **kw)
+    want = counting.training_memory(cfg, num_devices=world, sharding=sharding, **kw)
+    keys = (*counting.MEMORY_COMPONENTS, *(f"phase_{p}" for p in counting.PHASES), "peak", "runtime_reserve", "total")
+    assert {k: got[k] for k in keys} == pytest.approx({k: want[k] for k in keys}, rel=1e-12)
+    assert got["peak_phase"] == want["peak_phase"]
+
+
+def test_degenerate_layout_memory_consistency_check_llama31_8b():
+    """The same consistency check at full size: LLaMA 3.1 8B, FSDP over 8, 2 x 8192, selective checkpointing."""
+    from scalelab import counting
+    from scalelab.presets import get_preset
+
+    cfg = get_preset("llama3.1-8b")
+    kw = dict(micro_batch=2, seq_len=8192, activation_checkpointing="selective")
+    got = layout_cost.layout_memory(cfg, Layout(dp_shard=8).validate(cfg, 8), **kw)
+    want = counting.training_memory(cfg, num_devices=8, **kw)
+    for key in ("peak", "runtime_reserve", "total"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert got["runtime_reserve"] == counting.CUDA_CONTEXT_BYTES + counting.ALLOCATOR_FRAGMENTATION * got["peak"]
+
+
+@pytest.mark.parametrize("layout, chunked", [
+    (Layout(pp=2, dp_shard=1), True), (Layout(pp=2, dp_shard=2), False), (Layout(tp=2, dp_shard=2), False),
+    (Layout(pp=2, dp_shard=1, pp_schedule="InterleavedZeroBubble", pp_stages_per_rank=2), False)],
+    ids=lambda x: x.describe() if isinstance(x, Layout) else str(x))
+def test_layout_memory_counts_the_loss_the_trainer_runs(layout, chunked):
+    """train/pipeline.py forms the logits whole on a pipeline's last stage under FSDP and under a
+    zero-bubble schedule (and TP always does): Layout.chunked_loss says where, and layout_memory's
+    loss follows it (it counted a chunked loss for pp x FSDP before)."""
+    from scalelab import counting
+
+    # a large vocabulary makes the last stage, which holds the loss, the one reported
+    cfg = style_config("llama3", 4, 64, 8, num_key_value_heads=4, d_ff=96, vocab_size=8192, block_size=32)
+    if layout.pp > 1:
+        layout = layout.replace(pp_microbatches=4)
+    layout = layout.validate(cfg, layout.pp * layout.dp_shard * layout.tp)
+    m = layout_cost.layout_memory(cfg, layout, micro_batch=1, seq_len=32, precision="fp32", loss_chunk_tokens=16)
+    assert layout.chunked_loss is chunked and m["loss_chunk_tokens"] == (16 if chunked else 0)
+    assert m["pp_rank"] == layout.pp - 1
+    assert m["loss"] == counting.loss_bytes(32, cfg.vocab_size, 4, 16 if chunked else 0)
+
+
+def test_layout_search_refuses_a_layout_that_fits_only_without_the_runtime_reserve():
+    """LLaMA 3.1 8B on 8 x A100-40GB at 4096 tokens: PP 2 x TP 4 at micro-batch 2 without
+    checkpointing peaks at 36.5 GiB allocated, which the 40 GiB card holds, but with the CUDA
+    context and the allocator's fragmentation (as the data-parallel path counts them) it needs
+    40.7 GiB: the search must not offer it (it did while layout_memory had no reserve)."""
+    from scalelab import counting, layout_search
+    from scalelab.hardware import get_accelerator
+    from scalelab.presets import get_preset
+
+    cfg, acc = get_preset("llama3.1-8b"), get_accelerator("A100-40GB")
+    batch = 2**19
+    layout, _, _ = layout_search.resolve_batch(Layout(pp=2, tp=4, dp_shard=1), micro_batch=2, seq_len=4096,
+                                               global_batch_tokens=batch)
+    layout = layout.validate(cfg, 8)
+    m = layout_search.device_memory(cfg, layout, micro_batch=2, seq_len=4096, precision="bf16-mixed")
+    assert m["model"] == "layout_cost.layout_memory"
+    assert m["peak"] <= acc.memory_bytes < m["total"]
+    assert m["total"] == m["peak"] + counting.CUDA_CONTEXT_BYTES + counting.ALLOCATOR_FRAGMENTATION * m["peak"]
+    found = layout_search.search(cfg, acc, 8, seq_len=4096, global_batch_tokens=batch, top=10**6)
+    assert found and all(c.memory["total"] <= acc.memory_bytes for c in found)
+    assert not any(c.layout == layout and c.micro_batch == 2 and c.activation_checkpointing == "none" for c in found)
+
+
+def test_trainers_memory_check_of_a_tp_layout_counts_the_runtime_reserve():
+    """train/trainer.py's memory_problem for a tp x FSDP layout: a device with the allocated peak
+    free (but not the reserve) is refused, naming the reserve; one with the total free is not."""
+    from scalelab.train.config import config_from_dict, layout_of
+    from scalelab.train.trainer import memory_problem, predicted_memory
+
+    model = {"style": "llama3", "n_layer": 4, "n_embd": 128, "n_head": 4, "num_key_value_heads": 2,
+             "vocab_size": 512, "block_size": 64}
+    cfg = config_from_dict({"model": model, "data": {"dir": "unused"}, "parallel": {"tp": 2, "dp_shard": 2},
+                            "train": {"seq_len": 64, "micro_batch_size": 2, "max_steps": 1, "dtype": "bf16"}})
+    layout = layout_of(cfg, 4)
+    m = predicted_memory(cfg, layout.describe(), 4, layout)
+    assert m["model"] == "layout_cost.layout_memory" and m["runtime_reserve"] > 0
+    problem = memory_problem(cfg, layout.describe(), 4, (m["peak"] + 1.0, "free on the test's GPU"), layout=layout)
+    assert problem is not None and "runtime reserve" in problem and "layout_cost.layout_memory" in problem
+    assert memory_problem(cfg, layout.describe(), 4, (m["total"], "free on the test's GPU"), layout=layout) is None
+
+
 # ---- count ------------------------------------------------------------------------------------
 
 
@@ -201,8 +304,14 @@ def test_count_prints_and_returns_the_layout(cli):
     predicted = out["time"]["predicted"]
     assert 0 < predicted["mfu"] < 1 and predicted["step_seconds"] > 0
     assert out["memory"]["model"] == "layout_cost.layout_memory"
+    memory = out["memory"]
+    assert memory["total"] == memory["peak"] + memory["runtime_reserve"] and memory["runtime_reserve"] > 0
+    assert memory["peak_phase"] in ("forward_end", "loss_backward", "backward", "optimizer_step")
     human = cli("count", "llama3.1-8b", "--gpus", "8", "--gpu-type", "H100", "--tp", "2", "--mfu", "auto")
     assert "Communication per step per device" in human.stdout and "Predicted step time" in human.stdout
+    # the memory table shows the peak and the reserve, as the data-parallel one does
+    for line in ("Peak (allocated)", "Runtime reserve (CUDA context, allocator)", "Live at backward"):
+        assert line in human.stdout, line
 
 
 def test_count_layout_auto_shows_the_top_layouts(cli):

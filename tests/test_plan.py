@@ -276,6 +276,56 @@ def test_memory_filter_changes_the_answer_only_by_excluding_what_does_not_fit(cl
         (first_that_fits["n_layer"], first_that_fits["n_embd"], first_that_fits["n_head"])
 
 
+def test_layout_auto_keeps_a_shape_that_only_tensor_or_pipeline_parallelism_fits(cli, tmp_path):
+    """8 x A100-40GB, 2e23 FLOPs at 4096 tokens. The compute-optimal shape that fits in some layout,
+    44L x 5632H (19.1B), needs more than 40 GiB under FSDP over all 8 GPUs at micro-batch 1 with full
+    checkpointing (counting.training_memory, the plan's filter without --layout auto), so the filter
+    that assumed FSDP dropped it and the plan settled for 50L x 5120H. With --layout auto the plan keeps
+    it, with a layout that has tp or pp, and the config it writes counts (`scalelab count FILE`) to the
+    plan's figure, within the card. Without --layout auto the plan is what it was."""
+    gib40 = get_accelerator("A100-40GB").memory_bytes
+    args = ["2e23", "--gpus", "8", "--gpu-type", "A100-40GB", "--seq-len", "4096"]
+
+    def fsdp_over_all(row):
+        cfg = style_config("llama3", row["n_layer"], row["n_embd"], row["n_head"],
+                           num_key_value_heads=row["num_key_value_heads"], block_size=4096)
+        return counting.training_memory(cfg, micro_batch=1, seq_len=4096, num_devices=8, sharding="fsdp",
+                                        activation_checkpointing=True)["total"]
+
+    plain = plan_json(cli, *args)["best"]
+    assert (plain["n_layer"], plain["n_embd"]) == (50, 5120)
+    assert plain["memory_per_gpu_bytes"] == fsdp_over_all(plain) <= gib40
+    path = tmp_path / "plan.toml"
+    auto = plan_json(cli, *args, "--layout", "auto", "--emit-config", str(path))["best"]
+    assert (auto["n_layer"], auto["n_embd"]) == (44, 5632) and auto["loss"] < plain["loss"]
+    assert fsdp_over_all(auto) > gib40
+    chosen = auto["layout"]["layout"]
+    assert chosen["tp"] > 1 or chosen["pp"] > 1
+    r = cli("count", str(path), "--gpus", "8", "--gpu-type", "A100-40GB", "--json")
+    assert r.returncode == 0, r.stderr
+    counted = json.loads(r.stdout)["memory"]
+    assert counted["total"] == auto["memory_per_gpu_bytes"] <= gib40
+
+
+@pytest.mark.parametrize("gpus", [8, 64])
+def test_layout_memory_floor_is_below_every_layout_the_search_considers(gpus):
+    """The cheap filter of --layout auto never drops a shape some layout fits: its floor is at most the
+    memory of every (layout, micro-batch, checkpointing) the layout search costs, by brute force."""
+    from scalelab import layout_search
+    from scalelab.scaling.search import layout_global_batch, layout_memory_floor
+
+    acc = get_accelerator("H100")
+    for n_layer, n_embd, n_head in ((16, 2048, 16), (40, 5120, 40)):
+        cfg = style_config("llama3", n_layer, n_embd, n_head, num_key_value_heads=8, block_size=2048)
+        floor = layout_memory_floor(counting.count_params(cfg).total, "bf16-mixed", gpus)
+        least = min(layout_search.device_memory(cfg, layout, micro_batch=b, seq_len=2048, precision="bf16-mixed",
+                                                activation_checkpointing=mode, selective_ac_option=option)["total"]
+                    for layout, b, _ in layout_search.resolved_candidates(
+                        cfg, acc, gpus, seq_len=2048, global_batch_tokens=layout_global_batch(gpus, 2048))
+                    for mode, option in layout_search.CHECKPOINTING)
+        assert floor <= least
+
+
 def test_emit_config_loads_with_right_counts(cli, tmp_path):
     path = tmp_path / "plan.toml"
     out = plan_json(cli, "3e20", "--emit-config", str(path), "--set", "train.lr=1e-4")

@@ -35,6 +35,8 @@ TRAINED_PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe", "LoopedBFS", "Interl
 SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
 # ZBVZeroBubble places exactly two stages per rank in a V.
 V_SCHEDULES = ("ZBVZeroBubble",)
+# Schedules that split each backward into the inputs' gradients, then the weights' (zero bubble)
+SPLIT_BACKWARD_SCHEDULES = ("InterleavedZeroBubble",)
 
 MESH_KEYS = ("pp", "dp_replicate", "dp_shard", "tp")  # the mesh dimensions, outermost first
 LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp", "pp", "pp_schedule", "pp_microbatches", "pp_stages_per_rank",
@@ -200,6 +202,14 @@ class Layout:
     def uses_fsdp(self) -> bool:
         """fully_shard applies: over dp_shard, or over dp_replicate × dp_shard (HSDP)."""
         return self.dp_shard > 1
+
+    @property
+    def chunked_loss(self) -> bool:
+        """Whether the model's chunked loss (train.loss_chunk_tokens) runs: not under tp (the
+        vocabulary is sharded instead), nor on a pipeline's last stage under FSDP (lm_head's weight is
+        whole only inside the stage's forward) or a zero-bubble schedule (its split backward runs
+        through the loss twice): there the logits are formed whole."""
+        return self.tp == 1 and not (self.pp > 1 and (self.uses_fsdp or self.pp_schedule in SPLIT_BACKWARD_SCHEDULES))
 
 
 def stage_layers(n_layer: int, n_stages: int) -> list[range]:

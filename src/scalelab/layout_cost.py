@@ -148,6 +148,7 @@ class RankParams:
     blocks: int  # all its blocks, FSDP-sharded (padded)
     root: int  # embeddings / final norm / lm_head on this rank, FSDP-sharded (padded)
     root_unsharded: int  # the same before FSDP
+    largest: int  # its largest tensor, FSDP-sharded (AdamW's for-loop temporaries scale with it)
     local: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -170,7 +171,8 @@ def rank_params(cfg: ModelConfig, layout: Layout) -> list[RankParams]:
         root = (first if 0 in stages else []) + (last if p * v - 1 in stages else [])
         out.append(RankParams(pp_rank=r, layers=layers, block=sum(t.numel() for t in block),
                               blocks=layers * sum(t.numel(n) for t in block),
-                              root=sum(t.numel(n) for t in root), root_unsharded=sum(t.numel() for t in root)))
+                              root=sum(t.numel(n) for t in root), root_unsharded=sum(t.numel() for t in root),
+                              largest=max(t.numel(n) for t in (root + block if layers else root))))
     return out
 
 
@@ -180,29 +182,40 @@ def rank_params(cfg: ModelConfig, layout: Layout) -> list[RankParams]:
 def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq_len: int | None = None,
                   precision: str = "bf16-mixed", activation_checkpointing: Any = "none",
                   selective_ac_option: Any = "op", attention: str = "sdpa",
-                  loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, Any]:
-    """Memory per device for a resolved layout, by component, on the pipeline rank that needs the
-    most (`pp_rank`). Weights, gradients and optimizer state are the rank's exact local elements
-    (rank_params) times counting.PRECISIONS' bytes. Activations: one micro-batch of the rank's
-    layers (counting.activation_bytes_per_token), times the chunks its schedule keeps in flight
+                  loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, optimizer_impl: str = "fused",
+                  device: str = "cuda") -> dict[str, Any]:
+    """Memory per device for a resolved layout, on the pipeline rank that needs the most (`pp_rank`),
+    in counting.training_memory's terms (docs/memory.md): the same named components
+    (counting.MEMORY_COMPONENTS), the same four moments of the step (counting.step_phases), the
+    allocated `peak` and its `peak_phase`, the `runtime_reserve` (CUDA context and allocator
+    fragmentation; none on the CPU) and `total` = peak + reserve, what the device must have. For
+    tp = pp = 1 it is training_memory's figure (up to FSDP's padding of uneven rows).
+
+    What a layout changes: weights, gradients and optimizer state are the rank's exact local
+    elements (rank_params). Activations: one micro-batch of the rank's layers
+    (counting.activation_bytes_per_token), times the chunks its schedule keeps in flight
     (in_flight_chunks), with tensor parallelism dividing what is split over heads or the FFN width
     and, under sequence parallelism, the residual stream and norms too; the inputs of the
     column-wise projections (gathered over the sequence) stay whole. The last stage adds the final
-    norm, lm_head input and the loss (counting.loss_bytes; over vocab / tp with loss_parallel).
-    FSDP holds two blocks unsharded (the one computing and the one prefetched) and the root unit
-    (embeddings, final norm, lm_head) while it is in use."""
+    norm, lm_head's input and the loss (counting.loss_bytes: unchunked where Layout.chunked_loss
+    says the trainer forms the logits whole, over vocab / tp with loss_parallel). FSDP's gathered
+    root unit and blocks are those of the rank's own stages, tp-local."""
     s = cfg.block_size if seq_len is None else seq_len
     mode, option = checkpointing(activation_checkpointing, selective_ac_option)
+    if optimizer_impl not in counting.OPTIMIZER_IMPLS or device not in counting.DEVICES:
+        raise ValueError(f"optimizer_impl must be one of {counting.OPTIMIZER_IMPLS} and device one of "
+                         f"{counting.DEVICES}")
     wb, gb, ob = counting.PRECISIONS[precision]
     fsdp = layout.uses_fsdp
     autocast = precision == "bf16-mixed" and not fsdp
     residual = 4 if precision == "fp32" or autocast else 2
     c = counting.ACTIVATION_BYTES[precision]
     t = layout.tp
+    split = t if layout.sequence_parallel else 1  # what sequence parallelism splits: residual stream, norms
     per_layer, head = counting.activation_bytes_per_token(
         cfg.n_embd, cfg.kv_dim, cfg.ffn_hidden, cfg.n_head, s, ffn_type=cfg.ffn_type,
         normalization=cfg.normalization, residual_bytes=residual,
-        compute_bytes=c, autocast=autocast, attention=attention)
+        compute_bytes=c, autocast=autocast, attention=attention, q_dim=cfg.n_head * cfg.head_dim)
     if t > 1:
         # gathered inputs of the attention and FFN projections stay whole; with sequence parallelism
         # everything else is split, without it the residual stream and norms are replicated too
@@ -214,50 +227,76 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
         if layout.sequence_parallel:  # the final norm runs on its slice; lm_head's gathered input and the ids stay whole
             final_norm = residual * cfg.n_embd + 4 * (2 if cfg.normalization == "layernorm" else 1)
             head = head - final_norm + final_norm / t
+    if device == "cpu" and cfg.normalization == "rmsnorm":
+        # PyTorch's CPU RMSNorm is a composite that also keeps the normalised input (as training_memory)
+        per_layer += 2 * residual * cfg.n_embd / split
+        head += residual * cfg.n_embd / split
     tokens = micro_batch * s
-    if t > 1:
-        loss_chunk_tokens = 0  # parallel.py scores the vocabulary-sharded logits whole under tp
-    ranks = rank_params(cfg, layout)
+    if not layout.chunked_loss:
+        loss_chunk_tokens = 0
+    vocab = cfg.vocab_size / t if layout.loss_parallel else cfg.vocab_size
+    kept = (counting.selective_op_saved_per_token(cfg.n_embd, cfg.kv_dim, cfg.ffn_hidden, cfg.n_head,
+                                                  ffn_type=cfg.ffn_type, residual_bytes=residual, compute_bytes=c,
+                                                  attention=attention) / t
+            if mode == "selective" and option == "op" else residual * cfg.n_embd / split)
+    per_stage = stage_layers(cfg.n_layer, layout.pp * layout.pp_stages_per_rank)
     best: dict[str, Any] | None = None
-    for rp in ranks:
+    for rp in rank_params(cfg, layout):
+        stages = [rp.pp_rank + k * layout.pp for k in range(layout.pp_stages_per_rank)]
+        is_last = stages[-1] == len(per_stage) - 1
         chunks = in_flight_chunks(layout.pp_schedule, layout.pp, layout.microbatches, layout.pp_stages_per_rank,
                                   rp.pp_rank)
-        layers_per_chunk = rp.layers / layout.pp_stages_per_rank
-        wrapped = wrapped_blocks(rp.layers, mode, option) / layout.pp_stages_per_rank
-        split = t if layout.sequence_parallel else 1
-        kept = (selective_op_kept_per_token(cfg, residual, c) / t if mode == "selective" and option == "op"
-                else residual * cfg.n_embd / split)
-        # wrapped blocks keep `kept`; while one is recomputed in backward its full activations are live
-        acts = tokens * (chunks * ((layers_per_chunk - wrapped) * per_layer + wrapped * kept)
-                         + (per_layer if wrapped else 0.0))
-        is_last = rp.pp_rank == layout.pp - 1
-        if is_last:
-            vocab = cfg.vocab_size / t if layout.loss_parallel else cfg.vocab_size
-            acts += tokens * head + float(counting.loss_bytes(tokens, vocab, c, loss_chunk_tokens))
-        unsharded = 0.0
-        if fsdp and layout.dp_shard > 1:
-            unsharded = c * (min(2, rp.layers) * rp.block + rp.root_unsharded)
-        copies = 2.0 * _matmul_elements(cfg, rp, t) if autocast else 0.0
-        parts = {"weights": rp.local * wb, "gradients": rp.local * gb, "optimizer": rp.local * ob,
-                 "unsharded_buffers": unsharded, "weight_copies": copies, "activations": float(acts)}
-        total = sum(parts.values())
-        if best is None or total > best["total"]:
-            best = dict(parts, total=total, pp_rank=rp.pp_rank, layers=rp.layers, in_flight=chunks,
-                        local_params=rp.local)
+        # a chunk is one micro-batch of one local stage: their mean layers and checkpointed blocks
+        layers_per_chunk = rp.layers / len(stages)
+        wrapped = sum(wrapped_blocks(per_stage[i], mode, option) for i in stages) / len(stages)
+        saved = tokens * chunks * ((layers_per_chunk - wrapped) * per_layer + wrapped * kept)
+        lm_head = cfg.vocab_size * cfg.n_embd / t if is_last else 0.0  # tp-local, before FSDP
+        chunked = bool(loss_chunk_tokens) and is_last
+        c_parts = {
+            "weights": rp.local * wb, "gradients": rp.local * gb, "optimizer": rp.local * ob,
+            # autocast's bf16 copy of each matmul weight, kept but in checkpointed blocks
+            "weight_copies": 2.0 * ((rp.layers - wrapped * len(stages)) * _block_matmul_elements(cfg, t) + lm_head)
+            if autocast else 0.0,
+            "activations": saved + (tokens * head if is_last else 0.0),
+            "loss": (float(counting.loss_bytes(tokens, vocab, c, loss_chunk_tokens))
+                     + counting.chunked_loss_weight_transients(lm_head, loss_chunk_tokens, autocast=autocast))
+            if is_last else 0.0,
+            "loss_gradient": lm_head * (c if fsdp else gb) if chunked else 0.0,
+            "ddp_buckets": counting.ddp_bucket_bytes(rp.local, gb, ddp=layout.is_ddp),
+            # backward meets the stage's last block first; when it is checkpointed it is recomputed whole
+            "recompute": tokens * per_layer * float(counting.last_block_wrapped(per_stage[stages[-1]], mode, option)),
+            "root_gradients": rp.root * gb,
+            "optimizer_step": counting.optimizer_step_bytes(rp.local, rp.largest, 1, optimizer_impl),
+        }
+        c_parts["fsdp_unsharded"], c_parts["fsdp_unsharded_backward"] = counting.fsdp_unsharded_bytes(
+            float(rp.block), float(rp.root_unsharded), c, sharded=fsdp)
+        out: dict[str, Any] = {k: float(c_parts[k]) for k in counting.MEMORY_COMPONENTS}
+        phases = counting.step_phases(out)
+        if chunks < layout.pp_stages_per_rank * layout.microbatches:
+            # a pipeline's steady state runs forwards and backwards of other micro-batches while
+            # this rank's gradients (the root's among them), formed by its first backward, accumulate
+            for k in ("forward_end", "loss_backward"):
+                phases[k] += out["gradients"]
+            phases["backward"] += out["gradients"] - out["root_gradients"]
+        out.update({f"phase_{k}": float(v) for k, v in phases.items()})
+        out["peak"] = max(phases.values())
+        out["peak_phase"] = next(k for k in counting.PHASES if phases[k] == out["peak"])
+        out["runtime_reserve"] = float(counting.runtime_reserve_bytes(out["peak"], device))
+        out["total"] = out["peak"] + out["runtime_reserve"]
+        if best is None or out["total"] > best["total"]:
+            best = dict(out, pp_rank=rp.pp_rank, layers=rp.layers, in_flight=chunks, local_params=rp.local)
     assert best is not None
     best.update(micro_batch=micro_batch, seq_len=s, precision=precision, layout=layout_dict(layout),
-                activation_checkpointing=mode, selective_ac_option=option, loss_chunk_tokens=loss_chunk_tokens,
-                num_devices=layout.world)
+                num_devices=layout.world, activation_checkpointing=mode, selective_ac_option=option,
+                loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device)
     return best
 
 
-def _matmul_elements(cfg: ModelConfig, rp: RankParams, tp: int) -> float:
-    """Matmul weights on this rank (autocast keeps a bf16 copy of each), tp-local, not FSDP-sharded."""
+def _block_matmul_elements(cfg: ModelConfig, tp: int) -> float:
+    """One block's matmul weights on a tp rank (autocast keeps a bf16 copy of each), not FSDP-sharded."""
     h, kv, f = cfg.n_embd, cfg.kv_dim, cfg.ffn_hidden
     n_in = 2 if cfg.ffn_type == "swiglu" else 1
-    per_layer = (2 * h * h + 2 * h * kv + (n_in + 1) * h * f) / tp
-    head = cfg.vocab_size * h / tp if rp.root_unsharded else 0
-    return rp.layers * per_layer + head
+    return (2 * h * h + 2 * h * kv + (n_in + 1) * h * f) / tp
 
 
 def layout_dict(layout: Layout) -> dict[str, Any]:
@@ -400,12 +439,3 @@ def wrapped_blocks(layers: int, mode: str, option: str) -> int:
     if mode == "selective" and option != "op":
         return layers // int(option)
     return layers
-
-
-def selective_op_kept_per_token(cfg: ModelConfig, residual: int, c: int) -> float:
-    """Bytes per token a block keeps under selective-by-op (torchtitan's policy): its input, the
-    outputs of the 1st, 3rd, 5th ... matmul (q, v, gate, down with separate K and V) and attention's
-    output and fp32 log-sum-exp."""
-    h, kv, f = cfg.n_embd, cfg.kv_dim, cfg.ffn_hidden
-    outs = [h, kv, kv, h] + ([f, f] if cfg.ffn_type == "swiglu" else [f]) + [h]
-    return residual * h + c * sum(outs[::2]) + c * h + 4 * cfg.n_head

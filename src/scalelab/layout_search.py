@@ -9,6 +9,7 @@ checkpointing) by steptime's predicted step time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,14 +130,12 @@ def candidate_layouts(cfg: ModelConfig, acc: Accelerator, gpus: int) -> list[Lay
     return out
 
 
-def search(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, global_batch_tokens: float,
-           precision: str = "bf16-mixed", attention: str = "sdpa",
-           loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, top: int = 5,
-           checkpointing: tuple[tuple[str, str], ...] = CHECKPOINTING) -> list[Candidate]:
-    """The fastest `top` feasible layouts (memory total within the device), fastest first, trying
-    the `checkpointing` modes from the least recomputation up."""
-    found: list[Candidate] = []
-    for base in candidate_layouts(cfg, acc, gpus):
+def resolved_candidates(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, global_batch_tokens: float,
+                        layouts: list[Layout] | None = None) -> Iterator[tuple[Layout, int, int]]:
+    """(layout with its pipeline micro-batches, micro-batch, accumulation) for every candidate layout
+    (`layouts`, in that order, else candidate_layouts') and micro-batch in MICRO_BATCHES that the
+    global batch and the model allow, generated lazily."""
+    for base in candidate_layouts(cfg, acc, gpus) if layouts is None else layouts:
         for b in MICRO_BATCHES:
             try:
                 layout, accumulation, _ = resolve_batch(base, micro_batch=b, seq_len=seq_len,
@@ -147,16 +146,45 @@ def search(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, globa
             if layout.pp > 1 and layout.pp_schedule != "1F1B" and layout.microbatches % max(
                     1, layout.microbatches // layout.pp):
                 continue  # Interleaved1F1B needs micro-batches a multiple of its rounds
-            for mode, option in checkpointing:
-                memory = device_memory(cfg, layout, micro_batch=b, seq_len=seq_len, precision=precision,
-                                       activation_checkpointing=mode, selective_ac_option=option,
-                                       attention=attention, loss_chunk_tokens=loss_chunk_tokens)
-                if memory["total"] > acc.memory_bytes:
-                    continue
-                t = steptime.step_time(cfg, acc, layout, micro_batch=b, seq_len=seq_len, accumulation=accumulation,
-                                       precision=precision, activation_checkpointing=mode,
-                                       selective_ac_option=option)
-                found.append(Candidate(layout, b, accumulation, mode, option, memory, t))
-                break  # the least recomputation that fits is the fastest for this layout and micro-batch
+            yield layout, b, accumulation
+
+
+def search(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, global_batch_tokens: float,
+           precision: str = "bf16-mixed", attention: str = "sdpa",
+           loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, top: int = 5,
+           checkpointing: tuple[tuple[str, str], ...] = CHECKPOINTING) -> list[Candidate]:
+    """The fastest `top` feasible layouts (memory total within the device), fastest first, trying
+    the `checkpointing` modes from the least recomputation up."""
+    found: list[Candidate] = []
+    for layout, b, accumulation in resolved_candidates(cfg, acc, gpus, seq_len=seq_len,
+                                                       global_batch_tokens=global_batch_tokens):
+        for mode, option in checkpointing:
+            memory = device_memory(cfg, layout, micro_batch=b, seq_len=seq_len, precision=precision,
+                                   activation_checkpointing=mode, selective_ac_option=option,
+                                   attention=attention, loss_chunk_tokens=loss_chunk_tokens)
+            if memory["total"] > acc.memory_bytes:
+                continue
+            t = steptime.step_time(cfg, acc, layout, micro_batch=b, seq_len=seq_len, accumulation=accumulation,
+                                   precision=precision, activation_checkpointing=mode,
+                                   selective_ac_option=option)
+            found.append(Candidate(layout, b, accumulation, mode, option, memory, t))
+            break  # the least recomputation that fits is the fastest for this layout and micro-batch
     found.sort(key=lambda c: c.time.step_seconds)
     return found[:top]
+
+
+def fits_any(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, global_batch_tokens: float,
+             precision: str = "bf16-mixed", attention: str = "sdpa",
+             loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
+             checkpointing: tuple[tuple[str, str], ...] = CHECKPOINTING) -> bool:
+    """Whether `search` would find any layout that fits, without timing one: the last (most
+    recomputing, least memory) of the `checkpointing` modes on every candidate, the most divided
+    layouts first, stopping at the first that fits."""
+    mode, option = checkpointing[-1]
+    most_divided = sorted(candidate_layouts(cfg, acc, gpus), key=lambda lay: -lay.tp * lay.pp * lay.dp_shard)
+    candidates = resolved_candidates(cfg, acc, gpus, seq_len=seq_len, global_batch_tokens=global_batch_tokens,
+                                     layouts=most_divided)
+    return any(device_memory(cfg, layout, micro_batch=b, seq_len=seq_len, precision=precision,
+                             activation_checkpointing=mode, selective_ac_option=option, attention=attention,
+                             loss_chunk_tokens=loss_chunk_tokens)["total"] <= acc.memory_bytes
+               for layout, b, _ in candidates)

@@ -417,13 +417,14 @@ def print_report(cfg, r: dict) -> None:
     title = (f"Training memory per device ({spread}, {m['precision']}, "
              f"micro-batch {m['micro_batch']} x {m['seq_len']}{_checkpointing_text(m)}, "
              f"{loss})")
-    if "layout" in m:  # layout_cost.layout_memory (tp, pp or HSDP)
-        rows = _layout_memory_rows(m)
-    else:
-        rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k])) for k in MEMORY_COMPONENTS if m[k]]
-        rows += [(f"Live at {phase.replace('_', ' ')}", format_bytes(m[f"phase_{phase}"])) for phase in PHASES]
-        rows.append(("Peak (allocated)", f"{format_bytes(m['peak'])} at {m['peak_phase'].replace('_', ' ')}"))
-        rows.append(("Runtime reserve (CUDA context, allocator)", format_bytes(m["runtime_reserve"])))
+    # counting.training_memory, or layout_cost.layout_memory (tp, pp or HSDP): the same components and phases
+    rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k])) for k in MEMORY_COMPONENTS if m[k]]
+    if "layout" in m and m["layout"]["pp"] > 1:
+        rows.append(("Activations in flight", f"{m['in_flight']} (micro-batch x local stage) chunks on pipeline "
+                                               f"rank {m['pp_rank']}, which holds {m['layers']} layers"))
+    rows += [(f"Live at {phase.replace('_', ' ')}", format_bytes(m[f"phase_{phase}"])) for phase in PHASES]
+    rows.append(("Peak (allocated)", f"{format_bytes(m['peak'])} at {m['peak_phase'].replace('_', ' ')}"))
+    rows.append(("Runtime reserve (CUDA context, allocator)", format_bytes(m["runtime_reserve"])))
     rows.append(("Total (estimate)", format_bytes(m["total"])))
     if "device_memory" in m:
         verdict = "fits" if m["fits"] else "DOES NOT FIT"
@@ -481,16 +482,6 @@ def print_layout(r: dict) -> None:
         for c in comm:
             print(f"  {c['name']:<44} {c['group']:>6} {c['calls']:>8,} {format_bytes(c['bytes']):>12}")
         print()
-
-
-def _layout_memory_rows(m: dict) -> list[tuple[str, str]]:
-    """layout_cost.layout_memory's components, and the pipeline rank and in-flight chunks they are for."""
-    rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k]))
-            for k in ("weights", "gradients", "optimizer", "unsharded_buffers", "weight_copies", "activations") if m[k]]
-    if m["layout"]["pp"] > 1:
-        rows.append(("Activations in flight", f"{m['in_flight']} (micro-batch x local stage) chunks on pipeline "
-                                               f"rank {m['pp_rank']}, which holds {m['layers']} layers"))
-    return rows
 
 
 def _checkpointing_text(m: dict) -> str:

@@ -60,13 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-tokens", default=None, help="dataset size: D at most this, e.g. 2T")
     c.add_argument("--max-params", default=None, help="N at most this, e.g. 8B")
     h = p.add_argument_group("hardware (memory filter, wall-clock, or the budget itself)")
-    h.add_argument("--gpus", type=int, default=None, help="number of GPUs (FSDP over all of them; one GPU trains unsharded)")
+    h.add_argument("--gpus", type=int, default=None, help="number of GPUs (FSDP over all of them, or with --layout auto any "
+                   "layout; one GPU trains unsharded)")
     h.add_argument("--gpu-type", default=None, help="A6000, A100-40GB, A100-80GB, H100-SXM, H100-PCIe, H200, B200")
     h.add_argument("--hours", type=float, default=None, help="budget from hardware: C = GPUs × peak × MFU × hours")
     h.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for --hours and wall-clock")
-    h.add_argument("--layout", choices=("auto",), default=None, help="auto: for the best shape, search the "
-                   "fastest layout (tp, pp, FSDP/HSDP), micro-batch and checkpointing that fits (scalelab.steptime); "
-                   "--emit-config writes it")
+    h.add_argument("--layout", choices=("auto",), default=None, help="auto: keep a shape when any layout (tp, "
+                   "pp, FSDP/HSDP) fits it, and for the best one search the fastest layout, micro-batch and "
+                   "checkpointing that fits (scalelab.steptime); --emit-config writes it")
     law = p.add_argument_group("loss law L(N, D) = E + A/N^alpha + B/D^beta")
     law.add_argument("--law", default=None, help="named law: chinchilla (default), epoch, shakespeare-cpu (the demo's own fit)")
     law.add_argument("--law-file", default=None, help="JSON law file (what `scalelab fit` writes)")
@@ -198,7 +199,8 @@ def build(args: argparse.Namespace):
         **shape_flags(args), mha=args.no_gqa, style=args.style, ffn_ratio=args.ffn_ratio, seq_len=args.seq_len,
         vocab_size=args.vocab, aspect=parse_aspect(args.aspect), max_tokens=max_tokens, max_params=max_params,
         enforce_chinchilla=args.enforce_chinchilla, tokens_per_param=args.tokens_per_param,
-        tolerance=args.tolerance, gpus=gpus, accelerator=accelerator, mfu=args.mfu)
+        tolerance=args.tolerance, gpus=gpus, accelerator=accelerator, mfu=args.mfu,
+        layout_checkpointing=trainer_checkpointing_modes() if args.layout == "auto" else None)
     return C, budget, law, space
 
 
@@ -264,7 +266,8 @@ def print_report(result) -> None:
     names = {"one_sequence": "less than one sequence of tokens", "aspect": f"aspect outside "
              f"{':'.join(f'{a:g}' for a in d['aspect'] or ())}", "max_params": "over --max-params",
              "max_tokens": "over --max-tokens", "chinchilla": "D/N outside the Chinchilla band",
-             "memory": "training state does not fit the GPUs"}
+             "memory": ("no layout of the GPUs fits the training state" if d["hardware"] and
+                        d["hardware"]["memory_model"]["any_layout"] else "training state does not fit the GPUs")}
     excluded = [f"{n:,} {names[k]}" for k, n in s["excluded"].items() if n]
     if excluded:
         print(f"  excluded (a shape may fail several): {'; '.join(excluded)}")
@@ -357,30 +360,20 @@ def plan_owned_keys(space, layout_auto: bool = False) -> list[str]:
     return owned
 
 
-def plan_global_batch(gpus: int, seq_len: int) -> int:
-    """The global batch the layout search assumes: about 0.5M tokens (2**19), in whole micro-batches of
-    one sequence per GPU, at least one."""
-    per_micro = gpus * seq_len
-    return max(1, round(2**19 / per_micro)) * per_micro
-
-
 def choose_layout(result) -> None:
     """--layout auto: the fastest layout for the best shape (layout_search.search, the same figures as
     `count --layout auto`), stored in result.best with the trainer settings that reproduce its memory."""
     from scalelab import layout_search
     from scalelab.layout import Layout
-    from scalelab.scaling.search import TRAINER_DTYPE
+    from scalelab.scaling.search import TRAINER_DTYPE, layout_global_batch
 
     space, best = result.space, result.best
     cfg = space.model_config(best["n_layer"], best["n_embd"], best["n_head"], best["num_key_value_heads"])
-    batch = plan_global_batch(space.gpus, space.seq_len)
+    batch = layout_global_batch(space.gpus, space.seq_len)
     found = layout_search.search(cfg, space.accelerator, space.gpus, seq_len=space.seq_len, global_batch_tokens=batch,
                                  precision=space.precision, attention=space.attention,
-                                 checkpointing=trainer_checkpointing_modes())
-    if not found:
-        result.search["warnings"].append(f"--layout auto: no layout of {space.gpus} x {space.accelerator.name} fits "
-                                         f"{cfg.name()}; the plan keeps FSDP over all GPUs")
-        return
+                                 checkpointing=space.layout_checkpointing)
+    assert found, "the memory filter (keep_shapes_a_layout_fits) kept a shape that no layout fits"
     chosen = found[0]
     default = Layout()
     parallel = {k: v for k, v in layout_search.layout_cost.layout_dict(chosen.layout).items()

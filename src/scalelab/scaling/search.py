@@ -87,6 +87,11 @@ class SearchSpace:
     activation_checkpointing: bool = True
     precision: str = "bf16-mixed"
     attention: str = "sdpa"
+    # given (`plan --layout auto`): the filter keeps a shape when any layout the layout search
+    # considers fits it (layout_search.fits_any, with these checkpointing modes), not only FSDP over
+    # every GPU: a cheap floor over all shapes first (layout_memory_floor), then the real check on
+    # the best survivors in loss order (keep_shapes_a_layout_fits)
+    layout_checkpointing: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -215,7 +220,8 @@ class SearchSpace:
                          {"gpus": self.gpus, "gpu_type": self.accelerator.name, "mfu": self.mfu,
                           "memory_model": {"micro_batch": self.micro_batch, "sharding": self.sharding,
                                            "precision": self.precision, "attention": self.attention,
-                                           "activation_checkpointing": self.activation_checkpointing}}),
+                                           "activation_checkpointing": self.activation_checkpointing,
+                                           "any_layout": self.layout_checkpointing is not None}}),
         }
 
 
@@ -315,14 +321,58 @@ def _evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: 
         masks["chinchilla"] = ((fpt * (space.tokens_per_param * (1 - space.tolerance) * N) <= C)
                                & (C <= fpt * (space.tokens_per_param * (1 + space.tolerance) * N)))
     if space.accelerator is not None:
-        mem = counting.training_memory_arrays(
-            *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus,
-            sharding=space.sharding, precision=space.precision, attention=space.attention,
-            activation_checkpointing=space.activation_checkpointing, **kw)["total"]
+        if space.layout_checkpointing is None:
+            mem = counting.training_memory_arrays(
+                *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus,
+                sharding=space.sharding, precision=space.precision, attention=space.attention,
+                activation_checkpointing=space.activation_checkpointing, **kw)["total"]
+        else:
+            mem = layout_memory_floor(N, space.precision, space.gpus)
         out["memory"] = mem
         masks["memory"] = mem <= space.accelerator.memory_bytes
     out["masks"] = masks
     return out
+
+
+def layout_memory_floor(params, precision: str, gpus: int):
+    """Bytes per device that no layout of `gpus` devices can go below (numpy arrays of parameter
+    counts welcome): weights, gradients and optimizer state (counting.PRECISIONS) spread evenly over
+    every device, with nothing else, plus the runtime reserve of that peak. Every layout's busiest
+    rank holds at least that share at its optimizer step (tp, pp and FSDP together divide the
+    parameters over at most `gpus` devices; replicas, padding and replicated norms only add)."""
+    peak = np.asarray(params, dtype=np.float64) * sum(counting.PRECISIONS[precision]) / gpus
+    return peak + counting.runtime_reserve_bytes(peak, "cuda")
+
+
+def layout_global_batch(gpus: int, seq_len: int) -> int:
+    """The global batch the layout search assumes: about 0.5M tokens (2**19), in whole micro-batches of
+    one sequence per GPU, at least one."""
+    per_micro = gpus * seq_len
+    return max(1, round(2**19 / per_micro)) * per_micro
+
+
+def keep_shapes_a_layout_fits(shapes: dict[str, np.ndarray], ev: dict[str, Any], space: SearchSpace,
+                              feasible: np.ndarray, top: int) -> None:
+    """With space.layout_checkpointing: walk the feasible shapes (those past layout_memory_floor) in
+    the order the plan ranks them, asking layout_search.fits_any of each, until `top` fit; each that
+    fails no layout leaves the memory mask and `feasible` (both updated in place). The shapes ranked
+    below the `top` kept are checked against the floor only."""
+    from scalelab import layout_search
+
+    idx = np.flatnonzero(feasible)
+    kept = 0
+    for i in idx[np.lexsort((idx, ev["loss"][idx]))]:  # by loss, ties by enumeration order (as the ranking)
+        cfg = space.model_config(shapes["n_layer"][i], shapes["n_embd"][i], shapes["n_head"][i],
+                                 shapes["num_key_value_heads"][i])
+        if layout_search.fits_any(cfg, space.accelerator, space.gpus, seq_len=space.seq_len,
+                                  global_batch_tokens=layout_global_batch(space.gpus, space.seq_len),
+                                  precision=space.precision, attention=space.attention,
+                                  checkpointing=space.layout_checkpointing):
+            kept += 1
+            if kept == top:
+                return
+        else:
+            ev["masks"]["memory"][i] = feasible[i] = False
 
 
 # constraints a user can relax, and the flag that does it
@@ -382,6 +432,8 @@ def _search_space(C: float, law: LossLaw, space: SearchSpace, top: int) -> PlanR
     feasible = np.ones(n_valid, dtype=bool)
     for m in masks.values():
         feasible &= m
+    if space.layout_checkpointing is not None and space.accelerator is not None:
+        keep_shapes_a_layout_fits(shapes, ev, space, feasible, top)
     if not feasible.any():
         _explain_infeasible(C, space, shapes, ev)
     idx = np.flatnonzero(feasible)
@@ -522,8 +574,9 @@ def candidate(i: int, shapes: dict[str, np.ndarray], ev: dict[str, Any], space: 
     }
     kv, nh = row["num_key_value_heads"], row["n_head"]
     row["attention_type"] = "MHA" if kv == nh else ("MQA" if kv == 1 else f"GQA{kv}")
-    if "memory" in ev:
-        row["memory_per_gpu_bytes"] = float(ev["memory"][i])
+    if "memory" in ev:  # with --layout auto, the floor (choose_layout gives the best its layout's figure)
+        key = "memory_per_gpu_bytes" if space.layout_checkpointing is None else "memory_floor_per_gpu_bytes"
+        row[key] = float(ev["memory"][i])
     if full:
         cfg = space.model_config(row["n_layer"], row["n_embd"], row["n_head"], kv)
         row["name"] = cfg.name()

@@ -42,8 +42,6 @@ SCHEDULES = {
     "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", True),
 }
 
-# Schedules that split each backward into the inputs' gradients, then the weights' (zero bubble)
-SPLIT_BACKWARD_SCHEDULES = ("InterleavedZeroBubble",)
 
 
 def rank_stages(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
@@ -180,7 +178,7 @@ def build_pipeline(cfg, dims, initial: dict[str, torch.Tensor] | None = None) ->
     def wrap(view: StageModule) -> StageModule:
         if lay.tp > 1 and lay.sequence_parallel:
             view.sequence_shards = lay.tp  # hidden states between stages hold S / tp positions
-        if lay.uses_fsdp or lay.pp_schedule in SPLIT_BACKWARD_SCHEDULES:
+        if not lay.chunked_loss:
             # The chunked loss reads lm_head's weight outside the stage's forward, where FSDP holds
             # only its shard, and its backward runs once (a zero-bubble schedule runs backward
             # twice, for the inputs, then for the weights): the last stage forms the logits in its

@@ -96,25 +96,27 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
 def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int, layout: Layout | None = None,
                      device_type: str = "cuda") -> dict[str, Any]:
     """Bytes per device for this run's shape, precision, parallelism, checkpointing and device:
-    counting.training_memory for one process, DDP and FSDP (`strategy`; AdamW is fused on CUDA and a
-    per-parameter loop elsewhere (make_optimizer); only CUDA has a runtime reserve), and
-    layout_cost.layout_memory for a `layout` with tp, pp or HSDP (its busiest pipeline rank)."""
+    counting.training_memory for one process, DDP and FSDP (`strategy`), and layout_cost.layout_memory
+    for a `layout` with tp, pp or HSDP (its busiest pipeline rank): the same components, peak and
+    runtime reserve. AdamW is fused on CUDA and a per-parameter loop elsewhere (make_optimizer); only
+    CUDA has a runtime reserve."""
     t = cfg.train
     precision = "fp32" if t.dtype == "fp32" else "bf16-mixed"
+    where = dict(optimizer_impl="fused" if device_type == "cuda" else "for-loop",
+                 device="cuda" if device_type == "cuda" else "cpu")
     if layout is not None and (layout.tp > 1 or layout.pp > 1 or (layout.dp_replicate > 1 and layout.uses_fsdp)):
         from scalelab.layout_cost import layout_memory
 
-        return layout_memory(cfg.model, layout, micro_batch=t.micro_batch_size, seq_len=t.seq_len, precision=precision,
-                             activation_checkpointing=t.activation_checkpointing,
-                             selective_ac_option=t.selective_ac_option, attention=t.attention,
-                             loss_chunk_tokens=t.loss_chunk_tokens)
+        m = layout_memory(cfg.model, layout, micro_batch=t.micro_batch_size, seq_len=t.seq_len, precision=precision,
+                          activation_checkpointing=t.activation_checkpointing,
+                          selective_ac_option=t.selective_ac_option, attention=t.attention,
+                          loss_chunk_tokens=t.loss_chunk_tokens, **where)
+        return dict(m, model="layout_cost.layout_memory")
     m = training_memory(cfg.model, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=world_size,
                         sharding={"fsdp": "fsdp", "ddp": "ddp"}.get(strategy, "none"), precision=precision,
                         activation_checkpointing=t.activation_checkpointing,
                         selective_ac_option=t.selective_ac_option, attention=t.attention,
-                        loss_chunk_tokens=t.loss_chunk_tokens,
-                        optimizer_impl="fused" if device_type == "cuda" else "for-loop",
-                        device="cuda" if device_type == "cuda" else "cpu")
+                        loss_chunk_tokens=t.loss_chunk_tokens, **where)
     return m
 
 
@@ -166,7 +168,8 @@ def memory_problem(cfg: TrainConfig, strategy: str, world_size: int, free: tuple
             "" if strategy == "fsdp" else "shard over more GPUs with parallel.strategy = \"fsdp\" under torchrun",
             "use a smaller [model]"]
     who = f" × {ranks_sharing} ranks on this host" if ranks_sharing > 1 else " per device"
-    return (f"the run needs {format_bytes(need)}{who} (counting.training_memory per device: {parts}) but "
+    return (f"the run needs {format_bytes(need)}{who} ({m.get('model', 'counting.training_memory')} per device: "
+            f"{parts}) but "
             f"{format_bytes(free[0])} is "
             f"{free[1]}; {', '.join(w for w in ways if w)}; or set train.check_memory = false to start anyway")
 
@@ -556,8 +559,8 @@ class Trainer:
             m = predicted_memory(cfg, self.strategy, d.world_size, self.dims.layout, d.device.type)
             reserve = (f" + {format_bytes(m['runtime_reserve'])} CUDA context and allocator reserve"
                        if m.get("runtime_reserve") else "")
-            at = f" at {m['peak_phase'].replace('_', ' ')}" if "peak_phase" in m else ""
-            log(f"scalelab train: predicted peak memory per device {format_bytes(m.get('peak', m['total']))}{at}"
+            at = f" at {m['peak_phase'].replace('_', ' ')}"
+            log(f"scalelab train: predicted peak memory per device {format_bytes(m['peak'])}{at}"
                 f"{reserve} ({m.get('model', 'counting.training_memory')}, docs/memory.md; on a GPU the log's mem "
                 f"column measures the peak, on a CPU that column is the whole process's RSS)")
         if self.pipeline is not None and d.is_main:
