@@ -186,7 +186,7 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
                   device: str = "cuda") -> dict[str, Any]:
     """Memory per device for a resolved layout, on the pipeline rank that needs the most (`pp_rank`),
     in counting.training_memory's terms (docs/memory.md): the same named components
-    (counting.MEMORY_COMPONENTS), the same four moments of the step (counting.step_phases), the
+    (counting.MEMORY_COMPONENTS), the same moments of the step (counting.step_phases), the
     allocated `peak` and its `peak_phase`, the `runtime_reserve` (CUDA context and allocator
     fragmentation; none on the CPU) and `total` = peak + reserve, what the device must have. For
     tp = pp = 1 it is training_memory's figure (up to FSDP's padding of uneven rows).
@@ -228,9 +228,9 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
             final_norm = residual * cfg.n_embd + 4 * (2 if cfg.normalization == "layernorm" else 1)
             head = head - final_norm + final_norm / t
     if device == "cpu" and cfg.normalization == "rmsnorm":
-        # PyTorch's CPU RMSNorm is a composite that also keeps the normalised input (as training_memory)
-        per_layer += 2 * residual * cfg.n_embd / split
-        head += residual * cfg.n_embd / split
+        # PyTorch's CPU RMSNorm is a composite that keeps more (as training_memory)
+        per_layer += 2 * counting.cpu_rms_norm_extra_bytes(residual) * cfg.n_embd / split
+        head += counting.cpu_rms_norm_extra_bytes(residual) * cfg.n_embd / split
     tokens = micro_batch * s
     if not layout.chunked_loss:
         loss_chunk_tokens = 0
@@ -252,6 +252,7 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
         saved = tokens * chunks * ((layers_per_chunk - wrapped) * per_layer + wrapped * kept)
         lm_head = cfg.vocab_size * cfg.n_embd / t if is_last else 0.0  # tp-local, before FSDP
         chunked = bool(loss_chunk_tokens) and is_last
+        loss_gradient = lm_head * (c if fsdp else gb) if chunked else 0.0
         c_parts = {
             "weights": rp.local * wb, "gradients": rp.local * gb, "optimizer": rp.local * ob,
             # autocast's bf16 copy of each matmul weight, kept but in checkpointed blocks
@@ -261,15 +262,19 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
             "loss": (float(counting.loss_bytes(tokens, vocab, c, loss_chunk_tokens))
                      + counting.chunked_loss_weight_transients(lm_head, loss_chunk_tokens, autocast=autocast))
             if is_last else 0.0,
-            "loss_gradient": lm_head * (c if fsdp else gb) if chunked else 0.0,
+            "loss_gradient": loss_gradient,
             "ddp_buckets": counting.ddp_bucket_bytes(rp.local, gb, ddp=layout.is_ddp),
             # backward meets the stage's last block first; when it is checkpointed it is recomputed whole
             "recompute": tokens * per_layer * float(counting.last_block_wrapped(per_stage[stages[-1]], mode, option)),
-            "root_gradients": rp.root * gb,
+            # as training_memory: FSDP2's unsharded lm_head gradient, else the root's gradients,
+            # less what the chunked loss formed in forward
+            "root_gradients": (lm_head * c if fsdp else rp.root * gb) - loss_gradient,
             "optimizer_step": counting.optimizer_step_bytes(rp.local, rp.largest, 1, optimizer_impl),
         }
         c_parts["fsdp_unsharded"], c_parts["fsdp_unsharded_backward"] = counting.fsdp_unsharded_bytes(
             float(rp.block), float(rp.root_unsharded), c, sharded=fsdp)
+        c_parts["fsdp_reduce_scatter"] = counting.fsdp_reduce_scatter_bytes(float(rp.root_unsharded), sharded=fsdp,
+                                                                            device=device)
         out: dict[str, Any] = {k: float(c_parts[k]) for k in counting.MEMORY_COMPONENTS}
         phases = counting.step_phases(out)
         if chunks < layout.pp_stages_per_rank * layout.microbatches:
@@ -277,7 +282,7 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
             # this rank's gradients (the root's among them), formed by its first backward, accumulate
             for k in ("forward_end", "loss_backward"):
                 phases[k] += out["gradients"]
-            phases["backward"] += out["gradients"] - out["root_gradients"]
+            phases["backward"] += out["gradients"] - out["loss_gradient"] - out["root_gradients"]
         out.update({f"phase_{k}": float(v) for k, v in phases.items()})
         out["peak"] = max(phases.values())
         out["peak_phase"] = next(k for k in counting.PHASES if phases[k] == out["peak"])
