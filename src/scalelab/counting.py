@@ -719,6 +719,8 @@ def executed_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, 
 #   backward        the first recomputed block: saved activations + one block recomputed + FSDP's
 #                   root, two gathered blocks and one block's unsharded gradient + the root's gradients
 #   optimizer_step  weights, gradients, optimizer, DDP buckets and the optimizer's temporaries
+# Under gradient accumulation (k > 1 micro-batches per step) the first three are those of micro-batches
+# 2..k, which also hold the gradients accumulated so far (accumulated_gradient_bytes).
 # A runtime reserve (CUDA context, caching-allocator fragmentation) is shown separately.
 
 PHASES = ("forward_end", "loss_backward", "backward", "optimizer_step")
@@ -790,6 +792,33 @@ def optimizer_step_bytes(total_params, largest_param, shards, impl: str):
     return 8.0 * largest_param / shards
 
 
+def accumulated_gradient_bytes(total_params, gradient_bytes, grad_accum_steps, *, fsdp: bool):
+    """Gradients already accumulated when micro-batches 2..k of an optimizer step run their forward,
+    loss and backward (the trainer's train_step: `grad_accum_steps` forward/backward passes of
+    `loss / accum`, gradients reduced only on the last, ParallelDims.grad_sync). Without FSDP: every
+    parameter's .grad at full size (one process, and DDP under no_sync, which leaves each gradient
+    in .grad and reduces nothing until the last micro-batch), added into in place by later
+    backwards. Under FSDP2 with set_requires_gradient_sync(False): every parameter's UNSHARDED
+    gradient, kept in the reduce dtype (apply_fsdp's fp32, 4 bytes;
+    FSDPParam.to_accumulated_grad_if_needed) until the last micro-batch reduce-scatters it.
+    Nothing with one micro-batch per step."""
+    if isinstance(grad_accum_steps, int) and grad_accum_steps == 1:
+        return 0.0
+    held = total_params * (4.0 if fsdp else gradient_bytes)
+    return np.where(np.asarray(grad_accum_steps) > 1, held, 0.0)
+
+
+def root_gradient_bytes(root_params, gradient_bytes, shards, grad_accum_steps=1, *, fsdp: bool):
+    """The root unit's gradients (embeddings, final norm, lm_head), new at the start of backward
+    beside the saved activations. Under gradient accumulation without FSDP, the micro-batches that
+    set the peak (2..k) add lm_head's new gradient into its accumulated .grad in place and free it
+    before backward reaches the blocks: nothing beyond accumulated_gradient_bytes."""
+    held = root_params * gradient_bytes / shards
+    if fsdp or (isinstance(grad_accum_steps, int) and grad_accum_steps == 1):
+        return held
+    return np.where(np.asarray(grad_accum_steps) > 1, 0.0, held)
+
+
 def runtime_reserve_bytes(peak, device: str):
     """What the device holds beyond the allocated peak: on CUDA the context (CUDA_CONTEXT_BYTES) and
     the caching allocator's fragmentation (ALLOCATOR_FRAGMENTATION x peak); nothing on the CPU."""
@@ -810,11 +839,13 @@ def chunked_loss_weight_transients(lm_head_params, loss_chunk_tokens: int, *, au
 def step_phases(c: dict[str, Any]) -> dict[str, Any]:
     """Bytes live at each of PHASES from the named components (see the comment above PHASES)."""
     persistent = c["weights"] + c["optimizer"] + c["ddp_buckets"]
+    # micro-batches 2..k of gradient accumulation run forward and backward beside the gradients so far
+    in_micro_batch = persistent + c["accumulated_gradients"]
     forward = c["weight_copies"] + c["activations"] + c["fsdp_unsharded"] + c["loss_gradient"]
     return {
-        "forward_end": persistent + forward,
-        "loss_backward": persistent + forward + c["loss"],
-        "backward": (persistent + c["weight_copies"] + c["activations"] + c["recompute"]
+        "forward_end": in_micro_batch + forward,
+        "loss_backward": in_micro_batch + forward + c["loss"],
+        "backward": (in_micro_batch + c["weight_copies"] + c["activations"] + c["recompute"]
                      + c["fsdp_unsharded_backward"] + c["root_gradients"]),
         "optimizer_step": persistent + c["gradients"] + c["optimizer_step"],
     }
@@ -824,13 +855,15 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
                     num_devices: int = 1, sharding: str = "fsdp", precision: str = "bf16-mixed",
                     activation_checkpointing: Any = "none", selective_ac_option: Any = "op",
                     attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
-                    optimizer_impl: str = "fused", device: str = "cuda") -> dict[str, Any]:
+                    optimizer_impl: str = "fused", device: str = "cuda", grad_accum_steps: int = 1) -> dict[str, Any]:
     """Peak training memory per device, in bytes, over one steady-state step, by named component
     (training_memory_arrays; docs/memory.md): `peak` is the allocated peak, `peak_phase` when it
     occurs, `runtime_reserve` what the device holds beyond it, and `total` = peak + reserve, what
     the device must have. `optimizer_impl` is AdamW's implementation (the trainer: fused on CUDA,
     for-loop on the CPU) and `device` cuda or cpu (the CPU has no reserve, and its composite
-    RMSNorm keeps one more vector per norm)."""
+    RMSNorm keeps one more vector per norm). `grad_accum_steps` is the micro-batches per optimizer
+    step (the trainer's gradient accumulation): from the second on, the accumulated gradients
+    are live through forward and backward (`accumulated_gradients`)."""
     s = cfg.block_size if seq_len is None else seq_len
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
@@ -841,17 +874,18 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
                                    num_devices=num_devices, sharding=sharding, precision=precision,
                                    activation_checkpointing=mode, selective_ac_option=option, attention=attention,
                                    loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl,
-                                   device=device, **_style_kwargs(cfg))
+                                   device=device, grad_accum_steps=grad_accum_steps, **_style_kwargs(cfg))
     out: dict[str, Any] = {k: (PHASES[int(v)] if k == "peak_phase" else float(v)) for k, v in parts.items()}
     out.update(micro_batch=micro_batch, seq_len=s, num_devices=num_devices, sharding=sharding,
                precision=precision, activation_checkpointing=mode, selective_ac_option=option,
-               loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device)
+               loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device,
+               grad_accum_steps=grad_accum_steps)
     return out
 
 
 # The components training_memory_arrays returns (bytes per device), then the per-phase totals
 # ("phase_" + each of PHASES), "peak", "peak_phase", "runtime_reserve" and "total".
-MEMORY_COMPONENTS = ("weights", "gradients", "optimizer", "weight_copies", "activations", "loss", "loss_gradient",
+MEMORY_COMPONENTS = ("weights", "gradients", "accumulated_gradients", "optimizer", "weight_copies", "activations", "loss", "loss_gradient",
                      "fsdp_unsharded", "fsdp_unsharded_backward", "ddp_buckets", "recompute", "root_gradients",
                      "optimizer_step")
 
@@ -861,7 +895,7 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
                            precision: str = "bf16-mixed", activation_checkpointing: Any = "none",
                            selective_ac_option: Any = "op", attention: str = "sdpa",
                            loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, optimizer_impl: str = "fused",
-                           device: str = "cuda", **style: Any) -> dict[str, Any]:
+                           device: str = "cuda", grad_accum_steps: Any = 1, **style: Any) -> dict[str, Any]:
     """`training_memory` over numpy arrays of shapes (the planner's memory filter), same model.
     `style` takes param_breakdown_arrays' keywords (ffn_type, normalization, bias, ...).
     Returns bytes per device by component (MEMORY_COMPONENTS) as float64 arrays (0.0 where a
@@ -873,6 +907,8 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
         raise ValueError(f"optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+    if np.any(np.asarray(grad_accum_steps) < 1):
+        raise ValueError(f"grad_accum_steps must be at least 1, got {grad_accum_steps}")
     ffn_type = style.get("ffn_type", "swiglu")
     p = param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, **style)
     total_params = p["total"].astype(np.float64)
@@ -917,7 +953,10 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     loss_gradient = lm_head_params * (compute_bytes if fsdp else PRECISIONS[precision][1]) if loss_chunk_tokens else 0.0
     unsharded_fwd, unsharded_bwd = fsdp_unsharded_bytes(p["per_layer"].astype(np.float64), root_params,
                                                         compute_bytes, sharded=bool(fsdp))
-    c = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "weight_copies": copies,
+    c = {"weights": weights, "gradients": gradients,
+         "accumulated_gradients": accumulated_gradient_bytes(total_params, PRECISIONS[precision][1], grad_accum_steps,
+                                                             fsdp=bool(fsdp)),
+         "optimizer": optimizer, "weight_copies": copies,
          "activations": tokens * (blocks + head),
          "loss": loss_bytes(tokens, vocab, compute_bytes, loss_chunk_tokens) + chunked_loss_weight_transients(
              lm_head_params, loss_chunk_tokens, autocast=autocast),
@@ -925,7 +964,8 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
          "fsdp_unsharded": unsharded_fwd, "fsdp_unsharded_backward": unsharded_bwd,
          "ddp_buckets": ddp_bucket_bytes(total_params, PRECISIONS[precision][1], ddp=sharding == "ddp"),
          "recompute": recompute,
-         "root_gradients": root_params * PRECISIONS[precision][1] / shards,
+         "root_gradients": root_gradient_bytes(root_params, PRECISIONS[precision][1], shards, grad_accum_steps,
+                                               fsdp=bool(fsdp)),
          "optimizer_step": optimizer_step_bytes(total_params, np.maximum(lm_head_params, n_embd * d_ff), shards,
                                                 optimizer_impl)}
     out = dict(c)
