@@ -126,14 +126,12 @@ def measure(strategy: str, precision: str, chunk: int, mode: str, option: str, a
 def check(name: str, r: dict) -> None:
     """The peak within TOLERANCE; its phase too, where counting's runner-up phase is not within the
     tolerance of it (otherwise the two are the same prediction). Under gradient accumulation, a
-    forward or backward peak falls in a later micro-batch (the accumulated gradients are live
-    there), and counting without the accumulation would have been more than TOLERANCE low."""
+    forward or backward peak falls in a later micro-batch (the accumulated gradients are live there)."""
     assert r["predicted"] == pytest.approx(r["measured"], rel=TOLERANCE), (name, r)
     if r["phase_margin"] > TOLERANCE:
         assert r["predicted_phase"] in PHASE_OF_RANGE[r["measured_in"]], (name, r)
     if r.get("accum", 1) > 1:
         assert r["measured_in"] == "optimizer" or r["measured_micro"] > 1, (name, r)
-        assert r["predicted_one_micro_batch"] < r["measured"] * (1 - TOLERANCE), (name, r)
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
@@ -150,6 +148,15 @@ def table(rows: list[tuple[str, dict]]) -> str:
 def test_one_process_peak_is_the_measured_peak(config):
     name, *settings = config
     check(name, measure("none", *settings))
+
+
+def test_accumulation_is_more_than_the_tolerance():
+    """What grad_accum_steps adds is no rounding: one process, fp32, chunked loss, two micro-batches
+    per step measures 74.1 MiB, which counting without the accumulation (one micro-batch) puts 15%
+    lower; with it, within the tolerance."""
+    r = measure("none", "fp32", CHUNK, "none", "op", 2)
+    check("fp32, chunked, no AC, accum 2", r)
+    assert r["predicted_one_micro_batch"] < r["measured"] * (1 - 2 * TOLERANCE), r
 
 
 def test_two_rank_ddp_and_fsdp_peaks(tmp_path):

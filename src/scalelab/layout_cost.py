@@ -180,7 +180,7 @@ def rank_params(cfg: ModelConfig, layout: Layout) -> list[RankParams]:
 def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq_len: int | None = None,
                   precision: str = "bf16-mixed", activation_checkpointing: Any = "none",
                   selective_ac_option: Any = "op", attention: str = "sdpa",
-                  loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, Any]:
+                  loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, grad_accum_steps: int = 1) -> dict[str, Any]:
     """Memory per device for a resolved layout, by component, on the pipeline rank that needs the
     most (`pp_rank`). Weights, gradients and optimizer state are the rank's exact local elements
     (rank_params) times counting.PRECISIONS' bytes. Activations: one micro-batch of the rank's
@@ -190,9 +190,18 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     column-wise projections (gathered over the sequence) stay whole. The last stage adds the final
     norm, lm_head input and the loss (counting.loss_bytes; over vocab / tp with loss_parallel).
     FSDP holds two blocks unsharded (the one computing and the one prefetched) and the root unit
-    (embeddings, final norm, lm_head) while it is in use."""
+    (embeddings, final norm, lm_head) while it is in use. Gradient accumulation (`grad_accum_steps`
+    micro-steps, pp = 1 only: under pp the micro-batches are the pipeline's): the gradients are
+    already in the sum; FSDP2 over dp_shard > 1 without gradient sync also keeps every local
+    parameter's gradient unsharded over dp_shard in fp32 (counting.accumulated_gradient_bytes).
+    Not modelled: under pp, torch.distributed.pipelining turns FSDP2's gradient sync and
+    resharding after backward off for all but the last micro-batch, which keeps the same
+    unsharded gradients and the stage's unsharded parameters."""
     s = cfg.block_size if seq_len is None else seq_len
     mode, option = checkpointing(activation_checkpointing, selective_ac_option)
+    if grad_accum_steps > 1 and layout.pp > 1:
+        raise ValueError("under pp the micro-batches are the pipeline's (layout.pp_microbatches): "
+                         "grad_accum_steps must be 1")
     wb, gb, ob = counting.PRECISIONS[precision]
     fsdp = layout.uses_fsdp
     autocast = precision == "bf16-mixed" and not fsdp
@@ -238,7 +247,12 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
         if fsdp and layout.dp_shard > 1:
             unsharded = c * (min(2, rp.layers) * rp.block + rp.root_unsharded)
         copies = 2.0 * _matmul_elements(cfg, rp, t) if autocast else 0.0
-        parts = {"weights": rp.local * wb, "gradients": rp.local * gb, "optimizer": rp.local * ob,
+        sharded_grads = fsdp and layout.dp_shard > 1
+        accumulated = (float(counting.accumulated_gradient_bytes(rp.layers * rp.block + rp.root_unsharded, gb,
+                                                                 grad_accum_steps, fsdp=True))
+                       if sharded_grads else 0.0)  # without FSDP, `gradients` are the accumulated ones
+        parts = {"weights": rp.local * wb, "gradients": rp.local * gb, "accumulated_gradients": accumulated,
+                 "optimizer": rp.local * ob,
                  "unsharded_buffers": unsharded, "weight_copies": copies, "activations": float(acts)}
         total = sum(parts.values())
         if best is None or total > best["total"]:
@@ -247,7 +261,7 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     assert best is not None
     best.update(micro_batch=micro_batch, seq_len=s, precision=precision, layout=layout_dict(layout),
                 activation_checkpointing=mode, selective_ac_option=option, loss_chunk_tokens=loss_chunk_tokens,
-                num_devices=layout.world)
+                num_devices=layout.world, grad_accum_steps=grad_accum_steps)
     return best
 
 

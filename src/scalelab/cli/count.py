@@ -148,21 +148,20 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
         global_batch_tokens = best.time.tokens_per_step
         search_rows = [c.row() for c in found]
     mode, option = layout_cost.checkpointing(activation_checkpointing, selective_ac_option)
+    costed = strategy_layout(sharding, gpus) if layout is None else layout
+    # the global batch sets the gradient accumulation, whose accumulated gradients the memory holds
+    costed, accumulation, batch_tokens = layout_search.resolve_batch(costed, micro_batch=micro_batch, seq_len=seq_len,
+                                                                     global_batch_tokens=global_batch_tokens)
     if layout is None:
         memory = counting.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, num_devices=gpus,
                                           sharding=sharding, precision=precision, activation_checkpointing=mode,
                                           selective_ac_option=option, attention=attention,
-                                          loss_chunk_tokens=loss_chunk_tokens)
-        costed = strategy_layout(sharding, gpus)
+                                          loss_chunk_tokens=loss_chunk_tokens, grad_accum_steps=accumulation)
     else:
-        costed = layout
-    costed, accumulation, batch_tokens = layout_search.resolve_batch(costed, micro_batch=micro_batch, seq_len=seq_len,
-                                                                     global_batch_tokens=global_batch_tokens)
-    if layout is not None:
         memory = layout_search.device_memory(cfg, costed, micro_batch=micro_batch, seq_len=seq_len,
                                              precision=precision, activation_checkpointing=mode,
                                              selective_ac_option=option, attention=attention,
-                                             loss_chunk_tokens=loss_chunk_tokens)
+                                             loss_chunk_tokens=loss_chunk_tokens, grad_accum_steps=accumulation)
     # hardware FLOPs: activation checkpointing's recomputation on top of the model's FLOPs
     flops["training_per_token_executed"] = counting.executed_training_flops(
         cfg, 1, seq_len, activation_checkpointing=mode, selective_ac_option=option, attention=attention) / seq_len
@@ -486,7 +485,8 @@ def print_layout(r: dict) -> None:
 def _layout_memory_rows(m: dict) -> list[tuple[str, str]]:
     """layout_cost.layout_memory's components, and the pipeline rank and in-flight chunks they are for."""
     rows = [(k.replace("_", " ").capitalize(), format_bytes(m[k]))
-            for k in ("weights", "gradients", "optimizer", "unsharded_buffers", "weight_copies", "activations") if m[k]]
+            for k in ("weights", "gradients", "accumulated_gradients", "optimizer", "unsharded_buffers", "weight_copies",
+                      "activations") if m[k]]
     if m["layout"]["pp"] > 1:
         rows.append(("Activations in flight", f"{m['in_flight']} (micro-batch x local stage) chunks on pipeline "
                                                f"rank {m['pp_rank']}, which holds {m['layers']} layers"))

@@ -87,6 +87,9 @@ class SearchSpace:
     activation_checkpointing: bool = True
     precision: str = "bf16-mixed"
     attention: str = "sdpa"
+    # micro-batches per optimizer step: from the second on, the gradients accumulated so far are live
+    # through forward and backward (counting.accumulated_gradient_bytes; the same for any k > 1)
+    grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -215,7 +218,8 @@ class SearchSpace:
                          {"gpus": self.gpus, "gpu_type": self.accelerator.name, "mfu": self.mfu,
                           "memory_model": {"micro_batch": self.micro_batch, "sharding": self.sharding,
                                            "precision": self.precision, "attention": self.attention,
-                                           "activation_checkpointing": self.activation_checkpointing}}),
+                                           "activation_checkpointing": self.activation_checkpointing,
+                                           "grad_accum_steps": self.grad_accum_steps}}),
         }
 
 
@@ -318,7 +322,8 @@ def _evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: 
         mem = counting.training_memory_arrays(
             *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus,
             sharding=space.sharding, precision=space.precision, attention=space.attention,
-            activation_checkpointing=space.activation_checkpointing, **kw)["total"]
+            activation_checkpointing=space.activation_checkpointing, grad_accum_steps=space.grad_accum_steps,
+            **kw)["total"]
         out["memory"] = mem
         masks["memory"] = mem <= space.accelerator.memory_bytes
     out["masks"] = masks
