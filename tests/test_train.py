@@ -639,7 +639,7 @@ def test_memory_feasibility_is_checked_before_building(tmp_path, data_dir):
     for way in ("lower train.micro_batch_size (4)", "lower train.seq_len (32)", 'train.activation_checkpointing = "full"',
                 'parallel.strategy = "fsdp" under torchrun', "train.check_memory = false"):
         assert way in problem
-    assert "× 4 ranks on this host" in memory_problem(cfg, "ddp", 4, (1e5, "x"), ranks_sharing=4)
+    assert "× 4 ranks on this host" in memory_problem(cfg, "ddp", 2, (1e5, "x"), ranks_sharing=4)  # world 2: its 256-token batch is one micro-batch per rank
     assert memory_problem(load_config(tmp_path / "c.toml", ["train.check_memory=false"]), "none", 1, (1e5, "x")) is None
     # llama3.1-8b: 8.0e9 parameters × 16 bytes of bf16-mixed AdamW state alone is 128 GB
     available = meminfo_available(Path("/proc/meminfo").read_text())
