@@ -190,18 +190,20 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     column-wise projections (gathered over the sequence) stay whole. The last stage adds the final
     norm, lm_head input and the loss (counting.loss_bytes; over vocab / tp with loss_parallel).
     FSDP holds two blocks unsharded (the one computing and the one prefetched) and the root unit
-    (embeddings, final norm, lm_head) while it is in use. Gradient accumulation (`grad_accum_steps`
-    micro-steps, pp = 1 only: under pp the micro-batches are the pipeline's): the gradients are
-    already in the sum; FSDP2 over dp_shard > 1 without gradient sync also keeps every local
-    parameter's gradient unsharded over dp_shard in fp32 (counting.accumulated_gradient_bytes).
-    Not modelled: under pp, torch.distributed.pipelining turns FSDP2's gradient sync and
-    resharding after backward off for all but the last micro-batch, which keeps the same
-    unsharded gradients and the stage's unsharded parameters."""
+    (embeddings, final norm, lm_head) while it is in use. Several micro-batches per step
+    (`grad_accum_steps` accumulation micro-steps when pp = 1; the pipeline's micro-batches under pp,
+    where grad_accum_steps must be 1): the gradients are already in the sum; FSDP2 over dp_shard > 1
+    also keeps every local parameter's gradient unsharded over dp_shard in fp32 between them
+    (counting.accumulated_gradient_bytes): the trainer turns its gradient sync off for all but the
+    last micro-step, and so does torch.distributed.pipelining for all but the last micro-batch.
+    Not modelled: pipelining also turns FSDP2's resharding after backward off between micro-batches,
+    so a stage's parameters can stay unsharded from one backward to the next forward."""
     s = cfg.block_size if seq_len is None else seq_len
     mode, option = checkpointing(activation_checkpointing, selective_ac_option)
     if grad_accum_steps > 1 and layout.pp > 1:
         raise ValueError("under pp the micro-batches are the pipeline's (layout.pp_microbatches): "
                          "grad_accum_steps must be 1")
+    micro_steps = layout.microbatches if layout.pp > 1 else grad_accum_steps
     wb, gb, ob = counting.PRECISIONS[precision]
     fsdp = layout.uses_fsdp
     autocast = precision == "bf16-mixed" and not fsdp
@@ -249,7 +251,7 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
         copies = 2.0 * _matmul_elements(cfg, rp, t) if autocast else 0.0
         sharded_grads = fsdp and layout.dp_shard > 1
         accumulated = (float(counting.accumulated_gradient_bytes(rp.layers * rp.block + rp.root_unsharded, gb,
-                                                                 grad_accum_steps, fsdp=True))
+                                                                 micro_steps, fsdp=True))
                        if sharded_grads else 0.0)  # without FSDP, `gradients` are the accumulated ones
         parts = {"weights": rp.local * wb, "gradients": rp.local * gb, "accumulated_gradients": accumulated,
                  "optimizer": rp.local * ob,
