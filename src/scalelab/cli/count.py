@@ -429,8 +429,10 @@ def print_report(cfg, r: dict) -> None:
         rows.append((f"{r['accelerator']['name']} memory", f"{format_bytes(m['device_memory'])} -> {verdict}"))
     print_table(rows, title=title)
     if "device_memory" in m and not m["fits"]:
+        accumulating = ("; or one micro-batch per step (--global-batch-tokens), without the accumulated gradients' "
+                        f"{format_bytes(m['accumulated_gradients'])}" if m.get("accumulated_gradients") else "")
         print("  Does not fit: try more GPUs (--gpus), --activation-checkpointing, a smaller --micro-batch "
-              "or --seq-len.\n")
+              f"or --seq-len{accumulating}.\n")
     if r["layout"]["num_devices"] > 1 or "time" in r:
         print_layout(r)
     if "time" in r and "predicted" in r["time"]:
