@@ -128,3 +128,34 @@ def test_count_shows_total_active_and_mla_kv_cache(cli):
     assert "Active per token           37,552,282,624 (37.6B" in human and "70,272 B (latent + RoPE key" in human
     dense = json.loads(cli("count", "llama3.1-8b", "--json").stdout)["params"]
     assert dense["active"] == dense["total"] and "router" not in dense["breakdown"]
+
+
+def test_count_takes_the_accumulation_from_the_global_batch_as_the_trainer_does(cli, tmp_path):
+    """A training config's global_batch_tokens (or --global-batch-tokens) sets the gradient
+    accumulation; count's memory then holds the accumulated gradients, exactly the trainer's
+    prediction and memory check (FSDP2 without gradient sync: unsharded, fp32), and the JSON says
+    how many micro-batches; one micro-batch per step holds none."""
+    from scalelab.counting import count_params
+    from scalelab.train.config import config_from_dict
+    from scalelab.train.trainer import memory_problem, predicted_memory
+
+    model = {"style": "llama3", "n_layer": 2, "n_embd": 64, "n_head": 4, "num_key_value_heads": 2,
+             "vocab_size": 512, "block_size": 64}
+    train = {"seq_len": 64, "micro_batch_size": 2, "max_steps": 1, "dtype": "bf16", "global_batch_tokens": 4 * 2 * 64 * 3}
+    toml = tmp_path / "run.toml"
+    toml.write_text("\n".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items())
+                              for name, section in (("model", model), ("train", train), ("parallel", {"strategy": "fsdp"}))))
+    r = cli("count", str(toml), "--gpus", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    counted = json.loads(r.stdout)["memory"]
+    cfg = config_from_dict({"model": model, "data": {"dir": "unused"}, "train": train})
+    trainer = predicted_memory(cfg, "fsdp", 4)
+    n = count_params(cfg.model).total
+    assert counted["grad_accum_steps"] == trainer["grad_accum_steps"] == 3
+    assert counted["accumulated_gradients"] == trainer["accumulated_gradients"] == 4 * n
+    assert counted["total"] == trainer["total"]
+    assert "accumulate fewer micro-batches per step" in memory_problem(cfg, "fsdp", 4, (1e3, "free"))
+    single = json.loads(cli("count", str(toml), "--gpus", "4", "--global-batch-tokens", str(4 * 2 * 64),
+                            "--json").stdout)["memory"]
+    assert single["grad_accum_steps"] == 1 and single["accumulated_gradients"] == 0
+    assert single["total"] < counted["total"]

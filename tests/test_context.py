@@ -291,24 +291,25 @@ def long_context_estimates(config: Path) -> list[str]:
     scalelab.counting (print them with: python tests/test_context.py)."""
     from scalelab.counting import loss_bytes, training_flops_per_token, training_memory, training_time
     from scalelab.hardware import get_accelerator
-    from scalelab.train.config import load_config
+    from scalelab.train.config import grad_accum_steps, load_config
 
     cfg = load_config(config, ["data.dir=unused"])
     m, t = cfg.model, cfg.train
     tokens = t.max_steps * t.global_batch_tokens
     gpus = ("H100-SXM", "H200", "B200")
     lines = [(f"# S'        | GFLOP/token | memory per GPU, 8 GPUs (FSDP, bf16-mixed, micro-batch 1, activation "
-              f"checkpointing): {' / '.join(gpus)}")]
+              f"checkpointing, the {t.global_batch_tokens:,}-token batch accumulated): {' / '.join(gpus)}")]
     for seq_len in (8192, 16384, 32768, 65536, 131072):
+        accum = t.global_batch_tokens // (t.micro_batch_size * seq_len * 8)
         mem = training_memory(m, micro_batch=t.micro_batch_size, seq_len=seq_len, num_devices=8, sharding="fsdp",
                               precision="bf16-mixed", activation_checkpointing=True,
-                              loss_chunk_tokens=t.loss_chunk_tokens)["total"]
+                              loss_chunk_tokens=t.loss_chunk_tokens, grad_accum_steps=accum)["total"]
         fits = " / ".join("fits" if mem <= get_accelerator(g).memory_bytes else "NO" for g in gpus)
         lines.append(f"# {seq_len:>7,}   | {training_flops_per_token(m, seq_len) / 1e9:11.1f} | "
                      f"{mem / 2**30:6.1f} GiB ({fits})")
     without = training_memory(m, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=8, sharding="fsdp",
                               precision="bf16-mixed", activation_checkpointing=False,
-                              loss_chunk_tokens=t.loss_chunk_tokens)["total"]
+                              loss_chunk_tokens=t.loss_chunk_tokens, grad_accum_steps=grad_accum_steps(cfg, 8))["total"]
     per_token = training_flops_per_token(m, t.seq_len)
     tt = training_time(per_token, tokens, get_accelerator("B200"), 8, mfu=0.4)
     tokens_per_micro_batch = t.micro_batch_size * t.seq_len

@@ -289,6 +289,28 @@ def test_trainers_memory_check_of_a_tp_layout_counts_the_runtime_reserve():
 # ---- count ------------------------------------------------------------------------------------
 
 
+def test_fsdp_accumulation_holds_the_tp_local_gradients_unsharded():
+    """Gradient accumulation under FSDP2 (no gradient sync until the last micro-batch) keeps every
+    parameter's gradient unsharded over dp_shard, in fp32: what the tp-only layout holds per rank
+    (rank_params, proven equal to the real shards above), 4 bytes each; without FSDP the gradients
+    stay where they are (already counted). Under pp the micro-batches are the pipeline's, and
+    torch.distributed.pipelining turns FSDP2's gradient sync off between them: the same term."""
+    cfg = _tiny()
+    tp_fsdp, tp_only = Layout(dp_shard=4, tp=2).validate(cfg, 8), Layout(dp_shard=1, tp=2).validate(cfg, 2)
+    tp_local = layout_cost.rank_params(cfg, tp_only)[0].local
+    one = layout_cost.layout_memory(cfg, tp_fsdp, seq_len=32)
+    two = layout_cost.layout_memory(cfg, tp_fsdp, seq_len=32, grad_accum_steps=2)
+    assert one["accumulated_gradients"] == 0 and two["accumulated_gradients"] == 4 * tp_local
+    assert two["total"] - one["total"] == 4 * tp_local
+    assert layout_cost.layout_memory(cfg, tp_only, seq_len=32, grad_accum_steps=2)["accumulated_gradients"] == 0
+    pp_fsdp, pp_only = Layout(pp=2, dp_shard=2).validate(cfg, 4), Layout(pp=2, dp_shard=1).validate(cfg, 2)
+    piped = layout_cost.layout_memory(cfg, pp_fsdp, seq_len=32)  # the pipeline's micro-batches accumulate too
+    assert piped["accumulated_gradients"] == 4 * layout_cost.rank_params(cfg, pp_only)[piped["pp_rank"]].local
+    assert layout_cost.layout_memory(cfg, pp_only, seq_len=32)["accumulated_gradients"] == 0
+    with pytest.raises(ValueError, match="pipeline"):
+        layout_cost.layout_memory(cfg, pp_only, seq_len=32, grad_accum_steps=2)
+
+
 def test_count_prints_and_returns_the_layout(cli):
     r = cli("count", "llama3.1-405b", "--gpus", "16384", "--gpu-type", "H100", "--tp", "8", "--pp", "16",
             "--pp-schedule", "Interleaved1F1B", "--global-batch-tokens", "16777216", "--seq-len", "8192",

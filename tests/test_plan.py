@@ -258,16 +258,19 @@ def test_hardware_budget_and_wall_clock(cli):
 
 def test_memory_filter_changes_the_answer_only_by_excluding_what_does_not_fit(cli):
     """One A6000 (48 GiB) at 1e22: the unfiltered best needs more than 48 GiB when counted on its own
-    (counting.training_memory of its ModelConfig, one GPU, micro-batch 1, activation checkpointing);
-    the filtered best fits, by the same count, and is the unfiltered ranking's best shape that fits."""
+    (counting.training_memory of its ModelConfig, one GPU, micro-batch 1, activation checkpointing, and
+    the gradient accumulation of the emitted global batch: thousands of micro-batches, whose accumulated
+    gradients are live through every later one); the filtered best fits, by the same count, and is the
+    unfiltered ranking's best shape that fits."""
     free = plan_json(cli, "1e22", "--top", "200")
     fit = plan_json(cli, "1e22", "--gpus", "1", "--gpu-type", "A6000")["best"]
+    assert fit["grad_accum_steps"] > 1
 
     def memory(row):
         cfg = style_config("llama3", row["n_layer"], row["n_embd"], row["n_head"],
                            num_key_value_heads=row["num_key_value_heads"], block_size=2048)
         return counting.training_memory(cfg, micro_batch=1, seq_len=2048, num_devices=1, sharding="none",
-                                        activation_checkpointing=True)["total"]
+                                        activation_checkpointing=True, grad_accum_steps=fit["grad_accum_steps"])["total"]
 
     assert memory(free["best"]) > 48 * 2**30
     assert memory(fit) <= 48 * 2**30 and memory(fit) == fit["memory_per_gpu_bytes"]

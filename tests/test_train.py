@@ -400,7 +400,7 @@ def production_estimates(config: Path) -> list[str]:
     Print them with: python tests/test_train.py"""
     from scalelab.counting import count_params, training_flops_per_token, training_memory, training_time
     from scalelab.hardware import get_accelerator
-    from scalelab.train.config import load_config
+    from scalelab.train.config import grad_accum_steps, load_config
 
     cfg = load_config(config, ["data.dir=unused"])
     m, t = cfg.model, cfg.train
@@ -409,16 +409,19 @@ def production_estimates(config: Path) -> list[str]:
     per_token = training_flops_per_token(m, t.seq_len)
     lines = [f"# N = {n:,} parameters; Chinchilla-optimal D = 20 N = {tokens / 1e9:.1f}B tokens; "
              f"{per_token / 1e9:.1f} GFLOP per token at seq_len {t.seq_len} -> C = {per_token * tokens:.3g} FLOPs",
-             "# setup          | memory/GPU (FSDP, bf16-mixed, AC, micro-batch 1) | tokens/s @40% MFU | time @40% MFU"]
+             "# setup          | memory/GPU (FSDP, bf16-mixed, AC, micro-batch 1, accumulation) | tokens/s @40% MFU "
+             "| time @40% MFU"]
     for gpus, name in ((2, "A6000"), (4, "A100-80GB"), (8, "B200")):
         acc = get_accelerator(name)
         mem = training_memory(m, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=gpus, sharding="fsdp",
                               precision="bf16-mixed", activation_checkpointing=t.activation_checkpointing,
-                              loss_chunk_tokens=t.loss_chunk_tokens)
+                              loss_chunk_tokens=t.loss_chunk_tokens, grad_accum_steps=grad_accum_steps(cfg, gpus))
         fits = "fits" if mem["total"] <= acc.memory_bytes else "DOES NOT FIT"
         tt = training_time(per_token, tokens, acc, gpus, mfu=0.4)
         lines.append(f"# {gpus} x {name:<10} | {mem['total'] / 2**30:6.1f} GiB of {acc.memory_gib:.0f} ({fits}; "
-                     f"states {(mem['weights'] + mem['gradients'] + mem['optimizer']) / 2**30:.1f} GiB) "
+                     f"states {(mem['weights'] + mem['gradients'] + mem['optimizer']) / 2**30:.1f} GiB, "
+                     f"{mem['grad_accum_steps']} micro-batches accumulating "
+                     f"{mem['accumulated_gradients'] / 2**30:.1f} GiB) "
                      f"| {tt['tokens_per_second']:8,.0f} | {tt['days']:6.1f} days")
     return lines
 
@@ -639,7 +642,7 @@ def test_memory_feasibility_is_checked_before_building(tmp_path, data_dir):
     for way in ("lower train.micro_batch_size (4)", "lower train.seq_len (32)", 'train.activation_checkpointing = "full"',
                 'parallel.strategy = "fsdp" under torchrun', "train.check_memory = false"):
         assert way in problem
-    assert "× 4 ranks on this host" in memory_problem(cfg, "ddp", 4, (1e5, "x"), ranks_sharing=4)
+    assert "× 4 ranks on this host" in memory_problem(cfg, "ddp", 2, (1e5, "x"), ranks_sharing=4)  # world 2: its 256-token batch is one micro-batch per rank
     assert memory_problem(load_config(tmp_path / "c.toml", ["train.check_memory=false"]), "none", 1, (1e5, "x")) is None
     # llama3.1-8b: 8.0e9 parameters × 16 bytes of bf16-mixed AdamW state alone is 128 GB
     available = meminfo_available(Path("/proc/meminfo").read_text())

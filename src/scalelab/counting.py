@@ -722,6 +722,8 @@ def executed_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, 
 #   gradient_reduce FSDP only, the end of backward: the root unit's reduce-scatter (its fp32 input,
 #                   and gloo's copy of it on the CPU) beside every sharded gradient and lm_head's
 #   optimizer_step  weights, gradients, optimizer, DDP buckets and the optimizer's temporaries
+# Under gradient accumulation (k > 1 micro-batches per step) the first three are those of micro-batches
+# 2..k, which also hold the gradients accumulated so far (accumulated_gradient_bytes).
 # A runtime reserve (CUDA context, caching-allocator fragmentation) is shown separately.
 
 PHASES = ("forward_end", "loss_backward", "backward", "gradient_reduce", "optimizer_step")
@@ -813,6 +815,35 @@ def optimizer_step_bytes(total_params, largest_param, shards, impl: str):
     return 8.0 * largest_param / shards
 
 
+def accumulated_gradient_bytes(gradients, grad_accum_steps):
+    """Gradients already accumulated when micro-batches 2..k of an optimizer step run their forward,
+    loss and backward (the trainer's train_step: `grad_accum_steps` forward/backward passes of
+    `loss / accum`; ParallelDims.grad_sync): the step's `gradients`, the size they end at. Without
+    FSDP every parameter's .grad at full size (one process, and DDP under no_sync, which reduces
+    nothing until the last micro-batch), added into in place by later backwards. Under FSDP2 each
+    micro-batch reduce-scatters, so what accumulates is the sharded gradient (keeping the
+    gradients unsharded until the last micro-batch would hold 4 bytes per parameter on every
+    device: 29.9 GiB for an 8B model). Nothing with one micro-batch per step."""
+    if isinstance(grad_accum_steps, int) and grad_accum_steps == 1:
+        return 0.0
+    return np.where(np.asarray(grad_accum_steps) > 1, gradients, 0.0)
+
+
+def root_gradient_bytes(root_params, lm_head_params, loss_gradient, gradient_bytes, compute_bytes,
+                        grad_accum_steps=1, *, fsdp: bool):
+    """The root unit's gradients (embeddings, final norm, lm_head) the loss's backward forms, new at
+    the start of backward beside the saved activations, less `loss_gradient` (lm_head's, which the
+    chunked loss forms in forward). Under FSDP2, lm_head's unsharded gradient in the compute dtype
+    (the root's post-backward runs only once the embedding's gradient exists, at the end); without
+    FSDP the embedding's and lm_head's, in the gradient dtype. Under gradient accumulation without
+    FSDP, the micro-batches that set the peak (2..k) add them into the accumulated .grad in place:
+    nothing beyond accumulated_gradient_bytes."""
+    held = (lm_head_params * compute_bytes if fsdp else root_params * gradient_bytes) - loss_gradient
+    if fsdp or (isinstance(grad_accum_steps, int) and grad_accum_steps == 1):
+        return held
+    return np.where(np.asarray(grad_accum_steps) > 1, 0.0, held)
+
+
 def runtime_reserve_bytes(peak, device: str):
     """What the device holds beyond the allocated peak: on CUDA the context (CUDA_CONTEXT_BYTES) and
     the caching allocator's fragmentation (ALLOCATOR_FRAGMENTATION x peak); nothing on the CPU."""
@@ -833,12 +864,14 @@ def chunked_loss_weight_transients(lm_head_params, loss_chunk_tokens: int, *, au
 def step_phases(c: dict[str, Any]) -> dict[str, Any]:
     """Bytes live at each of PHASES from the named components (see the comment above PHASES)."""
     persistent = c["weights"] + c["optimizer"] + c["ddp_buckets"]
+    # micro-batches 2..k of gradient accumulation run forward and backward beside the gradients so far
+    in_micro_batch = persistent + c["accumulated_gradients"]
     forward = c["weight_copies"] + c["activations"] + c["fsdp_unsharded"] + c["loss_gradient"]
     root_gradients = c["loss_gradient"] + c["root_gradients"]
     return {
-        "forward_end": persistent + forward,
-        "loss_backward": persistent + forward + c["loss"],
-        "backward": (persistent + c["weight_copies"] + c["activations"] + c["recompute"]
+        "forward_end": in_micro_batch + forward,
+        "loss_backward": in_micro_batch + forward + c["loss"],
+        "backward": (in_micro_batch + c["weight_copies"] + c["activations"] + c["recompute"]
                      + c["fsdp_unsharded_backward"] + root_gradients),
         "gradient_reduce": persistent + c["gradients"] + np.where(c["fsdp_reduce_scatter"] > 0,
                                                                    root_gradients + c["fsdp_reduce_scatter"], 0.0),
@@ -850,13 +883,15 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
                     num_devices: int = 1, sharding: str = "fsdp", precision: str = "bf16-mixed",
                     activation_checkpointing: Any = "none", selective_ac_option: Any = "op",
                     attention: str = "sdpa", loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
-                    optimizer_impl: str = "fused", device: str = "cuda") -> dict[str, Any]:
+                    optimizer_impl: str = "fused", device: str = "cuda", grad_accum_steps: int = 1) -> dict[str, Any]:
     """Peak training memory per device, in bytes, over one steady-state step, by named component
     (training_memory_arrays; docs/memory.md): `peak` is the allocated peak, `peak_phase` when it
     occurs, `runtime_reserve` what the device holds beyond it, and `total` = peak + reserve, what
     the device must have. `optimizer_impl` is AdamW's implementation (the trainer: fused on CUDA,
     for-loop on the CPU) and `device` cuda or cpu (the CPU has no reserve, and its composite
-    RMSNorm keeps one more vector per norm)."""
+    RMSNorm keeps one more vector per norm). `grad_accum_steps` is the micro-batches per optimizer
+    step (the trainer's gradient accumulation): from the second on, the accumulated gradients
+    are live through forward and backward (`accumulated_gradients`)."""
     s = cfg.block_size if seq_len is None else seq_len
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
@@ -867,19 +902,20 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int = 1, seq_len: int | No
                                    num_devices=num_devices, sharding=sharding, precision=precision,
                                    activation_checkpointing=mode, selective_ac_option=option, attention=attention,
                                    loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl,
-                                   device=device, **_style_kwargs(cfg))
+                                   device=device, grad_accum_steps=grad_accum_steps, **_style_kwargs(cfg))
     out: dict[str, Any] = {k: (PHASES[int(v)] if k == "peak_phase" else float(v)) for k, v in parts.items()}
     out.update(micro_batch=micro_batch, seq_len=s, num_devices=num_devices, sharding=sharding,
                precision=precision, activation_checkpointing=mode, selective_ac_option=option,
-               loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device)
+               loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device,
+               grad_accum_steps=grad_accum_steps)
     return out
 
 
 # The components training_memory_arrays returns (bytes per device), then the per-phase totals
 # ("phase_" + each of PHASES), "peak", "peak_phase", "runtime_reserve" and "total".
-MEMORY_COMPONENTS = ("weights", "gradients", "optimizer", "weight_copies", "activations", "loss", "loss_gradient",
-                     "fsdp_unsharded", "fsdp_unsharded_backward", "fsdp_reduce_scatter", "ddp_buckets", "recompute",
-                     "root_gradients", "optimizer_step")
+MEMORY_COMPONENTS = ("weights", "gradients", "accumulated_gradients", "optimizer", "weight_copies", "activations",
+                     "loss", "loss_gradient", "fsdp_unsharded", "fsdp_unsharded_backward", "fsdp_reduce_scatter",
+                     "ddp_buckets", "recompute", "root_gradients", "optimizer_step")
 
 
 def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, *, seq_len: int,
@@ -887,7 +923,7 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
                            precision: str = "bf16-mixed", activation_checkpointing: Any = "none",
                            selective_ac_option: Any = "op", attention: str = "sdpa",
                            loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, optimizer_impl: str = "fused",
-                           device: str = "cuda", **style: Any) -> dict[str, Any]:
+                           device: str = "cuda", grad_accum_steps: Any = 1, **style: Any) -> dict[str, Any]:
     """`training_memory` over numpy arrays of shapes (the planner's memory filter), same model.
     `style` takes param_breakdown_arrays' keywords (ffn_type, normalization, bias, ...).
     Returns bytes per device by component (MEMORY_COMPONENTS) as float64 arrays (0.0 where a
@@ -899,6 +935,8 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
         raise ValueError(f"optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+    if np.any(np.asarray(grad_accum_steps) < 1):
+        raise ValueError(f"grad_accum_steps must be at least 1, got {grad_accum_steps}")
     ffn_type = style.get("ffn_type", "swiglu")
     p = param_breakdown_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, vocab_size, **style)
     total_params = p["total"].astype(np.float64)
@@ -943,7 +981,9 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
     loss_gradient = lm_head_params * (compute_bytes if fsdp else PRECISIONS[precision][1]) if loss_chunk_tokens else 0.0
     unsharded_fwd, unsharded_bwd = fsdp_unsharded_bytes(p["per_layer"].astype(np.float64), root_params,
                                                         compute_bytes, sharded=bool(fsdp))
-    c = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "weight_copies": copies,
+    c = {"weights": weights, "gradients": gradients,
+         "accumulated_gradients": accumulated_gradient_bytes(gradients, grad_accum_steps),
+         "optimizer": optimizer, "weight_copies": copies,
          "activations": tokens * (blocks + head),
          "loss": loss_bytes(tokens, vocab, compute_bytes, loss_chunk_tokens) + chunked_loss_weight_transients(
              lm_head_params, loss_chunk_tokens, autocast=autocast),
@@ -952,10 +992,8 @@ def training_memory_arrays(n_layer, n_embd, n_head, num_key_value_heads, d_ff, v
          "fsdp_reduce_scatter": fsdp_reduce_scatter_bytes(root_params, sharded=bool(fsdp), device=device),
          "ddp_buckets": ddp_bucket_bytes(total_params, PRECISIONS[precision][1], ddp=sharding == "ddp"),
          "recompute": recompute,
-         # the root's gradients the loss's backward forms (beside loss_gradient, formed in forward):
-         # FSDP2's unsharded lm_head gradient in the compute dtype; without FSDP, embedding and lm_head
-         "root_gradients": (lm_head_params * compute_bytes if fsdp else root_params * PRECISIONS[precision][1])
-                           - loss_gradient,
+         "root_gradients": root_gradient_bytes(root_params, lm_head_params, loss_gradient, PRECISIONS[precision][1],
+                                               compute_bytes, grad_accum_steps, fsdp=bool(fsdp)),
          "optimizer_step": optimizer_step_bytes(total_params, np.maximum(lm_head_params, n_embd * d_ff), shards,
                                                 optimizer_impl)}
     out = dict(c)

@@ -183,7 +183,7 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
                   precision: str = "bf16-mixed", activation_checkpointing: Any = "none",
                   selective_ac_option: Any = "op", attention: str = "sdpa",
                   loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, optimizer_impl: str = "fused",
-                  device: str = "cuda") -> dict[str, Any]:
+                  device: str = "cuda", grad_accum_steps: int = 1) -> dict[str, Any]:
     """Memory per device for a resolved layout, on the pipeline rank that needs the most (`pp_rank`),
     in counting.training_memory's terms (docs/memory.md): the same named components
     (counting.MEMORY_COMPONENTS), the same moments of the step (counting.step_phases), the
@@ -199,12 +199,23 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     column-wise projections (gathered over the sequence) stay whole. The last stage adds the final
     norm, lm_head's input and the loss (counting.loss_bytes: unchunked where Layout.chunked_loss
     says the trainer forms the logits whole, over vocab / tp with loss_parallel). FSDP's gathered
-    root unit and blocks are those of the rank's own stages, tp-local."""
+    root unit and blocks are those of the rank's own stages, tp-local.
+
+    Several micro-batches per step: `grad_accum_steps` accumulation micro-steps when pp = 1 (the
+    gradients so far are live in the later ones: counting.accumulated_gradient_bytes; the trainer's
+    FSDP2 reduce-scatters every micro-step, so they are sharded); under pp the pipeline's own
+    micro-batches (grad_accum_steps must be 1), between which torch.distributed.pipelining turns
+    FSDP2's gradient sync off: each local parameter's gradient stays unsharded over dp_shard, in
+    fp32, until the last. Not modelled: pipelining also keeps a stage's parameters unsharded from
+    one backward to the next forward."""
     s = cfg.block_size if seq_len is None else seq_len
     mode, option = checkpointing(activation_checkpointing, selective_ac_option)
     if optimizer_impl not in counting.OPTIMIZER_IMPLS or device not in counting.DEVICES:
         raise ValueError(f"optimizer_impl must be one of {counting.OPTIMIZER_IMPLS} and device one of "
                          f"{counting.DEVICES}")
+    if grad_accum_steps > 1 and layout.pp > 1:
+        raise ValueError("under pp the micro-batches are the pipeline's (layout.pp_microbatches): "
+                         "grad_accum_steps must be 1")
     wb, gb, ob = counting.PRECISIONS[precision]
     fsdp = layout.uses_fsdp
     autocast = precision == "bf16-mixed" and not fsdp
@@ -275,9 +286,15 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
             float(rp.block), float(rp.root_unsharded), c, sharded=fsdp)
         c_parts["fsdp_reduce_scatter"] = counting.fsdp_reduce_scatter_bytes(float(rp.root_unsharded), sharded=fsdp,
                                                                             device=device)
+        steady_state = chunks < layout.pp_stages_per_rank * layout.microbatches
+        pipelined_fsdp = layout.pp > 1 and fsdp and layout.dp_shard > 1
+        c_parts["accumulated_gradients"] = (
+            # pipelining's micro-batches under FSDP2 without gradient sync: unsharded fp32 gradients
+            4.0 * (rp.layers * rp.block + rp.root_unsharded) if pipelined_fsdp and steady_state
+            else 0.0 if layout.pp > 1 else float(counting.accumulated_gradient_bytes(rp.local * gb, grad_accum_steps)))
         out: dict[str, Any] = {k: float(c_parts[k]) for k in counting.MEMORY_COMPONENTS}
         phases = counting.step_phases(out)
-        if chunks < layout.pp_stages_per_rank * layout.microbatches:
+        if layout.pp > 1 and steady_state and not pipelined_fsdp:
             # a pipeline's steady state runs forwards and backwards of other micro-batches while
             # this rank's gradients (the root's among them), formed by its first backward, accumulate
             for k in ("forward_end", "loss_backward"):
@@ -293,7 +310,8 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
     assert best is not None
     best.update(micro_batch=micro_batch, seq_len=s, precision=precision, layout=layout_dict(layout),
                 num_devices=layout.world, activation_checkpointing=mode, selective_ac_option=option,
-                loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device)
+                loss_chunk_tokens=loss_chunk_tokens, optimizer_impl=optimizer_impl, device=device,
+                grad_accum_steps=grad_accum_steps)
     return best
 
 
@@ -355,7 +373,9 @@ def communication(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
       trainer sets it): each unit (block, root) is all-gathered in the compute dtype before its
       forward on every micro-step, and again before its backward when resharded after forward
       (not the last block nor the root, nor anything under pp, where torchtitan keeps them);
-      gradients are reduce-scattered in fp32 once per step (sync only on the last micro-step).
+      gradients are reduce-scattered in fp32 on every accumulation micro-step (the trainer keeps
+      FSDP2's gradient sync on, so that only sharded gradients accumulate), and once per step under
+      pp (torch.distributed.pipelining turns the sync off between its micro-batches).
     - HSDP (dp_replicate × dp_shard): the sharded fp32 gradients are all-reduced over replicas.
     - DDP (replicas only): the fp32 gradients are all-reduced once per step, in buckets.
     - TP, per block and micro-step: forward all-gathers the sequence-sharded input of the attention
@@ -386,8 +406,9 @@ def communication(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
         gathered = (rp.local + regathered * block_shard) * m
         out.append(Collective("FSDP all-gather (parameters)", "fsdp", "all-gather", n, t, (units + regathered) * m,
                               (n - 1) * gathered * param_bytes, "forward/backward compute (prefetch one unit ahead)"))
-        out.append(Collective("FSDP reduce-scatter (gradients)", "fsdp", "reduce-scatter", n, t, units,
-                              (n - 1) * rp.local * grad_bytes, "backward compute of the last micro-step"))
+        reductions = 1 if p > 1 else m
+        out.append(Collective("FSDP reduce-scatter (gradients)", "fsdp", "reduce-scatter", n, t, units * reductions,
+                              (n - 1) * rp.local * grad_bytes * reductions, "backward compute of each micro-step"))
         if r > 1:
             out.append(Collective("HSDP all-reduce over replicas", "hsdp", "all-reduce", r, t * n, units,
                                   ring_factor("all-reduce", r) * rp.local * grad_bytes,

@@ -37,19 +37,21 @@ def sharding_of(layout: Layout) -> str:
 
 def device_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int, seq_len: int, precision: str,
                   activation_checkpointing: Any = "none", selective_ac_option: Any = "op", attention: str = "sdpa",
-                  loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, Any]:
-    """Memory per device of a resolved layout: the one figure count, plan and the emitted config share."""
+                  loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, grad_accum_steps: int = 1) -> dict[str, Any]:
+    """Memory per device of a resolved layout with `grad_accum_steps` accumulation micro-steps
+    (resolve_batch's): the one figure count, plan and the emitted config share."""
     mode, option = layout_cost.checkpointing(activation_checkpointing, selective_ac_option)
     if is_plain_data_parallel(layout):
         out = counting.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, num_devices=layout.world,
                                        sharding=sharding_of(layout), precision=precision,
                                        activation_checkpointing=mode, selective_ac_option=option,
-                                       attention=attention, loss_chunk_tokens=loss_chunk_tokens)
+                                       attention=attention, loss_chunk_tokens=loss_chunk_tokens,
+                                       grad_accum_steps=grad_accum_steps)
         out["model"] = "counting.training_memory"
         return out
     out = layout_cost.layout_memory(cfg, layout, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
                                     activation_checkpointing=mode, selective_ac_option=option, attention=attention,
-                                    loss_chunk_tokens=loss_chunk_tokens)
+                                    loss_chunk_tokens=loss_chunk_tokens, grad_accum_steps=grad_accum_steps)
     out["model"] = "layout_cost.layout_memory"
     return out
 
@@ -161,7 +163,8 @@ def search(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, globa
         for mode, option in checkpointing:
             memory = device_memory(cfg, layout, micro_batch=b, seq_len=seq_len, precision=precision,
                                    activation_checkpointing=mode, selective_ac_option=option,
-                                   attention=attention, loss_chunk_tokens=loss_chunk_tokens)
+                                   attention=attention, loss_chunk_tokens=loss_chunk_tokens,
+                                   grad_accum_steps=accumulation)
             if memory["total"] > acc.memory_bytes:
                 continue
             t = steptime.step_time(cfg, acc, layout, micro_batch=b, seq_len=seq_len, accumulation=accumulation,
@@ -186,5 +189,5 @@ def fits_any(cfg: ModelConfig, acc: Accelerator, gpus: int, *, seq_len: int, glo
                                      layouts=most_divided)
     return any(device_memory(cfg, layout, micro_batch=b, seq_len=seq_len, precision=precision,
                              activation_checkpointing=mode, selective_ac_option=option, attention=attention,
-                             loss_chunk_tokens=loss_chunk_tokens)["total"] <= acc.memory_bytes
-               for layout, b, _ in candidates)
+                             loss_chunk_tokens=loss_chunk_tokens, grad_accum_steps=accumulation)["total"]
+               <= acc.memory_bytes for layout, b, accumulation in candidates)

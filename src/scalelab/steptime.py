@@ -210,7 +210,9 @@ def step_time(cfg: ModelConfig, acc: Accelerator, layout: Layout, *, micro_batch
             exposed[row["name"]] = m * max(per_micro - compute_micro, 0.0) + secs / calls
         elif row["dimension"] == "pp":
             exposed[row["name"]] = max(secs - m * compute_micro, 0.0) + secs / calls
-        else:  # gradient reductions: behind the last micro-step's backward
+        elif row["dimension"] == "fsdp" and p == 1:  # FSDP's reduce-scatter, behind each micro-step's backward
+            exposed[row["name"]] = m * max(secs / m - backward_micro, 0.0) + secs / calls
+        else:  # other gradient reductions: behind the last micro-step's backward
             exposed[row["name"]] = max(secs - backward_micro, 0.0) + secs / calls
         row["exposed_seconds"] = exposed[row["name"]]
 

@@ -148,21 +148,20 @@ def count_report(cfg, *, seq_len: int, micro_batch: int = 1, gpus: int = 1, gpu_
         global_batch_tokens = best.time.tokens_per_step
         search_rows = [c.row() for c in found]
     mode, option = layout_cost.checkpointing(activation_checkpointing, selective_ac_option)
+    costed = strategy_layout(sharding, gpus) if layout is None else layout
+    # the global batch sets the gradient accumulation, whose accumulated gradients the memory holds
+    costed, accumulation, batch_tokens = layout_search.resolve_batch(costed, micro_batch=micro_batch, seq_len=seq_len,
+                                                                     global_batch_tokens=global_batch_tokens)
     if layout is None:
         memory = counting.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, num_devices=gpus,
                                           sharding=sharding, precision=precision, activation_checkpointing=mode,
                                           selective_ac_option=option, attention=attention,
-                                          loss_chunk_tokens=loss_chunk_tokens)
-        costed = strategy_layout(sharding, gpus)
+                                          loss_chunk_tokens=loss_chunk_tokens, grad_accum_steps=accumulation)
     else:
-        costed = layout
-    costed, accumulation, batch_tokens = layout_search.resolve_batch(costed, micro_batch=micro_batch, seq_len=seq_len,
-                                                                     global_batch_tokens=global_batch_tokens)
-    if layout is not None:
         memory = layout_search.device_memory(cfg, costed, micro_batch=micro_batch, seq_len=seq_len,
                                              precision=precision, activation_checkpointing=mode,
                                              selective_ac_option=option, attention=attention,
-                                             loss_chunk_tokens=loss_chunk_tokens)
+                                             loss_chunk_tokens=loss_chunk_tokens, grad_accum_steps=accumulation)
     # hardware FLOPs: activation checkpointing's recomputation on top of the model's FLOPs
     flops["training_per_token_executed"] = counting.executed_training_flops(
         cfg, 1, seq_len, activation_checkpointing=mode, selective_ac_option=option, attention=attention) / seq_len
@@ -431,8 +430,10 @@ def print_report(cfg, r: dict) -> None:
         rows.append((f"{r['accelerator']['name']} memory", f"{format_bytes(m['device_memory'])} -> {verdict}"))
     print_table(rows, title=title)
     if "device_memory" in m and not m["fits"]:
+        accumulating = ("; or one micro-batch per step (--global-batch-tokens), without the accumulated gradients' "
+                        f"{format_bytes(m['accumulated_gradients'])}" if m.get("accumulated_gradients") else "")
         print("  Does not fit: try more GPUs (--gpus), --activation-checkpointing, a smaller --micro-batch "
-              "or --seq-len.\n")
+              f"or --seq-len{accumulating}.\n")
     if r["layout"]["num_devices"] > 1 or "time" in r:
         print_layout(r)
     if "time" in r and "predicted" in r["time"]:

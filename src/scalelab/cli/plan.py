@@ -205,8 +205,6 @@ def build(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from scalelab.scaling.search import search
-
     C, budget, law, space = build(args)
     # check --set before searching: it may only touch the emitted config's non-model sections
     owned = plan_owned_keys(space, layout_auto=args.layout == "auto")
@@ -225,10 +223,14 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.emit_config, flag="--emit-config", suffixes=(".toml",))
     if args.plot:
         check_output_file(args.plot, flag="--plot", suffixes=(".png",))
-    result = search(C, law, space, top=args.top)
-    result.search["budget"] = budget
-    if args.layout == "auto":
+    if args.layout == "auto":  # the layout search chooses the global batch, and its memory includes the accumulation
+        from scalelab.scaling.search import search
+
+        result = search(C, law, space, top=args.top)
         choose_layout(result)
+    else:
+        result = search_with_accumulation(C, law, space, args.top, args.law_file)
+    result.search["budget"] = budget
     if args.emit_config:
         write_config(result, args.emit_config, args.overrides, argv=_command_argv(), law_file=args.law_file)
         result.search["emitted_config"] = args.emit_config
@@ -316,7 +318,8 @@ def print_report(result) -> None:
                                    f"tokens, predicted MFU {lay['mfu']:.1%} (fastest of {len(b['layout_top'])} shown "
                                    "by --json; scalelab.steptime)"))
         rows.append(("Memory/GPU", f"{format_bytes(b['memory_per_gpu_bytes'])} of "
-                                   f"{space.accelerator.memory_gib:g} GiB ({sharding}, micro-batch {m['micro_batch']}, "
+                                   f"{space.accelerator.memory_gib:g} GiB ({sharding}, micro-batch {m['micro_batch']}"
+                                   f"{f' x {accum} accumulated' if (accum := b.get('grad_accum_steps', 1)) > 1 else ''}, "
                                    f"{'activation checkpointing, ' if m['activation_checkpointing'] else ''}"
                                    f"{m['precision']}, {m['attention']}; --emit-config writes these settings)"))
     rows.append(("Name", b["name"]))
@@ -389,6 +392,42 @@ def choose_layout(result) -> None:
     best["layout_top"] = [c.row() for c in found]
     best["memory_per_gpu_bytes"] = float(chosen.memory["total"])
     best["trainer_settings"] = {"train": train, "parallel": parallel}
+
+
+def planned_accumulation(result, law_file: str | None = None) -> int:
+    """Micro-batches per optimizer step of the best shape's emitted config: the hyperparameter law's
+    global batch (planned_hyperparameters, whole micro-batches) over the plan's micro-batch on every GPU."""
+    hyper, _ = planned_hyperparameters(result, law_file)
+    return max(1, hyper["global_batch_tokens"] // (result.best["seq_len"] * result.space.micro_batch
+                                                    * result.space.gpus))
+
+
+def search_with_accumulation(C: float, law, space, top: int, law_file: str | None = None):
+    """The search whose memory filter assumes the gradient accumulation its best shape's emitted config
+    runs: when the planned global batch needs more than one micro-batch per GPU, the search again with
+    accumulation (the gradients accumulated so far are live through every later micro-batch, the same
+    bytes for any k > 1). result.best gets `grad_accum_steps` and the memory at it."""
+    import dataclasses
+
+    from scalelab import counting
+    from scalelab.config import ModelConfig
+    from scalelab.scaling.search import search
+
+    result = search(C, law, space, top=top)
+    if space.accelerator is None:
+        return result
+    accum = planned_accumulation(result, law_file)
+    if accum > 1:
+        result = search(C, law, dataclasses.replace(space, grad_accum_steps=accum), top=top)
+        accum = planned_accumulation(result, law_file)
+    best, space = result.best, result.space
+    best["grad_accum_steps"] = accum
+    if (accum > 1) != (space.grad_accum_steps > 1):  # the new best's own batch is one micro-batch per GPU
+        best["memory_per_gpu_bytes"] = counting.training_memory(
+            ModelConfig(**best["config"]), micro_batch=space.micro_batch, seq_len=best["seq_len"],
+            num_devices=space.gpus, sharding=space.sharding, precision=space.precision, attention=space.attention,
+            activation_checkpointing=space.activation_checkpointing, grad_accum_steps=accum)["total"]
+    return result
 
 
 def trainer_checkpointing_modes() -> tuple[tuple[str, str], ...]:

@@ -92,6 +92,9 @@ class SearchSpace:
     # every GPU: a cheap floor over all shapes first (layout_memory_floor), then the real check on
     # the best survivors in loss order (keep_shapes_a_layout_fits)
     layout_checkpointing: tuple[tuple[str, str], ...] | None = None
+    # micro-batches per optimizer step: from the second on, the gradients accumulated so far are live
+    # through forward and backward (counting.accumulated_gradient_bytes; the same for any k > 1)
+    grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -221,7 +224,8 @@ class SearchSpace:
                           "memory_model": {"micro_batch": self.micro_batch, "sharding": self.sharding,
                                            "precision": self.precision, "attention": self.attention,
                                            "activation_checkpointing": self.activation_checkpointing,
-                                           "any_layout": self.layout_checkpointing is not None}}),
+                                           "any_layout": self.layout_checkpointing is not None,
+                                           "grad_accum_steps": self.grad_accum_steps}}),
         }
 
 
@@ -325,7 +329,8 @@ def _evaluate(shapes: dict[str, np.ndarray], space: SearchSpace, C: float, law: 
             mem = counting.training_memory_arrays(
                 *size, seq_len=space.seq_len, micro_batch=space.micro_batch, num_devices=space.gpus,
                 sharding=space.sharding, precision=space.precision, attention=space.attention,
-                activation_checkpointing=space.activation_checkpointing, **kw)["total"]
+                activation_checkpointing=space.activation_checkpointing, grad_accum_steps=space.grad_accum_steps,
+                **kw)["total"]
         else:
             mem = layout_memory_floor(N, space.precision, space.gpus)
         out["memory"] = mem

@@ -9,8 +9,9 @@ the wrappers, gradient sync, clipping, the loss context and the checkpoint forma
 - FSDP2 (`torch.distributed.fsdp.fully_shard`): each transformer block, then the root (embeddings,
   final norm, lm_head), is sharded over ranks; parameters are all-gathered just in time and
   gradients reduce-scattered. `MixedPrecisionPolicy` computes in bf16 and reduces in fp32.
-- Gradient accumulation syncs only on the last micro-step (DDP `no_sync`, FSDP2
-  `set_requires_gradient_sync(False)`), so a step costs one reduction however many micro-steps.
+- Gradient accumulation: DDP all-reduces on the last micro-step only (`no_sync`); FSDP2
+  reduce-scatters on every micro-step (torchtitan's choice: only sharded gradients accumulate),
+  and HSDP all-reduces over replicas on the last only (`set_requires_all_reduce`).
 - Tensor parallelism (`apply_tp`, DTensor, as torchtitan's parallelize_llama): Q/K/V, gate and up
   column-wise, O and down row-wise, so attention and the FFN need one all-reduce (or, with
   sequence parallelism, one all-gather + one reduce-scatter) each; the token embedding row-wise
@@ -344,13 +345,17 @@ class ParallelDims:
 
     @contextlib.contextmanager
     def grad_sync(self, model: nn.Module, sync: bool):
-        """Reduce data-parallel gradients only when `sync` (the last micro-step of an optimizer step)."""
+        """Gradient reduction around one micro-step; `sync` on the last of an optimizer step. DDP
+        all-reduces only then (no_sync before: each rank's .grad accumulates at full size anyway).
+        FSDP2 reduce-scatters every micro-step, as torchtitan does, so that only sharded gradients
+        accumulate: skipping it would keep every gradient unsharded in fp32 until the last one
+        (4 bytes per parameter on every device); HSDP's all-reduce over replicas waits for the last."""
         if self.layout.is_ddp and not sync:
             with model.no_sync():
                 yield
             return
-        if self.layout.uses_fsdp:
-            model.set_requires_gradient_sync(sync)
+        if self.layout.uses_fsdp and self.layout.dp_replicate > 1:
+            model.set_requires_all_reduce(sync)
         yield
 
     def loss_context(self):

@@ -95,28 +95,31 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
 
 def predicted_memory(cfg: TrainConfig, strategy: str, world_size: int, layout: Layout | None = None,
                      device_type: str = "cuda") -> dict[str, Any]:
-    """Bytes per device for this run's shape, precision, parallelism, checkpointing and device:
+    """Bytes per device for this run's shape, precision, parallelism, checkpointing, gradient
+    accumulation (train_step's micro-batches per step, from train.global_batch_tokens) and device:
     counting.training_memory for one process, DDP and FSDP (`strategy`), and layout_cost.layout_memory
-    for a `layout` with tp, pp or HSDP (its busiest pipeline rank): the same components, peak and
-    runtime reserve. AdamW is fused on CUDA and a per-parameter loop elsewhere (make_optimizer); only
-    CUDA has a runtime reserve."""
+    for a `layout` with tp, pp or HSDP (its busiest pipeline rank; under pp the micro-batches are the
+    pipeline's): the same components, peak and runtime reserve. AdamW is fused on CUDA and a
+    per-parameter loop elsewhere (make_optimizer); only CUDA has a runtime reserve."""
     t = cfg.train
     precision = "fp32" if t.dtype == "fp32" else "bf16-mixed"
     where = dict(optimizer_impl="fused" if device_type == "cuda" else "for-loop",
                  device="cuda" if device_type == "cuda" else "cpu")
+    accum = grad_accum_steps(cfg, layout.dp if layout is not None else world_size)
     if layout is not None and (layout.tp > 1 or layout.pp > 1 or (layout.dp_replicate > 1 and layout.uses_fsdp)):
         from scalelab.layout_cost import layout_memory
 
         m = layout_memory(cfg.model, layout, micro_batch=t.micro_batch_size, seq_len=t.seq_len, precision=precision,
                           activation_checkpointing=t.activation_checkpointing,
                           selective_ac_option=t.selective_ac_option, attention=t.attention,
-                          loss_chunk_tokens=t.loss_chunk_tokens, **where)
+                          loss_chunk_tokens=t.loss_chunk_tokens, grad_accum_steps=1 if layout.pp > 1 else accum,
+                          **where)
         return dict(m, model="layout_cost.layout_memory")
     m = training_memory(cfg.model, micro_batch=t.micro_batch_size, seq_len=t.seq_len, num_devices=world_size,
                         sharding={"fsdp": "fsdp", "ddp": "ddp"}.get(strategy, "none"), precision=precision,
                         activation_checkpointing=t.activation_checkpointing,
                         selective_ac_option=t.selective_ac_option, attention=t.attention,
-                        loss_chunk_tokens=t.loss_chunk_tokens, **where)
+                        loss_chunk_tokens=t.loss_chunk_tokens, grad_accum_steps=accum, **where)
     return m
 
 
@@ -166,6 +169,9 @@ def memory_problem(cfg: TrainConfig, strategy: str, world_size: int, free: tuple
             "" if t.activation_checkpointing == "full" else "set train.activation_checkpointing = \"full\" (or "
             "\"selective\")",
             "" if strategy == "fsdp" else "shard over more GPUs with parallel.strategy = \"fsdp\" under torchrun",
+            f"accumulate fewer micro-batches per step (train.global_batch_tokens {t.global_batch_tokens}: the "
+            f"gradients accumulated so far, {format_bytes(m['accumulated_gradients'])}, are live through every "
+            "later micro-batch)" if m.get("accumulated_gradients") else "",
             "use a smaller [model]"]
     who = f" × {ranks_sharing} ranks on this host" if ranks_sharing > 1 else " per device"
     return (f"the run needs {format_bytes(need)}{who} ({m.get('model', 'counting.training_memory')} per device: "
@@ -560,6 +566,8 @@ class Trainer:
             reserve = (f" + {format_bytes(m['runtime_reserve'])} CUDA context and allocator reserve"
                        if m.get("runtime_reserve") else "")
             at = f" at {m['peak_phase'].replace('_', ' ')}"
+            at += f" of a later micro-batch ({accum} per step)" if m.get("accumulated_gradients") and \
+                m["peak_phase"] not in ("gradient_reduce", "optimizer_step") else ""
             log(f"scalelab train: predicted peak memory per device {format_bytes(m['peak'])}{at}"
                 f"{reserve} ({m.get('model', 'counting.training_memory')}, docs/memory.md; on a GPU the log's mem "
                 f"column measures the peak, on a CPU that column is the whole process's RSS)")
