@@ -133,7 +133,7 @@ def test_count_shows_total_active_and_mla_kv_cache(cli):
 def test_count_takes_the_accumulation_from_the_global_batch_as_the_trainer_does(cli, tmp_path):
     """A training config's global_batch_tokens (or --global-batch-tokens) sets the gradient
     accumulation; count's memory then holds the accumulated gradients, exactly the trainer's
-    prediction and memory check (FSDP2 without gradient sync: unsharded, fp32), and the JSON says
+    prediction and memory check (FSDP2, reduce-scattering every micro-step: sharded, fp32), and the JSON says
     how many micro-batches; one micro-batch per step holds none."""
     from scalelab.counting import count_params
     from scalelab.train.config import config_from_dict
@@ -152,7 +152,7 @@ def test_count_takes_the_accumulation_from_the_global_batch_as_the_trainer_does(
     trainer = predicted_memory(cfg, "fsdp", 4)
     n = count_params(cfg.model).total
     assert counted["grad_accum_steps"] == trainer["grad_accum_steps"] == 3
-    assert counted["accumulated_gradients"] == trainer["accumulated_gradients"] == 4 * n
+    assert counted["accumulated_gradients"] == trainer["accumulated_gradients"] == 4 * n / 4
     assert counted["total"] == trainer["total"]
     assert "accumulate fewer micro-batches per step" in memory_problem(cfg, "fsdp", 4, (1e3, "free"))
     single = json.loads(cli("count", str(toml), "--gpus", "4", "--global-batch-tokens", str(4 * 2 * 64),

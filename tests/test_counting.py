@@ -327,8 +327,8 @@ def test_hardware_table_is_physically_sane():
 def test_gradient_accumulation_holds_the_gradients_through_later_micro_batches():
     """grad_accum_steps > 1: micro-batches 2..k run forward and backward beside the gradients so far
     (tests/test_memory_timeline.py measures it): full .grad for one process and DDP (no_sync), in the
-    gradients' dtype; FSDP2 without gradient sync keeps them unsharded in its fp32 reduce dtype. The
-    root's new gradients are then added in place (no extra term) except under FSDP. The default, 1,
+    gradients' dtype; FSDP2, which reduce-scatters every micro-step (ParallelDims.grad_sync), the
+    sharded ones. The root's new gradients are then added in place (no extra term) except under FSDP. The default, 1,
     is the one-micro-batch step; the optimizer step is the same either way."""
     cfg = ModelConfig(n_layer=2, n_embd=64, n_head=4, num_key_value_heads=2, d_ff=128, vocab_size=256, block_size=32)
     n = counting.count_params(cfg).total
@@ -347,7 +347,7 @@ def test_gradient_accumulation_holds_the_gradients_through_later_micro_batches()
     assert counting.training_memory(cfg, precision="bf16", sharding="none", grad_accum_steps=2,
                                     **kw)["accumulated_gradients"] == 2 * n
     fsdp = counting.training_memory(cfg, precision="bf16-mixed", sharding="fsdp", num_devices=8, grad_accum_steps=2, **kw)
-    assert fsdp["accumulated_gradients"] == 4 * n and fsdp["gradients"] == 4 * n / 8  # unsharded, fp32
+    assert fsdp["accumulated_gradients"] == fsdp["gradients"] == 4 * n / 8  # sharded, fp32
     arrays = counting.training_memory_arrays(*counting._shape_args(cfg), seq_len=32, micro_batch=2, precision="fp32",
                                              sharding="none", loss_chunk_tokens=0, grad_accum_steps=np.array([1, 4]),
                                              **counting._style_kwargs(cfg))

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from scalelab import layout_cost
+from scalelab import counting, layout_cost
 from scalelab.layout import Layout
 from scalelab.presets import style_config
 
@@ -151,10 +151,15 @@ def test_fsdp_traffic_is_the_ring_share_of_what_each_unit_gathers():
     gathered = total + (cfg.n_layer - 1) * block
     assert rows["FSDP all-gather (parameters)"].bytes == pytest.approx(7 / 8 * 2 * gathered)
     assert rows["FSDP reduce-scatter (gradients)"].bytes == pytest.approx(7 / 8 * 4 * total)
-    # four micro-steps gather four times, and still reduce once
+    # four micro-steps gather four times and reduce-scatter four times (the trainer keeps FSDP2's
+    # gradient sync on); a pipeline's micro-batches reduce once (pipelining turns the sync off)
     rows4 = {c.name: c for c in layout_cost.communication(cfg, layout, micro_batch=2, seq_len=32, accumulation=4)}
     assert rows4["FSDP all-gather (parameters)"].bytes == pytest.approx(4 * rows["FSDP all-gather (parameters)"].bytes)
-    assert rows4["FSDP reduce-scatter (gradients)"].bytes == rows["FSDP reduce-scatter (gradients)"].bytes
+    assert rows4["FSDP reduce-scatter (gradients)"].bytes == 4 * rows["FSDP reduce-scatter (gradients)"].bytes
+    reduced = [{c.name: c for c in layout_cost.communication(
+        cfg, Layout(pp=2, dp_shard=4, pp_microbatches=m).validate(cfg, 8), micro_batch=2, seq_len=32)
+    }["FSDP reduce-scatter (gradients)"] for m in (2, 8)]
+    assert reduced[0] == reduced[1]
 
 
 def test_tensor_parallel_traffic_per_block():
@@ -289,20 +294,22 @@ def test_trainers_memory_check_of_a_tp_layout_counts_the_runtime_reserve():
 # ---- count ------------------------------------------------------------------------------------
 
 
-def test_fsdp_accumulation_holds_the_tp_local_gradients_unsharded():
-    """Gradient accumulation under FSDP2 (no gradient sync until the last micro-batch) keeps every
-    parameter's gradient unsharded over dp_shard, in fp32: what the tp-only layout holds per rank
-    (rank_params, proven equal to the real shards above), 4 bytes each; without FSDP the gradients
-    stay where they are (already counted). Under pp the micro-batches are the pipeline's, and
-    torch.distributed.pipelining turns FSDP2's gradient sync off between them: the same term."""
+def test_accumulation_holds_sharded_gradients_but_a_pipeline_under_fsdp_unsharded():
+    """Gradient accumulation (pp = 1): micro-batches 2..k run beside the gradients so far, the rank's
+    own (rank_params, proven equal to the real shards above), 4 bytes each in fp32: sharded over
+    dp_shard under FSDP2, which the trainer lets reduce-scatter every micro-step; whole without it.
+    Under pp the micro-batches are the pipeline's, and torch.distributed.pipelining turns FSDP2's
+    gradient sync off between them: each local gradient unsharded over dp_shard, in fp32."""
     cfg = _tiny()
     tp_fsdp, tp_only = Layout(dp_shard=4, tp=2).validate(cfg, 8), Layout(dp_shard=1, tp=2).validate(cfg, 2)
-    tp_local = layout_cost.rank_params(cfg, tp_only)[0].local
     one = layout_cost.layout_memory(cfg, tp_fsdp, seq_len=32)
     two = layout_cost.layout_memory(cfg, tp_fsdp, seq_len=32, grad_accum_steps=2)
-    assert one["accumulated_gradients"] == 0 and two["accumulated_gradients"] == 4 * tp_local
-    assert two["total"] - one["total"] == 4 * tp_local
-    assert layout_cost.layout_memory(cfg, tp_only, seq_len=32, grad_accum_steps=2)["accumulated_gradients"] == 0
+    sharded = layout_cost.rank_params(cfg, tp_fsdp)[0].local
+    assert one["accumulated_gradients"] == 0 and two["accumulated_gradients"] == 4 * sharded
+    assert two["total"] - one["total"] == pytest.approx(4 * sharded * (1 + counting.ALLOCATOR_FRAGMENTATION))
+    tp_local = layout_cost.rank_params(cfg, tp_only)[0].local
+    assert layout_cost.layout_memory(cfg, tp_only, seq_len=32, grad_accum_steps=2)["accumulated_gradients"] == \
+        4 * tp_local
     pp_fsdp, pp_only = Layout(pp=2, dp_shard=2).validate(cfg, 4), Layout(pp=2, dp_shard=1).validate(cfg, 2)
     piped = layout_cost.layout_memory(cfg, pp_fsdp, seq_len=32)  # the pipeline's micro-batches accumulate too
     assert piped["accumulated_gradients"] == 4 * layout_cost.rank_params(cfg, pp_only)[piped["pp_rank"]].local

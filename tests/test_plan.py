@@ -281,27 +281,28 @@ def test_memory_filter_changes_the_answer_only_by_excluding_what_does_not_fit(cl
 
 def test_layout_auto_keeps_a_shape_that_only_tensor_or_pipeline_parallelism_fits(cli, tmp_path):
     """8 x A100-40GB, 2e23 FLOPs at 4096 tokens. The compute-optimal shape that fits in some layout,
-    44L x 5632H (19.1B), needs more than 40 GiB under FSDP over all 8 GPUs at micro-batch 1 with full
-    checkpointing (counting.training_memory, the plan's filter without --layout auto), so the filter
-    that assumed FSDP dropped it and the plan settled for 44L x 5120H. With --layout auto the plan keeps
-    it, with a layout that has tp or pp, and the config it writes counts (`scalelab count FILE`) to the
-    plan's figure, within the card. Without --layout auto the plan is what it was."""
+    42L x 5120H, needs more than 40 GiB under FSDP over all 8 GPUs at micro-batch 1 with full
+    checkpointing and the emitted batch's gradient accumulation (counting.training_memory, the plan's
+    filter without --layout auto), so the filter that assumed FSDP dropped it and the plan settled for
+    40L x 5120H. With --layout auto the plan keeps it, with a layout that has tp or pp, and the config
+    it writes counts (`scalelab count FILE`) to the plan's figure, within the card. Without --layout
+    auto the plan is what it was."""
     gib40 = get_accelerator("A100-40GB").memory_bytes
     args = ["2e23", "--gpus", "8", "--gpu-type", "A100-40GB", "--seq-len", "4096"]
 
-    def fsdp_over_all(row):
+    def fsdp_over_all(row, accum):
         cfg = style_config("llama3", row["n_layer"], row["n_embd"], row["n_head"],
                            num_key_value_heads=row["num_key_value_heads"], block_size=4096)
         return counting.training_memory(cfg, micro_batch=1, seq_len=4096, num_devices=8, sharding="fsdp",
-                                        activation_checkpointing=True)["total"]
+                                        activation_checkpointing=True, grad_accum_steps=accum)["total"]
 
     plain = plan_json(cli, *args)["best"]
-    assert (plain["n_layer"], plain["n_embd"]) == (44, 5120)
-    assert plain["memory_per_gpu_bytes"] == fsdp_over_all(plain) <= gib40
+    assert (plain["n_layer"], plain["n_embd"]) == (40, 5120) and plain["grad_accum_steps"] > 1
+    assert plain["memory_per_gpu_bytes"] == fsdp_over_all(plain, plain["grad_accum_steps"]) <= gib40
     path = tmp_path / "plan.toml"
     auto = plan_json(cli, *args, "--layout", "auto", "--emit-config", str(path))["best"]
-    assert (auto["n_layer"], auto["n_embd"]) == (44, 5632) and auto["loss"] < plain["loss"]
-    assert fsdp_over_all(auto) > gib40
+    assert (auto["n_layer"], auto["n_embd"]) == (42, 5120) and auto["loss"] < plain["loss"]
+    assert fsdp_over_all(auto, plain["grad_accum_steps"]) > gib40
     chosen = auto["layout"]["layout"]
     assert chosen["tp"] > 1 or chosen["pp"] > 1
     r = cli("count", str(path), "--gpus", "8", "--gpu-type", "A100-40GB", "--json")

@@ -3,7 +3,7 @@
     train(cfg, run_dir) -> summary dict
 
 Per optimizer step: set the learning rate (a pure function of the step), run
-`grad_accum_steps` micro-batches (gradients reduced only on the last), clip the global gradient
+`grad_accum_steps` micro-batches (ParallelDims.grad_sync says when gradients are reduced), clip the global gradient
 norm, check that loss and gradient norm are finite, step AdamW. Every `logging.every` steps a
 console line (stderr) and a metrics.jsonl record; every `eval.every` steps the held-out loss;
 every `checkpoint.every` steps, at the end, and on SIGTERM/SIGINT an atomic checkpoint.
