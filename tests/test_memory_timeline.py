@@ -168,10 +168,10 @@ def measure(strategy: str, precision: str, chunk: int, mode: str, option: str, a
         if world > 1:
             dist.barrier()  # every collective of this rank has ended
     lives, ranges, end_of_profile = allocation_lifetimes(prof)
-    steps = [(name.split(":")[1:] + [""])[:2] + [r] for name, r in ranges.items()
-             if name.startswith(f"step{STEPS - 1}:")]
-    peak, at = peak_live_bytes(lives, min(r[0] for *_, r in steps), max(r[1] for *_, r in steps))
-    where = next((part, micro) for part, micro, (a, b) in steps if a <= at <= b)
+    # the last step's ranges: "step{n}:forward:{micro}", "step{n}:backward:{micro}", "step{n}:optimizer"
+    steps = {tuple(name.split(":")[1:]): r for name, r in ranges.items() if name.startswith(f"step{STEPS - 1}:")}
+    peak, at = peak_live_bytes(lives, min(a for a, _ in steps.values()), max(b for _, b in steps.values()))
+    where = next(key for key, (a, b) in steps.items() if a <= at <= b) + ("",)
     never_freed = sum(n for _, b, n in lives if b == end_of_profile)
 
     def predict(accum_steps: int) -> dict:

@@ -240,8 +240,9 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
             head = head - final_norm + final_norm / t
     if device == "cpu" and cfg.normalization == "rmsnorm":
         # PyTorch's CPU RMSNorm is a composite that keeps more (as training_memory)
-        per_layer += 2 * counting.cpu_rms_norm_extra_bytes(residual) * cfg.n_embd / split
-        head += counting.cpu_rms_norm_extra_bytes(residual) * cfg.n_embd / split
+        norm_extra = counting.cpu_rms_norm_extra_bytes(residual) * cfg.n_embd / split
+        per_layer += 2 * norm_extra
+        head += norm_extra
     tokens = micro_batch * s
     if not layout.chunked_loss:
         loss_chunk_tokens = 0
@@ -288,10 +289,13 @@ def layout_memory(cfg: ModelConfig, layout: Layout, *, micro_batch: int = 1, seq
                                                                             device=device)
         steady_state = chunks < layout.pp_stages_per_rank * layout.microbatches
         pipelined_fsdp = layout.pp > 1 and fsdp and layout.dp_shard > 1
-        c_parts["accumulated_gradients"] = (
-            # pipelining's micro-batches under FSDP2 without gradient sync: unsharded fp32 gradients
-            4.0 * (rp.layers * rp.block + rp.root_unsharded) if pipelined_fsdp and steady_state
-            else 0.0 if layout.pp > 1 else float(counting.accumulated_gradient_bytes(rp.local * gb, grad_accum_steps)))
+        if layout.pp == 1:  # the trainer's accumulation micro-steps (sharded under FSDP)
+            accumulated = float(counting.accumulated_gradient_bytes(rp.local * gb, grad_accum_steps))
+        elif pipelined_fsdp and steady_state:  # pipelining's micro-batches, FSDP2 sync off: unsharded fp32
+            accumulated = 4.0 * (rp.layers * rp.block + rp.root_unsharded)
+        else:  # a pipeline without FSDP: the steady-state gradients are added to the phases below
+            accumulated = 0.0
+        c_parts["accumulated_gradients"] = accumulated
         out: dict[str, Any] = {k: float(c_parts[k]) for k in counting.MEMORY_COMPONENTS}
         phases = counting.step_phases(out)
         if layout.pp > 1 and steady_state and not pipelined_fsdp:
